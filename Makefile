@@ -1,0 +1,40 @@
+# xenddev developer entry points. `make test` does all set-up itself.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TESTS ?= tests
+
+.PHONY: test venv system-deps shim lint typecheck check bench clean
+
+test: venv system-deps shim
+	@bash tests/support/run-suite.sh $(PY) $(TESTS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+system-deps:
+	@bash tests/support/system-deps.sh
+
+shim:
+	@bash tests/support/shim/build.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+check: lint typecheck
+
+bench: venv system-deps shim
+	$(PY) bench/xenstore_client.py
+
+clean:
+	rm -rf _trial_temp* .coverage htmlcov tests/support/shim/build

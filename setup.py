@@ -1,0 +1,38 @@
+"""Packaging for xenddev: a Xend-style device controller framework on Twisted."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="xenddev",
+    version="0.1.0",
+    description="Xend-style Xen device controllers on Twisted, with the "
+    "driver-domain protocol and an embedded xenstored",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        *find_packages(include=["xenddev", "xenddev.*", "controllers", "controllers.*"]),
+        "twisted.plugins",
+    ],
+    package_data={"twisted.plugins": ["*.py"]},
+    install_requires=[
+        "twisted>=24.3.0",
+        "zope.interface>=6.0",
+        # Pinned: we reuse its exception classes and opcode numbering and work
+        # around bugs that exist in exactly this release.
+        "pyxs==0.4.1",
+        "pyyaml>=6.0",
+        "attrs>=23.1.0",
+    ],
+    extras_require={
+        "test": [
+            "hypothesis>=6.100",
+            "coverage>=7.4",
+            "ruff>=0.5",
+            "mypy>=1.10",
+            "mypy-zope>=1.0.5",
+            "types-PyYAML",
+        ],
+        "bench": [],
+    },
+)

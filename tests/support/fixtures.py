@@ -1,0 +1,79 @@
+"""
+Server fixtures for protocol-level test suites.
+
+A suite is written once as a mixin that calls C{self.startServer()} and
+C{self.connect()}; concrete test classes combine it with one fixture mixin:
+L{RealXenstoredFixture} (the C xenstored from Debian under our LD_PRELOAD
+shim) or, once it exists, the embedded server fixture. Only the fixture
+changes between the two.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint
+
+from tests.support.realxenstored import RealXenstored, requireRealXenstored
+from xenddev.xenstore.client import XenStoreClient
+from xenddev.xenstore.connection import connectXenStore
+
+
+class ServerFixture:
+    """
+    What every fixture offers the suites: a server per test, connections to
+    it, and the environment for the C{xenstore-*} command-line tools.
+    """
+
+    serverKind = "abstract"
+    socketPath: str
+
+    def startServer(self) -> str:
+        """Start a fresh server for this test; return its socket path."""
+        raise NotImplementedError()
+
+    def cliEnv(self) -> dict[str, str]:
+        """Environment that points the xenstore-* tools at the server."""
+        env = dict(os.environ)
+        env["XENSTORED_PATH"] = self.socketPath
+        return env
+
+    def connect(self, **clientArgs: Any) -> Deferred[XenStoreClient]:
+        """Connect a new L{XenStoreClient}; it is disconnected at cleanup."""
+        ep = UNIXClientEndpoint(reactor, self.socketPath)
+        d = connectXenStore(reactor, endpoint=ep, **clientArgs)
+
+        def connected(client: XenStoreClient) -> XenStoreClient:
+            self.addCleanup(client.disconnect)  # type: ignore[attr-defined]
+            return client
+
+        return d.addCallback(connected)
+
+
+class RealXenstoredFixture(ServerFixture):
+    """A fresh C xenstored (Xen 4.17, Debian) per test, under the shim."""
+
+    serverKind = "real"
+    xenstored: RealXenstored
+
+    def startServer(self) -> str:
+        """Start the C xenstored in a temporary directory of this test."""
+        requireRealXenstored(self)
+        workdir = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        os.makedirs(workdir)
+        self.xenstored = RealXenstored(workdir)
+        self.xenstored.start()
+        self.addCleanup(self.xenstored.stop)  # type: ignore[attr-defined]
+        self.socketPath = self.xenstored.socketPath
+        return self.socketPath
+
+    def killServer(self) -> None:
+        """Kill the server abruptly (SIGKILL)."""
+        self.xenstored.kill()
+
+    def restartServer(self) -> None:
+        """Start the server again on the same socket path."""
+        self.xenstored.start()
