@@ -64,7 +64,9 @@ class RealXenstoredFixture(ServerFixture):
         requireRealXenstored(self)
         workdir = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
         os.makedirs(workdir)
-        self.xenstored = RealXenstored(workdir)
+        # Domains 0-31 "exist" for the fake hypervisor: xenstored refuses a
+        # node owner it does not know (ENOENT).
+        self.xenstored = RealXenstored(workdir, domains=range(32))
         self.xenstored.start()
         self.addCleanup(self.xenstored.stop)  # type: ignore[attr-defined]
         self.socketPath = self.xenstored.socketPath

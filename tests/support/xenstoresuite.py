@@ -10,13 +10,14 @@ server must behave the same.
 from __future__ import annotations
 
 import functools
-import subprocess
+import shutil
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
 
 from xenddev.xenstore import (
     ConflictError,
@@ -107,12 +108,21 @@ class XenStoreClientSuite:
         self.fail(f"expected {exc.__name__}, got result {result!r}")
         raise AssertionError("unreachable")
 
-    def cli(self, *argv: str) -> str:
-        """Run a real xenstore-* tool against the server (argument list, no shell)."""
-        out = subprocess.run(
-            list(argv), env=self.cliEnv(), capture_output=True, text=True, timeout=30, check=True
+    async def cli(self, *argv: str) -> str:
+        """
+        Run a real xenstore-* tool against the server (argument list, no
+        shell) without blocking the reactor, which may be serving the store.
+        """
+        exe = shutil.which(argv[0])
+        if exe is None:
+            self.fail(f"{argv[0]} is not installed")
+            raise AssertionError("unreachable")
+        out, err, code = await getProcessOutputAndValue(
+            exe, argv[1:], env=self.cliEnv(), reactor=reactor
         )
-        return out.stdout
+        if code != 0:
+            self.fail(f"{' '.join(argv)} exited {code}: {err.decode(errors='replace')}")
+        return out.decode()
 
     # Node operations
 
@@ -433,19 +443,19 @@ class XenStoreClientSuite:
     async def test_cliSeesOurWrites(self) -> None:
         """The real xenstore-read and xenstore-ls see what we wrote."""
         await self.client.write("/test/cli/key", "from-xenddev")
-        self.assertEqual(self.cli("xenstore-read", "/test/cli/key").strip(), "from-xenddev")
-        self.assertIn("key", self.cli("xenstore-ls", "/test/cli"))
+        self.assertEqual((await self.cli("xenstore-read", "/test/cli/key")).strip(), "from-xenddev")
+        self.assertIn("key", await self.cli("xenstore-ls", "/test/cli"))
 
     @deferredTest
     async def test_weSeeCliWrites(self) -> None:
         """What xenstore-write writes, we read; xenstore-rm removes it for us too."""
-        self.cli("xenstore-write", "/test/cli2/key", "from-cli")
+        await self.cli("xenstore-write", "/test/cli2/key", "from-cli")
         self.assertEqual(await self.client.read("/test/cli2/key"), "from-cli")
-        self.cli("xenstore-chmod", "/test/cli2/key", "b3", "r4")
+        await self.cli("xenstore-chmod", "/test/cli2/key", "b3", "r4")
         self.assertEqual(
             [str(p) for p in await self.client.getPerms("/test/cli2/key")], ["b3", "r4"]
         )
-        self.cli("xenstore-rm", "/test/cli2")
+        await self.cli("xenstore-rm", "/test/cli2")
         self.assertFalse(await self.client.exists("/test/cli2"))
 
     @deferredTest

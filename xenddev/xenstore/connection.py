@@ -105,7 +105,7 @@ class ReconnectingXenStore:
         self.connections = 0
         self._service = ClientService(
             endpoint,
-            XenStoreClientFactory(maxInFlight),
+            XenStoreClientFactory(maxInFlight, attach=self._attach),
             retryPolicy=retryPolicy or backoffPolicy(initialDelay=0.05, maxDelay=2.0),
             clock=self.reactor,
             prepareConnection=self._prepare,  # type: ignore[arg-type]
@@ -132,9 +132,15 @@ class ReconnectingXenStore:
         """Whether a connection is currently open."""
         return self._client is not None and self._client.connected
 
+    def _attach(self, protocol: XenStoreProtocol) -> None:
+        protocol.xenstoreClient = XenStoreClient(  # type: ignore[attr-defined]
+            protocol, self.reactor, **self._clientArgs
+        )
+
     def _prepare(self, protocol: XenStoreProtocol) -> Deferred[None]:
-        client = XenStoreClient(protocol, self.reactor, **self._clientArgs)
-        protocol.xenstoreClient = client  # type: ignore[attr-defined]
+        # ``protocol`` is ClientService's proxy; attributes read through it
+        # come from the real protocol, which _attach gave its client.
+        client: XenStoreClient = protocol.xenstoreClient  # type: ignore[attr-defined]
         self._handles = {}
         self.connections += 1
         if self.connections > 1:

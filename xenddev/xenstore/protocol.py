@@ -243,11 +243,22 @@ class XenStoreClientFactory(Factory):
 
     protocol = XenStoreProtocol
 
-    def __init__(self, maxInFlight: int | None = None) -> None:
+    def __init__(
+        self,
+        maxInFlight: int | None = None,
+        attach: Callable[[XenStoreProtocol], object] | None = None,
+    ) -> None:
         self.maxInFlight = maxInFlight
+        self.attach = attach
 
     def buildProtocol(self, addr: object) -> XenStoreProtocol:
-        """Create a protocol with this factory's in-flight limit."""
+        """
+        Create a protocol with this factory's in-flight limit, and give it to
+        C{attach} (which binds a client to the protocol itself: wrappers such
+        as L{ClientService} only ever hand out proxies of it).
+        """
         p = XenStoreProtocol(self.maxInFlight)
         p.factory = self
+        if self.attach is not None:
+            self.attach(p)
         return p

@@ -1,0 +1,293 @@
+"""
+Benchmark: the xenddev XenStore client against pyxs and the C floor.
+
+In one run, against one real C xenstored (Xen 4.17 under the test shim), it
+measures ops/s and mean/p99 latency for:
+
+  (a) pyxs 0.4.1, sequential (one request at a time; its router thread),
+  (b) xenddev, sequential (await each reply before the next request),
+  (c) xenddev with 100 requests in flight,
+
+for read, write, directory, empty transaction and read-modify-write
+transaction, plus the C floor: Debian's C{test-xenstore} (libxenstore) run
+against the same daemon. Targets: (c) >= 5x (a) throughput on read and write;
+(b) latency <= 1.5x (a).
+
+Run: C{.venv/bin/python bench/xenstore_client.py [--ops N] [--inflight K]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.support.realxenstored import RealXenstored, unavailableReason
+
+VALUE = b"v" * 32
+OPS = ("read", "write", "directory", "tx empty", "tx rmw")
+
+
+@attrs.frozen
+class Result:
+    """Timings of one (client mode, operation) cell."""
+
+    count: int
+    seconds: float
+    latencies: tuple[float, ...]
+
+    @property
+    def opsPerSecond(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    @property
+    def meanUs(self) -> float:
+        return statistics.fmean(self.latencies) * 1e6
+
+    @property
+    def p99Us(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6
+
+
+def prepare(socketPath: str) -> None:
+    """Create the nodes every workload reads (with pyxs, before timing)."""
+    from pyxs import Client
+
+    with Client(unix_socket_path=socketPath) as c:
+        c.write(b"/bench/key", VALUE)
+        for i in range(10):
+            c.write(b"/bench/dir/child-%d" % i, VALUE)
+        for i in range(200):
+            c.write(b"/bench/ctr/%d" % i, b"0")
+
+
+def timeSequential(n: int, op: Callable[[int], object]) -> Result:
+    """Run C{op(i)} n times, one after another, timing each."""
+    lat: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    for i in range(n):
+        t = clock()
+        op(i)
+        lat.append(clock() - t)
+    return Result(n, clock() - start, tuple(lat))
+
+
+def benchPyxs(socketPath: str, n: int) -> dict[str, Result]:
+    """(a): pyxs's blocking Client, sequential."""
+    from pyxs import Client
+
+    results: dict[str, Result] = {}
+    with Client(unix_socket_path=socketPath) as c:
+
+        def txEmpty(i: int) -> None:
+            c.transaction()
+            c.commit()
+
+        def txRmw(i: int) -> None:
+            path = b"/bench/ctr/%d" % (i % 100)
+            c.transaction()
+            c.write(path, b"%d" % (int(c.read(path)) + 1))
+            c.commit()
+
+        ops: dict[str, Callable[[int], object]] = {
+            "read": lambda i: c.read(b"/bench/key"),
+            "write": lambda i: c.write(b"/bench/w/%d" % (i % 100), VALUE),
+            "directory": lambda i: c.list(b"/bench/dir"),
+            "tx empty": txEmpty,
+            "tx rmw": txRmw,
+        }
+        for name in OPS:
+            results[name] = timeSequential(n, ops[name])
+    return results
+
+
+def xenddevOps(client: Any) -> dict[str, Callable[[int], Awaitable[object]]]:
+    """The five workloads as coroutine factories on a XenStoreClient."""
+
+    async def txEmpty(i: int) -> None:
+        tx = await client.startTransaction()
+        await tx.commit()
+
+    async def rmw(tx: Any, path: str) -> None:
+        await tx.write(path, str(int(await tx.read(path)) + 1))
+
+    def txRmw(i: int) -> Awaitable[object]:
+        # Each in-flight slot has its own counter, as xenstored detects
+        # conflicts per node: (c) measures pipelining, not retries.
+        path = f"/bench/ctr/{100 + i % 100}"
+        return client.transact(lambda tx: rmw(tx, path))
+
+    return {
+        "read": lambda i: client.readBytes("/bench/key"),
+        "write": lambda i: client.write(f"/bench/w/{i % 100}", VALUE),
+        "directory": lambda i: client.ls("/bench/dir"),
+        "tx empty": txEmpty,
+        "tx rmw": txRmw,
+    }
+
+
+async def timeAsync(n: int, inflight: int, op: Callable[[int], Awaitable[object]]) -> Result:
+    """Run C{op(i)} n times keeping C{inflight} calls outstanding."""
+    from twisted.internet.defer import Deferred, gatherResults
+
+    lat: list[float] = []
+    clock = time.perf_counter
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            t = clock()
+            await op(i)
+            lat.append(clock() - t)
+
+    start = clock()
+    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(inflight)])
+    return Result(n, clock() - start, tuple(lat))
+
+
+async def benchXenddev(
+    reactor: Any, socketPath: str, n: int, inflight: int
+) -> tuple[dict[str, Result], dict[str, Result]]:
+    """(b) and (c): our client, sequential and with C{inflight} in flight."""
+    from xenddev.xenstore import connectXenStore
+
+    client = await connectXenStore(reactor, f"unix:{socketPath}")
+    ops = xenddevOps(client)
+    seq = {name: await timeAsync(n, 1, ops[name]) for name in OPS}
+    par = {name: await timeAsync(n * 5, inflight, ops[name]) for name in OPS}
+    await client.disconnect()
+    return seq, par
+
+
+def runTestXenstore(env: dict[str, str], iterations: int) -> dict[str, float]:
+    """The C floor: test-xenstore's average ns per test, by test name."""
+    exe = "/usr/lib/xen-4.17/bin/test-xenstore"
+    if not os.path.exists(exe):
+        return {}
+    out = subprocess.run(
+        [exe, "-i", str(iterations)], env=env, capture_output=True, text=True, timeout=600
+    ).stdout
+    floor: dict[str, float] = {}
+    for line in out.splitlines():
+        m = re.match(r"(.+?)\s*: avg: (\d+) ns", line)
+        if m:
+            floor[m.group(1).strip()] = int(m.group(2)) / 1000.0
+    return floor
+
+
+#: Our operation names and the test-xenstore test closest to each.
+FLOOR_TEST = {
+    "read": "read 1",
+    "write": "write 1",
+    "directory": "dir",
+    "tx empty": "ta empty",
+    "tx rmw": "ta rmw",
+}
+
+
+def printTable(
+    a: dict[str, Result],
+    b: dict[str, Result],
+    c: dict[str, Result],
+    floor: dict[str, float],
+    inflight: int,
+) -> list[str]:
+    """Print the comparison table; return the lines that missed a target."""
+    misses: list[str] = []
+    head = f"{'operation':<10} {'mode':<26} {'ops/s':>10} {'mean us':>9} {'p99 us':>9}  vs pyxs"
+    print(head)
+    print("-" * len(head))
+    for name in OPS:
+        rows = [
+            ("(a) pyxs sequential", a[name]),
+            ("(b) xenddev sequential", b[name]),
+            (f"(c) xenddev {inflight} in flight", c[name]),
+        ]
+        for label, r in rows:
+            ratio = r.opsPerSecond / a[name].opsPerSecond
+            print(
+                f"{name:<10} {label:<26} {r.opsPerSecond:>10.0f} {r.meanUs:>9.1f} "
+                f"{r.p99Us:>9.1f}  {ratio:5.2f}x"
+            )
+        test = FLOOR_TEST[name]
+        if test in floor:
+            us = floor[test]
+            print(f"{name:<10} {'C floor: test-xenstore':<26} {1e6 / us:>10.0f} {us:>9.1f}")
+        if name in ("read", "write"):
+            speedup = c[name].opsPerSecond / a[name].opsPerSecond
+            if speedup < 5:
+                misses.append(f"{name}: (c) is {speedup:.1f}x pyxs throughput (target >= 5x)")
+        latency = b[name].meanUs / a[name].meanUs
+        if latency > 1.5:
+            misses.append(f"{name}: (b) mean latency {latency:.2f}x pyxs (target <= 1.5x)")
+        print()
+    return misses
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start a real xenstored, run every workload, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--ops", type=int, default=2000, help="operations per sequential cell")
+    parser.add_argument("--inflight", type=int, default=100, help="requests in flight for (c)")
+    parser.add_argument("--floor-iterations", type=int, default=2000)
+    args = parser.parse_args(argv)
+
+    reason = unavailableReason()
+    if reason is not None:
+        print(f"cannot run the real xenstored here: {reason}", file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="xenddev-bench-")
+    daemon = RealXenstored(workdir)
+    daemon.start()
+    try:
+        prepare(daemon.socketPath)
+        a = benchPyxs(daemon.socketPath, args.ops)
+        floor = runTestXenstore(daemon.env(), args.floor_iterations)
+
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            d = Deferred.fromCoroutine(
+                benchXenddev(reactor, daemon.socketPath, args.ops, args.inflight)
+            )
+            d.addCallbacks(lambda r: outcome.update(result=r), lambda f: outcome.update(error=f))
+            d.addBoth(lambda _: reactor.stop())
+
+        reactor.callWhenRunning(run)
+        reactor.run()
+        if "error" in outcome:
+            outcome["error"].printTraceback()
+            return 1
+        b, c = outcome["result"]
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(
+        f"xenddev XenStore client benchmark: {args.ops} ops per sequential cell, "
+        f"{args.ops * 5} per pipelined cell; one C xenstored 4.17 (shim), this machine\n"
+    )
+    misses = printTable(a, b, c, floor, args.inflight)
+    print("targets: " + ("all met" if not misses else "MISSED: " + "; ".join(misses)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
