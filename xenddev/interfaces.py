@@ -99,3 +99,32 @@ class IXenStore(IXenStoreOps):
 
     def setTarget(domid, target):
         """XS_SET_TARGET."""
+
+
+class IHotplugRunner(Interface):
+    """Runs hotplug scripts (the real ones from /etc/xen/scripts) as processes."""
+
+    def run(script, args, env):
+        """
+        Run C{script} (a name resolved inside the script directory) with the
+        argument list C{args} and extra environment C{env}; no shell.
+
+        Fires with a C{HotplugResult} on exit status 0; fails with
+        C{HotplugScriptError} (non-zero exit: command, exit code, stderr and
+        the backend's C{hotplug-error}) or C{HotplugTimeout} (the process
+        group was killed).
+        """
+
+
+class IXenbusSimulator(Interface):
+    """
+    A stand-in for what cannot exist without a hypervisor: a kernel backend
+    driver (blkback/netback) or a guest's frontend driver, playing its part
+    of the xenbus state machine in XenStore.
+    """
+
+    def start():
+        """Begin watching and reacting; a Deferred that fires when ready."""
+
+    def stop():
+        """Stop reacting and remove every watch; a Deferred."""
