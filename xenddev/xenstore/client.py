@@ -370,23 +370,28 @@ class XenStoreClient(_Operations):
         return d  # type: ignore[return-value]
 
     def _unwatch(self, path: str, token: str) -> Deferred[None]:
-        self._watches.pop(token, None)
-        if not self.protocol.connected:
+        if self._watches.pop(token, None) is None or not self.protocol.connected:
+            # Already removed (resetWatches) or gone with the connection.
             return succeed(None)
         payload = path.encode("ascii") + b"\0" + token.encode("utf-8") + b"\0"
         d: Deferred[Any] = self._send(Op.UNWATCH, payload, path)
         d.addCallback(_none)
         # The watch dies with the connection anyway.
-        d.addErrback(lambda f: f.trap(XenStoreConnectionLost) and None)
+        # ENOENT: xenstored no longer has it (a RESET_WATCHES overtook us).
+        d.addErrback(lambda f: f.trap(XenStoreConnectionLost, NoEntryError) and None)
         return d
 
     def resetWatches(self) -> Deferred[None]:
         """Remove every watch (and transaction) of this connection (XS_RESET_WATCHES)."""
+        tokens = list(self._watches)
         d = self._send(Op.RESET_WATCHES, b"", None)
-        return d.addCallback(self._forgetWatches)
+        return d.addCallback(self._forgetWatches, tokens)
 
-    def _forgetWatches(self, _: object) -> None:
-        self._watches.clear()
+    def _forgetWatches(self, _: object, tokens: list[str]) -> None:
+        # Only the watches registered before RESET_WATCHES was sent: a
+        # WATCH sent after it is still registered in xenstored.
+        for token in tokens:
+            self._watches.pop(token, None)
 
     def hasWatch(self, token: str) -> bool:
         """Whether a watch with this token is registered on this connection."""
@@ -447,8 +452,9 @@ class XenStoreClient(_Operations):
                 if not tx.ended:  # type: ignore[attr-defined]
                     await _quietly(tx.abort())
                 raise
-            delay = self._random() * min(self.backoffCap, self.backoffBase * 2**attempt)
-            await deferLater(self.reactor, delay)
+            if attempt + 1 < attempts:
+                delay = self._random() * min(self.backoffCap, self.backoffBase * 2**attempt)
+                await deferLater(self.reactor, delay)
         raise TransactionRetriesExhausted(attempts)
 
     # Waiting

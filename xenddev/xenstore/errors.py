@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import Any
 
 from pyxs import exceptions as _pyxs
 
@@ -175,7 +176,16 @@ class UnexpectedPacket(_pyxs.UnexpectedPacket):
 
 
 class MalformedPacket(_pyxs.ConnectionError):
-    """The byte stream from xenstored cannot be parsed; the connection is unusable."""
+    """
+    The byte stream from xenstored cannot be parsed; the connection is unusable.
+
+    @ivar packets: the complete packets that preceded the bad header in the
+        same chunk (L{Packet}s), still to be dispatched.
+    """
+
+    def __init__(self, message: str, packets: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.packets: list[Any] = packets or []
 
     def __str__(self) -> str:
         return str(self.args[0])

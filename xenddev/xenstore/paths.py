@@ -27,6 +27,7 @@ from xenddev.xenstore.wire import ABS_PATH_MAX, REL_PATH_MAX
 
 _VALID_CHARS = re.compile(r"[A-Za-z0-9\-/_@]*\Z")
 _NODE_NAME = re.compile(r"[A-Za-z0-9\-_@]+\Z")
+_DOMID_TEXT = re.compile(r"[0-9]{1,10}\Z")
 
 #: The special watch paths xenstored fires on domain introduction/release.
 SPECIAL_WATCH_PATHS = frozenset({"@introduceDomain", "@releaseDomain"})
@@ -117,7 +118,7 @@ def joinPath(base: str, *names: object) -> str:
 def validateDomid(domid: object) -> int:
     """Check a domain id (0 .. 65535) and return it as C{int}."""
     if isinstance(domid, bool) or not isinstance(domid, int):
-        if isinstance(domid, str) and domid.isdigit():
+        if isinstance(domid, str) and _DOMID_TEXT.match(domid):
             domid = int(domid)
         else:
             raise InvalidArgumentError(f"domain id must be an integer, not {domid!r}")
@@ -134,7 +135,7 @@ def validateToken(token: object) -> str:
     return token
 
 
-_PERM = re.compile(r"([nrwb])([0-9]+)\Z")
+_PERM = re.compile(r"([nrwb])([0-9]{1,10})\Z")
 
 
 @attrs.frozen

@@ -174,6 +174,8 @@ class XenStoreProtocol(Protocol):
         except MalformedPacket as e:
             self.log.error("Dropping XenStore connection: {error}", error=e)
             self._closed = Failure(e)
+            for packet in e.packets:  # complete replies before the bad header
+                self._dispatch(packet)
             assert self.transport is not None
             self.transport.loseConnection()
             return
@@ -193,11 +195,13 @@ class XenStoreProtocol(Protocol):
                 self.log.failure("Watch event handler failed for {path!r}", path=parts[0])
             return
         entry = self._pending.pop(packet.reqId, None)
-        if entry is None and packet.reqId == 0 and packet.op in (Op.WATCH, Op.UNWATCH):
-            # The Linux xenbus device acks WATCH/UNWATCH with req_id 0
-            # (pyxs issue #18): match the oldest pending request of that op.
+        if entry is None and packet.reqId == 0 and packet.op in (Op.WATCH, Op.UNWATCH, Op.ERROR):
+            # The Linux xenbus device answers WATCH/UNWATCH itself, with
+            # req_id 0 (pyxs issue #18), errors included: match the oldest
+            # pending request of that op (of either op, for an ERROR).
+            wanted = (Op.WATCH, Op.UNWATCH) if packet.op == Op.ERROR else (packet.op,)
             for rid, candidate in self._pending.items():
-                if candidate.op == packet.op:
+                if candidate.op in wanted:
                     entry = self._pending.pop(rid)
                     break
         if entry is None:

@@ -146,9 +146,11 @@ class PacketParser:
         while end - offset >= HEADER_SIZE:
             op, reqId, txId, length = unpack(buf, offset)
             if length > self._maxPayload:
+                del buf[:offset]
                 raise MalformedPacket(
                     f"packet announces a payload of {length} bytes "
-                    f"(more than {self._maxPayload}); stream is unusable"
+                    f"(more than {self._maxPayload}); stream is unusable",
+                    packets,
                 )
             stop = offset + HEADER_SIZE + length
             if stop > end:
