@@ -28,8 +28,8 @@ class IXenStoreOps(Interface):
     def mkdir(path):
         """Create an empty node (no error if it exists)."""
 
-    def rm(path):
-        """Remove a subtree (no error if already gone)."""
+    def rm(path, missingOk=False):
+        """Remove a subtree (ENOENT only if the parent is missing too, unless missingOk)."""
 
     def ls(path):
         """Fire with the list of child names."""
@@ -128,3 +128,44 @@ class IXenbusSimulator(Interface):
 
     def stop():
         """Stop reacting and remove every watch; a Deferred."""
+
+
+class IDriverDomainKind(Interface):
+    """
+    One way of serving targets in a driver domain (blkback, netback, tap,
+    qemu). The agent calls these with a C{KindContext}; each returns a
+    Deferred firing with an C{Outcome} (XenStore writes the agent applies
+    in the same transaction as the result) or failing with C{KindError}
+    (a Xen errno name and a message). Operations must be idempotent: after
+    an agent crash a request is executed again with C{ctx.recovering} set.
+    """
+
+    name = Attribute("The name the kind is registered under in config.")
+    objectClasses = Attribute("Object classes served: ('vdi',) or ('vif',).")
+
+    def accepts(objectClass, target):
+        """Whether this kind serves C{target} (a dict of t/* values)."""
+
+    def prepare(ctx):
+        """Create what the object needs (validate, allocate, spawn)."""
+
+    def activate(ctx):
+        """Let I/O flow (open, unpause)."""
+
+    def deactivate(ctx):
+        """Stop I/O (pause, close)."""
+
+    def unprepare(ctx):
+        """Release everything prepare created."""
+
+    def plug(ctx, plug):
+        """Serve C{plug.frontend}; the Outcome names the backend directory."""
+
+    def unplug(ctx, plug):
+        """Stop serving the plug (after its remove hotplug script ran)."""
+
+    def hotplugCommand(ctx, device, action):
+        """
+        The hotplug script to run for a device, as C{(script, args, env)},
+        or None if the kind needs none. C{action} is C{"add"} or C{"remove"}.
+        """

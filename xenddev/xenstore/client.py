@@ -110,9 +110,16 @@ class _Operations:
         """Create a node with an empty value (no error if it exists)."""
         return self._pathRequest(Op.MKDIR, path).addCallback(_none)
 
-    def rm(self, path: str) -> Deferred[None]:
-        """Remove a node and its subtree (no error if it is already gone)."""
-        return self._pathRequest(Op.RM, path).addCallback(_none)
+    def rm(self, path: str, missingOk: bool = False) -> Deferred[None]:
+        """
+        Remove a node and its subtree. Removing a missing node is not an
+        error, but (as in xenstored) a missing parent is ENOENT — unless
+        C{missingOk}, which makes "ensure it is gone" a single call.
+        """
+        d: Deferred[Any] = self._pathRequest(Op.RM, path).addCallback(_none)
+        if missingOk:
+            d.addErrback(_noneOnENOENT)
+        return d
 
     def ls(self, path: str) -> Deferred[list[str]]:
         """

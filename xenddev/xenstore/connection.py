@@ -240,9 +240,9 @@ class ReconnectingXenStore:
         """See L{XenStoreClient.mkdir}."""
         return self._callPath("mkdir", path)
 
-    def rm(self, path: str) -> Deferred[None]:
+    def rm(self, path: str, missingOk: bool = False) -> Deferred[None]:
         """See L{XenStoreClient.rm}."""
-        return self._callPath("rm", path)
+        return self._callPath("rm", path, missingOk)
 
     def ls(self, path: str) -> Deferred[list[str]]:
         """See L{XenStoreClient.ls}."""

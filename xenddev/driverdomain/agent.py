@@ -1,0 +1,576 @@
+# -*- test-case-name: tests.test_driverdomain_agent -*-
+"""
+The driver-domain side of the backendctrl protocol.
+
+L{BackendCtrlAgent} watches C{/local/domain/<self>/backendctrl}, executes each
+request through a driver-domain kind, and writes C{state}, C{result} and
+C{result_msg} in the same transaction in which it deletes C{request}. It also
+dispatches hotplug scripts for the devices it created (the job of xl devd or
+xenbackendd): the add script once the object is active and the backend is in
+InitWait, the remove script once the backend is Closed with C{online=0}.
+
+Everything it needs after a restart is in XenStore: the requests themselves,
+and its records under C{/local/domain/<self>/private/xenddev/}:
+
+  - C{inflight/<class>/<name>}: the request being executed (a journal entry
+    written before executing and deleted with the result), so a request
+    interrupted by a crash is executed again with C{recovering} set;
+  - C{objects/<class>/<name>/kind}: which kind serves the object, and
+    C{objects/<class>/<name>/data/*} for the kind's own records;
+  - C{devices/<devclass>/<domu>/<devid>}: C{<class>/<name>/<plug>} of a
+    backend this agent created, with C{hotplug} = C{added}|C{removed}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import Logger
+
+from xenddev.driverdomain.kinds.base import (
+    DeviceRef,
+    KindContext,
+    KindError,
+    Outcome,
+    PlugSpec,
+)
+from xenddev.driverdomain.protocol import (
+    ACTIVATE,
+    ACTIVE,
+    DEACTIVATE,
+    INACTIVE,
+    OBJECT_CLASSES,
+    PLUG,
+    PLUGGED,
+    PREPARE,
+    UNPLUG,
+    UNPREPARE,
+    XEN_ERRNO,
+    ControlPaths,
+    ObjectClass,
+    ObjectSnapshot,
+    Request,
+    checkPreconditions,
+    privateDir,
+    validateName,
+)
+from xenddev.interfaces import IDriverDomainKind, IHotplugRunner, ITransaction, IXenStore
+from xenddev.xenstore.paths import Perm, validateDomid
+
+HOTPLUG_ADDED = "added"
+HOTPLUG_REMOVED = "removed"
+INIT_WAIT = "2"
+CLOSED = "6"
+
+
+class _Serialiser:
+    """
+    Runs at most one job per key at a time; a poke during a run schedules
+    exactly one more run afterwards (events are level-triggered: each run
+    re-reads the store).
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Any, bool] = {}  # key -> poked again while running
+        self._idle: list[Deferred[None]] = []
+
+    def poke(self, key: Any, job: Callable[[], Awaitable[None]], log: Logger) -> None:
+        if key in self._running:
+            self._running[key] = True
+            return
+        self._running[key] = False
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await job()
+                except Exception:
+                    log.failure("Driver-domain agent job {key} failed", key=key)
+                if not self._running[key]:
+                    break
+                self._running[key] = False
+            del self._running[key]
+            if not self._running:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+
+        Deferred.fromCoroutine(loop())
+
+    def whenIdle(self) -> Deferred[None]:
+        if not self._running:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+
+class BackendCtrlAgent:
+    """
+    Serves the backendctrl protocol for driver domain C{domid}.
+
+    @param xs: a XenStore connection with the driver domain's rights.
+    @param kinds: the driver-domain kinds, tried in order for a prepare.
+    @param hotplug: runs hotplug scripts; None disables hotplug dispatch.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        xs: IXenStore,
+        domid: int,
+        kinds: Sequence[IDriverDomainKind],
+        hotplug: IHotplugRunner | None = None,
+    ) -> None:
+        self.xs = xs
+        self.domid = validateDomid(domid)
+        self.kinds = {k.name: k for k in kinds}
+        self._kindOrder = list(kinds)
+        self.hotplug = hotplug
+        self.home = f"/local/domain/{self.domid}"
+        self.private = privateDir(self.domid)
+        self._objects = _Serialiser()
+        self._devices = _Serialiser()
+        self._removals: dict[tuple[str, int, int], Deferred[None]] = {}
+        self._handles: list[Any] = []
+        self.requestsExecuted = 0
+        self.hotplugRuns = 0
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """
+        Watch the control area (and the backend tree, for hotplug); the
+        watches fire once at registration, which scans everything present.
+        """
+        self.log.info("Driver-domain agent for domain {domid} starting", domid=self.domid)
+        await self.xs.transact(self._createRecordDirs)
+        self._handles.append(await self.xs.watch(f"{self.home}/backendctrl", self._controlChanged))
+        if self.hotplug is not None:
+            self._handles.append(await self.xs.watch(f"{self.home}/backend", self._backendChanged))
+
+    async def _createRecordDirs(self, tx: ITransaction) -> None:
+        # Fixed skeleton, so per-object records come and go as leaves and a
+        # failed request leaves no empty directory behind.
+        for top in ("inflight", "objects"):
+            for cls in OBJECT_CLASSES:
+                await tx.mkdir(f"{self.private}/{top}/{cls}")
+        await tx.mkdir(f"{self.private}/devices")
+
+    async def stop(self) -> None:
+        """Stop watching, then let running jobs finish."""
+        handles, self._handles = self._handles, []
+        await gatherResults([h.stop() for h in handles])
+        await self._objects.whenIdle()
+        await self._devices.whenIdle()
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fire once no request or hotplug job is running (for tests)."""
+
+        async def wait() -> None:
+            while self._objects.busy or self._devices.busy:
+                await self._objects.whenIdle()
+                await self._devices.whenIdle()
+
+        return Deferred.fromCoroutine(wait())
+
+    # Request handling
+
+    def _controlChanged(self, path: str) -> None:
+        rest = path[len(self.home) + len("/backendctrl") :].strip("/").split("/")
+        if len(rest) >= 2 and rest[0] in OBJECT_CLASSES:
+            self._pokeObject(OBJECT_CLASSES[rest[0]], rest[1])
+        else:
+            Deferred.fromCoroutine(self._scan())
+
+    async def _scan(self) -> None:
+        for cls in OBJECT_CLASSES.values():
+            classDir = f"{self.home}/backendctrl/{cls.name}"
+            for name in await self._lsOrEmpty(classDir):
+                self._pokeObject(cls, name)
+
+    def _pokeObject(self, cls: ObjectClass, name: str) -> None:
+        try:
+            paths = ControlPaths(cls, self.domid, name)
+        except ValueError:
+            return  # not a name the protocol allows: nothing we can answer
+        self._objects.poke((cls.name, name), lambda: self._serviceObject(paths), self.log)
+
+    async def _serviceObject(self, paths: ControlPaths) -> None:
+        text = await self.xs.readOrNone(paths.request)
+        if text is None:
+            return  # no request: changes to the object are ignored
+        await self._execute(paths, text)
+
+    async def _execute(self, paths: ControlPaths, text: str) -> None:
+        journal = f"{self.private}/inflight/{paths.objectClass.name}/{paths.name}"
+        recovering = await self.xs.readOrNone(journal) == text
+        if recovering:
+            self.log.warn(
+                "Re-executing {request!r} on {path}, interrupted by a restart",
+                request=text,
+                path=paths.base,
+            )
+        else:
+            await self.xs.write(journal, text)
+        self.requestsExecuted += 1
+        outcome: Outcome | None = None
+        kindName: str | None = None
+        try:
+            request = Request.parse(text)
+            outcome, kindName = await self._perform(paths, request, recovering)
+            result, message = 0, ""
+        except ValueError as e:
+            request, result, message = None, XEN_ERRNO["EBADRQC"], str(e)
+        except KindError as e:
+            result, message = XEN_ERRNO[e.errname], e.message
+        except Exception as e:
+            self.log.failure("Request {request!r} on {path} failed", request=text, path=paths.base)
+            result, message = XEN_ERRNO["EIO"], f"{type(e).__name__}: {e}"
+        await self.xs.transact(
+            lambda tx: self._complete(
+                tx, paths, text, request, result, message, outcome, kindName, journal
+            )
+        )
+        self.log.info(
+            "{request!r} on {path}: result {result}{msg}",
+            request=text,
+            path=paths.base,
+            result=result,
+            msg=f" ({message})" if message else "",
+        )
+        if result == 0 and request is not None and request.op in (ACTIVATE, PLUG):
+            await self._reconsiderPlugs(paths)
+
+    async def _perform(
+        self, paths: ControlPaths, request: Request, recovering: bool
+    ) -> tuple[Outcome, str]:
+        # Preconditions are evaluated exactly as on the first attempt even
+        # when recovering: every XenStore effect of a request is applied in
+        # its completion transaction, so an interrupted request left none.
+        xs = self.xs
+        state = await xs.readOrNone(paths.state)
+        snap = ObjectSnapshot(state, None)
+        plugSpec: PlugSpec | None = None
+        takeover = False
+        if request.plug is not None:
+            pp = paths.plug(request.plug)
+            plugState, frontend, takeoverFlag, backend = await gatherResults(
+                [
+                    xs.readOrNone(pp.state),
+                    xs.readOrNone(pp.frontend),
+                    xs.readOrNone(pp.takeover),
+                    xs.readOrNone(pp.backend),
+                ]
+            )
+            if frontend is None:
+                raise KindError("EINVAL", f"{pp.frontend} is missing")
+            takeover = takeoverFlag == "1"
+            snap = ObjectSnapshot(state, None, plugState, await xs.exists(frontend))
+            plugSpec = PlugSpec(
+                request.plug,
+                frontend,
+                DeviceRef.fromFrontendPath(frontend),
+                takeover,
+                paths.absolute(backend) if backend else None,
+            )
+        elif request.op == UNPREPARE:
+            snap = ObjectSnapshot(state, None, plugCount=len(await self._plugged(paths)))
+        problem = checkPreconditions(request, snap, takeover)
+        if problem is not None:
+            raise KindError(*problem)
+        target = await self._readTarget(paths)
+        if request.op == PREPARE:
+            kind = self._chooseKind(paths.objectClass, target)
+        else:
+            kind = await self._recordedKind(paths)
+        ctx = self._context(paths, target, recovering)
+        op = request.op
+        if op == PREPARE:
+            return await kind.prepare(ctx), kind.name
+        if op == ACTIVATE:
+            return await kind.activate(ctx), kind.name
+        if op == DEACTIVATE:
+            return await kind.deactivate(ctx), kind.name
+        if op == UNPREPARE:
+            if state == ACTIVE:
+                await kind.deactivate(ctx)
+            return await kind.unprepare(ctx), kind.name
+        assert plugSpec is not None
+        if op == PLUG:
+            return await kind.plug(ctx, plugSpec), kind.name
+        await self._removeHotplug(kind, ctx, plugSpec)
+        return await kind.unplug(ctx, plugSpec), kind.name
+
+    def _context(
+        self, paths: ControlPaths, target: dict[str, str], recovering: bool = False
+    ) -> KindContext:
+        return KindContext(self.xs, paths, target, recovering, f"{self._objectRecords(paths)}/data")
+
+    def _chooseKind(self, cls: ObjectClass, target: dict[str, str]) -> Any:
+        for kind in self._kindOrder:
+            if cls.name in kind.objectClasses and kind.accepts(cls.name, target):
+                return kind
+        raise KindError(
+            "ENODEV",
+            f"no driver-domain kind here serves this target (kinds: "
+            f"{', '.join(self.kinds) or 'none'})",
+        )
+
+    async def _recordedKind(self, paths: ControlPaths) -> Any:
+        name = await self.xs.readOrNone(f"{self._objectRecords(paths)}/kind")
+        if name is None or name not in self.kinds:
+            raise KindError("ENODEV", f"object served by unknown kind {name!r}")
+        return self.kinds[name]
+
+    def _objectRecords(self, paths: ControlPaths) -> str:
+        return f"{self.private}/objects/{paths.objectClass.name}/{paths.name}"
+
+    async def _readTarget(self, paths: ControlPaths) -> dict[str, str]:
+        keys = await self._lsOrEmpty(paths.targetDir)
+        values = await gatherResults([self.xs.read(paths.target(k)) for k in keys])
+        return dict(zip(keys, values, strict=True))
+
+    async def _lsOrEmpty(self, path: str) -> list[str]:
+        if not await self.xs.exists(path):
+            return []
+        return list(await self.xs.ls(path))
+
+    async def _plugged(self, paths: ControlPaths) -> list[str]:
+        names = [n for n in await self._lsOrEmpty(paths.plugsDir) if _validName(n)]
+        states = await gatherResults([self.xs.readOrNone(paths.plug(n).state) for n in names])
+        return [n for n, s in zip(names, states, strict=True) if s == PLUGGED]
+
+    async def _complete(
+        self,
+        tx: ITransaction,
+        paths: ControlPaths,
+        text: str,
+        request: Request | None,
+        result: int,
+        message: str,
+        outcome: Outcome | None,
+        kindName: str | None,
+        journal: str,
+    ) -> None:
+        """The completion transaction: effects, state, result, request deleted."""
+        records = self._objectRecords(paths)
+        if result == 0 and request is not None and outcome is not None:
+            await _apply(tx, outcome)
+            op = request.op
+            if op == PREPARE:
+                await tx.write(paths.state, INACTIVE)
+                await tx.write(f"{records}/kind", kindName or "")
+            elif op == ACTIVATE:
+                await tx.write(paths.state, ACTIVE)
+            elif op == DEACTIVATE:
+                await tx.write(paths.state, INACTIVE)
+            elif op == UNPREPARE:
+                await tx.rm(paths.state, missingOk=True)
+                await tx.rm(records, missingOk=True)
+            elif op == PLUG:
+                assert request.plug is not None and outcome.backend is not None
+                pp = paths.plug(request.plug)
+                await tx.write(pp.state, PLUGGED)
+                await tx.write(pp.backend, outcome.backend)
+                for key, value in outcome.bcopy.items():
+                    await tx.write(f"{pp.bcopy}/{key}", value)
+                ref = DeviceRef.fromFrontendPath(await tx.read(pp.frontend))
+                device = self._deviceRecord(ref)
+                await tx.write(device, f"{paths.objectClass.name}/{paths.name}/{request.plug}")
+            elif op == UNPLUG:
+                assert request.plug is not None
+                pp = paths.plug(request.plug)
+                backend = await tx.readOrNone(pp.backend)
+                front = await tx.readOrNone(pp.frontend)
+                await gatherResults(
+                    [
+                        tx.rm(pp.state, missingOk=True),
+                        tx.rm(pp.backend, missingOk=True),
+                        tx.rm(pp.bcopy, missingOk=True),
+                    ]
+                )
+                if backend is not None:
+                    await tx.rm(paths.absolute(backend), missingOk=True)
+                    # An empty backend/<class>/<domu> would leak quota
+                    # (libxl c992efd06a).
+                    await _rmEmptyParents(tx, paths.absolute(backend), f"{self.home}/backend")
+                if front is not None:
+                    record = self._deviceRecord(DeviceRef.fromFrontendPath(front))
+                    await tx.rm(record, missingOk=True)
+                    await _rmEmptyParents(tx, record, f"{self.private}/devices")
+        await tx.write(paths.result, str(result))
+        if message:
+            await tx.write(paths.resultMsg, message)
+        else:
+            await tx.rm(paths.resultMsg, missingOk=True)
+        if await tx.readOrNone(paths.request) == text:
+            await tx.rm(paths.request, missingOk=True)
+        await tx.rm(journal, missingOk=True)
+
+    def _deviceRecord(self, ref: DeviceRef) -> str:
+        return f"{self.private}/devices/{ref.deviceClass}/{ref.frontendDomid}/{ref.devid}"
+
+    # Hotplug dispatch
+
+    def _backendChanged(self, path: str) -> None:
+        rest = path[len(self.home) + len("/backend") :].strip("/").split("/")
+        if len(rest) >= 3 and rest[1].isdigit() and rest[2].isdigit():
+            self._pokeDevice(rest[0], int(rest[1]), int(rest[2]))
+        elif len(rest) < 3:
+            Deferred.fromCoroutine(self._scanDevices())
+
+    async def _scanDevices(self) -> None:
+        base = f"{self.private}/devices"
+        for devclass in await self._lsOrEmpty(base):
+            for domu in await self._lsOrEmpty(f"{base}/{devclass}"):
+                for devid in await self._lsOrEmpty(f"{base}/{devclass}/{domu}"):
+                    if domu.isdigit() and devid.isdigit():
+                        self._pokeDevice(devclass, int(domu), int(devid))
+
+    async def _reconsiderPlugs(self, paths: ControlPaths) -> None:
+        if self.hotplug is None:
+            return
+        for plug in await self._plugged(paths):
+            front = await self.xs.readOrNone(paths.plug(plug).frontend)
+            if front is not None:
+                ref = DeviceRef.fromFrontendPath(front)
+                self._pokeDevice(ref.deviceClass, ref.frontendDomid, ref.devid)
+
+    def _pokeDevice(self, devclass: str, domu: int, devid: int) -> None:
+        key = (devclass, domu, devid)
+        self._devices.poke(key, lambda: self._serviceDevice(DeviceRef(*key)), self.log)
+
+    async def _owner(self, ref: DeviceRef) -> tuple[ControlPaths, str] | None:
+        record = await self.xs.readOrNone(self._deviceRecord(ref))
+        if record is None:
+            return None
+        cls, _, rest = record.partition("/")
+        name, _, plug = rest.partition("/")
+        if cls not in OBJECT_CLASSES:
+            return None
+        return ControlPaths(OBJECT_CLASSES[cls], self.domid, name), plug
+
+    async def _serviceDevice(self, ref: DeviceRef) -> None:
+        owner = await self._owner(ref)
+        if owner is None or self.hotplug is None:
+            return  # not a device this agent created
+        paths, plug = owner
+        backend = await self.xs.readOrNone(paths.plug(plug).backend)
+        if backend is None:
+            return
+        backend = paths.absolute(backend)
+        state, online, objState, done = await gatherResults(
+            [
+                self.xs.readOrNone(f"{backend}/state"),
+                self.xs.readOrNone(f"{backend}/online"),
+                self.xs.readOrNone(paths.state),
+                self.xs.readOrNone(f"{self._deviceRecord(ref)}/hotplug"),
+            ]
+        )
+        kind = await self._recordedKind(paths)
+        ctx = self._context(paths, await self._readTarget(paths))
+        spec = PlugSpec(plug, "", ref, False, backend)
+        if state == INIT_WAIT and objState == ACTIVE and done is None:
+            await self._runHotplug(kind, ctx, spec, "add")
+        elif state == CLOSED and online == "0" and done == HOTPLUG_ADDED:
+            await self._removeHotplug(kind, ctx, spec)
+
+    async def _removeHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
+        """
+        Run the remove script at most once per device, whoever asks first
+        (the dispatcher on Closed, or an unplug): later callers wait for it.
+        """
+        if self.hotplug is None:
+            return
+        key = (spec.device.deviceClass, spec.device.frontendDomid, spec.device.devid)
+        running = self._removals.get(key)
+        if running is None:
+            # Registered before the first await, so no second caller can
+            # start another removal meanwhile.
+            running = self._removals[key] = Deferred.fromCoroutine(
+                self._removeOnce(kind, ctx, spec)
+            )
+            running.addBoth(lambda r: (self._removals.pop(key, None), r)[1])
+        await running
+
+    async def _removeOnce(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
+        done = await self.xs.readOrNone(f"{self._deviceRecord(spec.device)}/hotplug")
+        if done == HOTPLUG_ADDED:
+            await self._runHotplug(kind, ctx, spec, "remove")
+
+    async def _runHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec, action: str) -> None:
+        assert self.hotplug is not None and spec.backend is not None
+        record = f"{self._deviceRecord(spec.device)}/hotplug"
+        command = kind.hotplugCommand(ctx, spec, action)
+        if command is None:
+            await self.xs.write(record, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+            return
+        script, args, env = command
+        self.hotplugRuns += 1
+        try:
+            await self.hotplug.run(script, args, env)
+        except Exception as e:
+            self.log.warn(
+                "Hotplug {script} {action} for {backend} failed: {error}",
+                script=script,
+                action=action,
+                backend=spec.backend,
+                error=e,
+            )
+            if action == "add":
+                await self._reportHotplugFailure(spec.backend, str(e))
+                await self.xs.write(record, HOTPLUG_ADDED)  # so remove still runs
+                return
+        await self.xs.write(record, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+
+    async def _reportHotplugFailure(self, backend: str, message: str) -> None:
+        async def report(tx: ITransaction) -> None:
+            # Never resurrect a backend removed meanwhile; keep what the
+            # script itself reported.
+            if not await tx.exists(backend):
+                return
+            if await tx.readOrNone(f"{backend}/hotplug-status") != "error":
+                await tx.write(f"{backend}/hotplug-error", message[:1024])
+                await tx.write(f"{backend}/hotplug-status", "error")
+
+        await self.xs.transact(report)
+
+
+async def _rmEmptyParents(tx: ITransaction, path: str, stop: str) -> None:
+    """Remove the now-empty ancestors of C{path}, up to (not including) C{stop}."""
+    parent = path.rsplit("/", 1)[0]
+    while parent.startswith(stop + "/"):
+        if not await tx.exists(parent) or await tx.ls(parent):
+            return
+        await tx.rm(parent)
+        parent = parent.rsplit("/", 1)[0]
+
+
+def _validName(name: str) -> bool:
+    try:
+        validateName(name, "plug")
+    except ValueError:
+        return False
+    return True
+
+
+async def _apply(tx: ITransaction, outcome: Outcome) -> None:
+    for path in outcome.removes:
+        await tx.rm(path, missingOk=True)
+    for path, perms in outcome.mkdirs.items():
+        await tx.mkdir(path)
+        await tx.setPerms(path, perms)
+    await gatherResults([tx.write(p, v) for p, v in outcome.writes.items()])
+
+
+def guestReadable(driverDomid: int, guestDomid: int) -> list[Perm]:
+    """Backend directory permissions: owned by the driver domain, guest may read."""
+    return [Perm("n", driverDomid), Perm("r", guestDomid)]

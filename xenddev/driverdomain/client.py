@@ -1,0 +1,423 @@
+# -*- test-case-name: tests.test_driverdomain -*-
+"""
+The toolstack side of the backendctrl protocol.
+
+L{DriverDomainClient} is bound to one driver domain. Each request checks the
+seed's preconditions and writes C{request} (plus C{t/*} or the plug's
+C{frontend}) in one transaction, waits with a watch until the driver domain
+deletes C{request}, then reads and removes C{result}/C{result_msg} and any
+nodes left by a failed request, so that a failure leaves the tree as it was.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.logger import Logger
+
+from xenddev.driverdomain.errors import (
+    DriverDomainError,
+    DriverDomainTimeout,
+    PreconditionError,
+)
+from xenddev.driverdomain.protocol import (
+    ACTIVATE,
+    DEACTIVATE,
+    PLUG,
+    PLUGGED,
+    PREPARE,
+    UNPLUG,
+    UNPREPARE,
+    VDI,
+    XEN_ERRNO,
+    XEN_ERRNO_NAME,
+    ControlPaths,
+    ObjectClass,
+    ObjectSnapshot,
+    PlugPaths,
+    Request,
+    checkPreconditions,
+    checkTransactionSize,
+    validateName,
+    validateTarget,
+)
+from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.xenstore.errors import XenStoreTimeout
+from xenddev.xenstore.paths import Perm, validateDomid, validatePath
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class PlugResult:
+    """
+    What a successful plug tells the toolstack.
+
+    @ivar backendPath: the absolute backend directory the driver domain chose.
+    @ivar bcopy: C{b-copy/*} values to copy into the backend (deprecated
+        mechanism; usually empty).
+    @ivar frontendPath: the frontend directory the plug serves.
+    @ivar driverDomid: the driver domain.
+    """
+
+    backendPath: str
+    bcopy: Mapping[str, str]
+    frontendPath: str
+    driverDomid: int
+
+
+@attrs.frozen
+class PlugInfo:
+    """One plug of an object, as listed."""
+
+    name: str
+    state: str | None
+    frontend: str | None
+    backend: str | None
+
+
+@attrs.frozen
+class ObjectInfo:
+    """One vdi (or vif) of a driver domain, as listed."""
+
+    objectClass: str
+    name: str
+    state: str | None
+    request: str | None
+    target: Mapping[str, str]
+    plugs: tuple[PlugInfo, ...]
+
+
+class DriverDomainClient:
+    """
+    Instructs one driver domain through C{/local/domain/<dd>/backendctrl}.
+
+    Requests on one object are serialised (the protocol allows one
+    outstanding request per object); requests on different objects run in
+    parallel.
+
+    @param xs: the XenStore connection (the toolstack is privileged).
+    @param driverDomid: the driver domain's id.
+    @param timeout: seconds to wait for the driver domain per request.
+    """
+
+    log = Logger()
+
+    def __init__(self, xs: IXenStore, driverDomid: int, timeout: float = 30.0) -> None:
+        self.xs = xs
+        self.driverDomid = validateDomid(driverDomid)
+        self.timeout = timeout
+        self._locks: dict[tuple[str, str], DeferredLock] = {}
+        self._areaReady = False
+
+    # Public API
+
+    def prepare(
+        self, name: str, target: Mapping[str, object], objectClass: ObjectClass = VDI
+    ) -> Deferred[None]:
+        """Create the object from C{target} (state becomes C{inactive})."""
+        paths = self.paths(name, objectClass)
+        clean = validateTarget(target)
+        writes = {paths.target(k): v for k, v in clean.items()}
+        checkTransactionSize(writes)
+        return self._serialised(paths, lambda: self._simple(paths, Request(PREPARE), writes))
+
+    def activate(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """Make the object active (I/O may flow)."""
+        paths = self.paths(name, objectClass)
+        return self._serialised(paths, lambda: self._simple(paths, Request(ACTIVATE)))
+
+    def deactivate(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """Make the object inactive again."""
+        paths = self.paths(name, objectClass)
+        return self._serialised(paths, lambda: self._simple(paths, Request(DEACTIVATE)))
+
+    def unprepare(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """Destroy the object; its directory is removed afterwards."""
+        paths = self.paths(name, objectClass)
+        return self._serialised(paths, lambda: self._simple(paths, Request(UNPREPARE)))
+
+    def plug(
+        self,
+        name: str,
+        plug: str,
+        frontendPath: str,
+        objectClass: ObjectClass = VDI,
+        takeover: bool = False,
+    ) -> Deferred[PlugResult]:
+        """
+        Ask the driver domain to serve C{frontendPath} through the object.
+
+        @param takeover: the frontend exists and is being moved to this
+            driver domain (driver-domain restart); see docs/protocol.md.
+        """
+        paths = self.paths(name, objectClass)
+        plugPaths = paths.plug(plug)
+        front = validatePath(frontendPath)
+        if not front.startswith("/"):
+            raise ValueError(f"frontend path must be absolute: {frontendPath!r}")
+        writes = {plugPaths.frontend: front}
+        if takeover:
+            writes[plugPaths.takeover] = "1"
+
+        async def run() -> PlugResult:
+            await self._request(paths, Request(PLUG, plug), writes, front, takeover)
+            return await self._plugResult(paths, plugPaths, front)
+
+        return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
+
+    def unplug(self, name: str, plug: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """Stop serving the plug; its backend directory is removed by the driver domain."""
+        paths = self.paths(name, objectClass)
+        plugPaths = paths.plug(plug)
+
+        async def run() -> None:
+            front = await self.xs.readOrNone(plugPaths.frontend)
+            await self._request(paths, Request(UNPLUG, plug), {}, front)
+            await self.xs.transact(lambda tx: _rmPlug(tx, paths, plugPaths))
+
+        return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
+
+    def list(self, objectClass: ObjectClass = VDI) -> Deferred[list[ObjectInfo]]:
+        """Every object of the class in this driver domain, with its plugs."""
+        return Deferred.fromCoroutine(self._list(objectClass))
+
+    def paths(self, name: str, objectClass: ObjectClass = VDI) -> ControlPaths:
+        """The XenStore paths of an object (validates the name)."""
+        return ControlPaths(objectClass, self.driverDomid, validateName(name, objectClass.name))
+
+    # Machinery
+
+    def _serialised(self, paths: ControlPaths, fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        key = (paths.objectClass.name, paths.name)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = DeferredLock()
+
+        def release(result: object) -> object:
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(key, None)
+            return result
+
+        d: Deferred[Any] = lock.run(fn)
+        return d.addBoth(release)
+
+    def _simple(
+        self, paths: ControlPaths, request: Request, writes: Mapping[str, str] | None = None
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._request(paths, request, writes or {}, None))
+
+    async def ensureArea(self) -> None:
+        """
+        Create the driver domain's control directories, owned by it, if
+        missing: C{backendctrl/vdi}, C{backendctrl/vif}, C{backend} and
+        C{private}. The toolstack (privileged) must do this for a guest
+        driver domain, which cannot create nodes in its own home.
+        """
+        if self._areaReady:
+            return
+        dd = self.driverDomid
+        home = f"/local/domain/{dd}"
+        dirs = [
+            f"{home}/backendctrl",
+            f"{home}/backendctrl/vdi",
+            f"{home}/backendctrl/vif",
+            f"{home}/backend",
+            f"{home}/private",
+        ]
+
+        async def create(tx: ITransaction) -> None:
+            present = await gatherResults([tx.exists(d) for d in dirs])
+            for path, there in zip(dirs, present, strict=True):
+                if not there:
+                    await tx.mkdir(path)
+                    await tx.setPerms(path, [Perm("n", dd)])
+
+        await self.xs.transact(create)
+        self._areaReady = True
+
+    async def _snapshot(
+        self, tx: ITransaction, paths: ControlPaths, request: Request, frontend: str | None
+    ) -> ObjectSnapshot:
+        reads: list[Deferred[Any]] = [tx.readOrNone(paths.state), tx.readOrNone(paths.request)]
+        if request.plug is not None:
+            reads.append(tx.readOrNone(paths.plug(request.plug).state))
+            reads.append(tx.exists(frontend) if frontend else _resolved(False))
+        state, pending, *rest = await gatherResults(reads)
+        plugCount = 0
+        if request.op == UNPREPARE:
+            plugCount = len(await self._pluggedNames(tx, paths))
+        return ObjectSnapshot(
+            state,
+            pending,
+            rest[0] if rest else None,
+            bool(rest[1]) if rest else False,
+            plugCount,
+        )
+
+    async def _pluggedNames(self, tx: ITransaction, paths: ControlPaths) -> builtins.list[str]:
+        names = await tx.ls(paths.plugsDir) if await tx.exists(paths.plugsDir) else []
+        states = await gatherResults([tx.readOrNone(paths.plug(n).state) for n in names])
+        return [n for n, s in zip(names, states, strict=True) if s == PLUGGED]
+
+    async def _request(
+        self,
+        paths: ControlPaths,
+        request: Request,
+        writes: Mapping[str, str],
+        frontend: str | None,
+        takeover: bool = False,
+    ) -> None:
+        await self.ensureArea()
+
+        async def submit(tx: ITransaction) -> None:
+            snap = await self._snapshot(tx, paths, request, frontend)
+            problem = checkPreconditions(request, snap, takeover)
+            if problem is not None:
+                errname, message = problem
+                raise PreconditionError(
+                    XEN_ERRNO[errname], errname, message, str(request), paths.base
+                )
+            if request.op == PREPARE:
+                # t/* may change only while neither state nor request exists.
+                await tx.rm(paths.targetDir, missingOk=True)
+            await gatherResults([tx.write(p, v) for p, v in writes.items()])
+            await tx.write(paths.request, str(request))
+
+        await self.xs.transact(submit)
+        try:
+            await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
+        except XenStoreTimeout:
+            raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
+        result, message = await self.xs.transact(lambda tx: self._collect(tx, paths, request))
+        if result != 0:
+            raise DriverDomainError(
+                result, XEN_ERRNO_NAME.get(result, "E?"), message, str(request), paths.base
+            )
+
+    async def _collect(
+        self, tx: ITransaction, paths: ControlPaths, request: Request
+    ) -> tuple[int, str]:
+        """
+        Read C{result}/C{result_msg} and tidy up: remove them, a failed plug's
+        directory, and the whole object once it no longer exists (failed
+        prepare, successful unprepare) — so the tree is as before.
+        """
+        raw, message, state = await gatherResults(
+            [
+                tx.readOrNone(paths.result),
+                tx.readOrNone(paths.resultMsg),
+                tx.readOrNone(paths.state),
+            ]
+        )
+        try:
+            result = int(raw) if raw is not None else XEN_ERRNO["EIO"]
+        except ValueError:
+            result, message = XEN_ERRNO["EIO"], f"malformed result {raw!r}"
+        await gatherResults(
+            [tx.rm(paths.result, missingOk=True), tx.rm(paths.resultMsg, missingOk=True)]
+        )
+        if state is None:
+            await tx.rm(paths.base, missingOk=True)
+        elif request.plug is not None:
+            plugPaths = paths.plug(request.plug)
+            if await tx.readOrNone(plugPaths.state) is None:
+                await _rmPlug(tx, paths, plugPaths)
+            else:
+                await tx.rm(plugPaths.takeover, missingOk=True)
+        return result, message or ""
+
+    async def _plugResult(
+        self, paths: ControlPaths, plugPaths: PlugPaths, frontend: str
+    ) -> PlugResult:
+        backend = await self.xs.read(plugPaths.backend)
+        bcopy: dict[str, str] = {}
+        if await self.xs.exists(plugPaths.bcopy):
+            keys = await self.xs.ls(plugPaths.bcopy)
+            values = await gatherResults([self.xs.read(f"{plugPaths.bcopy}/{k}") for k in keys])
+            bcopy = dict(zip(keys, values, strict=True))
+        return PlugResult(paths.absolute(backend), bcopy, frontend, self.driverDomid)
+
+    async def _list(self, objectClass: ObjectClass) -> builtins.list[ObjectInfo]:
+        classDir = f"/local/domain/{self.driverDomid}/backendctrl/{objectClass.name}"
+        if not await self.xs.exists(classDir):
+            return []
+        infos = []
+        for name in sorted(await self.xs.ls(classDir)):
+            try:
+                paths = self.paths(name, objectClass)
+            except ValueError:
+                continue  # not ours to interpret
+            infos.append(await self._describe(paths))
+        return infos
+
+    async def _describe(self, paths: ControlPaths) -> ObjectInfo:
+        xs = self.xs
+        state, request = await gatherResults(
+            [xs.readOrNone(paths.state), xs.readOrNone(paths.request)]
+        )
+        target: dict[str, str] = {}
+        if await xs.exists(paths.targetDir):
+            keys = await xs.ls(paths.targetDir)
+            values = await gatherResults([xs.read(paths.target(k)) for k in keys])
+            target = dict(zip(keys, values, strict=True))
+        plugs = []
+        if await xs.exists(paths.plugsDir):
+            for plug in sorted(await xs.ls(paths.plugsDir)):
+                pp = paths.plug(plug)
+                pstate, front, back = await gatherResults(
+                    [xs.readOrNone(pp.state), xs.readOrNone(pp.frontend), xs.readOrNone(pp.backend)]
+                )
+                plugs.append(PlugInfo(plug, pstate, front, paths.absolute(back) if back else None))
+        return ObjectInfo(paths.objectClass.name, paths.name, state, request, target, tuple(plugs))
+
+
+async def _rmPlug(tx: ITransaction, paths: ControlPaths, plugPaths: PlugPaths) -> None:
+    """Remove a plug's directory, and the plugs directory if it is now empty."""
+    await tx.rm(plugPaths.base, missingOk=True)
+    if await tx.exists(paths.plugsDir) and not await tx.ls(paths.plugsDir):
+        await tx.rm(paths.plugsDir)
+
+
+def _resolved(value: T) -> Deferred[T]:
+    d: Deferred[T] = Deferred()
+    d.callback(value)
+    return d
+
+
+async def populateFrontend(
+    tx: ITransaction,
+    plug: PlugResult,
+    guestDomid: int,
+    frontend: Mapping[str, str],
+    backend: Mapping[str, str] | None = None,
+) -> None:
+    """
+    The toolstack's step after a plug, inside the caller's transaction (so a
+    controller can add its own records to the same one): create
+    C{<frontend>} owned by the guest and readable by the driver domain, with
+    C{backend}/C{backend-id} and the given keys; copy C{b-copy/*} (and
+    C{backend} extras) into the backend; set C{<backend>/frontend} unless
+    the driver domain already did.
+    """
+    guest = validateDomid(guestDomid)
+    dd = plug.driverDomid
+    front = plug.frontendPath
+    values = {"backend": plug.backendPath, "backend-id": str(dd), **frontend}
+    await tx.mkdir(front)
+    await tx.setPerms(front, [Perm("n", guest), Perm("r", dd)])
+    await gatherResults([tx.write(f"{front}/{k}", str(v)) for k, v in values.items()])
+    extras = {**plug.bcopy, **(backend or {})}
+    if extras or not await tx.exists(plug.backendPath):
+        if not await tx.exists(plug.backendPath):
+            await tx.mkdir(plug.backendPath)
+            await tx.setPerms(plug.backendPath, [Perm("n", dd), Perm("r", guest)])
+        await gatherResults(
+            [tx.write(f"{plug.backendPath}/{k}", str(v)) for k, v in extras.items()]
+        )
+    if await tx.readOrNone(f"{plug.backendPath}/frontend") is None:
+        await tx.write(f"{plug.backendPath}/frontend", front)

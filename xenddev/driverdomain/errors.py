@@ -1,0 +1,65 @@
+"""
+Errors of the driver-domain protocol, as the toolstack sees them.
+"""
+
+from __future__ import annotations
+
+
+class DriverDomainError(Exception):
+    """
+    The driver domain completed a request with a non-zero result.
+
+    @ivar errno: the Xen errno value from C{result}.
+    @ivar errname: its symbolic name (C{"E?"} if unknown).
+    @ivar message: C{result_msg}, or an empty string.
+    @ivar request: the request string, e.g. C{"plug xvda"}.
+    @ivar path: the object's directory in XenStore.
+    """
+
+    def __init__(self, errno: int, errname: str, message: str, request: str, path: str) -> None:
+        self.errno = errno
+        self.errname = errname
+        self.message = message
+        self.request = request
+        self.path = path
+        super().__init__(errno, errname, message, request, path)
+
+    def __str__(self) -> str:
+        text = (
+            f"driver domain refused {self.request!r} on {self.path}: {self.errname} ({self.errno})"
+        )
+        return f"{text}: {self.message}" if self.message else text
+
+
+class PreconditionError(DriverDomainError):
+    """
+    The toolstack found a precondition of the request violated and wrote
+    nothing (same fields as L{DriverDomainError}, checked locally).
+    """
+
+
+class DriverDomainTimeout(Exception):
+    """
+    The driver domain did not complete a request in time. The request is
+    left in place: the driver domain will still execute it, and the object
+    accepts no new request until it has.
+    """
+
+    def __init__(self, request: str, path: str, timeout: float) -> None:
+        self.request = request
+        self.path = path
+        self.timeout = timeout
+        super().__init__(
+            f"driver domain did not complete {request!r} on {path} within {timeout:g} s; "
+            "the request is left for the driver domain to finish"
+        )
+
+
+class InvalidNameError(ValueError):
+    """A name, target key or value is not acceptable; nothing was written."""
+
+    def __init__(self, field: str, value: object, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"invalid {field} {value!r}: {problem}")

@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.test_driverdomain_agent -*-
+"""
+Value types shared by the agent and the driver-domain kinds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+
+from xenddev.driverdomain.protocol import XEN_ERRNO, ControlPaths
+from xenddev.xenstore.paths import Perm
+
+_FRONTEND = re.compile(r"/local/domain/(\d+)/device/([a-z0-9]+)/(\d+)\Z")
+
+
+class KindError(Exception):
+    """
+    A kind could not perform an operation. Becomes the request's result.
+
+    @ivar errname: a Xen errno name from L{XEN_ERRNO}.
+    @ivar message: the C{result_msg}.
+    """
+
+    def __init__(self, errname: str, message: str) -> None:
+        if errname not in XEN_ERRNO:
+            raise ValueError(f"{errname} is not a Xen errno name the protocol uses")
+        self.errname = errname
+        self.message = message
+        super().__init__(f"{errname}: {message}")
+
+
+@attrs.frozen
+class DeviceRef:
+    """A xenbus device: class, frontend domain, device id."""
+
+    deviceClass: str
+    frontendDomid: int
+    devid: int
+
+    @classmethod
+    def fromFrontendPath(cls, path: str) -> DeviceRef:
+        """Parse C{/local/domain/<d>/device/<class>/<devid>}."""
+        m = _FRONTEND.match(path)
+        if m is None:
+            raise KindError(
+                "EINVAL", f"frontend {path!r} is not /local/domain/<domid>/device/<class>/<devid>"
+            )
+        return cls(m.group(2), int(m.group(1)), int(m.group(3)))
+
+    def backendRelative(self, backendClass: str | None = None) -> str:
+        """C{backend/<class>/<domu>/<devid>}, relative to the driver domain's home."""
+        return f"backend/{backendClass or self.deviceClass}/{self.frontendDomid}/{self.devid}"
+
+
+@attrs.frozen
+class PlugSpec:
+    """
+    A plug being created or removed.
+
+    @ivar name: the plug's name (the C{<vbd>} of the request).
+    @ivar frontend: the frontend path the toolstack gave.
+    @ivar device: the parsed frontend.
+    @ivar takeover: the frontend exists and moves to this driver domain.
+    @ivar backend: for unplug, the absolute backend directory.
+    """
+
+    name: str
+    frontend: str
+    device: DeviceRef
+    takeover: bool = False
+    backend: str | None = None
+
+
+@attrs.frozen
+class KindContext:
+    """
+    What a kind is told about the object it works on.
+
+    @ivar xs: the agent's XenStore connection (the driver domain's rights).
+    @ivar paths: the object's control paths.
+    @ivar target: the C{t/*} values.
+    @ivar recovering: the agent crashed while executing this very request;
+        the operation may be partly done already.
+    @ivar records: the kind's private record directory for this object
+        (under C{private/xenddev/}), for anything it must find after a
+        restart (a tapdisk's pid, a qemu socket).
+    """
+
+    xs: Any
+    paths: ControlPaths
+    target: Mapping[str, str]
+    recovering: bool
+    records: str
+
+    @property
+    def driverDomid(self) -> int:
+        """The driver domain this agent serves."""
+        return self.paths.driverDomid
+
+
+@attrs.frozen
+class Outcome:
+    """
+    XenStore changes a kind wants made atomically with the request's result.
+
+    @ivar backend: for plug, the backend directory relative to the driver
+        domain's home (e.g. C{backend/vbd/5/51712}).
+    @ivar bcopy: for plug, C{b-copy/*} values for the toolstack to copy.
+    @ivar mkdirs: directories to create, with their permissions.
+    @ivar writes: nodes to write (absolute paths).
+    @ivar removes: subtrees to remove (absolute paths).
+    """
+
+    backend: str | None = None
+    bcopy: Mapping[str, str] = attrs.field(factory=dict)
+    mkdirs: Mapping[str, list[Perm]] = attrs.field(factory=dict)
+    writes: Mapping[str, str] = attrs.field(factory=dict)
+    removes: tuple[str, ...] = ()
+
+
+NOTHING = Outcome()
+
+
+def done(outcome: Outcome = NOTHING) -> Deferred[Outcome]:
+    """An already-fired Deferred with C{outcome}."""
+    return succeed(outcome)

@@ -1,0 +1,316 @@
+# -*- test-case-name: tests.test_driverdomain_protocol -*-
+"""
+The vocabulary of the backendctrl protocol: object classes, paths, request
+strings, states, result codes (Xen errno values) and name validation.
+
+Both the toolstack client and the driver-domain agent use this module, so
+the two sides cannot disagree about a path or a spelling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import attrs
+
+from xenddev.driverdomain.errors import InvalidNameError
+from xenddev.xenstore.paths import validateDomid
+from xenddev.xenstore.wire import PAYLOAD_MAX
+
+#: The Xen errno values (xen/include/public/errno.h) the protocol uses.
+#: They equal Linux x86 numbers, but results are defined as *Xen* errnos.
+XEN_ERRNO: Mapping[str, int] = {
+    "EPERM": 1,
+    "ENOENT": 2,
+    "EIO": 5,
+    "E2BIG": 7,
+    "EAGAIN": 11,
+    "ENOMEM": 12,
+    "EACCES": 13,
+    "EBUSY": 16,
+    "EEXIST": 17,
+    "ENODEV": 19,
+    "EINVAL": 22,
+    "ENOSPC": 28,
+    "ENOSYS": 38,
+    "EBADRQC": 56,
+    "EOPNOTSUPP": 95,
+    "EISCONN": 106,
+    "ENOTCONN": 107,
+    "ETIMEDOUT": 110,
+}
+XEN_ERRNO_NAME: Mapping[int, str] = {v: k for k, v in XEN_ERRNO.items()}
+
+# Object states (the "state" node).
+INACTIVE = "inactive"
+ACTIVE = "active"
+PLUGGED = "ok"  # vbd/<vbd>/state
+
+# Requests.
+PREPARE = "prepare"
+ACTIVATE = "activate"
+DEACTIVATE = "deactivate"
+UNPREPARE = "unprepare"
+PLUG = "plug"
+UNPLUG = "unplug"
+OBJECT_REQUESTS = (PREPARE, ACTIVATE, DEACTIVATE, UNPREPARE)
+PLUG_REQUESTS = (PLUG, UNPLUG)
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
+_TARGET_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+#: Target values: printable text, no NUL, bounded so a whole prepare
+#: transaction stays far below XenStore's limits.
+TARGET_VALUE_MAX = 1024
+TARGET_KEYS_MAX = 32
+NAME_MAX = 64
+
+
+@attrs.frozen
+class ObjectClass:
+    """
+    A kind of object the protocol manages: C{vdi} (seed 000) or C{vif} (our
+    extension for network interfaces, same shape).
+
+    @ivar name: the directory under C{backendctrl/}.
+    @ivar plugDir: the directory holding the object's plugs (C{vbd} for a
+        vdi, C{plug} for a vif).
+    @ivar deviceClass: the xenbus device class of the plugs.
+    """
+
+    name: str
+    plugDir: str
+    deviceClass: str
+
+
+VDI = ObjectClass("vdi", "vbd", "vbd")
+VIF = ObjectClass("vif", "plug", "vif")
+OBJECT_CLASSES: Mapping[str, ObjectClass] = {c.name: c for c in (VDI, VIF)}
+
+
+def validateName(value: object, what: str) -> str:
+    """A vdi, vif or vbd name: C{[A-Za-z0-9_-]+}, at most 64 characters."""
+    if not isinstance(value, str) or not _NAME.match(value) or len(value) > NAME_MAX:
+        raise InvalidNameError(
+            what, value, f"must match [A-Za-z0-9_-]+ and be at most {NAME_MAX} characters"
+        )
+    return value
+
+
+def validateTarget(target: Mapping[str, object]) -> dict[str, str]:
+    """
+    A target: short node names mapped to short printable strings.
+
+    @raise InvalidNameError: naming the bad key or value.
+    """
+    if not isinstance(target, Mapping) or not target:
+        raise InvalidNameError("target", target, "must be a non-empty mapping of key to value")
+    if len(target) > TARGET_KEYS_MAX:
+        raise InvalidNameError("target", len(target), f"at most {TARGET_KEYS_MAX} keys")
+    clean: dict[str, str] = {}
+    for key, value in target.items():
+        if not isinstance(key, str) or not _TARGET_KEY.match(key):
+            raise InvalidNameError("target key", key, "must match [A-Za-z0-9_-]{1,64}")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise InvalidNameError(f"target value t/{key}", value, "must be a string")
+        text = str(value)
+        if len(text.encode("utf-8")) > TARGET_VALUE_MAX:
+            raise InvalidNameError(
+                f"target value t/{key}", text[:40] + "...", f"longer than {TARGET_VALUE_MAX} bytes"
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            raise InvalidNameError(f"target value t/{key}", text, "contains control characters")
+        clean[key] = text
+    return clean
+
+
+@attrs.frozen
+class Request:
+    """
+    A parsed C{request} value: C{prepare}, ..., or C{plug <vbd>}/C{unplug <vbd>}.
+    """
+
+    op: str
+    plug: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Request:
+        """
+        Parse a request string.
+
+        @raise ValueError: for anything that is not a known request.
+        """
+        op, _, arg = text.partition(" ")
+        if op in OBJECT_REQUESTS and not arg:
+            return cls(op)
+        if op in PLUG_REQUESTS and arg and _NAME.match(arg):
+            return cls(op, arg)
+        raise ValueError(f"unknown request {text!r}")
+
+    def __str__(self) -> str:
+        return self.op if self.plug is None else f"{self.op} {self.plug}"
+
+
+@attrs.frozen
+class ControlPaths:
+    """
+    The XenStore paths of one object in one driver domain.
+
+    C{ControlPaths(VDI, 3, "disk0").request} is
+    C{/local/domain/3/backendctrl/vdi/disk0/request}.
+    """
+
+    objectClass: ObjectClass
+    driverDomid: int = attrs.field(converter=validateDomid)
+    name: str
+
+    def __attrs_post_init__(self) -> None:
+        validateName(self.name, self.objectClass.name)
+
+    @property
+    def home(self) -> str:
+        """The driver domain's home directory."""
+        return f"/local/domain/{self.driverDomid}"
+
+    @property
+    def classDir(self) -> str:
+        """C{backendctrl/<class>} of the driver domain."""
+        return f"{self.home}/backendctrl/{self.objectClass.name}"
+
+    @property
+    def base(self) -> str:
+        """The object's directory."""
+        return f"{self.classDir}/{self.name}"
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}/state"
+
+    @property
+    def request(self) -> str:
+        return f"{self.base}/request"
+
+    @property
+    def result(self) -> str:
+        return f"{self.base}/result"
+
+    @property
+    def resultMsg(self) -> str:
+        return f"{self.base}/result_msg"
+
+    @property
+    def targetDir(self) -> str:
+        return f"{self.base}/t"
+
+    def target(self, key: str) -> str:
+        """The path of target key C{key}."""
+        return f"{self.targetDir}/{key}"
+
+    @property
+    def plugsDir(self) -> str:
+        return f"{self.base}/{self.objectClass.plugDir}"
+
+    def plug(self, plug: str) -> PlugPaths:
+        """The paths of one plug (vbd) of this object."""
+        validateName(plug, self.objectClass.plugDir)
+        return PlugPaths(f"{self.plugsDir}/{plug}")
+
+    def absolute(self, relative: str) -> str:
+        """Make a path relative to the driver domain's home absolute."""
+        return relative if relative.startswith("/") else f"{self.home}/{relative}"
+
+
+@attrs.frozen
+class PlugPaths:
+    """The nodes of C{vbd/<vbd>/} (or C{plug/<p>/} for a vif)."""
+
+    base: str
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}/state"
+
+    @property
+    def frontend(self) -> str:
+        return f"{self.base}/frontend"
+
+    @property
+    def backend(self) -> str:
+        return f"{self.base}/backend"
+
+    @property
+    def bcopy(self) -> str:
+        return f"{self.base}/b-copy"
+
+    @property
+    def takeover(self) -> str:
+        return f"{self.base}/takeover"
+
+
+def privateDir(driverDomid: int) -> str:
+    """Where the agent keeps its own records (never in backendctrl/)."""
+    return f"/local/domain/{validateDomid(driverDomid)}/private/xenddev"
+
+
+def checkTransactionSize(nodes: Mapping[str, str]) -> None:
+    """Refuse a request whose single writes would not fit a XenStore packet."""
+    for path, value in nodes.items():
+        if len(path) + len(value.encode("utf-8")) + 2 > PAYLOAD_MAX:
+            raise InvalidNameError("node", path, "path and value exceed a XenStore packet")
+
+
+@attrs.frozen
+class ObjectSnapshot:
+    """
+    What the preconditions of a request look at, read in one transaction.
+
+    @ivar state: the object's C{state}, or None (ENOENT).
+    @ivar request: a pending C{request}, or None.
+    @ivar plugState: for plug/unplug, C{<plug>/state} or None.
+    @ivar frontendExists: for plug/unplug, whether C{<frontend>} exists.
+    @ivar plugCount: how many plugs are in state C{ok}.
+    """
+
+    state: str | None
+    request: str | None
+    plugState: str | None = None
+    frontendExists: bool = False
+    plugCount: int = 0
+
+
+def checkPreconditions(
+    request: Request, snap: ObjectSnapshot, takeover: bool = False
+) -> tuple[str, str] | None:
+    """
+    Check a request's preconditions (seed 000, with our decisions recorded
+    in docs/protocol.md). Both sides call this: the toolstack before writing
+    anything, the agent before executing.
+
+    @return: None if the request may proceed, else C{(errname, message)}.
+    """
+    if snap.request is not None:
+        return "EBUSY", f"request {snap.request!r} is still being performed"
+    op = request.op
+    if op == PREPARE:
+        if snap.state is not None:
+            return "EEXIST", f"already prepared (state {snap.state})"
+        return None
+    if snap.state is None:
+        return "ENOENT", "not prepared"
+    if op == ACTIVATE and snap.state != INACTIVE:
+        return "EISCONN", f"cannot activate in state {snap.state}"
+    if op == DEACTIVATE and snap.state != ACTIVE:
+        return "ENOTCONN", f"cannot deactivate in state {snap.state}"
+    if op == UNPREPARE and snap.plugCount:
+        return "EBUSY", f"{snap.plugCount} plug(s) still present: unplug them first"
+    if op == PLUG:
+        if snap.plugState is not None:
+            return "EEXIST", f"{request.plug} is already plugged"
+        if snap.frontendExists and not takeover:
+            return "EEXIST", "the frontend directory already exists"
+    if op == UNPLUG:
+        if snap.plugState != PLUGGED:
+            return "ENOENT", f"{request.plug} is not plugged"
+        if snap.frontendExists:
+            return "EBUSY", "the frontend directory still exists: remove it first"
+    return None
