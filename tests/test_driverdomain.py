@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.support.fixtures import RealXenstoredFixture
+from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import diffTrees, dumpTree
 from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.agent import BackendCtrlAgent
@@ -27,7 +27,7 @@ from xenddev.driverdomain.errors import (
     PreconditionError,
 )
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec
-from xenddev.driverdomain.protocol import VIF, ControlPaths, VDI
+from xenddev.driverdomain.protocol import VDI, VIF, ControlPaths
 from xenddev.interfaces import IDriverDomainKind
 from xenddev.xenstore.paths import Perm
 
@@ -466,3 +466,7 @@ class DriverDomainSuite:
 
 class RealXenstoredDriverDomainTests(DriverDomainSuite, RealXenstoredFixture, TestCase):
     """The protocol over the C xenstored."""
+
+
+class EmbeddedXenstoredDriverDomainTests(DriverDomainSuite, EmbeddedXenstoredFixture, TestCase):
+    """The protocol over the embedded xenstored."""

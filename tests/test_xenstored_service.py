@@ -1,0 +1,137 @@
+"""
+The standalone embedded xenstored: C{twistd -n xenstored} in a subprocess,
+with the real xenstore-* tools as clients, and its C{--state} file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.support.xenstoresuite import deferredTest
+from xenddev.xenstore.tap import Options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Twistd(ProcessProtocol):
+    """Watches the daemon's log for the line saying it serves its socket."""
+
+    def __init__(self) -> None:
+        self.serving: Deferred[None] = Deferred()
+        self.ended: Deferred[int] = Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"Serving XenStore for domain 0" in self.output and not self.serving.called:
+            self.serving.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.serving.called:
+            self.serving.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(reason.value.exitCode)
+
+
+class TwistdTests(TestCase):
+    """C{twistd -n xenstored --rundir DIR} as an operator would run it."""
+
+    def setUp(self) -> None:
+        if shutil.which("xenstore-read") is None:
+            raise SkipTest("the xenstore-* tools are not installed")
+        self.rundir = tempfile.mkdtemp(prefix="xsd-")
+        self.addCleanup(shutil.rmtree, self.rundir, True)
+
+    def startTwistd(self, *extra: str) -> _Twistd:
+        proto = _Twistd()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        args += ["-n", "--pidfile=", "xenstored", "--rundir", self.rundir, *extra]
+        transport = reactor.spawnProcess(proto, sys.executable, args, env=env, path=self.rundir)
+
+        def cleanup() -> Deferred[int] | None:
+            if not proto.ended.called:
+                transport.signalProcess("KILL")
+                return proto.ended
+            return None
+
+        self.addCleanup(cleanup)
+        return proto
+
+    def tool(self, *argv: str) -> Deferred[tuple[bytes, bytes, int]]:
+        env = dict(os.environ, XENSTORED_RUNDIR=self.rundir)
+        env.pop("XENSTORED_PATH", None)
+        exe = shutil.which(argv[0])
+        assert exe is not None
+        return getProcessOutputAndValue(exe, argv[1:], env=env)
+
+    @deferredTest
+    async def test_serveRundirSocket(self) -> None:
+        """XENSTORED_RUNDIR=DIR xenstore-ls / works; the socket is mode 0600."""
+        proto = self.startTwistd()
+        await proto.serving
+        mode = os.stat(os.path.join(self.rundir, "socket")).st_mode & 0o777
+        self.assertEqual(mode, 0o600)
+        _, err, code = await self.tool("xenstore-write", "/svc/a", "1")
+        self.assertEqual(code, 0, err)
+        out, _, _ = await self.tool("xenstore-ls", "/")
+        self.assertIn(b"svc", out)
+        self.assertIn(b"local", out)
+
+    @deferredTest
+    async def test_stateSurvivesRestart(self) -> None:
+        """With --state, a clean stop saves the tree and the next start loads it."""
+        state = os.path.join(self.rundir, "state")
+        proto = self.startTwistd("--state", state)
+        await proto.serving
+        await self.tool("xenstore-write", "/dev/vbd/51712", "backend")
+        await self.tool("xenstore-chmod", "/dev/vbd/51712", "n5", "r0")
+        os.kill(self._pid(proto), signal.SIGTERM)
+        await proto.ended
+        self.assertTrue(os.path.exists(state))
+        proto = self.startTwistd("--state", state)
+        await proto.serving
+        out, _, _ = await self.tool("xenstore-read", "/dev/vbd/51712")
+        self.assertEqual(out, b"backend\n")
+        out, _, _ = await self.tool("xenstore-ls", "-p", "/dev")
+        self.assertIn(b"(n5,r0)", out)
+
+    def _pid(self, proto: _Twistd) -> int:
+        assert proto.transport is not None
+        pid = proto.transport.pid  # type: ignore[attr-defined]
+        assert pid is not None
+        return int(pid)
+
+
+class OptionsTests(TestCase):
+    """The plugin's options."""
+
+    def test_domainSocketsAndQuotas(self) -> None:
+        """--domain-socket is repeatable; quota options reach Quotas."""
+        o = Options()
+        o.parseOptions(
+            ["--domain-socket", "5:/tmp/a", "--domain-socket", "7:/tmp/b", "--entry-nb", "9"]
+        )
+        self.assertEqual(o["domain-sockets"], [(5, "/tmp/a"), (7, "/tmp/b")])
+        self.assertEqual(o.quotas().nodesPerDomain, 9)
+        self.assertEqual(o.quotas().watchesPerDomain, 128)
+
+    def test_pluginListed(self) -> None:
+        """twistd finds the xenstored plugin."""
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+
+        names = [p.tapname for p in getPlugins(IServiceMaker)]
+        self.assertIn("xenstored", names)
