@@ -124,6 +124,10 @@ class ReconnectingXenStore:
 
     def whenConnected(self, failAfterFailures: int | None = None) -> Deferred[XenStoreClient]:
         """Fire with the client of the current (or next) connection."""
+        if self._client is not None and self._client.connected:
+            # Also keeps us from re-entering ClientService's state machine,
+            # which refuses calls made from its own callbacks.
+            return succeed(self._client)
         d: Deferred[Any] = self._service.whenConnected(failAfterFailures=failAfterFailures)
         return d.addCallback(lambda proto: proto.xenstoreClient)
 
