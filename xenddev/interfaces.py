@@ -70,6 +70,8 @@ class IWatchHandle(Interface):
 class IXenStore(IXenStoreOps):
     """A XenStore connection: node operations plus watches, transactions, domains."""
 
+    watchCount = Attribute("Watches registered through this connection.")
+
     def watch(path, callback, token=None):
         """Watch path; callback(eventPath) per event. Fires with an IWatchHandle."""
 

@@ -74,7 +74,7 @@ def _loadKind(spec: str) -> IDriverDomainKind:
     kind = factory()
     if not IDriverDomainKind.providedBy(kind):
         raise ValueError(f"{spec} did not return an IDriverDomainKind")
-    return kind  # type: ignore[no-any-return]
+    return kind
 
 
 async def runAgent(reactor: Any, options: Options) -> None:
@@ -99,7 +99,7 @@ async def runAgent(reactor: Any, options: Options) -> None:
 
         hotplug = HotplugRunner(
             options["script-dir"],
-            xs=xs,
+            xenstore=xs,
             timeout=options["hotplug-timeout"],
             xenstoredPath=address.path if address.kind == "unix" else None,
             reactor=reactor,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -426,11 +426,21 @@ class XenStoreClient(_Operations):
         d = self._send(Op.TRANSACTION_START, b"\0", None)
         return d.addCallback(lambda raw: Transaction(self, int(raw.rstrip(b"\0"))))
 
+    @overload
+    def transact(
+        self, fn: Callable[[ITransaction], Awaitable[T]], maxAttempts: int | None = None
+    ) -> Deferred[T]: ...
+
+    @overload
+    def transact(
+        self, fn: Callable[[ITransaction], T], maxAttempts: int | None = None
+    ) -> Deferred[T]: ...
+
     def transact(
         self,
-        fn: Callable[[ITransaction], Awaitable[T] | T],
+        fn: Callable[[ITransaction], Any],
         maxAttempts: int | None = None,
-    ) -> Deferred[T]:
+    ) -> Deferred[Any]:
         """
         Run C{fn(tx)} in a transaction and commit it, retrying on EAGAIN (from
         the commit or any operation inside) with jittered exponential backoff.

@@ -7,7 +7,7 @@ xenstored restarts (L{ReconnectingXenStore}).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -268,9 +268,19 @@ class ReconnectingXenStore:
         """See L{XenStoreClient.startTransaction}."""
         return self._call("startTransaction")
 
+    @overload
     def transact(
-        self, fn: Callable[[ITransaction], Awaitable[T] | T], maxAttempts: int | None = None
-    ) -> Deferred[T]:
+        self, fn: Callable[[ITransaction], Awaitable[T]], maxAttempts: int | None = None
+    ) -> Deferred[T]: ...
+
+    @overload
+    def transact(
+        self, fn: Callable[[ITransaction], T], maxAttempts: int | None = None
+    ) -> Deferred[T]: ...
+
+    def transact(
+        self, fn: Callable[[ITransaction], Any], maxAttempts: int | None = None
+    ) -> Deferred[Any]:
         """See L{XenStoreClient.transact}."""
         return self._call("transact", fn, maxAttempts)
 

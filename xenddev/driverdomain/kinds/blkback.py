@@ -139,5 +139,6 @@ class BlkbackKind:
         from xenddev.hotplug import blockEnvironment
 
         assert plug.backend is not None
-        args, env = blockEnvironment(action, plug.backend)
-        return ctx.target.get("script", "block"), list(args), dict(env)
+        script = ctx.target.get("script", "block")
+        args, env = blockEnvironment(action, plug.backend, script)
+        return script, args, env

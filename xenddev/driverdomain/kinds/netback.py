@@ -118,6 +118,6 @@ class NetbackKind:
         from xenddev.hotplug import vifEnvironment
 
         assert plug.backend is not None
-        vif = f"vif{plug.device.frontendDomid}.{plug.device.devid}"
-        args, env = vifEnvironment("online" if action == "add" else "offline", plug.backend, vif)
-        return ctx.target.get("script", "vif-bridge"), list(args), dict(env)
+        script = ctx.target.get("script", "vif-bridge")
+        args, env = vifEnvironment(action, plug.backend, ctx.target.get("vifname"), script=script)
+        return script, args, env
