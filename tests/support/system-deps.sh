@@ -4,11 +4,17 @@
 # installs them; otherwise it says what to install and carries on (the
 # real-xenstored tests then skip, or fail under XENDDEV_REQUIRE_REAL_XENSTORED=1).
 set -u
-packages=(xen-utils-4.17 xenstore-utils gcc)
+# The C xenstored and its tools; the hotplug scripts and what they call
+# (losetup/flock/setsid, logger, ip, brctl); gcc builds the test shim.
+packages=(xen-utils-4.17 xenstore-utils xen-utils-common util-linux bsdutils iproute2
+          bridge-utils gcc make)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# The hotplug scripts redirect their output into /var/log/xen and exit at
+# once (set -e) if it is missing; Debian does not always create it.
+[ "$(id -u)" -eq 0 ] && mkdir -p /var/log/xen
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "Installing Debian packages: ${missing[*]}"
