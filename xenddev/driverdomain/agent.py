@@ -138,7 +138,7 @@ class BackendCtrlAgent:
         self.private = privateDir(self.domid)
         self._objects = _Serialiser()
         self._devices = _Serialiser()
-        self._removals: dict[tuple[str, int, int], Deferred[None]] = {}
+        self._hotplugJobs: dict[tuple[str, int, int], Deferred[None]] = {}
         self._handles: list[Any] = []
         self.requestsExecuted = 0
         self.hotplugRuns = 0
@@ -479,32 +479,62 @@ class BackendCtrlAgent:
         ctx = self._context(paths, await self._readTarget(paths))
         spec = PlugSpec(plug, "", ref, False, backend)
         if state == INIT_WAIT and objState == ACTIVE and done is None:
-            await self._runHotplug(kind, ctx, spec, "add")
+            await self._addHotplug(kind, ctx, spec)
         elif state == CLOSED and online == "0" and done == HOTPLUG_ADDED:
             await self._removeHotplug(kind, ctx, spec)
+
+    def _hotplugJob(self, ref: DeviceRef, job: Callable[[], Awaitable[None]]) -> Deferred[None]:
+        """
+        Run C{job} after any hotplug job already running for the device, so
+        an add and a remove never overlap (a remove asked for while the add
+        script still runs must wait for it, then see its record).
+        """
+        key = (ref.deviceClass, ref.frontendDomid, ref.devid)
+        previous = self._hotplugJobs.get(key)
+
+        async def run() -> None:
+            if previous is not None:
+                try:
+                    await previous
+                except Exception:
+                    pass  # already logged by whoever waited for it
+            await job()
+
+        d = Deferred.fromCoroutine(run())
+        self._hotplugJobs[key] = d
+
+        def forget(result: object) -> object:
+            if self._hotplugJobs.get(key) is d:
+                del self._hotplugJobs[key]
+            return result
+
+        d.addBoth(forget)
+        return d
+
+    async def _addHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
+        """Run the add script unless it already ran for this device."""
+        record = f"{self._deviceRecord(spec.device)}/hotplug"
+
+        async def addOnce() -> None:
+            if await self.xs.readOrNone(record) is None:
+                await self._runHotplug(kind, ctx, spec, "add")
+
+        await self._hotplugJob(spec.device, addOnce)
 
     async def _removeHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
         """
         Run the remove script at most once per device, whoever asks first
-        (the dispatcher on Closed, or an unplug): later callers wait for it.
+        (the dispatcher on Closed, or an unplug), and only after the add.
         """
         if self.hotplug is None:
             return
-        key = (spec.device.deviceClass, spec.device.frontendDomid, spec.device.devid)
-        running = self._removals.get(key)
-        if running is None:
-            # Registered before the first await, so no second caller can
-            # start another removal meanwhile.
-            running = self._removals[key] = Deferred.fromCoroutine(
-                self._removeOnce(kind, ctx, spec)
-            )
-            running.addBoth(lambda r: (self._removals.pop(key, None), r)[1])
-        await running
+        record = f"{self._deviceRecord(spec.device)}/hotplug"
 
-    async def _removeOnce(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
-        done = await self.xs.readOrNone(f"{self._deviceRecord(spec.device)}/hotplug")
-        if done == HOTPLUG_ADDED:
-            await self._runHotplug(kind, ctx, spec, "remove")
+        async def removeOnce() -> None:
+            if await self.xs.readOrNone(record) == HOTPLUG_ADDED:
+                await self._runHotplug(kind, ctx, spec, "remove")
+
+        await self._hotplugJob(spec.device, removeOnce)
 
     async def _runHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec, action: str) -> None:
         assert self.hotplug is not None and spec.backend is not None

@@ -1,0 +1,302 @@
+"""
+The driver-domain agent with its real kinds and the real hotplug scripts:
+C{block} on real loop devices, C{vif-bridge} on a real bridge inside a
+network namespace; hotplug failures and hangs; driver-domain restart.
+
+Only the kernel backend and the guest frontend are simulated
+(L{xenddev.simulator}): without a hypervisor nothing else can play them.
+The toolstack steps are written out by hand here (the device controllers
+wrap them); every test ends by comparing the whole tree with its start.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
+from tests.support.loopdev import (
+    acquireLoopTestLock,
+    loopDevicesFor,
+    makeImage,
+    requireLoopDevices,
+)
+from tests.support.netns import NetNamespace, requireNetns
+from tests.support.treedump import diffTrees, dumpTree
+from tests.support.xenstoresuite import deferredTest
+from xenddev.driverdomain.agent import BackendCtrlAgent
+from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populateFrontend
+from xenddev.driverdomain.kinds.blkback import BlkbackKind
+from xenddev.driverdomain.kinds.netback import NetbackKind
+from xenddev.driverdomain.protocol import VIF, ObjectClass
+from xenddev.driverdomain.restart import moveDriverDomain
+from xenddev.hotplug import HotplugRunner
+from xenddev.simulator import BackendSimulator, FrontendSimulator
+from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
+
+GUEST = 5
+VBD_FRONT = f"/local/domain/{GUEST}/device/vbd/51728"
+VIF_FRONT = f"/local/domain/{GUEST}/device/vif/0"
+TIMEOUT = 20.0
+
+
+async def pollUntil(condition: Any, timeout: float) -> None:
+    """Poll a condition on the host (not in XenStore, so no watch can help)."""
+    waited = 0.0
+    while not condition():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+class KindsSuite:
+    """Mixed with a server fixture and TestCase."""
+
+    startServer: Any
+    connect: Any
+    socketPath: str
+    assertEqual: Any
+    assertIn: Any
+    assertTrue: Any
+    assertFalse: Any
+    addCleanup: Any
+    mktemp: Any
+    fail: Any
+
+    async def startDriverDomain(
+        self, domid: int = 0, scriptDir: str = "/etc/xen/scripts", **runnerArgs: Any
+    ) -> tuple[BackendCtrlAgent, BackendSimulator]:
+        """An agent with the real kinds and hotplug runner, plus the simulated backend."""
+        xs = await self.connect()
+        runner = HotplugRunner(scriptDir, xenstore=xs, xenstoredPath=self.socketPath, **runnerArgs)
+        agent = BackendCtrlAgent(xs, domid, [BlkbackKind(), NetbackKind()], runner)
+        backend = BackendSimulator(xs, domid)
+        await DriverDomainClient(self.xs, domid).ensureArea()
+        await backend.start()
+        await agent.start()
+        self.addCleanup(backend.stop)
+        self.addCleanup(agent.stop)
+        return agent, backend
+
+    async def _setUp(self) -> None:
+        if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
+            os.makedirs("/var/log/xen")  # the scripts log there or fail (set -e)
+        self.startServer()
+        self.xs = await self.connect()
+        # The guest's home exists before any device, as a toolstack makes it.
+        await self.xs.mkdir(f"/local/domain/{GUEST}/device/vbd")
+        await self.xs.mkdir(f"/local/domain/{GUEST}/device/vif")
+        self.frontend = FrontendSimulator(await self.connect(), GUEST)
+        await self.frontend.start()
+        self.addCleanup(self.frontend.stop)
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self._setUp())
+
+    async def attach(
+        self,
+        client: DriverDomainClient,
+        name: str,
+        target: dict[str, str],
+        front: str,
+        objectClass: ObjectClass,
+    ) -> PlugResult:
+        """The toolstack's attach: prepare, plug, frontend, activate, wait for hotplug."""
+        await client.prepare(name, target, objectClass)
+        plug = await client.plug(name, "p0", front, objectClass)
+        await self.xs.transact(lambda tx: populateFrontend(tx, plug, GUEST, {"state": "1"}))
+        await client.activate(name, objectClass)
+        return plug
+
+    async def detach(
+        self, client: DriverDomainClient, name: str, plug: PlugResult, objectClass: ObjectClass
+    ) -> None:
+        """The toolstack's detach: close, wait for Closed, drop the frontend, unplug, unprepare."""
+
+        async def close(tx: Any) -> None:
+            await tx.write(f"{plug.backendPath}/online", "0")
+            await tx.write(f"{plug.backendPath}/state", "5")
+
+        await self.xs.transact(close)
+        await waitForState(self.xs, plug.backendPath, 6, TIMEOUT)
+        await self.xs.rm(plug.frontendPath)
+        await client.unplug(name, "p0", objectClass)
+        await client.deactivate(name, objectClass)
+        await client.unprepare(name, objectClass)
+
+    async def assertTreeIs(self, before: dict[str, Any], *agents: BackendCtrlAgent) -> None:
+        for agent in agents:
+            await agent.whenIdle()
+        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+
+    def image(self) -> str:
+        """An 8 MiB image file; its loop devices are detached at cleanup."""
+        requireLoopDevices(self)  # type: ignore[arg-type]
+        lock = acquireLoopTestLock()
+        self.addCleanup(os.close, lock)
+        path = os.path.abspath(self.mktemp())
+        makeImage(path)
+        return path
+
+    # blkback + block
+
+    @deferredTest
+    async def test_blockOnLoopDevice(self) -> None:
+        """
+        A file disk: the agent runs the real block script once active, a loop
+        device appears, the simulated backend connects; detach runs block
+        remove before the backend goes, the loop device is gone, and the tree
+        is exactly as before.
+        """
+        img = self.image()
+        agent, _ = await self.startDriverDomain()
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        before = await dumpTree(self.xs)
+        target = {"type": "file", "params": img, "mode": "w"}
+        plug = await self.attach(
+            client, "disk1", target, VBD_FRONT, ObjectClass("vdi", "vbd", "vbd")
+        )
+        status = await waitForHotplugStatus(self.xs, plug.backendPath, TIMEOUT)
+        self.assertEqual(status.status, HotplugStatus.Connected)
+        (loop,) = loopDevicesFor(img)
+        self.assertEqual(await self.xs.read(f"{plug.backendPath}/node"), loop)
+        await waitForState(self.xs, plug.backendPath, 4, TIMEOUT)
+        await waitForState(self.xs, VBD_FRONT, 4, TIMEOUT)
+        await self.detach(client, "disk1", plug, ObjectClass("vdi", "vbd", "vbd"))
+        # The kernel may release a loop device a moment after losetup -d.
+        await pollUntil(lambda: loopDevicesFor(img) == [], TIMEOUT)
+        await self.assertTreeIs(before, agent)
+
+    @deferredTest
+    async def test_blockFailureReported(self) -> None:
+        """
+        The block script fails (a read-only image asked for read-write):
+        hotplug-status=busy with the script's hotplug-error reaches the
+        toolstack; detaching afterwards restores the tree.
+        """
+        img = self.image()
+        os.chmod(img, stat.S_IRUSR)
+        agent, _ = await self.startDriverDomain()
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        before = await dumpTree(self.xs)
+        target = {"type": "file", "params": img, "mode": "w"}
+        plug = await self.attach(client, "ro", target, VBD_FRONT, ObjectClass("vdi", "vbd", "vbd"))
+        status = await waitForHotplugStatus(self.xs, plug.backendPath, TIMEOUT)
+        self.assertIn(status.status, (HotplugStatus.Busy, HotplugStatus.Error))
+        self.assertTrue(status.error)
+        self.assertEqual(loopDevicesFor(img), [])
+        await self.detachUnconnected(client, "ro", plug)
+        await self.assertTreeIs(before, agent)
+
+    async def detachUnconnected(
+        self, client: DriverDomainClient, name: str, plug: PlugResult
+    ) -> None:
+        """Detach a device whose backend never connected (the guest closes at once)."""
+        await self.detach(client, name, plug, ObjectClass("vdi", "vbd", "vbd"))
+
+    @deferredTest
+    async def test_hangingScriptKilled(self) -> None:
+        """
+        A hotplug script that hangs is killed at the timeout; the agent
+        reports hotplug-status=error naming the timeout; the device is then
+        detached and the tree is as before.
+        """
+        scripts = os.path.abspath(self.mktemp())
+        os.makedirs(scripts)
+        hang = os.path.join(scripts, "hang")
+        with open(hang, "w") as f:
+            f.write("#!/bin/sh\nexec sleep 600\n")
+        os.chmod(hang, 0o755)
+        img = os.path.abspath(self.mktemp())
+        with open(img, "wb") as f:
+            f.truncate(1 << 20)
+        agent, _ = await self.startDriverDomain(scriptDir=scripts, timeout=0.5)
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        before = await dumpTree(self.xs)
+        target = {"type": "file", "params": img, "script": "hang"}
+        plug = await self.attach(client, "h", target, VBD_FRONT, ObjectClass("vdi", "vbd", "vbd"))
+        status = await waitForHotplugStatus(self.xs, plug.backendPath, TIMEOUT)
+        self.assertEqual(status.status, HotplugStatus.Error)
+        self.assertIn("0.5", status.error or "")
+        await self.detach(client, "h", plug, ObjectClass("vdi", "vbd", "vbd"))
+        await self.assertTreeIs(before, agent)
+
+    # netback + vif-bridge
+
+    @deferredTest
+    async def test_vifBridge(self) -> None:
+        """
+        A vif: vif-bridge online (inside a network namespace with a real
+        bridge and a tap standing in for netback's vif5.0) puts the interface
+        on the bridge; detach runs offline and takes it off; tree as before.
+        """
+        requireNetns(self)  # type: ignore[arg-type]
+        ns = NetNamespace()
+        ns.create()
+        self.addCleanup(ns.delete)
+        ns.addBridge("xdbr0")
+        ns.addTap(f"vif{GUEST}.0")
+        agent, _ = await self.startDriverDomain(wrapper=ns.wrapper)
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        before = await dumpTree(self.xs)
+        target = {"mac": "00:16:3e:12:34:56", "bridge": "xdbr0"}
+        plug = await self.attach(client, "nic0", target, VIF_FRONT, VIF)
+        status = await waitForHotplugStatus(self.xs, plug.backendPath, TIMEOUT)
+        self.assertEqual(status.status, HotplugStatus.Connected)
+        link = ns.link(f"vif{GUEST}.0")
+        assert link is not None
+        self.assertEqual(link.get("master"), "xdbr0")
+        await self.detach(client, "nic0", plug, VIF)
+        link = ns.link(f"vif{GUEST}.0")
+        assert link is not None
+        self.assertEqual(link.get("master"), None)
+        await self.assertTreeIs(before, agent)
+
+    # Driver-domain restart
+
+    @deferredTest
+    async def test_driverDomainRestart(self) -> None:
+        """
+        Driver domain 1 serves a disk and dies; the toolstack moves it to
+        driver domain 2 in one operation: the guest's frontend directory is
+        never removed, now points at domain 2's backend, which is connected
+        (real block script, new loop device).
+        """
+        img = self.image()
+        oldAgent, oldBackend = await self.startDriverDomain(1)
+        await self.startDriverDomain(2)
+        client = DriverDomainClient(self.xs, 1, TIMEOUT)
+        vdi = ObjectClass("vdi", "vbd", "vbd")
+        plug = await self.attach(client, "d", {"type": "file", "params": img}, VBD_FRONT, vdi)
+        await waitForState(self.xs, VBD_FRONT, 4, TIMEOUT)
+        # Domain 1 dies: its agent and kernel backend stop answering.
+        await oldAgent.stop()
+        await oldBackend.stop()
+        (moved,) = await moveDriverDomain(self.xs, 1, 2, TIMEOUT)
+        newBackend = moved.backends["p0"]
+        self.assertEqual(newBackend, f"/local/domain/2/backend/vbd/{GUEST}/51728")
+        self.assertEqual(await self.xs.read(f"{VBD_FRONT}/backend"), newBackend)
+        self.assertEqual(await self.xs.read(f"{VBD_FRONT}/backend-id"), "2")
+        status = await waitForHotplugStatus(self.xs, newBackend, TIMEOUT)
+        self.assertEqual(status.status, HotplugStatus.Connected)
+        await waitForState(self.xs, newBackend, 4, TIMEOUT)
+        self.assertEqual(await self.xs.read(f"{VBD_FRONT}/state"), "4")
+        self.assertFalse(await self.xs.exists("/local/domain/1/backendctrl/vdi/d"))
+        (info,) = await DriverDomainClient(self.xs, 2).list()
+        self.assertEqual((info.name, info.state), ("d", "active"))
+        del plug
+
+
+class RealXenstoredKindsTests(KindsSuite, RealXenstoredFixture, TestCase):
+    """Real kinds and scripts over the C xenstored."""
+
+
+class EmbeddedXenstoredKindsTests(KindsSuite, EmbeddedXenstoredFixture, TestCase):
+    """Real kinds and scripts over the embedded xenstored."""
