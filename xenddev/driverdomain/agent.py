@@ -117,7 +117,9 @@ class BackendCtrlAgent:
 
     @param xs: a XenStore connection with the driver domain's rights.
     @param kinds: the driver-domain kinds, tried in order for a prepare.
-    @param hotplug: runs hotplug scripts; None disables hotplug dispatch.
+    @param hotplug: runs hotplug scripts; with None no script runs and a
+        device counts as connected once its object is active and its
+        backend is in InitWait.
     """
 
     log = Logger()
@@ -153,8 +155,7 @@ class BackendCtrlAgent:
         self.log.info("Driver-domain agent for domain {domid} starting", domid=self.domid)
         await self.xs.transact(self._createRecordDirs)
         self._handles.append(await self.xs.watch(f"{self.home}/backendctrl", self._controlChanged))
-        if self.hotplug is not None:
-            self._handles.append(await self.xs.watch(f"{self.home}/backend", self._backendChanged))
+        self._handles.append(await self.xs.watch(f"{self.home}/backend", self._backendChanged))
 
     async def _createRecordDirs(self, tx: ITransaction) -> None:
         # Fixed skeleton, so per-object records come and go as leaves and a
@@ -188,7 +189,8 @@ class BackendCtrlAgent:
         if len(rest) >= 2 and rest[0] in OBJECT_CLASSES:
             self._pokeObject(OBJECT_CLASSES[rest[0]], rest[1])
         else:
-            Deferred.fromCoroutine(self._scan())
+            # Tracked like any job, so stop() waits for it too.
+            self._objects.poke("scan", self._scan, self.log)
 
     async def _scan(self) -> None:
         for cls in OBJECT_CLASSES.values():
@@ -425,7 +427,7 @@ class BackendCtrlAgent:
         if len(rest) >= 3 and rest[1].isdigit() and rest[2].isdigit():
             self._pokeDevice(rest[0], int(rest[1]), int(rest[2]))
         elif len(rest) < 3:
-            Deferred.fromCoroutine(self._scanDevices())
+            self._devices.poke("scan", self._scanDevices, self.log)
 
     async def _scanDevices(self) -> None:
         base = f"{self.private}/devices"
@@ -436,8 +438,6 @@ class BackendCtrlAgent:
                         self._pokeDevice(devclass, int(domu), int(devid))
 
     async def _reconsiderPlugs(self, paths: ControlPaths) -> None:
-        if self.hotplug is None:
-            return
         for plug in await self._plugged(paths):
             front = await self.xs.readOrNone(paths.plug(plug).frontend)
             if front is not None:
@@ -460,7 +460,7 @@ class BackendCtrlAgent:
 
     async def _serviceDevice(self, ref: DeviceRef) -> None:
         owner = await self._owner(ref)
-        if owner is None or self.hotplug is None:
+        if owner is None:
             return  # not a device this agent created
         paths, plug = owner
         backend = await self.xs.readOrNone(paths.plug(plug).backend)
@@ -526,8 +526,6 @@ class BackendCtrlAgent:
         Run the remove script at most once per device, whoever asks first
         (the dispatcher on Closed, or an unplug), and only after the add.
         """
-        if self.hotplug is None:
-            return
         record = f"{self._deviceRecord(spec.device)}/hotplug"
 
         async def removeOnce() -> None:
@@ -537,12 +535,17 @@ class BackendCtrlAgent:
         await self._hotplugJob(spec.device, removeOnce)
 
     async def _runHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec, action: str) -> None:
-        assert self.hotplug is not None and spec.backend is not None
+        assert spec.backend is not None
         record = f"{self._deviceRecord(spec.device)}/hotplug"
-        command = kind.hotplugCommand(ctx, spec, action)
+        command = None if self.hotplug is None else kind.hotplugCommand(ctx, spec, action)
         if command is None:
+            # No script to wait for (none configured, or the kind needs
+            # none): the device is as ready as it will get.
+            if action == "add":
+                await self._reportHotplugStatus(spec.backend, "connected")
             await self.xs.write(record, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
             return
+        assert self.hotplug is not None
         script, args, env = command
         self.hotplugRuns += 1
         try:
@@ -560,6 +563,16 @@ class BackendCtrlAgent:
                 await self.xs.write(record, HOTPLUG_ADDED)  # so remove still runs
                 return
         await self.xs.write(record, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+
+    async def _reportHotplugStatus(self, backend: str, status: str) -> None:
+        async def report(tx: ITransaction) -> None:
+            if (
+                await tx.exists(backend)
+                and await tx.readOrNone(f"{backend}/hotplug-status") is None
+            ):
+                await tx.write(f"{backend}/hotplug-status", status)
+
+        await self.xs.transact(report)
 
     async def _reportHotplugFailure(self, backend: str, message: str) -> None:
         async def report(tx: ITransaction) -> None:
