@@ -171,3 +171,88 @@ class IDriverDomainKind(Interface):
         The hotplug script to run for a device, as C{(script, args, env)},
         or None if the kind needs none. C{action} is C{"add"} or C{"remove"}.
         """
+
+
+class IDevController(Interface):
+    """
+    xend's device controller API for one device class of one guest; every
+    method that touches XenStore returns a Deferred.
+    """
+
+    deviceClass = Attribute("The device class: vbd, vif, tap, tap2.")
+    domid = Attribute("The guest domain.")
+
+    def createDevice(config):
+        """Create a device; fires with its devid once connected."""
+
+    def destroyDevice(devid, force=False):
+        """Destroy a device (see DestroyMode for a guest that never closes)."""
+
+    def reconfigureDevice(devid, config):
+        """Change a device in place (cdrom media change); fires with devid."""
+
+    def getDeviceDetails(config):
+        """Validate a configuration into DeviceDetails (nothing written)."""
+
+    def getDeviceConfiguration(devid):
+        """Fire with the device's configuration dict."""
+
+    def configuration(devid):
+        """Fire with the device's configuration as an s-expression."""
+
+    def configurations():
+        """Fire with every device's configuration s-expression."""
+
+    def sxprs():
+        """Fire with [devid, frontend keys] for each device."""
+
+    def sxpr(devid):
+        """xend's [class, ['dom', domid, 'id', devid]]."""
+
+    def waitForDevice(devid):
+        """Fire once the device's hotplug script has connected it."""
+
+    def waitForDevices():
+        """waitForDevice for every device of the class."""
+
+    def waitForDevice_destroy(devid, backpath):
+        """Fire once the backend directory is gone."""
+
+    def backendPath(backdom, devid):
+        """The backend directory in driver domain backdom."""
+
+    def frontendRoot():
+        """/local/domain/<domid>/device/<class>."""
+
+    def frontendPath(devid):
+        """The frontend directory of a device."""
+
+    def devicePath(devid):
+        """The toolstack's record of a device."""
+
+    def deviceIDs():
+        """Fire with the sorted device ids."""
+
+    def allocateDeviceID():
+        """Fire with a fresh id from device-misc/<class>/nextDeviceID."""
+
+    def readBackend(devid, *keys):
+        """Fire with the values of backend keys."""
+
+    def readFrontend(devid, *keys):
+        """Fire with the values of frontend keys."""
+
+    def readVm(devid, *keys):
+        """Fire with the values of record keys."""
+
+    def writeBackend(devid, values):
+        """Write backend keys in one transaction."""
+
+    def convertToDeviceNumber(devid):
+        """A device id from an int, 'class/NNN', a name (vbd) or a MAC (vif)."""
+
+    def finishDeviceCleanup(backpath, path):
+        """Class-specific cleanup after the backend is gone (a Deferred)."""
+
+    def migrate(deviceConfig, network, dst, step, domName):
+        """xend's external-migration-tool steps 0-3; fires with 0 on success."""

@@ -26,6 +26,7 @@ from xenddev.driverdomain.errors import (
 )
 from xenddev.driverdomain.protocol import (
     ACTIVATE,
+    ACTIVE,
     DEACTIVATE,
     PLUG,
     PLUGGED,
@@ -179,6 +180,35 @@ class DriverDomainClient:
             front = await self.xs.readOrNone(plugPaths.frontend)
             await self._request(paths, Request(UNPLUG, plug), {}, front)
             await self.xs.transact(lambda tx: _rmPlug(tx, paths, plugPaths))
+
+        return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
+
+    def teardown(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """
+        Take an object down from whatever state it is in, and remove every
+        trace of it: wait out a pending request (one whose caller gave up),
+        unplug its plugs (their frontends must be gone), deactivate,
+        unprepare, and remove what is left of its directory.
+        """
+        paths = self.paths(name, objectClass)
+
+        async def run() -> None:
+            try:
+                await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
+            except XenStoreTimeout:
+                raise DriverDomainTimeout("(pending)", paths.base, self.timeout) from None
+            if not await self.xs.exists(paths.base):
+                return
+            info = await self._describe(paths)
+            for plug in info.plugs:
+                if plug.state == PLUGGED:
+                    await self._request(paths, Request(UNPLUG, plug.name), {}, plug.frontend)
+            if info.state == ACTIVE:
+                await self._request(paths, Request(DEACTIVATE), {}, None)
+            if info.state is not None:
+                await self._request(paths, Request(UNPREPARE), {}, None)
+            # A failed request's leftovers (t/*, result, an unplugged vbd).
+            await self.xs.rm(paths.base, missingOk=True)
 
         return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
 

@@ -8,6 +8,7 @@ Target keys (C{t/*}):
 
   - C{type}: C{phy} or C{file} (required);
   - C{params}: the device or file path (required);
+  - C{format}: must be C{raw} if given (blkback reads the bytes as they are);
   - C{mode}: C{r}, C{w} or C{w!} (default C{w});
   - C{devtype}: C{disk} or C{cdrom} (default C{disk});
   - C{script}: the hotplug script (default C{block}).
@@ -56,7 +57,11 @@ class BlkbackKind:
 
     def accepts(self, objectClass: str, target: Mapping[str, str]) -> bool:
         """C{phy} and C{file} targets."""
-        return objectClass == "vdi" and target.get("type") in ("phy", "file")
+        return (
+            objectClass == "vdi"
+            and target.get("type") in ("phy", "file")
+            and target.get("format", "raw") == "raw"
+        )
 
     def _check(self, target: Mapping[str, str]) -> None:
         params = target.get("params", "")

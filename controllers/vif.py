@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.test_controllers -*-
+"""
+C{VifController}: network interfaces (class C{vif}), served through the
+C{vif} objects of the backendctrl protocol (the C{netback} kind).
+
+Configuration keys (xend's names): C{mac} (generated if absent: 00:16:3e
+then three random bytes, the first below 0x80), C{bridge}, C{script}
+(default C{vif-bridge}), C{ip}, C{vifname}, C{model}, C{rate} (xend's
+grammar, e.g. C{10Mb/s} or C{1MB/s@20ms}, stored as C{bytes,usecs}),
+C{backend} (the driver domain, default 0), C{devid} (default: the lowest
+free).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from xenddev.controller import DevController, DeviceConfigError, DeviceDetails, DeviceNotFoundError
+from xenddev.driverdomain.protocol import VIF, ObjectClass
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
+_IPS = re.compile(r"[0-9a-fA-F.:/]+( [0-9a-fA-F.:/]+)*\Z")
+_RATE = re.compile(r"([0-9]+)([kKMG]?)([Bb])/s(?:@([0-9]+)([mu]?)s)?\Z")
+_MODEL = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+#: xend's default rate-limit interval.
+DEFAULT_RATE_INTERVAL_US = 50000
+KNOWN_KEYS = frozenset(
+    {"mac", "bridge", "script", "ip", "vifname", "model", "rate", "backend", "devid", "type"}
+)
+
+
+def randomMac(randbyte: Callable[[], int] = lambda: random.randrange(256)) -> str:
+    """A MAC in Xen's OUI 00:16:3e; the first random byte is below 0x80 (xend)."""
+    a, b, c = randbyte() & 0x7F, randbyte(), randbyte()
+    return f"00:16:3e:{a:02x}:{b:02x}:{c:02x}"
+
+
+def parseRate(text: str) -> str:
+    """
+    xend's rate grammar to its stored form C{"<bytes per interval>,<usecs>"}:
+    C{10Mb/s} → C{"62500,50000"}.
+
+    @raise DeviceConfigError: naming the bad value.
+    """
+    m = _RATE.match(text.strip())
+    if m is None:
+        raise DeviceConfigError(
+            f"invalid rate {text!r}: expected <number>[k|M|G]<B|b>/s[@<number>[m|u]s]"
+        )
+    number, prefix, unit, interval, intervalUnit = m.groups()
+    bytesPerSec = int(number) * {"": 1, "k": 1000, "K": 1000, "M": 10**6, "G": 10**9}[prefix]
+    if unit == "b":
+        bytesPerSec //= 8
+    usecs = DEFAULT_RATE_INTERVAL_US
+    if interval is not None:
+        usecs = int(interval) * {"": 1000000, "m": 1000, "u": 1}[intervalUnit]
+    if usecs <= 0 or usecs > 10**9:
+        raise DeviceConfigError(f"invalid rate {text!r}: interval out of range")
+    perInterval = bytesPerSec * usecs // 1000000
+    if perInterval <= 0:
+        raise DeviceConfigError(f"invalid rate {text!r}: less than one byte per interval")
+    return f"{perInterval},{usecs}"
+
+
+class VifController(DevController):
+    """Network interfaces (class C{vif})."""
+
+    deviceClass: ClassVar[str] = "vif"
+    objectClass: ClassVar[ObjectClass] = VIF
+
+    randbyte: Callable[[], int] = staticmethod(lambda: random.randrange(256))
+
+    def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
+        """Validate a vif configuration (every field named when bad)."""
+        unknown = set(config) - KNOWN_KEYS
+        if unknown:
+            raise DeviceConfigError(
+                f"unknown vif configuration key(s): {', '.join(sorted(unknown))}"
+            )
+        mac = str(config.get("mac") or randomMac(self.randbyte)).lower()
+        if not _MAC.match(mac):
+            raise DeviceConfigError(
+                f"invalid mac {config.get('mac')!r}: expected xx:xx:xx:xx:xx:xx"
+            )
+        if int(mac[:2], 16) & 1:
+            raise DeviceConfigError(f"invalid mac {mac}: a multicast address")
+        target = {"mac": mac, "script": str(config.get("script") or "vif-bridge")}
+        if "/" in target["script"] or target["script"] in (".", ".."):
+            raise DeviceConfigError(
+                f"invalid script {target['script']!r}: a name in the script directory"
+            )
+        for key, pattern in (
+            ("bridge", _IFNAME),
+            ("vifname", _IFNAME),
+            ("ip", _IPS),
+            ("model", _MODEL),
+        ):
+            value = config.get(key)
+            if value is not None and value != "":
+                if not pattern.match(str(value)):
+                    raise DeviceConfigError(f"invalid {key} {value!r}")
+                target[key] = str(value)
+        if config.get("rate"):
+            target["rate"] = parseRate(str(config["rate"]))
+        backend = _int(config.get("backend", 0), "backend")
+        devid = _int(config.get("devid", -1), "devid")
+        if devid < -1 or devid > 0xFFFF:
+            raise DeviceConfigError(f"invalid devid {devid}: 0..65535")
+        model = target.pop("model", None)
+        frontend = {"mac": mac, "handle": str(devid)}
+        recorded = {**target, "backend": str(backend)}
+        if model is not None:
+            recorded["model"] = model
+        return DeviceDetails(devid, target, frontend, backend, config=recorded)
+
+    def convertToDeviceNumber(self, devid: object) -> Deferred[int]:
+        """Also accepts a MAC address, looked up in the records."""
+        if isinstance(devid, str) and _MAC.match(devid.lower()):
+            mac = devid.lower()
+
+            async def find() -> int:
+                for number in await self.deviceIDs():
+                    cfg = await self.getDeviceConfiguration(number)
+                    if cfg.get("mac") == mac:
+                        return number
+                raise DeviceNotFoundError(f"no vif with mac {mac}")
+
+            return Deferred.fromCoroutine(find())
+        return super().convertToDeviceNumber(devid)
+
+    def withDevid(self, details: DeviceDetails, devid: int) -> DeviceDetails:
+        """The frontend's C{handle} is the device id."""
+        return attrs.evolve(
+            details, devid=devid, frontend={**details.frontend, "handle": str(devid)}
+        )
+
+
+def _int(value: object, field: str) -> int:
+    if isinstance(value, bool):
+        raise DeviceConfigError(f"invalid {field} {value!r}")
+    try:
+        return int(str(value), 10)
+    except ValueError:
+        raise DeviceConfigError(f"invalid {field} {value!r}: not an integer") from None

@@ -1,0 +1,522 @@
+"""
+The device controllers end to end: DeviceManager → BlkifController /
+VifController → backendctrl protocol → the driver-domain agent with the
+real kinds and (where it matters) the real hotplug scripts, over the C
+xenstored and the embedded one. The kernel backend and the guest frontend
+are simulated (xenddev.simulator): nothing else can play them without a
+hypervisor. Every failure test compares the whole tree before and after.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from controllers.blkif import BlkifController
+from controllers.vif import VifController, parseRate, randomMac
+from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
+from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
+from tests.support.netns import NetNamespace, requireNetns
+from tests.support.treedump import diffTrees, dumpTree
+from tests.support.xenstoresuite import deferredTest
+from xenddev.controller import (
+    DestroyMode,
+    DeviceConfigError,
+    DeviceError,
+    DeviceExistsError,
+    DeviceNotFoundError,
+    DomainInfo,
+    HotplugFailedError,
+    UnknownDomainError,
+)
+from xenddev.driverdomain.agent import BackendCtrlAgent
+from xenddev.driverdomain.client import DriverDomainClient
+from xenddev.driverdomain.kinds.base import KindContext, Outcome, PlugSpec
+from xenddev.driverdomain.kinds.blkback import BlkbackKind
+from xenddev.driverdomain.kinds.netback import NetbackKind
+from xenddev.hotplug import HotplugRunner
+from xenddev.interfaces import IDevController
+from xenddev.simulator import BackendSimulator, FrontendSimulator
+from xenddev.toolstack import DeviceManager
+from xenddev.xenbus import waitForState
+
+GUEST = 5
+
+
+class GatedBlkback(BlkbackKind):
+    """blkback whose operations can be held at a gate, to cancel mid-chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, Deferred[None]] = {}
+        self.reached: dict[str, Deferred[None]] = {}
+
+    def _gated(self, op: str, result: Any) -> Any:
+        reached = self.reached.pop(op, None)
+        if reached is not None:
+            reached.callback(None)
+        gate = self.gates.pop(op, None)
+        if gate is None:
+            return result
+        return gate.addCallback(lambda _: result).addCallback(lambda r: r)
+
+    def prepare(self, ctx: KindContext) -> Deferred[Outcome]:
+        return self._gated("prepare", super().prepare(ctx))
+
+    def plug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
+        return self._gated("plug", super().plug(ctx, plug))
+
+    def activate(self, ctx: KindContext) -> Deferred[Outcome]:
+        return self._gated("activate", super().activate(ctx))
+
+
+class ControllerSuite:
+    """Mixed with a server fixture and TestCase."""
+
+    startServer: Any
+    connect: Any
+    socketPath: str
+    assertEqual: Any
+    assertIn: Any
+    assertTrue: Any
+    assertFalse: Any
+    assertRaises: Any
+    addCleanup: Any
+    mktemp: Any
+    fail: Any
+
+    async def _setUp(self) -> None:
+        if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
+            os.makedirs("/var/log/xen")
+        self.startServer()
+        self.xs = await self.connect()
+        self.manager = DeviceManager(self.xs, createTimeout=10.0, destroyTimeout=10.0)
+        await self.manager.registerDomain(GUEST, name="guest")
+        self.kind = GatedBlkback()
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self._setUp())
+
+    async def startDriverDomain(
+        self,
+        domid: int = 0,
+        hotplug: bool = False,
+        scriptDir: str = "/etc/xen/scripts",
+        refuseToClose: bool = False,
+        **runnerArgs: Any,
+    ) -> BackendCtrlAgent:
+        """The agent (real kinds), simulated backend and frontend; hotplug optional."""
+        xs = await self.connect()
+        runner = None
+        if hotplug:
+            runner = HotplugRunner(
+                scriptDir, xenstore=xs, xenstoredPath=self.socketPath, **runnerArgs
+            )
+        agent = BackendCtrlAgent(xs, domid, [self.kind, NetbackKind()], runner)
+        await DriverDomainClient(self.xs, domid).ensureArea()
+        backend = BackendSimulator(xs, domid)
+        frontend = FrontendSimulator(await self.connect(), GUEST, refuseToClose=refuseToClose)
+        for sim in (backend, frontend):
+            await sim.start()
+            self.addCleanup(sim.stop)
+        await agent.start()
+        self.addCleanup(agent.stop)
+        self.agent = agent
+        return agent
+
+    def image(self, size: int = 1 << 20) -> str:
+        """A plain image file (no loop device unless a hotplug script makes one)."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    async def assertTreeIs(self, before: dict[str, Any]) -> None:
+        await self.agent.whenIdle()
+        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+
+    async def assertFails(self, d: Any, exc: type[BaseException]) -> Any:
+        try:
+            await d
+        except exc as e:
+            return e
+        self.fail(f"expected {exc.__name__}")
+
+    # Interfaces
+
+    def test_controllersProvideInterface(self) -> None:
+        """Every controller class provides IDevController completely."""
+        info = DomainInfo(GUEST, "/vm/x")
+        for cls in (BlkifController, VifController):
+            self.assertTrue(verifyObject(IDevController, cls(self.xs, info)))
+
+    # Block devices
+
+    @deferredTest
+    async def test_fileDiskWithRealBlockScript(self) -> None:
+        """
+        xl spec → vbd 51728 with the real block script on a loop device; the
+        backend and frontend carry the reference keys; destroy removes the
+        loop device and restores the tree exactly.
+        """
+        requireLoopDevices(self)  # type: ignore[arg-type]
+        lock = acquireLoopTestLock()
+        self.addCleanup(os.close, lock)
+        img = self.image(8 << 20)
+        await self.startDriverDomain(hotplug=True)
+        before = await dumpTree(self.xs)
+        devid = await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,w"})
+        self.assertEqual(devid, 51728)
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        (backend,) = await ctrl.readVm(devid, "backend")
+        self.assertEqual(backend, f"/local/domain/0/backend/vbd/{GUEST}/51728")
+        keys = set(await self.xs.ls(backend))
+        for key in (
+            "frontend", "frontend-id", "online", "state", "type", "params", "mode",
+            "device-type", "removable", "bootable", "script", "hotplug-status",
+            "physical-device",
+        ):  # fmt: skip
+            self.assertIn(key, keys)
+        front = ctrl.frontendPath(devid)
+        for key in ("backend", "backend-id", "state", "virtual-device", "device-type", "trusted"):
+            self.assertIn(key, set(await self.xs.ls(front)))
+        self.assertEqual(await self.xs.read(f"{front}/virtual-device"), "51728")
+        self.assertEqual(len(loopDevicesFor(img)), 1)
+        self.assertEqual(await self.manager.getBlockDeviceClass(GUEST, "xvdb"), "vbd")
+        (row,) = await self.manager.listDevices(GUEST, "vbd")
+        self.assertEqual((row.devid, row.backendId, row.backendPath), (51728, 0, backend))
+        await self.manager.destroyDevice(GUEST, "vbd", "xvdb")
+        await pollUntil(lambda: loopDevicesFor(img) == [])
+        await self.assertTreeIs(before)
+        self.assertEqual(await self.manager.getBlockDeviceClass(GUEST, "xvdb"), None)
+
+    @deferredTest
+    async def test_xendUname(self) -> None:
+        """xend's uname/dev/mode form works and is reported back by getDeviceConfiguration."""
+        img = self.image()
+        await self.startDriverDomain()
+        devid = await self.manager.createDevice(
+            GUEST, "vbd", {"uname": f"file:{img}", "dev": "xvdc", "mode": "r"}
+        )
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        cfg = await ctrl.getDeviceConfiguration(devid)
+        self.assertEqual((cfg["uname"], cfg["dev"], cfg["mode"]), (f"file:{img}", "xvdc", "r"))
+        (mode,) = await ctrl.readBackend(devid, "mode")
+        self.assertEqual(mode, "r")
+
+    @deferredTest
+    async def test_badSpecWritesNothing(self) -> None:
+        """A bad spec raises DeviceConfigError with xl's message; nothing is written."""
+        await self.startDriverDomain()
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": "/x,raw,xvdb,w,bogus=1"}),
+            DeviceConfigError,
+        )
+        self.assertIn("config parsing error in disk specification", str(e))
+        await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": "/x,raw,nonsense,w"}),
+            DeviceConfigError,
+        )
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_duplicateVdev(self) -> None:
+        """A second device on the same vdev is refused; the first is untouched."""
+        img = self.image()
+        await self.startDriverDomain()
+        await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
+        await waitForState(self.xs, f"/local/domain/{GUEST}/device/vbd/51728", 4, 10)
+        await self.agent.whenIdle()
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"}),
+            DeviceExistsError,
+        )
+        self.assertEqual(str(e), "Device 51728 is already connected.")
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_unknownDomain(self) -> None:
+        """Devices for a domain with no home in XenStore are refused."""
+        await self.startDriverDomain()
+        before = await dumpTree(self.xs)
+        await self.assertFails(
+            self.manager.createDevice(77, "vbd", {"spec": "/x,raw,xvdb,w"}), UnknownDomainError
+        )
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_targetMissing(self) -> None:
+        """
+        A missing file: refused at once when the driver domain is local (the
+        toolstack can look), by the agent with ENOENT when it is remote;
+        nothing is left either way.
+        """
+        await self.startDriverDomain(3)
+        before = await dumpTree(self.xs)
+        spec = "/nonexistent/disk.img,raw,xvdb,w"
+        e = await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": spec}), DeviceConfigError
+        )
+        self.assertIn("does not exist", str(e))
+        e = await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": spec, "backend": 3}), DeviceError
+        )
+        self.assertIn("could not be connected", str(e))
+        self.assertIn("ENOENT", str(e))
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_hotplugFailure(self) -> None:
+        """
+        The real block script refuses (read-only image asked read-write):
+        xend's message with the script's error; nothing left behind.
+        """
+        requireLoopDevices(self)  # type: ignore[arg-type]
+        lock = acquireLoopTestLock()
+        self.addCleanup(os.close, lock)
+        img = self.image()
+        os.chmod(img, 0o400)
+        await self.startDriverDomain(hotplug=True)
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,w"}),
+            HotplugFailedError,
+        )
+        self.assertTrue(str(e).startswith("Device 51728 (vbd) could not be connected. "))
+        await self.assertTreeIs(before)
+        self.assertEqual(loopDevicesFor(img), [])
+
+    @deferredTest
+    async def test_hotplugHang(self) -> None:
+        """
+        A hotplug script that never finishes: the create times out with
+        "Hotplug scripts not working."; the script is killed; nothing left.
+        """
+        scripts = os.path.abspath(self.mktemp())
+        os.makedirs(scripts)
+        with open(os.path.join(scripts, "hang"), "w") as f:
+            f.write("#!/bin/sh\nexec sleep 600\n")
+        os.chmod(os.path.join(scripts, "hang"), 0o755)
+        img = self.image()
+        await self.startDriverDomain(hotplug=True, scriptDir=scripts, timeout=1.0)
+        self.manager.controllerArgs["createTimeout"] = 0.5
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,w,script=hang"}),
+            HotplugFailedError,
+        )
+        self.assertEqual(
+            str(e), "Device 51728 (vbd) could not be connected. Hotplug scripts not working."
+        )
+        await self.assertTreeIs(before)
+
+    # Destroy paths
+
+    @deferredTest
+    async def test_guestNeverClosesAutoForces(self) -> None:
+        """A guest that never closes: after the timeout the default mode detaches anyway."""
+        img = self.image()
+        await self.startDriverDomain(refuseToClose=True)
+        self.manager.controllerArgs["destroyTimeout"] = 0.3
+        before = await dumpTree(self.xs)
+        await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
+        await self.manager.destroyDevice(GUEST, "vbd", 51728)
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_guestNeverClosesSafeMode(self) -> None:
+        """In safe mode a guest that never closes keeps the device, with an error."""
+        img = self.image()
+        await self.startDriverDomain(refuseToClose=True)
+        self.manager.controllerArgs["destroyTimeout"] = 0.3
+        await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        e = await self.assertFails(ctrl.destroyDevice(51728, mode=DestroyMode.SAFE), DeviceError)
+        self.assertIn("could not be disconnected", str(e))
+        self.assertEqual(await ctrl.deviceIDs(), [51728])
+        await ctrl.destroyDevice(51728, force=True)
+        self.assertEqual(await ctrl.deviceIDs(), [])
+
+    @deferredTest
+    async def test_driverDomainGone(self) -> None:
+        """
+        The driver domain vanishes (home removed); destroy cleans the
+        toolstack side and succeeds.
+        """
+        img = self.image()
+        await self.startDriverDomain(3)
+        before = await dumpTree(self.xs)
+        await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r", "backend": 3})
+        await self.agent.stop()
+        await self.xs.rm("/local/domain/3")
+        await self.manager.destroyDevice(GUEST, "vbd", "xvdb")
+        after = await dumpTree(self.xs)
+        expected = {p: v for p, v in before.items() if not p.startswith("/local/domain/3")}
+        self.assertEqual(diffTrees(expected, after), [])
+
+    @deferredTest
+    async def test_destroyUnknown(self) -> None:
+        """Destroying a device that does not exist: DeviceNotFoundError."""
+        await self.startDriverDomain()
+        await self.assertFails(self.manager.destroyDevice(GUEST, "vbd", 51728), DeviceNotFoundError)
+
+    # Cancellation
+
+    async def _cancelAt(self, op: str) -> None:
+        img = self.image()
+        await self.startDriverDomain()
+        before = await dumpTree(self.xs)
+        gate: Deferred[None] = Deferred()
+        reached: Deferred[None] = Deferred()
+        self.kind.gates[op] = gate
+        self.kind.reached[op] = reached
+        d = self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
+        await reached
+        d.cancel()
+        gate.callback(None)  # the driver domain finishes what it was doing
+        await self.assertFails(d, CancelledError)
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_cancelDuringPrepare(self) -> None:
+        """Cancel while the driver domain prepares: everything is undone."""
+        await self._cancelAt("prepare")
+
+    @deferredTest
+    async def test_cancelDuringPlug(self) -> None:
+        """Cancel while the driver domain plugs: everything is undone."""
+        await self._cancelAt("plug")
+
+    @deferredTest
+    async def test_cancelDuringActivate(self) -> None:
+        """Cancel while the driver domain activates: everything is undone."""
+        await self._cancelAt("activate")
+
+    @deferredTest
+    async def test_cancelWhileWaitingForHotplug(self) -> None:
+        """Cancel while waiting for hotplug-status (a hanging script): undone."""
+        scripts = os.path.abspath(self.mktemp())
+        os.makedirs(scripts)
+        with open(os.path.join(scripts, "hang"), "w") as f:
+            f.write("#!/bin/sh\nexec sleep 600\n")
+        os.chmod(os.path.join(scripts, "hang"), 0o755)
+        img = self.image()
+        await self.startDriverDomain(hotplug=True, scriptDir=scripts, timeout=1.0)
+        before = await dumpTree(self.xs)
+        d = self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,w,script=hang"})
+        await deferLater(reactor, 0.3, lambda: None)
+        d.cancel()
+        await self.assertFails(d, CancelledError)
+        await self.assertTreeIs(before)
+
+    # Many at once
+
+    @deferredTest
+    async def test_manyDevicesAndRelease(self) -> None:
+        """Twenty disks attached concurrently; releaseDevices removes all of them."""
+        img = self.image()
+        await self.startDriverDomain()
+        before = await dumpTree(self.xs)
+        names = [f"xvd{chr(ord('b') + i)}" for i in range(14)]
+        from twisted.internet.defer import gatherResults
+
+        await gatherResults(
+            [self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,{n},r"}) for n in names]
+        )
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        self.assertEqual(len(await ctrl.deviceIDs()), len(names))
+        await self.manager.releaseDevices(GUEST)
+        await self.assertTreeIs(before)
+
+    # Network interfaces
+
+    @deferredTest
+    async def test_vifWithRealVifBridge(self) -> None:
+        """
+        A vif with the real vif-bridge in a network namespace: it joins the
+        bridge; destroy takes it off; the tree is as before.
+        """
+        requireNetns(self)  # type: ignore[arg-type]
+        ns = NetNamespace()
+        ns.create()
+        self.addCleanup(ns.delete)
+        ns.addBridge("xdbr1")
+        ns.addTap(f"vif{GUEST}.0")
+        await self.startDriverDomain(hotplug=True, wrapper=ns.wrapper)
+        before = await dumpTree(self.xs)
+        devid = await self.manager.createDevice(
+            GUEST, "vif", {"mac": "00:16:3e:01:02:03", "bridge": "xdbr1", "rate": "10Mb/s"}
+        )
+        self.assertEqual(devid, 0)
+        link = ns.link(f"vif{GUEST}.0")
+        assert link is not None
+        self.assertEqual(link.get("master"), "xdbr1")
+        ctrl = await self.manager.controller(GUEST, "vif")
+        mac, rate = await ctrl.readBackend(devid, "mac", "rate")
+        self.assertEqual((mac, rate), ("00:16:3e:01:02:03", "62500,50000"))
+        (row,) = await self.manager.listDevices(GUEST, "vif")
+        self.assertEqual(row.mac, "00:16:3e:01:02:03")
+        await self.manager.destroyDevice(GUEST, "vif", "00:16:3e:01:02:03")
+        link = ns.link(f"vif{GUEST}.0")
+        assert link is not None
+        self.assertEqual(link.get("master"), None)
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_vifDevidsAllocated(self) -> None:
+        """vifs without a devid get the lowest free one; MACs are generated in 00:16:3e."""
+        await self.startDriverDomain()
+        first = await self.manager.createDevice(GUEST, "vif", {"bridge": "br0"})
+        second = await self.manager.createDevice(GUEST, "vif", {"bridge": "br0"})
+        self.assertEqual((first, second), (0, 1))
+        ctrl = await self.manager.controller(GUEST, "vif")
+        cfg = await ctrl.getDeviceConfiguration(1)
+        self.assertTrue(cfg["mac"].startswith("00:16:3e:"))
+        self.assertTrue(int(cfg["mac"][9:11], 16) < 0x80)
+
+    def test_vifConfigErrors(self) -> None:
+        """Bad vif fields are refused naming the field, before anything is written."""
+        ctrl = VifController(self.xs, DomainInfo(GUEST, "/vm/x"))
+        for bad, field in (
+            ({"mac": "01:00:00:00:00:00"}, "multicast"),
+            ({"mac": "zz"}, "mac"),
+            ({"bridge": "a b"}, "bridge"),
+            ({"rate": "fast"}, "rate"),
+            ({"script": "../evil"}, "script"),
+            ({"colour": "red"}, "colour"),
+        ):
+            e = self.assertRaises(DeviceConfigError, ctrl.getDeviceDetails, bad)
+            self.assertIn(field, str(e))
+
+    def test_rateGrammar(self) -> None:
+        """xend's rate grammar and stored form."""
+        self.assertEqual(parseRate("10Mb/s"), "62500,50000")
+        self.assertEqual(parseRate("1MB/s@20ms"), "20000,20000")
+        self.assertEqual(parseRate("8000b/s@1s"), "1000,1000000")
+        self.assertTrue(randomMac(lambda: 0xFF).startswith("00:16:3e:7f"))
+
+
+async def pollUntil(condition: Any, timeout: float = 20.0) -> None:
+    """Poll a host condition (not in XenStore, so no watch can help)."""
+    waited = 0.0
+    while not condition():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+class RealXenstoredControllerTests(ControllerSuite, RealXenstoredFixture, TestCase):
+    """Controllers over the C xenstored."""
+
+
+class EmbeddedXenstoredControllerTests(ControllerSuite, EmbeddedXenstoredFixture, TestCase):
+    """Controllers over the embedded xenstored."""

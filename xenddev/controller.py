@@ -1,0 +1,613 @@
+# -*- test-case-name: tests.test_controller -*-
+"""
+The device controller: xend's C{DevController} API as Deferred chains over
+the backendctrl protocol and XenStore watches.
+
+A controller serves one device class of one guest domain. It keeps no
+state of its own: everything is in XenStore, in the guest's frontend
+directories and in the toolstack's records under
+C{/vm/<uuid>/device/<class>/<devid>}. Subclasses (in C{controllers/}) give
+only class facts and hooks: how a configuration becomes a target and
+frontend keys, how a device id is derived, what cleanup follows a destroy.
+
+C{createDevice}: validate → reserve the device id in the records (refusing
+a duplicate, inside a transaction, from the toolstack's own records only)
+→ C{prepare} → C{plug} → one transaction writing the frontend, the
+backend cross-pointer, b-copy and the records → C{activate} → wait for
+C{hotplug-status}. Any failure, or C{cancel()}, runs the compensating chain
+in reverse, so the tree ends exactly as it began.
+
+C{destroyDevice}: C{online=0} and C{state=5} in one transaction → wait for
+Closed → remove the frontend → C{unplug} (the driver domain runs the remove
+script first) → C{deactivate} → C{unprepare} → remove the records →
+C{finishDeviceCleanup}.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populateFrontend
+from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout
+from xenddev.driverdomain.protocol import VDI, ObjectClass
+from xenddev.interfaces import IDevController, ITransaction, IXenStore
+from xenddev.xenbus import HotplugStatus, XenbusState, waitForHotplugStatus, waitForState
+from xenddev.xenstore.errors import XenStoreTimeout
+from xenddev.xenstore.paths import Perm, validateDomid
+
+#: libxl's device timeouts (xend used 100 s).
+DEFAULT_CREATE_TIMEOUT = 10.0
+DEFAULT_DESTROY_TIMEOUT = 10.0
+#: A DeviceDetails devid asking for the lowest free id.
+ALLOCATE = -1
+
+
+class DeviceError(Exception):
+    """
+    A device operation failed (xend's C{VmError}); nothing was left behind.
+
+    @ivar code: a stable error code for the XML-RPC layer.
+    """
+
+    code = "device-error"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class DeviceConfigError(DeviceError, ValueError):
+    """The configuration is invalid; refused before anything was written."""
+
+    code = "bad-config"
+
+
+class DeviceExistsError(DeviceError):
+    """The device id is already in use ("Device %s is already connected.")."""
+
+    code = "device-exists"
+
+
+class DeviceNotFoundError(DeviceError):
+    """No such device ("Device %s not connected")."""
+
+    code = "no-such-device"
+
+
+class UnknownDomainError(DeviceError):
+    """The guest domain does not exist in XenStore."""
+
+    code = "no-such-domain"
+
+
+class HotplugFailedError(DeviceError):
+    """The hotplug script reported an error, was busy, or never reported."""
+
+    code = "hotplug-failed"
+
+
+class DestroyMode(enum.Enum):
+    """What destroyDevice does when the guest does not close in time."""
+
+    SAFE = "safe"  # give up with an error, the device stays
+    AUTO = "auto"  # libxl's FORCE_AUTO: proceed as forced after the timeout
+    FORCE = "force"  # do not wait for the guest at all
+
+
+@attrs.frozen
+class DomainInfo:
+    """The guest a controller serves."""
+
+    domid: int
+    vmPath: str
+
+
+@attrs.frozen
+class DeviceDetails:
+    """
+    What a subclass derives from a configuration (before anything is written).
+
+    @ivar devid: the device id (the frontend directory name).
+    @ivar target: the C{t/*} the driver domain prepares.
+    @ivar frontend: frontend keys (besides backend/backend-id/state).
+    @ivar backendExtras: keys the toolstack adds to the backend (rare).
+    @ivar backendDomid: the driver domain.
+    @ivar config: the normalised configuration, recorded for
+        C{getDeviceConfiguration}.
+    """
+
+    devid: int
+    target: Mapping[str, str]
+    frontend: Mapping[str, str]
+    backendDomid: int = 0
+    backendExtras: Mapping[str, str] = attrs.field(factory=dict)
+    config: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class _Compensation:
+    """Undo steps, run in reverse order when a creation fails."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+
+    def push(self, what: str, undo: Callable[[], Awaitable[Any]]) -> None:
+        self._steps.append((what, undo))
+
+    async def run(self, log: Logger) -> None:
+        while self._steps:
+            what, undo = self._steps.pop()
+            try:
+                await undo()
+            except Exception:
+                log.failure("Compensation step {what!r} failed", what=what)
+
+
+@implementer(IDevController)
+class DevController:
+    """
+    One device class of one guest. Subclasses set C{deviceClass} and
+    override C{getDeviceDetails} (and hooks).
+
+    @param xs: the toolstack's XenStore connection.
+    @param domain: the guest.
+    @param reactor: for timeouts (injected; C{task.Clock} in tests).
+    """
+
+    deviceClass: ClassVar[str] = "base"
+    objectClass: ClassVar[ObjectClass] = VDI
+    #: The frontend directory class (Blktap and Blktap2 use vbd).
+    frontendClass: ClassVar[str | None] = None
+    #: The backend directory class (Blktap2 maps tap2 to vbd).
+    backendClass: ClassVar[str | None] = None
+
+    log = Logger()
+
+    def __init__(
+        self,
+        xs: IXenStore,
+        domain: DomainInfo,
+        createTimeout: float = DEFAULT_CREATE_TIMEOUT,
+        destroyTimeout: float = DEFAULT_DESTROY_TIMEOUT,
+        requestTimeout: float = 30.0,
+    ) -> None:
+        self.xs = xs
+        self.domain = domain
+        self.domid = domain.domid
+        self.createTimeout = createTimeout
+        self.destroyTimeout = destroyTimeout
+        self.requestTimeout = requestTimeout
+        self._ddClients: dict[int, DriverDomainClient] = {}
+
+    # Paths (xend's names)
+
+    def frontendRoot(self) -> str:
+        """C{/local/domain/<domid>/device/<class>}."""
+        return f"/local/domain/{self.domid}/device/{self.frontendClass or self.deviceClass}"
+
+    def frontendPath(self, devid: int) -> str:
+        """The frontend directory of a device."""
+        return f"{self.frontendRoot()}/{int(devid)}"
+
+    def backendPath(self, backdom: int, devid: int) -> str:
+        """Where the backend of a device lives in driver domain C{backdom}."""
+        cls = self.backendClass or self.deviceClass
+        return f"/local/domain/{validateDomid(backdom)}/backend/{cls}/{self.domid}/{int(devid)}"
+
+    def devicePath(self, devid: int) -> str:
+        """The toolstack's record of a device: C{/vm/<uuid>/device/<class>/<devid>}."""
+        return f"{self.domain.vmPath}/device/{self.deviceClass}/{int(devid)}"
+
+    def vdiName(self, devid: int) -> str:
+        """The name of the device's object in the driver domain's control area."""
+        return f"{self.deviceClass}-{self.domid}-{int(devid)}"
+
+    plugName = "p0"
+
+    # Subclass interface
+
+    def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
+        """Turn a configuration into L{DeviceDetails}; raise DeviceConfigError."""
+        raise NotImplementedError()
+
+    def convertToDeviceNumber(self, devid: object) -> Deferred[int]:
+        """
+        A device id from an int, C{"class/NNN"} or a decimal string
+        (subclasses add names: C{xvdb} for vbd, a MAC for vif, which may need
+        a lookup, hence the Deferred).
+        """
+        d: Deferred[int] = Deferred()
+        d.callback(_plainDevid(devid))
+        return d
+
+    def withDevid(self, details: DeviceDetails, devid: int) -> DeviceDetails:
+        """The details once an allocated device id is known (see L{ALLOCATE})."""
+        return attrs.evolve(details, devid=devid)
+
+    def finishDeviceCleanup(self, backpath: str, path: str) -> Deferred[None]:
+        """Hook run after a device is destroyed (Blktap2 frees its tapdisk)."""
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+    def reconfigureDevice(self, devid: int, config: Mapping[str, Any]) -> Deferred[int]:
+        """xend: "%s devices may not be reconfigured"."""
+        raise DeviceError(f"{self.deviceClass} devices may not be reconfigured")
+
+    # Lifecycle
+
+    def _driverDomain(self, domid: int) -> DriverDomainClient:
+        client = self._ddClients.get(domid)
+        if client is None:
+            client = self._ddClients[domid] = DriverDomainClient(
+                self.xs, domid, self.requestTimeout
+            )
+        return client
+
+    def createDevice(self, config: Mapping[str, Any]) -> Deferred[int]:
+        """
+        Create a device from C{config}; fires with its device id once the
+        hotplug script has connected it. Cancelling the Deferred runs the
+        compensating chain (the tree ends as it began).
+        """
+        details = self.getDeviceDetails(config)  # raises before anything is written
+        return Deferred.fromCoroutine(self._create(details))
+
+    async def _create(self, details: DeviceDetails) -> int:
+        devid = details.devid
+        undo = _Compensation()
+        try:
+            devid = await self._reserve(details)
+            details = self.withDevid(details, devid)
+            undo.push("reservation", lambda: self._removeRecord(devid))
+            dd = self._driverDomain(details.backendDomid)
+            vdi = self.vdiName(devid)
+            # One undo step takes the object down from whatever state it
+            # reached (even a request whose caller was cancelled).
+            undo.push("object", lambda: dd.teardown(vdi, self.objectClass))
+            await dd.prepare(vdi, details.target, self.objectClass)
+            plug = await dd.plug(vdi, self.plugName, self.frontendPath(devid), self.objectClass)
+            undo.push("frontend", lambda: self._removeFrontend(devid))
+            await self.xs.transact(lambda tx: self._writeFrontend(tx, details, plug))
+            await dd.activate(vdi, self.objectClass)
+            await self._waitConnected(devid, plug.backendPath)
+        except BaseException as e:
+            self.log.info(
+                "Creating {cls} {devid} for domain {domid} failed ({error}); undoing",
+                cls=self.deviceClass,
+                devid=devid,
+                domid=self.domid,
+                error=e,
+            )
+            await undo.run(self.log)
+            raise self._explain(e, devid) from e
+        return devid
+
+    def _explain(self, e: BaseException, devid: int) -> BaseException:
+        if isinstance(e, DeviceError | CancelledError):
+            return e
+        if isinstance(e, DriverDomainError):
+            return DeviceError(f"Device {devid} ({self.deviceClass}) could not be connected: {e}")
+        if isinstance(e, DriverDomainTimeout):
+            return DeviceError(
+                f"Device {devid} ({self.deviceClass}) could not be connected: "
+                "the driver domain did not answer"
+            )
+        return e
+
+    async def _reserve(self, details: DeviceDetails) -> int:
+        """
+        Claim the device id in our own records, or refuse a duplicate; with
+        L{ALLOCATE}, claim the lowest free id. Fires with the id.
+        """
+
+        async def claim(tx: ITransaction) -> int:
+            if not await tx.exists(f"/local/domain/{self.domid}"):
+                raise UnknownDomainError(f"Domain {self.domid} does not exist")
+            # Only the toolstack's own records count (XSA-178: never trust
+            # data a backend or guest may have written).
+            devid = details.devid
+            root = f"{self.domain.vmPath}/device/{self.deviceClass}"
+            if devid == ALLOCATE:
+                used = set(await tx.ls(root)) if await tx.exists(root) else set()
+                devid = next(n for n in range(len(used) + 1) if str(n) not in used)
+            record = self.devicePath(devid)
+            if await tx.exists(record):
+                raise DeviceExistsError(f"Device {devid} is already connected.")
+            await tx.write(f"{record}/frontend", self.frontendPath(devid))
+            await tx.write(f"{record}/frontend-id", str(self.domid))
+            await tx.write(f"{record}/backend-id", str(details.backendDomid))
+            await tx.write(f"{record}/vdi", self.vdiName(devid))
+            for key, value in details.config.items():
+                await tx.write(f"{record}/config/{key}", value)
+            return devid
+
+        return await self.xs.transact(claim)
+
+    async def _writeFrontend(
+        self, tx: ITransaction, details: DeviceDetails, plug: PlugResult
+    ) -> None:
+        frontend = {"state": str(int(XenbusState.Initialising)), **details.frontend}
+        await populateFrontend(tx, plug, self.domid, frontend, details.backendExtras)
+        await tx.write(f"{self.devicePath(details.devid)}/backend", plug.backendPath)
+
+    async def _waitConnected(self, devid: int, backendPath: str) -> None:
+        try:
+            result = await waitForHotplugStatus(self.xs, backendPath, self.createTimeout)
+        except XenStoreTimeout:
+            raise HotplugFailedError(
+                f"Device {devid} ({self.deviceClass}) could not be connected. "
+                "Hotplug scripts not working."
+            ) from None
+        if result.status is HotplugStatus.Error:
+            raise HotplugFailedError(
+                f"Device {devid} ({self.deviceClass}) could not be connected. "
+                f"{result.error or 'Hotplug script failed.'}"
+            )
+        if result.status is HotplugStatus.Busy:
+            raise HotplugFailedError(
+                f"Device {devid} ({self.deviceClass}) could not be connected. "
+                f"{result.error or 'Device is busy.'}"
+            )
+
+    def waitForDevice(self, devid: int) -> Deferred[None]:
+        """Wait until the device's hotplug script has connected it."""
+
+        async def wait() -> None:
+            backend = await self.xs.readOrNone(f"{self.devicePath(devid)}/backend")
+            if backend is None:
+                raise DeviceNotFoundError(f"Device {devid} not connected")
+            await self._waitConnected(devid, backend)
+
+        return Deferred.fromCoroutine(wait())
+
+    def waitForDevices(self) -> Deferred[None]:
+        """Wait for every device of this class."""
+
+        async def wait() -> None:
+            await gatherResults([self.waitForDevice(d) for d in await self.deviceIDs()])
+
+        return Deferred.fromCoroutine(wait())
+
+    def waitForDevice_destroy(self, devid: int, backpath: str) -> Deferred[None]:
+        """Wait until the backend directory is gone."""
+        d: Deferred[Any] = self.xs.waitFor(backpath, lambda v: v is None, self.destroyTimeout)
+        return d.addCallback(lambda _: None)
+
+    def destroyDevice(
+        self, devid: object, force: bool = False, mode: DestroyMode | None = None
+    ) -> Deferred[None]:
+        """
+        Destroy a device. By default a guest that does not close within the
+        timeout is detached forcibly (libxl's FORCE_AUTO); C{force=True}
+        does not wait for it; C{mode=DestroyMode.SAFE} gives up instead.
+        """
+        chosen = DestroyMode.FORCE if force else (mode or DestroyMode.AUTO)
+        return Deferred.fromCoroutine(self._destroy(devid, chosen))
+
+    async def _destroy(self, name: object, mode: DestroyMode) -> None:
+        devid = await self.convertToDeviceNumber(name)
+        record = self.devicePath(devid)
+        backend, vdi, backendId = await gatherResults(
+            [
+                self.xs.readOrNone(f"{record}/backend"),
+                self.xs.readOrNone(f"{record}/vdi"),
+                self.xs.readOrNone(f"{record}/backend-id"),
+            ]
+        )
+        if vdi is None or backendId is None:
+            raise DeviceNotFoundError(f"Device {devid} not connected")
+        front = self.frontendPath(devid)
+        ddId = int(backendId)
+        if not await self.xs.exists(f"/local/domain/{ddId}"):
+            await self._cleanToolstackSide(devid, ddId, vdi, "driver domain is gone")
+            return
+        if backend is not None and mode is not DestroyMode.FORCE:
+            await self.xs.transact(lambda tx: self._close(tx, backend))
+            try:
+                await waitForState(self.xs, backend, XenbusState.Closed, self.destroyTimeout)
+            except XenStoreTimeout:
+                if mode is DestroyMode.SAFE:
+                    raise DeviceError(
+                        f"Device {devid} ({self.deviceClass}) could not be disconnected: "
+                        "the guest did not close it"
+                    ) from None
+                self.log.warn(
+                    "Guest {domid} did not close {cls} {devid}; detaching forcibly",
+                    domid=self.domid,
+                    cls=self.deviceClass,
+                    devid=devid,
+                )
+        await self._removeFrontend(devid)
+        try:
+            await self._driverDomain(ddId).teardown(vdi, self.objectClass)
+        except DriverDomainTimeout:
+            await self._cleanToolstackSide(devid, ddId, vdi, "driver domain did not answer")
+            return
+        await self._removeRecord(devid)
+        await self.finishDeviceCleanup(backend or self.backendPath(ddId, devid), front)
+
+    async def _close(self, tx: ITransaction, backend: str) -> None:
+        state = await tx.readOrNone(f"{backend}/state")
+        if state is None:
+            return  # the backend is gone already
+        await tx.write(f"{backend}/online", "0")
+        if state != str(int(XenbusState.Closed)):
+            await tx.write(f"{backend}/state", str(int(XenbusState.Closing)))
+
+    async def _cleanToolstackSide(self, devid: int, ddId: int, vdi: str, why: str) -> None:
+        """The driver domain cannot help: remove what the toolstack owns."""
+        self.log.warn(
+            "Destroying {cls} {devid} of domain {domid} on the toolstack side only: {why}",
+            cls=self.deviceClass,
+            devid=devid,
+            domid=self.domid,
+            why=why,
+        )
+
+        async def clean(tx: ITransaction) -> None:
+            await _rmPruned(tx, self.frontendPath(devid))
+            await tx.rm(self._driverDomain(ddId).paths(vdi, self.objectClass).base, missingOk=True)
+            await _rmPruned(tx, self.devicePath(devid))
+
+        await self.xs.transact(clean)
+
+    def _removeFrontend(self, devid: int) -> Deferred[None]:
+        return self.xs.transact(lambda tx: _rmPruned(tx, self.frontendPath(devid)))
+
+    def _removeRecord(self, devid: int) -> Deferred[None]:
+        return self.xs.transact(lambda tx: _rmPruned(tx, self.devicePath(devid)))
+
+    # Reading
+
+    async def _ls(self, path: str) -> list[str]:
+        return list(await self.xs.ls(path)) if await self.xs.exists(path) else []
+
+    def deviceIDs(self) -> Deferred[list[int]]:
+        """The ids of this class's devices (from the toolstack's records)."""
+
+        async def ids() -> list[int]:
+            root = f"{self.domain.vmPath}/device/{self.deviceClass}"
+            return sorted(int(n) for n in await self._ls(root) if n.isdigit())
+
+        return Deferred.fromCoroutine(ids())
+
+    def allocateDeviceID(self) -> Deferred[int]:
+        """xend's monotonic counter in C{device-misc/<class>/nextDeviceID}."""
+        path = f"/local/domain/{self.domid}/device-misc/{self.deviceClass}/nextDeviceID"
+
+        async def bump(tx: ITransaction) -> int:
+            current = int(await tx.readOrNone(path) or 0)
+            await tx.write(path, str(current + 1))
+            return current
+
+        return self.xs.transact(bump)
+
+    def getDeviceConfiguration(self, devid: int) -> Deferred[dict[str, str]]:
+        """The configuration the device was created with (from our records)."""
+
+        async def read() -> dict[str, str]:
+            base = f"{self.devicePath(devid)}/config"
+            keys = await self._ls(base)
+            if not keys and not await self.xs.exists(self.devicePath(devid)):
+                raise DeviceNotFoundError(f"Device {devid} not connected")
+            values = await gatherResults([self.xs.read(f"{base}/{k}") for k in keys])
+            return dict(zip(keys, values, strict=True))
+
+        return Deferred.fromCoroutine(read())
+
+    def configuration(self, devid: int) -> Deferred[list[Any]]:
+        """The device as an s-expression: C{[class, [key, value], ...]}."""
+        d = self.getDeviceConfiguration(devid)
+        return d.addCallback(
+            lambda cfg: [self.deviceClass, *([k, v] for k, v in sorted(cfg.items()))]
+        )
+
+    def configurations(self) -> Deferred[list[list[Any]]]:
+        """Every device's s-expression."""
+
+        async def all_() -> list[list[Any]]:
+            return [await self.configuration(d) for d in await self.deviceIDs()]
+
+        return Deferred.fromCoroutine(all_())
+
+    def sxpr(self, devid: int) -> list[Any]:
+        """xend's short form: C{[class, ['dom', domid, 'id', devid]]}."""
+        return [self.deviceClass, ["dom", self.domid, "id", int(devid)]]
+
+    def sxprs(self) -> Deferred[list[list[Any]]]:
+        """C{[devid, [[key, value], ...]]} of each frontend directory (block-list)."""
+
+        async def read() -> list[list[Any]]:
+            out: list[list[Any]] = []
+            for name in sorted(await self._ls(self.frontendRoot())):
+                if not name.isdigit():
+                    continue
+                keys = await self._ls(f"{self.frontendRoot()}/{name}")
+                values = await gatherResults(
+                    [self.xs.readOrNone(f"{self.frontendRoot()}/{name}/{k}") for k in keys]
+                )
+                out.append([int(name), [[k, v] for k, v in zip(keys, values, strict=True)]])
+            return out
+
+        return Deferred.fromCoroutine(read())
+
+    def readBackend(self, devid: int, *keys: str) -> Deferred[list[str | None]]:
+        """Values of keys in the device's backend directory."""
+        return self._readUnder(f"{self.devicePath(devid)}/backend", keys, indirect=True)
+
+    def readFrontend(self, devid: int, *keys: str) -> Deferred[list[str | None]]:
+        """Values of keys in the device's frontend directory."""
+        return self._readUnder(self.frontendPath(devid), keys)
+
+    def readVm(self, devid: int, *keys: str) -> Deferred[list[str | None]]:
+        """Values of keys in the device's record."""
+        return self._readUnder(self.devicePath(devid), keys)
+
+    def _readUnder(
+        self, base: str, keys: tuple[str, ...], indirect: bool = False
+    ) -> Deferred[list[str | None]]:
+        async def read() -> list[str | None]:
+            root = await self.xs.readOrNone(base) if indirect else base
+            if root is None:
+                raise DeviceNotFoundError(f"no such device ({base})")
+            return list(await gatherResults([self.xs.readOrNone(f"{root}/{k}") for k in keys]))
+
+        return Deferred.fromCoroutine(read())
+
+    def writeBackend(self, devid: int, values: Mapping[str, str]) -> Deferred[None]:
+        """Write keys into the device's backend directory (one transaction)."""
+
+        async def write(tx: ITransaction) -> None:
+            backend = await tx.readOrNone(f"{self.devicePath(devid)}/backend")
+            if backend is None or not await tx.exists(backend):
+                raise DeviceNotFoundError(f"Device {devid} not connected")
+            for key, value in values.items():
+                await tx.write(f"{backend}/{key}", value)
+
+        return self.xs.transact(write)
+
+    def migrate(
+        self, deviceConfig: Mapping[str, Any], network: bool, dst: str, step: int, domName: str
+    ) -> Deferred[int]:
+        """
+        xend's external-migration-tool steps 0–3. No device class here needs
+        one, so every step succeeds at once (xend: 0 when no tool is set).
+        """
+        if step not in (0, 1, 2, 3):
+            raise DeviceConfigError(f"migration step must be 0..3, not {step!r}")
+        d: Deferred[int] = Deferred()
+        d.callback(0)
+        return d
+
+
+def _plainDevid(devid: object) -> int:
+    if isinstance(devid, int) and not isinstance(devid, bool):
+        return devid
+    if isinstance(devid, str):
+        text = devid.rsplit("/", 1)[-1]
+        if text.isascii() and text.isdigit():
+            return int(text)
+    raise DeviceConfigError(f"invalid device id {devid!r}")
+
+
+async def _rmPruned(tx: ITransaction, path: str) -> None:
+    """
+    Remove a device directory, and its class directory (C{.../device/<class>})
+    if that is left empty, so a failed or finished device leaves no trace.
+    """
+    await tx.rm(path, missingOk=True)
+    parent = path.rsplit("/", 1)[0]
+    if await tx.exists(parent) and not await tx.ls(parent):
+        await tx.rm(parent)
+
+
+def guestPerms(domid: int, backend: int) -> list[Perm]:
+    """Frontend permissions: owned by the guest, readable by the driver domain."""
+    return [Perm("n", domid), Perm("r", backend)]
