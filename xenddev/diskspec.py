@@ -21,9 +21,11 @@ Decisions where the documents are silent or where xl's parser disagrees with
 its own manual (the manual wins unless noted):
 
   1. Every parameter may be given once.  A second non-empty value is an error
-     (C{"<name> respecified"}); an empty value means "default" and may be
-     overwritten.  Enumerated values and flags may be repeated with the I{same}
-     value (as xl's parser allows), but a contradiction (C{discard,no-discard},
+     (C{"<name> respecified"}); an empty value means "default": it may be
+     overwritten and never conflicts, whatever the order.  A parameter given
+     by name, even empty, leaves the positional sequence.  Enumerated values
+     and flags may be repeated with the I{same} value (as xl's parser
+     allows), but a contradiction (C{discard,no-discard},
      C{cdrom,devtype=disk}, C{access=r,access=w}) is C{respecified}.  xl lets
      the last flag win and never checks C{access}; we refuse.
   2. Whitespace (space, tab, newline) before a parameter is ignored (manual);
@@ -471,6 +473,9 @@ class DiskSpec:
     @ivar legacyPrefixes: the deprecated prefixes seen, in order, without
         their colon (C{("tap2", "tapdisk", "vhd")}); for xend's form also the
         C{uname} type, the blktap type and C{ioemu} from C{dev}.
+    @ivar tapType: the blktap driver type written right after C{tap:} or
+        C{tap2:} (and an optional C{tapdisk:}) in the same parameter, e.g.
+        C{aio} for C{tap:aio:/x}; L{None} otherwise.  See L{blktapDiskType}.
     """
 
     vdev: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -494,6 +499,7 @@ class DiskSpec:
     activeDisk: str | None = None
     hiddenDisk: str | None = None
     legacyPrefixes: tuple[str, ...] = attrs.field(default=(), converter=_prefixTuple)
+    tapType: str | None = attrs.field(default=None, validator=_oneOf({None, *BLKTAP_TYPES}))
 
     def __attrs_post_init__(self) -> None:
         if self.sharedWrite and self.access != "w":
@@ -544,7 +550,7 @@ class DiskSpec:
         """
         This disk in xl's keyword syntax (C{target=} last), such that
         C{parseDiskSpec(spec.toXl())} equals this spec without its
-        L{legacyPrefixes}.
+        L{legacyPrefixes} and L{tapType}.
 
         @raise ValueError: for what xl cannot express: C{w!}, format C{vmdk},
             a value with a comma or surrounding whitespace, a target ending
@@ -587,7 +593,8 @@ class DiskSpec:
             if flag is not None:
                 parts.append(yes if flag else no)
         for part in parts:
-            if "," in part or part != part.strip(_WS) or part.endswith("="):
+            value = part.partition("=")[2] if "=" in part else part
+            if not value or "," in value or value != value.rstrip(_WS):
                 raise ValueError(f"xl cannot express the parameter {part!r}")
         if self.target:
             if self.target.endswith(","):
@@ -615,15 +622,9 @@ _FLAGS: Final = {
     "colo": ("colo", True),
     "no-colo": ("colo", False),
 }
-_STRING_KEYS: Final = {
-    "vdev": "vdev",
-    "backend": "backend",
-    "script": "script",
-    "colo-host": "colo-host",
-    "colo-export": "colo-export",
-    "active-disk": "active-disk",
-    "hidden-disk": "hidden-disk",
-}
+_STRING_KEYS: Final = frozenset(
+    {"vdev", "backend", "script", "colo-host", "colo-export", "active-disk", "hidden-disk"}
+)
 _ENUM_KEYS: Final = {
     "backendtype": BACKEND_TYPES,
     "specification": SPECIFICATIONS,
@@ -643,19 +644,28 @@ class _XlParser:
         self.values: dict[str, object] = {}
         self.mentioned: set[str] = set()
         self.prefixes: list[str] = []
+        self.chain: list[str] = []
+        self.tapType: str | None = None
         self.deprecatedSyntax = False
 
     def error(self, message: str, token: str | None) -> DiskSpecError:
+        """An error about C{token} in this spec."""
         return DiskSpecError(message, token, self.spec)
 
     # -- setters ------------------------------------------------------------
 
     def setString(self, name: str, value: str) -> None:
-        """A string parameter: a second non-empty value is an error."""
+        """
+        A string parameter: a second non-empty value is an error; an empty
+        value (the default) never conflicts.
+        """
+        self.mentioned.add(name)
+        if not value:
+            self.values.setdefault(name, "")
+            return
         if self.values.get(name):
             raise self.error(f"{name} respecified", value)
         self.values[name] = value
-        self.mentioned.add(name)
 
     def setEnum(self, name: str, value: object, token: str) -> None:
         """
@@ -671,11 +681,13 @@ class _XlParser:
         self.values[name] = value
 
     def setFormat(self, value: str) -> None:
+        """C{format}: one of L{XL_FORMATS}, or empty."""
         if value and value not in XL_FORMATS:
             raise self.error("unknown value for format", value)
         self.setEnum("format", value or None, value)
 
     def setAccess(self, value: str) -> None:
+        """C{access}: C{ro}, C{r}, C{rw}, C{w}, or empty."""
         if value and value not in _ACCESS:
             raise self.error("unknown value for access", value)
         self.setEnum("access", _ACCESS.get(value), value)
@@ -704,7 +716,7 @@ class _XlParser:
                 raise self.error("unknown value for type", token)
             self.setEnum("devtype", value or None, token)
         elif key in _STRING_KEYS:
-            self.setString(_STRING_KEYS[key], value)
+            self.setString(key, value)
         elif key in _ENUM_KEYS:
             if value and value not in _ENUM_KEYS[key]:
                 raise self.error(f"unknown value for {key}", value)
@@ -725,6 +737,11 @@ class _XlParser:
     def prefix(self, word: str) -> None:
         """Apply the deprecated prefix C{<word>:}."""
         self.prefixes.append(word)
+        self.chain.append(word)
+        if self.tapType is None and word in BLKTAP_TYPES:
+            before = [p for p in self.chain[:-1] if p != "tapdisk"]
+            if before and before[-1] in ("tap", "tap2"):
+                self.tapType = word
         self.deprecatedSyntax = True
         if word in FORMAT_PREFIXES:
             self.setEnum("format", word, word)
@@ -813,6 +830,7 @@ class _XlParser:
             comma = spec.find(",", pos)
             end = len(spec) if comma < 0 else comma
             self.parameter(pos, end)
+            self.chain = []
             pos = end + 1
         return self.finish()
 
@@ -866,6 +884,7 @@ class _XlParser:
             activeDisk=opt("active-disk"),
             hiddenDisk=opt("hidden-disk"),
             legacyPrefixes=tuple(self.prefixes),
+            tapType=self.tapType,
         )
 
 
@@ -954,6 +973,7 @@ def parseXendDisk(
     target: str | None = None
     fmt = "raw"
     script: str | None = None
+    tapType: str | None = None
     if uname:
         typ, colon, params = uname.partition(":")
         if not colon:
@@ -973,6 +993,7 @@ def parseXendDisk(
                     raise error("unknown blktap disk type", word)
                 raise error("missing blktap disk type", params)
             prefixes.append(word)
+            tapType = word
             fmt = _TAP_FORMATS.get(word, "raw")
             target = rest
         elif typ in XEND_SCRIPT_TYPES or typ in set(extraScriptTypes):
@@ -998,6 +1019,7 @@ def parseXendDisk(
         backendDomain=backend or None,
         script=script,
         legacyPrefixes=tuple(prefixes),
+        tapType=tapType,
     )
 
 
@@ -1061,21 +1083,16 @@ def _tapPrefix(spec: DiskSpec) -> str | None:
 
 def blktapDiskType(spec: DiskSpec) -> str | None:
     """
-    The blktap driver type of a C{tap:}/C{tap2:} disk: the type written after
-    the prefix (and an optional C{tapdisk:}), e.g. C{aio} for C{tap:aio:/x},
-    C{vhd} for C{tap2:tapdisk:vhd:/x}; otherwise derived from the format
-    (C{raw} -> C{aio}, C{qcow}, C{qcow2}, C{vhd}, C{vmdk}).  L{None} for a
-    disk without such a prefix, or a format no blktap driver serves.
+    The blktap driver type of a C{tap:}/C{tap2:} disk: L{DiskSpec.tapType}
+    (the type written after the prefix, e.g. C{aio} for C{tap:aio:/x}, C{vhd}
+    for C{tap2:tapdisk:vhd:/x}), otherwise derived from the format (C{raw} ->
+    C{aio}, C{qcow}, C{qcow2}, C{vhd}, C{vmdk}).  L{None} for a disk without
+    such a prefix, or a format no blktap driver serves.
     """
-    prefixes = spec.legacyPrefixes
-    for index, prefix in enumerate(prefixes):
-        if prefix in ("tap", "tap2"):
-            following = [p for p in prefixes[index + 1 :] if p != "tapdisk"]
-            if following and following[0] in BLKTAP_TYPES:
-                return following[0]
-            break
-    else:
+    if _tapPrefix(spec) is None:
         return None
+    if spec.tapType is not None:
+        return spec.tapType
     if spec.format == "raw":
         return "aio"
     return spec.format if spec.format in BLKTAP_TYPES else None
