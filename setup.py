@@ -15,6 +15,7 @@ setup(
         "twisted.plugins",
     ],
     package_data={"twisted.plugins": ["*.py"]},
+    entry_points={"console_scripts": ["xenddev = xenddev.cli:main"]},
     install_requires=[
         "twisted>=24.3.0",
         "zope.interface>=6.0",

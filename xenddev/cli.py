@@ -1,0 +1,461 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{xenddev}: the command-line client (xl's and xm's device commands).
+
+It talks XML-RPC to the daemon over its UNIX socket with the standard
+library only (no Twisted is imported in this process): L{UnixTransport}
+opens an C{AF_UNIX} connection for C{xmlrpc.client}.
+
+Exit codes (see C{docs/cli.md}): L{EXIT_CODES} maps each fault code of
+L{xenddev.xmlrpc} to one; 2 is a usage error; 10 means the daemon could not
+be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import xmlrpc.client
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+from xenddev import __version__
+from xenddev.diskspec import DiskError, DiskSpec, VdevError, parseDiskSpec, parseXendDisk
+
+ROOT_SOCKET = "/var/run/xenddev/xenddev.sock"
+USER_SOCKET = "./run/xenddev.sock"
+DEFAULT_TIMEOUT = 300.0
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation failed (fault 2), or an unknown fault
+EXIT_USAGE = 2  # bad command line (argparse)
+EXIT_NO_DOMAIN = 3  # fault 3
+EXIT_BAD_CONFIG = 4  # fault 10, or a bad disk spec found locally
+EXIT_NO_DEVICE = 5  # fault 11
+EXIT_EXISTS = 6  # fault 12
+EXIT_TIMEOUT = 7  # fault 13, or the daemon did not answer in time
+EXIT_PERMISSION = 8  # fault 14, or the socket refused us
+EXIT_HOTPLUG = 9  # fault 15
+EXIT_UNREACHABLE = 10  # no daemon on the socket; fault 16 (daemon unavailable)
+EXIT_INTERNAL = 11  # fault 1 (daemon bug), or a protocol error (faults 8001, 8002)
+
+#: Fault code → exit code.
+EXIT_CODES = {
+    1: EXIT_INTERNAL,
+    2: EXIT_FAILED,
+    3: EXIT_NO_DOMAIN,
+    10: EXIT_BAD_CONFIG,
+    11: EXIT_NO_DEVICE,
+    12: EXIT_EXISTS,
+    13: EXIT_TIMEOUT,
+    14: EXIT_PERMISSION,
+    15: EXIT_HOTPLUG,
+    16: EXIT_UNREACHABLE,
+    8001: EXIT_INTERNAL,
+    8002: EXIT_INTERNAL,
+}
+_XM_MODES = ("r", "w", "w!")
+
+
+def defaultSocket(env: Mapping[str, str] | None = None) -> str:
+    """C{XENDDEV_SOCKET}, else the root or per-user default."""
+    env = os.environ if env is None else env
+    if env.get("XENDDEV_SOCKET"):
+        return env["XENDDEV_SOCKET"]
+    return ROOT_SOCKET if os.geteuid() == 0 else USER_SOCKET
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost")
+        self.unixPath = path
+        self.unixTimeout = timeout
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.unixTimeout)
+            sock.connect(self.unixPath)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    """An C{xmlrpc.client} transport over a UNIX socket."""
+
+    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        super().__init__()
+        self.unixPath = path
+        self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        """One connection to the socket, kept for the proxy's lifetime."""
+        if self._connection and self._connection[1] is not None:
+            return self._connection[1]
+        conn = _UnixHTTPConnection(self.unixPath, self.timeout)
+        self._connection = host, conn
+        return conn
+
+
+def serverProxy(path: str, timeout: float | None = DEFAULT_TIMEOUT) -> xmlrpc.client.ServerProxy:
+    """A proxy for the daemon on socket C{path} (close it with C{proxy("close")()})."""
+    return xmlrpc.client.ServerProxy(
+        "http://xenddev/RPC2", transport=UnixTransport(path, timeout), allow_none=True
+    )
+
+
+class CommandError(Exception):
+    """A failure to report as one line with an exit code."""
+
+    def __init__(self, message: str, exitCode: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exitCode = exitCode
+
+
+# Disks
+
+
+def isXmForm(args: Sequence[str]) -> bool:
+    """
+    Whether C{block-attach} got xm's C{<uname> <dev> <mode> [backdom]}:
+    three or four words, none a C{key=value}, the first a C{type:params}
+    uname (or empty, a cdrom drive) and the third a mode.
+    """
+    if len(args) not in (3, 4) or args[2] not in _XM_MODES:
+        return False
+    if any("=" in a for a in args[:2]):
+        return False
+    uname = args[0]
+    return uname == "" or (":" in uname and uname.split(":", 1)[0].isalnum())
+
+
+def diskJson(spec: DiskSpec) -> dict[str, Any]:
+    """The parsed disk with the keys C{--dry-run} prints (unset, default-less keys left out)."""
+    out: dict[str, Any] = {
+        "target": spec.target,
+        "format": spec.format,
+        "vdev": spec.vdev,
+        "access": spec.access,
+        "devtype": spec.devtype,
+        "backend": spec.backendDomain,
+        "backendtype": spec.backendType,
+        "script": spec.script,
+        # xl-disk-configuration(5): discard and trusted are on by default.
+        "discard": True if spec.discard is None else spec.discard,
+        "trusted": True if spec.trusted is None else spec.trusted,
+        "direct-io-safe": spec.directIoSafe,
+        "virtual-device": spec.devid,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def parseBlockArgs(args: Sequence[str]) -> tuple[DiskSpec, dict[str, Any]]:
+    """Both forms of C{block-attach} arguments → (spec, the config to send)."""
+    try:
+        if isXmForm(args):
+            uname, dev, mode = args[0], args[1], args[2]
+            backdom = args[3] if len(args) == 4 else None
+            spec = parseXendDisk(uname or None, dev, mode, backend=backdom)
+            config: dict[str, Any] = {"uname": uname, "dev": dev, "mode": mode}
+            if backdom is not None:
+                config["backend"] = backdom
+            return spec, config
+        text = ",".join(args)
+        spec = parseDiskSpec(text)
+        spec.devid  # noqa: B018 -- validates the vdev number
+        return spec, {"spec": text}
+    except (DiskError, VdevError) as e:
+        raise CommandError(str(e), EXIT_BAD_CONFIG) from None
+
+
+# Output
+
+
+def _cell(row: Mapping[str, Any], key: str) -> Any:
+    value = row.get(key)
+    return -1 if value is None else value
+
+
+def blockTable(rows: Sequence[Mapping[str, Any]]) -> str:
+    """xl block-list's table."""
+    lines = [
+        f"{'Vdev':<5} {'BE':<3} {'handle':<6} {'state':<5} {'evt-ch':<6} "
+        f"{'ring-ref':<8} {'BE-path':<30}".rstrip()
+    ]
+    for r in rows:
+        lines.append(
+            f"{_cell(r, 'devid')!s:<5} {_cell(r, 'backend-id')!s:<3} "
+            f"{_cell(r, 'handle')!s:<6} {_cell(r, 'state')!s:<5} "
+            f"{_cell(r, 'event-channel')!s:<6} {_cell(r, 'ring-ref')!s:<8} "
+            f"{r.get('backend-path') or '-'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def networkTable(rows: Sequence[Mapping[str, Any]]) -> str:
+    """xl network-list's table."""
+    lines = [
+        f"{'Idx':<3} {'BE':<2} {'Mac Addr.':<17} {'handle':<6} {'state':<5} "
+        f"{'evt-ch':<6} {'tx-':>5}/{'rx-ring-ref':<11} {'BE-path':<30}".rstrip()
+    ]
+    for r in rows:
+        lines.append(
+            f"{_cell(r, 'devid')!s:<3} {_cell(r, 'backend-id')!s:<2} "
+            f"{r.get('mac') or '-':<17} {_cell(r, 'handle')!s:<6} "
+            f"{_cell(r, 'state')!s:<5} {_cell(r, 'event-channel')!s:<6} "
+            f"{_cell(r, 'tx-ring-ref')!s:>5}/{_cell(r, 'rx-ring-ref')!s:<11} "
+            f"{r.get('backend-path') or '-'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# Commands
+
+
+class Client:
+    """Runs one command against the daemon."""
+
+    def __init__(self, opts: argparse.Namespace, out: TextIO) -> None:
+        self.opts = opts
+        self.out = out
+
+    def call(self, method: str, *args: Any) -> Any:
+        """One XML-RPC call; failures become L{CommandError}s."""
+        path = self.opts.socket
+        proxy = serverProxy(path, self.opts.timeout)
+        try:
+            return getattr(proxy, method)(*args)
+        except xmlrpc.client.Fault as f:
+            raise CommandError(
+                str(f.faultString), EXIT_CODES.get(f.faultCode, EXIT_FAILED)
+            ) from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise CommandError(
+                f"cannot reach the xenddev daemon at {path} (is it running? "
+                "see --socket and XENDDEV_SOCKET)",
+                EXIT_UNREACHABLE,
+            ) from None
+        except PermissionError:
+            raise CommandError(
+                f"permission denied on the daemon socket {path} (root only by default)",
+                EXIT_PERMISSION,
+            ) from None
+        except TimeoutError:
+            raise CommandError(
+                f"the daemon did not answer within {self.opts.timeout:g} s", EXIT_TIMEOUT
+            ) from None
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as e:
+            raise CommandError(
+                f"talking to the daemon at {path} failed: {e}", EXIT_UNREACHABLE
+            ) from None
+        finally:
+            proxy("close")()
+
+    def emit(self, data: Any, text: str | None) -> None:
+        """JSON with --json, else the text (if any)."""
+        if self.opts.json:
+            self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        elif text:
+            self.out.write(text if text.endswith("\n") else text + "\n")
+
+    def dom(self) -> int | str:
+        """The domain argument: a number, or a name the daemon resolves."""
+        dom: str = self.opts.dom
+        return int(dom) if dom.isascii() and dom.isdigit() else dom
+
+    def blockAttach(self) -> None:
+        """block-attach."""
+        spec, config = parseBlockArgs(self.opts.disk)
+        if self.opts.dry_run:
+            self.emit(diskJson(spec), json.dumps(diskJson(spec), indent=2, sort_keys=True))
+            return
+        result = self.call("device.attach", self.dom(), "vbd", config)
+        self.emit(result, None)
+
+    def blockDetach(self) -> None:
+        """block-detach."""
+        self.call("device.detach", self.dom(), "vbd", _devid(self.opts.dev), self.opts.force)
+        self.emit({"detached": True}, None)
+
+    def blockList(self) -> None:
+        """block-list."""
+        rows = self.call("device.list", self.dom(), "vbd")
+        self.emit(rows, blockTable(rows))
+
+    def networkAttach(self) -> None:
+        """network-attach."""
+        config: dict[str, str] = {}
+        for item in self.opts.settings:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise CommandError(f"network-attach: expected key=value, not {item!r}", EXIT_USAGE)
+            if key in config:
+                raise CommandError(f"network-attach: {key} given twice", EXIT_USAGE)
+            config[key] = value
+        result = self.call("device.attach", self.dom(), "vif", config)
+        self.emit(result, None)
+
+    def networkDetach(self) -> None:
+        """network-detach."""
+        self.call("device.detach", self.dom(), "vif", _devid(self.opts.dev), self.opts.force)
+        self.emit({"detached": True}, None)
+
+    def networkList(self) -> None:
+        """network-list."""
+        rows = self.call("device.list", self.dom(), "vif")
+        self.emit(rows, networkTable(rows))
+
+    def status(self) -> None:
+        """status."""
+        info = self.call("daemon.status")
+        text = (
+            f"xenddev {info.get('version')} running (pid {info.get('pid')}, "
+            f"up {info.get('uptime', 0):.0f} s) on {self.opts.socket}\n"
+            f"device classes: {' '.join(info.get('classes', []))}\n"
+            f"operations in flight: {info.get('in-flight', 0)}"
+        )
+        self.emit({**info, "socket": self.opts.socket}, text)
+
+
+def _devid(text: str) -> int | str:
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
+def buildParser(
+    stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> argparse.ArgumentParser:
+    """The argument parser (every command has --help); it prints to the given streams."""
+
+    class Parser(argparse.ArgumentParser):
+        def _print_message(self, message: str, file: Any = None) -> None:
+            if message:
+                stream = (stderr or sys.stderr) if file is sys.stderr else (stdout or sys.stdout)
+                stream.write(message)
+
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        help="the daemon's socket (default: $XENDDEV_SOCKET, else "
+        f"{ROOT_SOCKET} as root, {USER_SOCKET} otherwise)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser = Parser(
+        prog="xenddev",
+        description="Attach, detach and list Xen guest devices through the xenddev daemon.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage, 3 no such domain, 4 bad configuration, "
+        "5 no such device, 6 device exists, 7 timeout, 8 permission denied, "
+        "9 hotplug failed, 10 daemon unreachable, 11 internal error.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"xenddev {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, parents=[common])
+
+    p = command(
+        "block-attach",
+        "attach a disk",
+        "Attach a disk: an xl disk spec (one argument, or several joined with commas as xl "
+        "does: format=raw vdev=xvda access=rw target=/tmp/d.img), or xm's form "
+        "<uname> <dev> <mode> [backdom].",
+    )
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("disk", nargs="+", metavar="SPEC", help="xl disk spec, or uname dev mode")
+    p.add_argument(
+        "-N",
+        "--dry-run",
+        action="store_true",
+        help="parse and validate only; print the disk as JSON (no daemon needed)",
+    )
+    p.set_defaults(run=Client.blockAttach)
+
+    p = command("block-detach", "detach a disk", "Detach a disk (by name like xvdb or number).")
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("dev", help="the disk: xvdb, /dev/xvdb or 51728")
+    p.add_argument("-f", "--force", action="store_true", help="do not wait for the guest")
+    p.set_defaults(run=Client.blockDetach)
+
+    p = command("block-list", "list disks", "List a domain's disks (xl's table).")
+    p.add_argument("dom", help="domain id or name")
+    p.set_defaults(run=Client.blockList)
+
+    p = command(
+        "network-attach",
+        "attach a network interface",
+        "Attach a network interface; settings mac, bridge, script, ip, vifname, model, "
+        "rate, backend, devid as key=value.",
+    )
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="interface settings")
+    p.set_defaults(run=Client.networkAttach)
+
+    p = command(
+        "network-detach", "detach a network interface", "Detach an interface by devid or MAC."
+    )
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("dev", metavar="DEVID|MAC", help="the interface's devid or MAC address")
+    p.add_argument("-f", "--force", action="store_true", help="do not wait for the guest")
+    p.set_defaults(run=Client.networkDetach)
+
+    p = command("network-list", "list network interfaces", "List a domain's interfaces.")
+    p.add_argument("dom", help="domain id or name")
+    p.set_defaults(run=Client.networkList)
+
+    p = command("status", "show the daemon's status", "Show whether the daemon runs, and how.")
+    p.set_defaults(run=Client.status)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Run one command; return the exit code (see the module docstring)."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = buildParser(out, err)
+    try:
+        opts = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    opts.socket = getattr(opts, "socket", None) or defaultSocket(env)
+    opts.json = getattr(opts, "json", False)
+    opts.timeout = getattr(opts, "timeout", DEFAULT_TIMEOUT)
+    run: Callable[[Client], None] = opts.run
+    try:
+        run(Client(opts, out))
+    except CommandError as e:
+        err.write(f"xenddev {opts.command}: {_oneLine(e.message)}\n")
+        return e.exitCode
+    except KeyboardInterrupt:
+        err.write(f"xenddev {opts.command}: interrupted\n")
+        return 130
+    return EXIT_OK
+
+
+def _oneLine(message: str) -> str:
+    return " ".join(message.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
