@@ -57,6 +57,7 @@ from xenddev.driverdomain.protocol import (
     validateName,
 )
 from xenddev.interfaces import IDriverDomainKind, IHotplugRunner, ITransaction, IXenStore
+from xenddev.xenstore.errors import NoEntryError
 from xenddev.xenstore.paths import Perm, validateDomid
 
 HOTPLUG_ADDED = "added"
@@ -142,6 +143,12 @@ class BackendCtrlAgent:
         self._devices = _Serialiser()
         self._hotplugJobs: dict[tuple[str, int, int], Deferred[None]] = {}
         self._handles: list[Any] = []
+        #: (class, name) -> (kind name, target) of the objects this agent
+        #: prepared: t/* cannot change while an object exists, so there is
+        #: no need to read them for every request. Rebuilt from the store
+        #: (by reading) after a restart.
+        self._known: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
+        self._lastTarget: dict[tuple[str, str], dict[str, str]] = {}
         self.requestsExecuted = 0
         self.hotplugRuns = 0
 
@@ -187,7 +194,12 @@ class BackendCtrlAgent:
     def _controlChanged(self, path: str) -> None:
         rest = path[len(self.home) + len("/backendctrl") :].strip("/").split("/")
         if len(rest) >= 2 and rest[0] in OBJECT_CLASSES:
-            self._pokeObject(OBJECT_CLASSES[rest[0]], rest[1])
+            # Only the request node (or the object directory itself, created
+            # or removed) can need an answer; every other node changes because
+            # a request is being made or answered, and re-reading the request
+            # for each of those events is wasted work.
+            if len(rest) == 2 or rest[2:] == ["request"]:
+                self._pokeObject(OBJECT_CLASSES[rest[0]], rest[1])
         else:
             # Tracked like any job, so stop() waits for it too.
             self._objects.poke("scan", self._scan, self.log)
@@ -206,41 +218,111 @@ class BackendCtrlAgent:
         self._objects.poke((cls.name, name), lambda: self._serviceObject(paths), self.log)
 
     async def _serviceObject(self, paths: ControlPaths) -> None:
-        text = await self.xs.readOrNone(paths.request)
+        # The request, the journal and the state in one round trip.
+        text, journaled, state = await gatherResults(
+            [
+                self.xs.readOrNone(paths.request),
+                self.xs.readOrNone(self._journal(paths)),
+                self.xs.readOrNone(paths.state),
+            ]
+        )
         if text is None:
             return  # no request: changes to the object are ignored
-        await self._execute(paths, text)
+        await self._execute(paths, text, journaled == text, state)
 
-    async def _execute(self, paths: ControlPaths, text: str) -> None:
-        journal = f"{self.private}/inflight/{paths.objectClass.name}/{paths.name}"
-        recovering = await self.xs.readOrNone(journal) == text
+    def _journal(self, paths: ControlPaths) -> str:
+        return f"{self.private}/inflight/{paths.objectClass.name}/{paths.name}"
+
+    async def _execute(
+        self, paths: ControlPaths, text: str, recovering: bool, state: str | None
+    ) -> None:
+        journal = self._journal(paths)
         if recovering:
             self.log.warn(
                 "Re-executing {request!r} on {path}, interrupted by a restart",
                 request=text,
                 path=paths.base,
             )
-        else:
-            await self.xs.write(journal, text)
         self.requestsExecuted += 1
         outcome: Outcome | None = None
         kindName: str | None = None
+        plugSpec: PlugSpec | None = None
+        request: Request | None = None
         try:
             request = Request.parse(text)
-            outcome, kindName = await self._perform(paths, request, recovering)
-            result, message = 0, ""
         except ValueError as e:
-            request, result, message = None, XEN_ERRNO["EBADRQC"], str(e)
-        except KindError as e:
-            result, message = XEN_ERRNO[e.errname], e.message
-        except Exception as e:
-            self.log.failure("Request {request!r} on {path} failed", request=text, path=paths.base)
-            result, message = XEN_ERRNO["EIO"], f"{type(e).__name__}: {e}"
-        await self.xs.transact(
-            lambda tx: self._complete(
-                tx, paths, text, request, result, message, outcome, kindName, journal
+            result, message = XEN_ERRNO["EBADRQC"], str(e)
+            if not recovering:
+                await self.xs.write(journal, text)
+        else:
+            # The journal write goes out with the reads the request needs;
+            # the kind runs only once it is acknowledged.
+            journaled = succeed(None) if recovering else self.xs.write(journal, text)
+            if request.op == PREPARE:
+                # Created outside the completion transaction, so that
+                # concurrent prepares' completions do not all modify
+                # objects/<class> (and conflict); removed below if the
+                # prepare fails.
+                journaled = gatherResults([journaled, self.xs.mkdir(self._objectRecords(paths))])
+            gathered = Deferred.fromCoroutine(self._gather(paths, request, state))
+            try:
+                await journaled
+            except BaseException:
+                gathered.addErrback(lambda _: None)
+                raise
+            try:
+                outcome, kindName, plugSpec = await self._perform(
+                    paths, request, recovering, state, await gathered
+                )
+                result, message = 0, ""
+            except KindError as e:
+                result, message = XEN_ERRNO[e.errname], e.message
+            except Exception as e:
+                self.log.failure(
+                    "Request {request!r} on {path} failed", request=text, path=paths.base
+                )
+                result, message = XEN_ERRNO["EIO"], f"{type(e).__name__}: {e}"
+        ok = result == 0 and request is not None
+        key = (paths.objectClass.name, paths.name)
+
+        def complete(tx: ITransaction, keepRequest: bool = False) -> Awaitable[None]:
+            return self._complete(
+                tx,
+                paths,
+                text,
+                request,
+                result,
+                message,
+                outcome,
+                kindName,
+                plugSpec,
+                journal,
+                keepRequest,
             )
-        )
+
+        try:
+            await self.xs.transact(complete)
+        except _RequestReplaced:
+            await self.xs.transact(lambda tx: complete(tx, keepRequest=True))
+        exists = state is not None
+        if ok and request is not None:
+            if request.op == PREPARE:
+                exists = True
+            elif request.op == UNPREPARE:
+                exists = False
+        if ok and request is not None and request.op == PREPARE and kindName is not None:
+            self._known[key] = (kindName, self._lastTarget.pop(key, {}))
+        if not exists:
+            # The object is gone: its journal entry and records go too,
+            # outside the transaction (see _complete).
+            self._known.pop(key, None)
+            await gatherResults(
+                [
+                    self.xs.rm(journal, missingOk=True),
+                    self.xs.rm(self._objectRecords(paths), missingOk=True),
+                ]
+            )
+        self._lastTarget.pop(key, None)
         self.log.info(
             "{request!r} on {path}: result {result}{msg}",
             request=text,
@@ -248,68 +330,109 @@ class BackendCtrlAgent:
             result=result,
             msg=f" ({message})" if message else "",
         )
-        if result == 0 and request is not None and request.op in (ACTIVATE, PLUG):
-            await self._reconsiderPlugs(paths)
+        if ok and request is not None:
+            if request.op == PLUG and plugSpec is not None:
+                dev = plugSpec.device
+                self._pokeDevice(dev.deviceClass, dev.frontendDomid, dev.devid)
+            elif request.op == ACTIVATE:
+                # Not awaited here, so the object's next request need not
+                # wait for it; tracked, so whenIdle() still covers it.
+                self._devices.poke(("plugs", *key), lambda: self._reconsiderPlugs(paths), self.log)
 
-    async def _perform(
-        self, paths: ControlPaths, request: Request, recovering: bool
-    ) -> tuple[Outcome, str]:
-        # Preconditions are evaluated exactly as on the first attempt even
-        # when recovering: every XenStore effect of a request is applied in
-        # its completion transaction, so an interrupted request left none.
+    async def _gather(
+        self, paths: ControlPaths, request: Request, state: str | None
+    ) -> tuple[ObjectSnapshot, PlugSpec | None, bool, Any, dict[str, str]]:
+        """
+        Everything a request needs from the store, read with as few round
+        trips as possible: the preconditions' inputs, the plug, and (unless
+        remembered since the prepare) the target and the kind.
+        """
         xs = self.xs
-        state = await xs.readOrNone(paths.state)
+        known = self._known.get((paths.objectClass.name, paths.name))
+        reads: list[Deferred[Any]] = []
+        if known is None:
+            reads += [
+                _lsOrNone(xs, paths.targetDir),
+                xs.readOrNone(f"{self._objectRecords(paths)}/kind"),
+            ]
+        else:
+            reads += [succeed(None), succeed(known[0])]
+        pp = paths.plug(request.plug) if request.plug is not None else None
+        if pp is not None:
+            reads += [
+                xs.readOrNone(pp.state),
+                xs.readOrNone(pp.frontend),
+                xs.readOrNone(pp.takeover),
+                xs.readOrNone(pp.backend),
+            ]
+        elif request.op == UNPREPARE:
+            reads.append(Deferred.fromCoroutine(self._plugged(paths)))
+        keys, kindName, *rest = await gatherResults(reads)
+        targetReads = gatherResults([xs.read(paths.target(k)) for k in keys or []])
         snap = ObjectSnapshot(state, None)
         plugSpec: PlugSpec | None = None
         takeover = False
-        if request.plug is not None:
-            pp = paths.plug(request.plug)
-            plugState, frontend, takeoverFlag, backend = await gatherResults(
-                [
-                    xs.readOrNone(pp.state),
-                    xs.readOrNone(pp.frontend),
-                    xs.readOrNone(pp.takeover),
-                    xs.readOrNone(pp.backend),
-                ]
-            )
+        if pp is not None:
+            plugState, frontend, takeoverFlag, backend = rest
             if frontend is None:
+                targetReads.addErrback(lambda _: None)
                 raise KindError("EINVAL", f"{pp.frontend} is missing")
             takeover = takeoverFlag == "1"
+            assert request.plug is not None
+            try:
+                ref = DeviceRef.fromFrontendPath(frontend)
+            except KindError:
+                targetReads.addErrback(lambda _: None)
+                raise
             snap = ObjectSnapshot(state, None, plugState, await xs.exists(frontend))
             plugSpec = PlugSpec(
-                request.plug,
-                frontend,
-                DeviceRef.fromFrontendPath(frontend),
-                takeover,
-                paths.absolute(backend) if backend else None,
+                request.plug, frontend, ref, takeover, paths.absolute(backend) if backend else None
             )
         elif request.op == UNPREPARE:
-            snap = ObjectSnapshot(state, None, plugCount=len(await self._plugged(paths)))
+            snap = ObjectSnapshot(state, None, plugCount=len(rest[0]))
+        values = await targetReads
+        target = known[1] if known is not None else dict(zip(keys or [], values, strict=True))
+        return snap, plugSpec, takeover, kindName, target
+
+    async def _perform(
+        self,
+        paths: ControlPaths,
+        request: Request,
+        recovering: bool,
+        state: str | None,
+        gathered: tuple[ObjectSnapshot, PlugSpec | None, bool, Any, dict[str, str]],
+    ) -> tuple[Outcome, str, PlugSpec | None]:
+        # Preconditions are evaluated exactly as on the first attempt even
+        # when recovering: every XenStore effect of a request is applied in
+        # its completion transaction, so an interrupted request left none.
+        snap, plugSpec, takeover, kindName, target = gathered
         problem = checkPreconditions(request, snap, takeover)
         if problem is not None:
             raise KindError(*problem)
-        target = await self._readTarget(paths)
         if request.op == PREPARE:
             kind = self._chooseKind(paths.objectClass, target)
+            self._lastTarget[(paths.objectClass.name, paths.name)] = target
         else:
-            kind = await self._recordedKind(paths)
+            if kindName is None or kindName not in self.kinds:
+                raise KindError("ENODEV", f"object served by unknown kind {kindName!r}")
+            kind = self.kinds[kindName]
         ctx = self._context(paths, target, recovering)
         op = request.op
         if op == PREPARE:
-            return await kind.prepare(ctx), kind.name
+            return await kind.prepare(ctx), kind.name, None
         if op == ACTIVATE:
-            return await kind.activate(ctx), kind.name
+            return await kind.activate(ctx), kind.name, None
         if op == DEACTIVATE:
-            return await kind.deactivate(ctx), kind.name
+            return await kind.deactivate(ctx), kind.name, None
         if op == UNPREPARE:
             if state == ACTIVE:
                 await kind.deactivate(ctx)
-            return await kind.unprepare(ctx), kind.name
+            return await kind.unprepare(ctx), kind.name, None
         assert plugSpec is not None
         if op == PLUG:
-            return await kind.plug(ctx, plugSpec), kind.name
+            return await kind.plug(ctx, plugSpec), kind.name, plugSpec
         await self._removeHotplug(kind, ctx, plugSpec)
-        return await kind.unplug(ctx, plugSpec), kind.name
+        return await kind.unplug(ctx, plugSpec), kind.name, plugSpec
 
     def _context(
         self, paths: ControlPaths, target: dict[str, str], recovering: bool = False
@@ -327,6 +450,9 @@ class BackendCtrlAgent:
         )
 
     async def _recordedKind(self, paths: ControlPaths) -> Any:
+        known = self._known.get((paths.objectClass.name, paths.name))
+        if known is not None:
+            return self.kinds[known[0]]
         name = await self.xs.readOrNone(f"{self._objectRecords(paths)}/kind")
         if name is None or name not in self.kinds:
             raise KindError("ENODEV", f"object served by unknown kind {name!r}")
@@ -336,7 +462,10 @@ class BackendCtrlAgent:
         return f"{self.private}/objects/{paths.objectClass.name}/{paths.name}"
 
     async def _readTarget(self, paths: ControlPaths) -> dict[str, str]:
-        keys = await self._lsOrEmpty(paths.targetDir)
+        known = self._known.get((paths.objectClass.name, paths.name))
+        if known is not None:
+            return dict(known[1])
+        keys = await _lsOrNone(self.xs, paths.targetDir) or []
         values = await gatherResults([self.xs.read(paths.target(k)) for k in keys])
         return dict(zip(keys, values, strict=True))
 
@@ -360,62 +489,86 @@ class BackendCtrlAgent:
         message: str,
         outcome: Outcome | None,
         kindName: str | None,
+        plugSpec: PlugSpec | None,
         journal: str,
+        keepRequest: bool = False,
     ) -> None:
-        """The completion transaction: effects, state, result, request deleted."""
+        """
+        The completion transaction: effects, state, result, request deleted.
+
+        Everything independent goes out at once (xenstored runs one
+        connection's requests in order). The journal entry is emptied, not
+        removed, and the object's records directory is created before and
+        removed after it (L{_execute}): a transaction that adds or removes a
+        child of a directory shared by all objects (C{inflight/<class>},
+        C{objects/<class>}) conflicts with every concurrent one that does.
+        """
         records = self._objectRecords(paths)
+        ops: list[Deferred[Any]] = []
+        chains: list[Deferred[Any]] = []
         if result == 0 and request is not None and outcome is not None:
-            await _apply(tx, outcome)
+            ops += _applyOps(tx, outcome)
             op = request.op
             if op == PREPARE:
-                await tx.write(paths.state, INACTIVE)
-                await tx.write(f"{records}/kind", kindName or "")
+                ops.append(tx.write(paths.state, INACTIVE))
+                ops.append(tx.write(f"{records}/kind", kindName or ""))
             elif op == ACTIVATE:
-                await tx.write(paths.state, ACTIVE)
+                ops.append(tx.write(paths.state, ACTIVE))
             elif op == DEACTIVATE:
-                await tx.write(paths.state, INACTIVE)
+                ops.append(tx.write(paths.state, INACTIVE))
             elif op == UNPREPARE:
-                await tx.rm(paths.state, missingOk=True)
-                await tx.rm(records, missingOk=True)
+                ops.append(tx.rm(paths.state, missingOk=True))
+                ops += [tx.rm(f"{records}/{n}", missingOk=True) for n in ("kind", "data")]
             elif op == PLUG:
                 assert request.plug is not None and outcome.backend is not None
+                assert plugSpec is not None
                 pp = paths.plug(request.plug)
-                await tx.write(pp.state, PLUGGED)
-                await tx.write(pp.backend, outcome.backend)
-                for key, value in outcome.bcopy.items():
-                    await tx.write(f"{pp.bcopy}/{key}", value)
-                ref = DeviceRef.fromFrontendPath(await tx.read(pp.frontend))
-                device = self._deviceRecord(ref)
-                await tx.write(device, f"{paths.objectClass.name}/{paths.name}/{request.plug}")
-            elif op == UNPLUG:
-                assert request.plug is not None
-                pp = paths.plug(request.plug)
-                backend = await tx.readOrNone(pp.backend)
-                front = await tx.readOrNone(pp.frontend)
-                await gatherResults(
-                    [
-                        tx.rm(pp.state, missingOk=True),
-                        tx.rm(pp.backend, missingOk=True),
-                        tx.rm(pp.bcopy, missingOk=True),
-                    ]
+                ops.append(tx.write(pp.state, PLUGGED))
+                ops.append(tx.write(pp.backend, outcome.backend))
+                ops += [tx.write(f"{pp.bcopy}/{k}", v) for k, v in outcome.bcopy.items()]
+                ops.append(
+                    tx.write(
+                        self._deviceRecord(plugSpec.device),
+                        f"{paths.objectClass.name}/{paths.name}/{request.plug}",
+                    )
                 )
-                if backend is not None:
-                    await tx.rm(paths.absolute(backend), missingOk=True)
+            elif op == UNPLUG:
+                assert request.plug is not None and plugSpec is not None
+                pp = paths.plug(request.plug)
+                ops += [
+                    tx.rm(pp.state, missingOk=True),
+                    tx.rm(pp.backend, missingOk=True),
+                    tx.rm(pp.bcopy, missingOk=True),
+                ]
+                if plugSpec.backend is not None:
                     # An empty backend/<class>/<domu> would leak quota
                     # (libxl c992efd06a).
-                    await _rmEmptyParents(tx, paths.absolute(backend), f"{self.home}/backend")
-                if front is not None:
-                    record = self._deviceRecord(DeviceRef.fromFrontendPath(front))
-                    await tx.rm(record, missingOk=True)
-                    await _rmEmptyParents(tx, record, f"{self.private}/devices")
-        await tx.write(paths.result, str(result))
+                    chains.append(
+                        Deferred.fromCoroutine(
+                            _rmWithEmptyParents(tx, plugSpec.backend, f"{self.home}/backend")
+                        )
+                    )
+                record = self._deviceRecord(plugSpec.device)
+                chains.append(
+                    Deferred.fromCoroutine(
+                        _rmWithEmptyParents(tx, record, f"{self.private}/devices")
+                    )
+                )
+        ops.append(tx.write(paths.result, str(result)))
         if message:
-            await tx.write(paths.resultMsg, message)
+            ops.append(tx.write(paths.resultMsg, message))
         else:
-            await tx.rm(paths.resultMsg, missingOk=True)
-        if await tx.readOrNone(paths.request) == text:
-            await tx.rm(paths.request, missingOk=True)
-        await tx.rm(journal, missingOk=True)
+            ops.append(tx.rm(paths.resultMsg, missingOk=True))
+        ops.append(tx.write(journal, ""))
+        # The request is deleted in the same batch, then checked: if the
+        # toolstack replaced it meanwhile (it must not), the transaction is
+        # aborted and redone without deleting the new one.
+        current = tx.readOrNone(paths.request)
+        if not keepRequest:
+            ops.append(tx.rm(paths.request, missingOk=True))
+        await gatherResults(ops + chains)
+        if not keepRequest and await current != text:
+            raise _RequestReplaced()
 
     def _deviceRecord(self, ref: DeviceRef) -> str:
         return f"{self.private}/devices/{ref.deviceClass}/{ref.frontendDomid}/{ref.devid}"
@@ -536,14 +689,15 @@ class BackendCtrlAgent:
 
     async def _runHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec, action: str) -> None:
         assert spec.backend is not None
-        record = f"{self._deviceRecord(spec.device)}/hotplug"
         command = None if self.hotplug is None else kind.hotplugCommand(ctx, spec, action)
         if command is None:
             # No script to wait for (none configured, or the kind needs
             # none): the device is as ready as it will get.
             if action == "add":
                 await self._reportHotplugStatus(spec.backend, "connected")
-            await self.xs.write(record, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+            await self._markHotplug(
+                spec.device, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED
+            )
             return
         assert self.hotplug is not None
         script, args, env = command
@@ -560,9 +714,22 @@ class BackendCtrlAgent:
             )
             if action == "add":
                 await self._reportHotplugFailure(spec.backend, str(e))
-                await self.xs.write(record, HOTPLUG_ADDED)  # so remove still runs
+                await self._markHotplug(spec.device, HOTPLUG_ADDED)  # so remove still runs
                 return
-        await self.xs.write(record, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+        await self._markHotplug(spec.device, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+
+    async def _markHotplug(self, ref: DeviceRef, value: str) -> None:
+        """
+        Record that a script ran, unless the device was unplugged meanwhile
+        (its record is gone): never resurrect a removed record.
+        """
+        device = self._deviceRecord(ref)
+
+        async def mark(tx: ITransaction) -> None:
+            if await tx.exists(device):
+                await tx.write(f"{device}/hotplug", value)
+
+        await self.xs.transact(mark)
 
     async def _reportHotplugStatus(self, backend: str, status: str) -> None:
         async def report(tx: ITransaction) -> None:
@@ -587,14 +754,26 @@ class BackendCtrlAgent:
         await self.xs.transact(report)
 
 
-async def _rmEmptyParents(tx: ITransaction, path: str, stop: str) -> None:
-    """Remove the now-empty ancestors of C{path}, up to (not including) C{stop}."""
+async def _rmWithEmptyParents(tx: ITransaction, path: str, stop: str) -> None:
+    """
+    Remove C{path}, then its now-empty ancestors up to (not including)
+    C{stop}: one round trip for the removal plus one per emptied level.
+    """
+    removed = tx.rm(path, missingOk=True)
     parent = path.rsplit("/", 1)[0]
     while parent.startswith(stop + "/"):
-        if not await tx.exists(parent) or await tx.ls(parent):
-            return
+        left = await _lsOrNone(tx, parent)
+        if left is None or left:
+            break
         await tx.rm(parent)
         parent = parent.rsplit("/", 1)[0]
+    await removed
+
+
+def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:
+    """C{ls}, or None if C{path} does not exist (one request, not two)."""
+    d: Deferred[Any] = ops.ls(path)
+    return d.addErrback(lambda f: f.trap(NoEntryError) and None)
 
 
 def _validName(name: str) -> bool:
@@ -605,13 +784,17 @@ def _validName(name: str) -> bool:
     return True
 
 
-async def _apply(tx: ITransaction, outcome: Outcome) -> None:
-    for path in outcome.removes:
-        await tx.rm(path, missingOk=True)
+class _RequestReplaced(Exception):
+    """The request changed while it was executed: complete without deleting it."""
+
+
+def _applyOps(tx: ITransaction, outcome: Outcome) -> list[Deferred[Any]]:
+    """Send a kind's outcome, in order, without waiting for the replies."""
+    ops: list[Deferred[Any]] = [tx.rm(path, missingOk=True) for path in outcome.removes]
     for path, perms in outcome.mkdirs.items():
-        await tx.mkdir(path)
-        await tx.setPerms(path, perms)
-    await gatherResults([tx.write(p, v) for p, v in outcome.writes.items()])
+        ops += [tx.mkdir(path), tx.setPerms(path, perms)]
+    ops += [tx.write(p, v) for p, v in outcome.writes.items()]
+    return ops
 
 
 def guestReadable(driverDomid: int, guestDomid: int) -> list[Perm]:

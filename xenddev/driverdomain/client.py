@@ -47,7 +47,7 @@ from xenddev.driverdomain.protocol import (
     validateTarget,
 )
 from xenddev.interfaces import ITransaction, IXenStore
-from xenddev.xenstore.errors import XenStoreTimeout
+from xenddev.xenstore.errors import NoEntryError, XenStoreTimeout
 from xenddev.xenstore.paths import Perm, validateDomid, validatePath
 
 T = TypeVar("T")
@@ -166,8 +166,11 @@ class DriverDomainClient:
             writes[plugPaths.takeover] = "1"
 
         async def run() -> PlugResult:
-            await self._request(paths, Request(PLUG, plug), writes, front, takeover)
-            return await self._plugResult(paths, plugPaths, front)
+            backend, bcopy = await self._request(
+                paths, Request(PLUG, plug), writes, front, takeover
+            )
+            assert backend is not None
+            return PlugResult(paths.absolute(backend), bcopy, front, self.driverDomid)
 
         return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
 
@@ -178,8 +181,8 @@ class DriverDomainClient:
 
         async def run() -> None:
             front = await self.xs.readOrNone(plugPaths.frontend)
+            # The result's transaction removes the unplugged vbd's directory.
             await self._request(paths, Request(UNPLUG, plug), {}, front)
-            await self.xs.transact(lambda tx: _rmPlug(tx, paths, plugPaths))
 
         return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
 
@@ -239,7 +242,10 @@ class DriverDomainClient:
     def _simple(
         self, paths: ControlPaths, request: Request, writes: Mapping[str, str] | None = None
     ) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._request(paths, request, writes or {}, None))
+        async def run() -> None:
+            await self._request(paths, request, writes or {}, None)
+
+        return Deferred.fromCoroutine(run())
 
     async def ensureArea(self) -> None:
         """
@@ -301,76 +307,119 @@ class DriverDomainClient:
         writes: Mapping[str, str],
         frontend: str | None,
         takeover: bool = False,
-    ) -> None:
+    ) -> tuple[str | None, dict[str, str]]:
+        """
+        Perform one request; return, for a plug, the backend path (relative)
+        and the b-copy values.
+        """
         await self.ensureArea()
 
         async def submit(tx: ITransaction) -> None:
-            snap = await self._snapshot(tx, paths, request, frontend)
-            problem = checkPreconditions(request, snap, takeover)
+            # The precondition reads and the writes go out together: xenstored
+            # runs one connection's requests in order, so the reads see the
+            # tree before the writes, and a failed precondition aborts the
+            # transaction, writes unseen. One round trip instead of up to four.
+            snapshot = Deferred.fromCoroutine(self._snapshot(tx, paths, request, frontend))
+            ops: list[Deferred[None]] = []
+            if request.op == PREPARE:
+                # t/* may change only while neither state nor request exists.
+                ops.append(tx.rm(paths.targetDir, missingOk=True))
+            ops += [tx.write(p, v) for p, v in writes.items()]
+            ops.append(tx.write(paths.request, str(request)))
+            written = gatherResults(ops, consumeErrors=True)
+            try:
+                snap = await snapshot
+                problem = checkPreconditions(request, snap, takeover)
+            except BaseException:
+                written.addErrback(lambda _: None)
+                raise
             if problem is not None:
+                written.addErrback(lambda _: None)
                 errname, message = problem
                 raise PreconditionError(
                     XEN_ERRNO[errname], errname, message, str(request), paths.base
                 )
-            if request.op == PREPARE:
-                # t/* may change only while neither state nor request exists.
-                await tx.rm(paths.targetDir, missingOk=True)
-            await gatherResults([tx.write(p, v) for p, v in writes.items()])
-            await tx.write(paths.request, str(request))
+            await written
 
-        await self.xs.transact(submit)
+        made: Deferred[None] = _resolved(None)
+        if request.op == PREPARE:
+            # Created outside the transaction: a transaction that creates the
+            # object's directory modifies backendctrl/<class>, so concurrent
+            # prepares in one driver domain conflicted with each other
+            # (EAGAIN, retried until TransactionRetriesExhausted). Not awaited:
+            # xenstored runs it before the transaction starts. An empty object
+            # directory means nothing to the agent; a failed prepare's is
+            # removed by _collect, a failed submission's below.
+            made = self.xs.mkdir(paths.base)
+        try:
+            await self.xs.transact(submit)
+            await made
+        except PreconditionError:
+            made.addErrback(lambda _: None)
+            raise
+        except Exception:
+            made.addErrback(lambda _: None)
+            if request.op == PREPARE:
+                await _rmIfEmpty(self.xs, paths.base)
+            raise
         try:
             await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
         except XenStoreTimeout:
             raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
-        result, message = await self.xs.transact(lambda tx: self._collect(tx, paths, request))
+        result, message, backend, bcopy = await self.xs.transact(
+            lambda tx: self._collect(tx, paths, request)
+        )
         if result != 0:
             raise DriverDomainError(
                 result, XEN_ERRNO_NAME.get(result, "E?"), message, str(request), paths.base
             )
+        return backend, bcopy
 
     async def _collect(
         self, tx: ITransaction, paths: ControlPaths, request: Request
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, str | None, dict[str, str]]:
         """
         Read C{result}/C{result_msg} and tidy up: remove them, a failed plug's
         directory, and the whole object once it no longer exists (failed
-        prepare, successful unprepare) — so the tree is as before.
+        prepare, successful unprepare) — so the tree is as before. For a plug,
+        also read what the toolstack needs (backend, b-copy).
+
+        The removals go out with the reads (xenstored runs them in order, so
+        the reads see the values before the removals).
         """
-        raw, message, state = await gatherResults(
-            [
-                tx.readOrNone(paths.result),
-                tx.readOrNone(paths.resultMsg),
-                tx.readOrNone(paths.state),
+        reads: list[Deferred[Any]] = [
+            tx.readOrNone(paths.result),
+            tx.readOrNone(paths.resultMsg),
+            tx.readOrNone(paths.state),
+        ]
+        plugPaths = paths.plug(request.plug) if request.plug is not None else None
+        if plugPaths is not None:
+            reads += [
+                tx.readOrNone(plugPaths.state),
+                tx.readOrNone(plugPaths.backend),
+                _lsOrEmpty(tx, plugPaths.bcopy),
             ]
-        )
+        removals = [tx.rm(paths.result, missingOk=True), tx.rm(paths.resultMsg, missingOk=True)]
+        raw, message, state, *plugReads = await gatherResults(reads)
+        await gatherResults(removals)
         try:
             result = int(raw) if raw is not None else XEN_ERRNO["EIO"]
         except ValueError:
             result, message = XEN_ERRNO["EIO"], f"malformed result {raw!r}"
-        await gatherResults(
-            [tx.rm(paths.result, missingOk=True), tx.rm(paths.resultMsg, missingOk=True)]
-        )
+        backend: str | None = None
+        bcopy: dict[str, str] = {}
         if state is None:
             await tx.rm(paths.base, missingOk=True)
-        elif request.plug is not None:
-            plugPaths = paths.plug(request.plug)
-            if await tx.readOrNone(plugPaths.state) is None:
+        elif plugPaths is not None:
+            plugState, backend, keys = plugReads
+            if plugState is None:
                 await _rmPlug(tx, paths, plugPaths)
             else:
-                await tx.rm(plugPaths.takeover, missingOk=True)
-        return result, message or ""
-
-    async def _plugResult(
-        self, paths: ControlPaths, plugPaths: PlugPaths, frontend: str
-    ) -> PlugResult:
-        backend = await self.xs.read(plugPaths.backend)
-        bcopy: dict[str, str] = {}
-        if await self.xs.exists(plugPaths.bcopy):
-            keys = await self.xs.ls(plugPaths.bcopy)
-            values = await gatherResults([self.xs.read(f"{plugPaths.bcopy}/{k}") for k in keys])
-            bcopy = dict(zip(keys, values, strict=True))
-        return PlugResult(paths.absolute(backend), bcopy, frontend, self.driverDomid)
+                removed = tx.rm(plugPaths.takeover, missingOk=True)
+                values = await gatherResults([tx.read(f"{plugPaths.bcopy}/{k}") for k in keys])
+                bcopy = dict(zip(keys, values, strict=True))
+                await removed
+        return result, message or "", backend, bcopy
 
     async def _list(self, objectClass: ObjectClass) -> builtins.list[ObjectInfo]:
         classDir = f"/local/domain/{self.driverDomid}/backendctrl/{objectClass.name}"
@@ -408,9 +457,30 @@ class DriverDomainClient:
 
 async def _rmPlug(tx: ITransaction, paths: ControlPaths, plugPaths: PlugPaths) -> None:
     """Remove a plug's directory, and the plugs directory if it is now empty."""
-    await tx.rm(plugPaths.base, missingOk=True)
-    if await tx.exists(paths.plugsDir) and not await tx.ls(paths.plugsDir):
+    removed = tx.rm(plugPaths.base, missingOk=True)
+    left = _lsOrNone(tx, paths.plugsDir)
+    await removed
+    if await left == []:
         await tx.rm(paths.plugsDir)
+
+
+def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:
+    """C{ls}, or None if C{path} does not exist (one request, not two)."""
+    d: Deferred[Any] = ops.ls(path)
+    return d.addErrback(lambda f: f.trap(NoEntryError) and None)
+
+
+def _lsOrEmpty(ops: Any, path: str) -> Deferred[list[str]]:
+    return _lsOrNone(ops, path).addCallback(lambda names: names or [])
+
+
+async def _rmIfEmpty(xs: IXenStore, path: str) -> None:
+    """Remove C{path} if it exists and has no children."""
+    try:
+        if await _lsOrNone(xs, path) == []:
+            await xs.rm(path, missingOk=True)
+    except Exception:
+        pass  # the caller is already reporting a failure
 
 
 def _resolved(value: T) -> Deferred[T]:
