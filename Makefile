@@ -5,10 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TESTS ?= tests
 
-.PHONY: test venv system-deps shim lint typecheck check bench clean
+.PHONY: test run venv system-deps shim lint typecheck check bench clean
 
 test: venv system-deps shim
 	@bash tests/support/run-suite.sh $(PY) $(TESTS)
+
+# The daemon in the foreground; on a machine without Xen it starts the
+# embedded xenstored and SIMULATED backends/frontends.
+RUN_ARGS ?=
+run: venv
+	$(VENV)/bin/twistd -n --pidfile= xenddev $(RUN_ARGS)
 
 venv: $(VENV)/.installed
 

@@ -1,0 +1,260 @@
+"""
+The daemon's YAML configuration (L{xenddev.config}): defaults, overrides
+and, above all, that every rejection names the file line, the key and the
+value.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from xenddev.config import (
+    Config,
+    ConfigError,
+    defaultRundir,
+    defaultsAsMapping,
+    loadConfig,
+    parseConfig,
+)
+from xenddev.daemon import Options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class DefaultsTests(TestCase):
+    """What an empty file (or no file) means."""
+
+    def test_emptyFile(self) -> None:
+        """An empty document is the defaults."""
+        config = parseConfig("", "f.yaml", cwd="/srv")
+        self.assertEqual(config.xenstore, "auto")
+        self.assertTrue(config.driver_domain.enabled)
+        self.assertEqual(config.driver_domain.domid, 0)
+        self.assertEqual(config.driver_domain.kinds, ("blkback", "netback"))
+        self.assertEqual(config.xmlrpc.socket_mode, 0o600)
+        self.assertIsNone(config.xmlrpc.tcp)
+        self.assertEqual(config.xmlrpc.interface, "127.0.0.1")
+        self.assertFalse(config.metrics.enabled)
+        self.assertEqual(config.logging.format, "text")
+
+    def test_defaultRundir(self) -> None:
+        """C{/var/run/xenddev} as root, else C{run/} in the working directory."""
+        self.assertEqual(defaultRundir(euid=0), "/var/run/xenddev")
+        self.assertEqual(defaultRundir(euid=1000, cwd="/home/u"), "/home/u/run")
+
+    def test_derivedPaths(self) -> None:
+        """The sockets live in the run directory unless configured."""
+        config = Config(rundir="/r")
+        self.assertEqual(config.socketPath, "/r/xenddev.sock")
+        self.assertEqual(config.xenstoredSocketPath, "/r/xenstored/socket")
+
+    def test_fullFile(self) -> None:
+        """Every section parses into its value type; relative paths follow the file."""
+        config = parseConfig(
+            "rundir: run\n"
+            "xenstore: unix:/var/run/xenstored/socket\n"
+            "driver_domain:\n"
+            "  enabled: false\n"
+            "  domid: 3\n"
+            "  kinds: [netback]\n"
+            "  simulate: off\n"
+            "  hotplug: on\n"
+            "  hotplug_timeout: 5\n"
+            "timeouts: {create: 2.5, destroy: 3, request: 4, shutdown: 0, connect: 1}\n"
+            "xmlrpc:\n"
+            "  socket_mode: 0660\n"
+            "  tcp: tcp:8006\n"
+            "  password_file: secrets\n"
+            "logging: {format: json, level: debug, file: xenddev.log}\n"
+            "metrics: {enabled: true, endpoint: 'tcp:9102'}\n",
+            "/etc/x/f.yaml",
+            cwd="/etc/x",
+        )
+        self.assertEqual(config.rundir, "/etc/x/run")
+        self.assertFalse(config.driver_domain.enabled)
+        self.assertEqual(config.driver_domain.kinds, ("netback",))
+        self.assertEqual(config.driver_domain.simulate, "off")
+        self.assertEqual(config.driver_domain.hotplug, "on")
+        self.assertEqual(config.timeouts.create, 2.5)
+        self.assertEqual(config.timeouts.shutdown, 0.0)
+        self.assertEqual(config.xmlrpc.socket_mode, 0o660)
+        self.assertEqual(config.xmlrpc.tcp, "tcp:8006")
+        self.assertEqual(config.xmlrpc.password_file, "/etc/x/secrets")
+        self.assertEqual(config.logging.file, "/etc/x/xenddev.log")
+        self.assertTrue(config.metrics.enabled)
+
+    def test_portNumberIsTcp(self) -> None:
+        """A bare port number for C{xmlrpc.tcp} means C{tcp:PORT}."""
+        config = parseConfig("xmlrpc: {tcp: 8006, password_file: /p}\n")
+        self.assertEqual(config.xmlrpc.tcp, "tcp:8006")
+
+    def test_defaultsAsMapping(self) -> None:
+        """Every section has documented defaults (docs/config.md lists each key)."""
+        with open(os.path.join(ROOT, "docs", "config.md"), encoding="utf-8") as f:
+            doc = f.read()
+        for section, values in defaultsAsMapping().items():
+            self.assertIn(f"`{section}", doc)
+            if isinstance(values, dict):
+                for key in values:
+                    self.assertIn(f"`{section}.{key}`", doc)
+
+
+class RejectionTests(TestCase):
+    """Each bad file is refused with file:line, key and value in the message."""
+
+    def assertRejected(self, text: str, *expected: str) -> str:
+        """Parse C{text} as C{f.yaml}; the error must contain every C{expected}."""
+        e = self.assertRaises(ConfigError, parseConfig, text, "f.yaml")
+        for part in expected:
+            self.assertIn(part, str(e))
+        return str(e)
+
+    def test_unknownTopLevelKey(self) -> None:
+        """An unknown top-level key names the line and lists the known keys."""
+        self.assertRejected("xenstore: auto\nfrobnicate: 1\n", "f.yaml:2", "frobnicate", "known")
+
+    def test_unknownSectionKey(self) -> None:
+        """An unknown key in a section is named with its section."""
+        self.assertRejected("timeouts:\n  create: 3\n  creat: 4\n", "f.yaml:3", "timeouts.creat")
+
+    def test_negativeTimeout(self) -> None:
+        """A negative timeout names key, value and line."""
+        self.assertRejected("timeouts:\n  create: -3\n", "f.yaml:2", "timeouts.create", "-3")
+
+    def test_textTimeout(self) -> None:
+        """A timeout that is not a number is refused."""
+        self.assertRejected("timeouts: {destroy: soon}\n", "f.yaml:1", "timeouts.destroy", "soon")
+
+    def test_badXenstore(self) -> None:
+        """A XenStore address must be auto, embedded, unix:PATH or xenbus:PATH."""
+        self.assertRejected("\nxenstore: tcp:1\n", "f.yaml:2", "xenstore", "'tcp:1'", "embedded")
+
+    def test_relativeXenstorePath(self) -> None:
+        """A unix: address needs an absolute path."""
+        self.assertRejected("xenstore: unix:sock\n", "f.yaml:1", "xenstore", "unix:sock")
+
+    def test_unknownKind(self) -> None:
+        """An unknown driver-domain kind is named with the known ones."""
+        self.assertRejected(
+            "driver_domain:\n  kinds: [blkback, qdisk9]\n",
+            "f.yaml:2",
+            "driver_domain.kinds",
+            "qdisk9",
+            "blkback, netback",
+        )
+
+    def test_badDomid(self) -> None:
+        """A domid out of range is refused."""
+        self.assertRejected("driver_domain: {domid: 70000}\n", "driver_domain.domid", "70000")
+
+    def test_badSimulate(self) -> None:
+        """simulate is auto, on or off."""
+        self.assertRejected(
+            "driver_domain:\n  simulate: maybe\n", "f.yaml:2", "driver_domain.simulate", "maybe"
+        )
+
+    def test_badBool(self) -> None:
+        """enabled must be a boolean."""
+        self.assertRejected("driver_domain: {enabled: 2}\n", "driver_domain.enabled", "2")
+
+    def test_badMode(self) -> None:
+        """A socket mode must be octal and give the owner read/write."""
+        self.assertRejected(
+            "xmlrpc:\n  socket_mode: 999\n", "f.yaml:2", "xmlrpc.socket_mode", "999"
+        )
+        self.assertRejected("xmlrpc: {socket_mode: 400}\n", "xmlrpc.socket_mode", "400")
+
+    def test_tcpNeedsPasswords(self) -> None:
+        """A TCP listener without a password file is refused, naming its line."""
+        self.assertRejected(
+            "xmlrpc:\n  tcp: tcp:8006\n", "f.yaml:2", "xmlrpc.tcp", "tcp:8006", "password_file"
+        )
+
+    def test_badEndpoint(self) -> None:
+        """The TCP endpoint must be a tcp: endpoint string that parses."""
+        self.assertRejected(
+            "xmlrpc: {tcp: 'unix:/x', password_file: /p}\n", "xmlrpc.tcp", "unix:/x"
+        )
+        self.assertRejected(
+            "xmlrpc: {tcp: 'tcp:port=notaport', password_file: /p}\n", "xmlrpc.tcp", "notaport"
+        )
+
+    def test_badInterface(self) -> None:
+        """The interface must be an IP address."""
+        self.assertRejected("xmlrpc: {interface: localhost}\n", "xmlrpc.interface", "localhost")
+
+    def test_badLogLevel(self) -> None:
+        """Log levels are twisted.logger's."""
+        self.assertRejected("logging:\n  level: loud\n", "f.yaml:2", "logging.level", "loud")
+
+    def test_badLogFormat(self) -> None:
+        """The log format is text or json."""
+        self.assertRejected("logging: {format: xml}\n", "logging.format", "xml")
+
+    def test_sectionNotMapping(self) -> None:
+        """A section given as a scalar is refused."""
+        self.assertRejected("timeouts: 5\n", "f.yaml:1", "timeouts", "mapping")
+
+    def test_duplicateKey(self) -> None:
+        """A key given twice is refused (YAML would silently keep the last)."""
+        self.assertRejected("timeouts:\n  create: 1\n  create: 2\n", "f.yaml:3", "duplicate")
+
+    def test_notYaml(self) -> None:
+        """A syntax error names the line."""
+        self.assertRejected("timeouts:\n  create: [1\n", "f.yaml:", "not valid YAML")
+
+    def test_unsafeTagRefused(self) -> None:
+        """Safe loading only: a Python object tag is an error, never executed."""
+        self.assertRejected("rundir: !!python/object/apply:os.system ['true']\n", "f.yaml:1")
+
+    def test_unreadableFile(self) -> None:
+        """A missing file is named."""
+        e = self.assertRaises(ConfigError, loadConfig, "/nonexistent/xenddev.yaml")
+        self.assertIn("/nonexistent/xenddev.yaml", str(e))
+
+    def test_loadConfigRelativeToFile(self) -> None:
+        """loadConfig reads a file; relative paths are relative to it."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("rundir: here\n")
+        self.assertEqual(loadConfig(path).rundir, os.path.join(os.path.dirname(path), "here"))
+
+
+class OverrideTests(TestCase):
+    """Command-line flags override the file."""
+
+    def test_overrides(self) -> None:
+        """--rundir and --xenstore replace the file's values."""
+        config = parseConfig("rundir: /a\nxenstore: auto\n").withOverrides(
+            rundir="/b", xenstore="embedded"
+        )
+        self.assertEqual((config.rundir, config.xenstore), ("/b", "embedded"))
+
+    def test_badFlag(self) -> None:
+        """A bad --xenstore is named as the flag."""
+        e = self.assertRaises(ConfigError, Config().withOverrides, xenstore="nowhere")
+        self.assertIn("--xenstore", str(e))
+        self.assertIn("nowhere", str(e))
+
+    def test_daemonOptions(self) -> None:
+        """twistd's options load the file and apply the flags."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("xenstore: embedded\ntimeouts: {create: 7}\n")
+        options = Options()
+        options.parseOptions(["--config", path, "--rundir", "/tmp/r"])
+        config = options["configObject"]
+        self.assertEqual(config.rundir, "/tmp/r")
+        self.assertEqual(config.xenstore, "embedded")
+        self.assertEqual(config.timeouts.create, 7.0)
+
+    def test_daemonOptionsBadFile(self) -> None:
+        """A bad file is a usage error carrying the config's message."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("bogus: 1\n")
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
+        self.assertIn(f"{path}:1", str(e))

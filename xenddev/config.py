@@ -1,0 +1,515 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The daemon's configuration: a YAML file read with PyYAML's safe loader into
+frozen attrs value types.
+
+Every option, its default and its meaning are listed in C{docs/config.md}.
+Unknown keys and bad values are refused when the daemon starts, with a
+message naming the file and line, the key and the value::
+
+    /etc/xenddev.yaml:7: timeouts.create = -3: must be a number > 0
+
+Typical use::
+
+    config = loadConfig("/etc/xenddev.yaml").withOverrides(rundir="/tmp/run")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import yaml
+
+__all__ = [
+    "DEFAULT_ROOT_RUNDIR",
+    "Config",
+    "ConfigError",
+    "DriverDomainConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "TimeoutsConfig",
+    "XmlRpcConfig",
+    "defaultRundir",
+    "loadConfig",
+    "parseConfig",
+    "validateXenstoreAddress",
+]
+
+#: The run directory of a daemon started as root.
+DEFAULT_ROOT_RUNDIR = "/var/run/xenddev"
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+TRISTATE = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """
+    A configuration file (or an overriding flag) is invalid.
+
+    The message names where (file and line), the key and the value.
+    """
+
+
+def defaultRundir(euid: int | None = None, cwd: str | None = None) -> str:
+    """C{/var/run/xenddev} as root, else C{run/} in the working directory."""
+    uid = os.geteuid() if euid is None else euid
+    if uid == 0:
+        return DEFAULT_ROOT_RUNDIR
+    return os.path.join(cwd if cwd is not None else os.getcwd(), "run")
+
+
+def validateXenstoreAddress(value: str) -> str:
+    """
+    Check a C{xenstore} setting: C{auto}, C{embedded}, C{unix:PATH} or
+    C{xenbus:PATH}; raise C{ValueError} with the reason otherwise.
+    """
+    if value in ("auto", "embedded"):
+        return value
+    kind, sep, path = value.partition(":")
+    if kind in ("unix", "xenbus") and sep and path:
+        if not path.startswith("/"):
+            raise ValueError(f"the path in {kind}:PATH must be absolute")
+        return value
+    raise ValueError("expected auto, embedded, unix:PATH or xenbus:PATH")
+
+
+@attrs.frozen
+class DriverDomainConfig:
+    """The local driver-domain agent (C{driver_domain:})."""
+
+    enabled: bool = True
+    domid: int = 0
+    kinds: tuple[str, ...] = ("blkback", "netback")
+    script_dir: str = "/etc/xen/scripts"
+    hotplug: str = "auto"
+    hotplug_timeout: float = 40.0
+    simulate: str = "auto"
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    """Timeouts in seconds (C{timeouts:})."""
+
+    create: float = 10.0
+    destroy: float = 10.0
+    request: float = 30.0
+    shutdown: float = 30.0
+    connect: float = 10.0
+
+
+@attrs.frozen
+class XmlRpcConfig:
+    """The XML-RPC listeners (C{xmlrpc:})."""
+
+    socket: str | None = None
+    socket_mode: int = 0o600
+    tcp: str | None = None
+    interface: str = "127.0.0.1"
+    password_file: str | None = None
+    tls: str | None = None
+
+
+@attrs.frozen
+class LoggingConfig:
+    """Logging (C{logging:})."""
+
+    format: str = "text"
+    level: str = "info"
+    file: str | None = None
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The Prometheus metrics endpoint (C{metrics:}); off by default."""
+
+    enabled: bool = False
+    endpoint: str = "tcp:9102:interface=127.0.0.1"
+
+
+@attrs.frozen
+class Config:
+    """
+    The whole configuration.
+
+    @ivar rundir: where the sockets live (absolute).
+    @ivar xenstore: C{auto}, C{embedded}, C{unix:PATH} or C{xenbus:PATH}.
+    @ivar source: the file it was read from, if any.
+    """
+
+    rundir: str = attrs.field(factory=defaultRundir)
+    xenstore: str = "auto"
+    driver_domain: DriverDomainConfig = attrs.field(factory=DriverDomainConfig)
+    timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
+    xmlrpc: XmlRpcConfig = attrs.field(factory=XmlRpcConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    source: str | None = None
+
+    @property
+    def socketPath(self) -> str:
+        """The XML-RPC UNIX socket: C{xmlrpc.socket}, else C{<rundir>/xenddev.sock}."""
+        return self.xmlrpc.socket or os.path.join(self.rundir, "xenddev.sock")
+
+    @property
+    def xenstoredSocketPath(self) -> str:
+        """The embedded xenstored's socket: C{<rundir>/xenstored/socket}."""
+        return os.path.join(self.rundir, "xenstored", "socket")
+
+    def withOverrides(self, rundir: str | None = None, xenstore: str | None = None) -> Config:
+        """
+        A copy with command-line flags applied (flags override the file).
+
+        @raise ConfigError: naming the flag and its bad value.
+        """
+        config = self
+        if rundir is not None:
+            if not rundir:
+                raise ConfigError("--rundir = '': must not be empty")
+            config = attrs.evolve(config, rundir=os.path.abspath(rundir))
+        if xenstore is not None:
+            try:
+                validateXenstoreAddress(xenstore)
+            except ValueError as e:
+                raise ConfigError(f"--xenstore = {xenstore!r}: {e}") from None
+            config = attrs.evolve(config, xenstore=xenstore)
+        return config
+
+
+# The schema: for each section, key -> converter(value, node) -> value.
+# Converters raise ValueError with the reason; the caller adds where/what.
+
+Converter = Callable[[Any, yaml.Node], Any]
+
+
+def _bool(value: Any, node: yaml.Node) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _number(minimum: float = 0.0, strict: bool = True) -> Converter:
+    def convert(value: Any, node: yaml.Node) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number {'>' if strict else '>='} {minimum:g}")
+        if value < minimum or (strict and value == minimum) or value != value:
+            raise ValueError(f"must be a number {'>' if strict else '>='} {minimum:g}")
+        return float(value)
+
+    return convert
+
+
+def _domid(value: Any, node: yaml.Node) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 0x7FF0:
+        raise ValueError("must be a domain id, an integer from 0 to 32751")
+    return value
+
+
+def _string(value: Any, node: yaml.Node) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _optionalString(value: Any, node: yaml.Node) -> str | None:
+    if value is None:
+        return None
+    return _string(value, node)
+
+
+#: Keys holding file paths; relative ones are taken from the config's directory.
+PATH_KEYS = frozenset({"script_dir", "socket", "file", "password_file"})
+
+
+def _path(value: Any, node: yaml.Node) -> str:
+    path = _string(value, node)
+    if "\0" in path:
+        raise ValueError("must not contain NUL")
+    return path
+
+
+def _optionalPath(value: Any, node: yaml.Node) -> str | None:
+    return None if value is None else _path(value, node)
+
+
+def _choice(*choices: str) -> Converter:
+    def convert(value: Any, node: yaml.Node) -> str:
+        # YAML 1.1 reads a bare on/off as a boolean: take the source text.
+        text = node.value if isinstance(node, yaml.ScalarNode) else value
+        if isinstance(value, bool | str) and isinstance(text, str) and text in choices:
+            return text
+        raise ValueError(f"must be one of: {', '.join(choices)}")
+
+    return convert
+
+
+def _kinds(value: Any, node: yaml.Node) -> tuple[str, ...]:
+    from xenddev.driverdomain.kinds import KIND_FACTORIES
+
+    if isinstance(value, str):
+        value = [k.strip() for k in value.split(",") if k.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of driver-domain kinds")
+    for kind in value:
+        if kind not in KIND_FACTORIES:
+            raise ValueError(
+                f"unknown driver-domain kind {kind!r} (known: {', '.join(sorted(KIND_FACTORIES))})"
+            )
+    return tuple(value)
+
+
+def _mode(value: Any, node: yaml.Node) -> int:
+    # Read the digits as written (YAML would read 600 as decimal, 0600 as octal).
+    text = node.value if isinstance(node, yaml.ScalarNode) else ""
+    text = text.strip().removeprefix("0o")
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError("must be an octal file mode such as 600")
+    mode = int(text, 8)
+    if mode & 0o600 != 0o600:
+        raise ValueError("must give the owner read and write access")
+    return mode
+
+
+def _xenstore(value: Any, node: yaml.Node) -> str:
+    return validateXenstoreAddress(_string(value, node))
+
+
+def _endpoint(*prefixes: str) -> Converter:
+    def convert(value: Any, node: yaml.Node) -> str | None:
+        if value is None or value is False:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = f"{prefixes[0]}:{value}"
+        text = _string(value, node)
+        if text.split(":", 1)[0] not in prefixes:
+            raise ValueError(
+                f"must be a Twisted endpoint string starting with {' or '.join(prefixes)}: "
+                f"(e.g. {prefixes[0]}:8006), or null for off"
+            )
+        _checkEndpoint(text)
+        return text
+
+    return convert
+
+
+def _checkEndpoint(text: str) -> None:
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:  # every kind of parse error
+        raise ValueError(f"not a valid endpoint: {e}") from None
+
+
+def _interface(value: Any, node: yaml.Node) -> str:
+    import ipaddress
+
+    text = _string(value, node)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError("must be an IP address such as 127.0.0.1") from None
+    return text
+
+
+SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
+    "driver_domain": (
+        DriverDomainConfig,
+        {
+            "enabled": _bool,
+            "domid": _domid,
+            "kinds": _kinds,
+            "script_dir": _path,
+            "hotplug": _choice(*TRISTATE),
+            "hotplug_timeout": _number(),
+            "simulate": _choice(*TRISTATE),
+        },
+    ),
+    "timeouts": (
+        TimeoutsConfig,
+        {
+            "create": _number(),
+            "destroy": _number(),
+            "request": _number(),
+            "shutdown": _number(strict=False),
+            "connect": _number(),
+        },
+    ),
+    "xmlrpc": (
+        XmlRpcConfig,
+        {
+            "socket": _optionalPath,
+            "socket_mode": _mode,
+            "tcp": _endpoint("tcp"),
+            "interface": _interface,
+            "password_file": _optionalPath,
+            "tls": _endpoint("ssl"),
+        },
+    ),
+    "logging": (
+        LoggingConfig,
+        {
+            "format": _choice("text", "json"),
+            "level": _choice(*LOG_LEVELS),
+            "file": _optionalPath,
+        },
+    ),
+    "metrics": (
+        MetricsConfig,
+        {"enabled": _bool, "endpoint": _endpoint("tcp", "unix", "ssl")},
+    ),
+}
+
+TOP_LEVEL: dict[str, Converter] = {"rundir": _path, "xenstore": _xenstore}
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _shown(node: yaml.Node, value: Any) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        return repr(node.value) if isinstance(value, str) else str(node.value or "null")
+    return repr(value)
+
+
+def _mapping(
+    node: yaml.Node, source: str, what: str, loader: yaml.SafeLoader
+) -> list[tuple[str, yaml.Node, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(source, node)}: {what}: must be a mapping of key: value")
+    seen: dict[str, yaml.Node] = {}
+    out = []
+    for keyNode, valueNode in node.value:
+        try:
+            key = loader.construct_object(keyNode, deep=True)
+        except yaml.YAMLError:
+            key = None
+        name = f"{what}.{key}" if what != "(top level)" else str(key)
+        if not isinstance(key, str):
+            raise ConfigError(f"{_where(source, keyNode)}: {name}: keys must be strings")
+        if key in seen:
+            raise ConfigError(
+                f"{_where(source, keyNode)}: {name}: duplicate key "
+                f"(first at line {seen[key].start_mark.line + 1})"
+            )
+        seen[key] = keyNode
+        out.append((key, keyNode, valueNode))
+    return out
+
+
+def parseConfig(text: str, source: str = "<config>", cwd: str | None = None) -> Config:
+    """
+    Parse YAML text (safe loading only) into a L{Config}.
+
+    Relative paths are taken relative to the config file's directory (or
+    C{cwd}).
+
+    @raise ConfigError: naming the line, key and value of the first problem.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            line = e.problem_mark.line + 1 if e.problem_mark else 0
+            raise ConfigError(f"{source}:{line}: not valid YAML: {e.problem}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if root is None:
+            return Config(source=source)
+        base = cwd if cwd is not None else os.getcwd()
+        values: dict[str, Any] = {}
+        for key, keyNode, valueNode in _mapping(root, source, "(top level)", loader):
+            if key in TOP_LEVEL:
+                values[key] = _convert(TOP_LEVEL[key], key, valueNode, source, loader)
+                if key == "rundir":
+                    values[key] = os.path.normpath(os.path.join(base, values[key]))
+            elif key in SCHEMA:
+                cls, table = SCHEMA[key]
+                section: dict[str, Any] = {}
+                if not (isinstance(valueNode, yaml.ScalarNode) and valueNode.value in ("", "~")):
+                    for sub, subKeyNode, subNode in _mapping(valueNode, source, key, loader):
+                        name = f"{key}.{sub}"
+                        if sub not in table:
+                            raise ConfigError(
+                                f"{_where(source, subKeyNode)}: {name}: unknown key "
+                                f"(known in {key}: {', '.join(table)})"
+                            )
+                        conv = _convert(table[sub], name, subNode, source, loader)
+                        if isinstance(conv, str) and sub in PATH_KEYS:
+                            conv = os.path.normpath(os.path.join(base, conv))
+                        section[sub] = conv
+                values[key] = cls(**section)
+            else:
+                known = ", ".join([*TOP_LEVEL, *SCHEMA])
+                raise ConfigError(f"{_where(source, keyNode)}: {key}: unknown key (known: {known})")
+        config = Config(source=source, **values)
+    finally:
+        loader.dispose()
+    _crossCheck(config, root, source)
+    return config
+
+
+def _convert(
+    conv: Converter, name: str, node: yaml.Node, source: str, loader: yaml.SafeLoader
+) -> Any:
+    try:
+        value = loader.construct_object(node, deep=True)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{_where(source, node)}: {name} = {node.tag}: {problem}") from None
+    try:
+        return conv(value, node)
+    except ValueError as e:
+        raise ConfigError(f"{_where(source, node)}: {name} = {_shown(node, value)}: {e}") from None
+
+
+def _lineOf(root: yaml.Node | None, section: str, key: str) -> int | None:
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    for k, v in root.value:
+        if k.value == section and isinstance(v, yaml.MappingNode):
+            for sk, _ in v.value:
+                if sk.value == key:
+                    return int(sk.start_mark.line) + 1
+    return None
+
+
+def _crossCheck(config: Config, root: yaml.Node | None, source: str) -> None:
+    rpc = config.xmlrpc
+    if (rpc.tcp or rpc.tls) and not rpc.password_file:
+        key = "tcp" if rpc.tcp else "tls"
+        line = _lineOf(root, "xmlrpc", key)
+        raise ConfigError(
+            f"{source}:{line}: xmlrpc.{key} = {getattr(rpc, key)!r}: a network listener "
+            f"needs xmlrpc.password_file (HTTP Basic credentials, one user:password a line)"
+        )
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read and check a configuration file.
+
+    @raise ConfigError: if it cannot be read or is invalid.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
+    return parseConfig(text, path, cwd=os.path.dirname(os.path.abspath(path)))
+
+
+def defaultsAsMapping() -> Mapping[str, Any]:
+    """Every option with its default, as nested dicts (for docs and tests)."""
+    out: dict[str, Any] = {"rundir": None, "xenstore": "auto"}
+    for section, (cls, _) in SCHEMA.items():
+        out[section] = attrs.asdict(cls())
+    return out

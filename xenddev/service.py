@@ -1,0 +1,759 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+The xenddev daemon as a Twisted L{MultiService}: XenStore (a real
+xenstored, or the embedded one), the local driver-domain agent, the
+SIMULATED xenbus ends (only on the embedded default), the L{DeviceManager}
+and the XML-RPC listeners.
+
+Start-up order: run directory → XenStore (probe or embedded) → connections
+→ driver-domain area and agent → simulators → device manager → listeners;
+the line C{xenddev ready} is logged last. Shutdown is the reverse: the
+listeners close first (no new requests), in-flight device operations get
+C{timeouts.shutdown} seconds to finish and are then cancelled (their
+compensation runs), then the agent, simulators, connections and the
+embedded xenstored stop, and the sockets are removed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import IO, Any, Protocol, cast
+
+from twisted.application.service import MultiService
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    maybeDeferred,
+    succeed,
+)
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from xenddev.config import Config
+from xenddev.controller import DeviceError
+from xenddev.toolstack import DeviceManager
+
+__all__ = [
+    "RpcFactories",
+    "ServiceDeviceManager",
+    "ShuttingDownError",
+    "StartupError",
+    "XenddevService",
+    "loadRpcFactories",
+    "onXenHost",
+]
+
+
+#: Seconds, at least, that cancelled operations get to run their compensation.
+CANCEL_GRACE = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (the message says why and what to do)."""
+
+
+class ShuttingDownError(DeviceError):
+    """The daemon is shutting down and accepts no new device operations."""
+
+    code = "busy"
+
+
+class RpcFactories(Protocol):
+    """What the service needs from C{xenddev.xmlrpc}."""
+
+    def rpcSite(self, manager: DeviceManager) -> Any:
+        """A C{twisted.web.server.Site} serving the XML-RPC API."""
+
+    def rpcResource(self, manager: DeviceManager) -> Any:
+        """The XML-RPC resource (wrapped in HTTP Basic auth for TCP)."""
+
+
+def loadRpcFactories() -> RpcFactories:
+    """
+    Import C{xenddev.xmlrpc} (C{rpcSite}, C{rpcResource}).
+
+    @raise StartupError: if that module is missing or incomplete.
+    """
+    try:
+        # Imported by name: the module is written separately and may be absent.
+        module = importlib.import_module("xenddev.xmlrpc")
+    except ImportError as e:
+        raise StartupError(
+            f"the XML-RPC service module xenddev.xmlrpc cannot be imported ({e}); "
+            "this build of xenddev has no XML-RPC listener"
+        ) from None
+    for name in ("rpcSite", "rpcResource"):
+        if not callable(getattr(module, name, None)):
+            raise StartupError(f"xenddev.xmlrpc has no {name}(manager); it is incomplete")
+    return cast(RpcFactories, module)
+
+
+def onXenHost(exists: Callable[[str], bool] = os.path.exists) -> bool:
+    """Whether this machine runs on Xen (a xenbus device or /proc/xen/capabilities)."""
+    return any(exists(p) for p in ("/dev/xen/xenbus", "/proc/xen/xenbus", "/proc/xen/capabilities"))
+
+
+def _removeSocket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class ServiceDeviceManager(DeviceManager):
+    """
+    A L{DeviceManager} that logs one line per device operation (domain,
+    class, devid, outcome, duration), counts operations for the metrics,
+    refuses new operations while shutting down, and can drain the ones in
+    flight (see L{drain}).
+
+    @param ensureGuest: called with a domid before a device is created for
+        it (the SIMULATED mode registers the guest and simulates its
+        frontends); C{None} on a real host.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        xs: Any,
+        reactor: Any,
+        ensureGuest: Callable[[int], Deferred[None]] | None = None,
+        **controllerArgs: Any,
+    ) -> None:
+        super().__init__(xs, **controllerArgs)
+        self.reactor = reactor
+        self.ensureGuest = ensureGuest
+        self.accepting = True
+        self.operations: set[Deferred[Any]] = set()
+        #: (operation, class, outcome) -> count
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        #: (operation, class) -> total seconds
+        self.durations: Counter[tuple[str, str]] = Counter()
+
+    def _run(
+        self, op: str, domid: int, devclass: str, devid: object, start: Callable[[], Deferred[Any]]
+    ) -> Deferred[Any]:
+        if not self.accepting:
+            raise ShuttingDownError("xenddev is shutting down; no new device operations")
+        began = self.reactor.seconds()
+        d = maybeDeferred(start)
+        self.operations.add(d)
+
+        def done(result: object) -> object:
+            self.operations.discard(d)
+            duration = self.reactor.seconds() - began
+            if isinstance(result, Failure):
+                if result.check(CancelledError):
+                    outcome = "cancelled"
+                else:
+                    outcome = getattr(result.value, "code", None) or "error"
+                detail = result.getErrorMessage()
+            else:
+                outcome, detail = "ok", ""
+            shown = result if op == "create" and not isinstance(result, Failure) else devid
+            self.counts[(op, devclass, outcome)] += 1
+            self.durations[(op, devclass)] += duration
+            self.log.info(
+                "device {op} domain={domid} class={devclass} devid={devid} "
+                "outcome={outcome} duration={duration:.3f}s{detail}",
+                op=op,
+                domid=domid,
+                devclass=devclass,
+                devid=shown,
+                outcome=outcome,
+                duration=duration,
+                detail=f" ({detail})" if detail else "",
+            )
+            return result
+
+        return d.addBoth(done)
+
+    def createDevice(self, domid: int, devclass: str, config: Mapping[str, Any]) -> Deferred[int]:
+        """Create a device (see L{DeviceManager.createDevice}); logged and tracked."""
+
+        async def create() -> int:
+            if self.ensureGuest is not None:
+                await self.ensureGuest(domid)
+            result: int = await DeviceManager.createDevice(self, domid, devclass, config)
+            return result
+
+        return self._run("create", domid, devclass, "new", lambda: Deferred.fromCoroutine(create()))
+
+    def destroyDevice(
+        self, domid: int, devclass: str, devid: object, force: bool = False
+    ) -> Deferred[None]:
+        """Destroy a device (see L{DeviceManager.destroyDevice}); logged and tracked."""
+        return self._run(
+            "destroy",
+            domid,
+            devclass,
+            devid,
+            lambda: DeviceManager.destroyDevice(self, domid, devclass, devid, force),
+        )
+
+    def reconfigureDevice(
+        self, domid: int, devclass: str, devid: object, config: Mapping[str, Any]
+    ) -> Deferred[int]:
+        """Reconfigure a device (see L{DeviceManager.reconfigureDevice}); logged and tracked."""
+        return self._run(
+            "configure",
+            domid,
+            devclass,
+            devid,
+            lambda: DeviceManager.reconfigureDevice(self, domid, devclass, devid, config),
+        )
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Stop accepting operations; wait up to C{timeout} seconds for those
+        in flight, then cancel the rest (each runs its compensation) and
+        wait for them to settle (at most C{timeout} seconds more, but no
+        less than L{CANCEL_GRACE}).
+        """
+        self.accepting = False
+
+        async def run() -> None:
+            if not self.operations:
+                return
+            self.log.info(
+                "Waiting up to {t:g}s for {n} device operation(s) in flight",
+                t=timeout,
+                n=len(self.operations),
+            )
+            if await self._waitAll(timeout):
+                return
+            self.log.warn(
+                "Cancelling {n} device operation(s) still in flight after {t:g}s",
+                n=len(self.operations),
+                t=timeout,
+            )
+            for d in list(self.operations):
+                d.cancel()
+            if not await self._waitAll(max(timeout, CANCEL_GRACE)):
+                self.log.error(
+                    "{n} device operation(s) did not settle after cancellation",
+                    n=len(self.operations),
+                )
+
+        return Deferred.fromCoroutine(run())
+
+    async def _waitAll(self, timeout: float) -> bool:
+        pending = list(self.operations)
+        if not pending:
+            return True
+        waiter: Deferred[Any] = DeferredList([_observe(d) for d in pending], consumeErrors=True)
+        timedOut: list[bool] = []
+
+        def expire() -> None:
+            timedOut.append(True)
+            waiter.cancel()
+
+        call = self.reactor.callLater(timeout, expire)
+        try:
+            await waiter
+        except CancelledError:
+            pass
+        finally:
+            if call.active():
+                call.cancel()
+        return not timedOut and not self.operations
+
+
+def _observe(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred firing (with None) when C{d} does, without touching C{d}'s result."""
+    out: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        if not out.called:
+            out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
+
+
+class SimulatedGuests:
+    """
+    SIMULATED guests: a guest domain needs to exist (and to have frontend
+    drivers) before devices can be attached to it; without a hypervisor
+    there are no guests, so this registers the domain in XenStore the way
+    a domain builder would and starts a frontend simulator for it.
+    """
+
+    log = Logger()
+
+    def __init__(self, manager: DeviceManager | None, host: Any, driverDomid: int) -> None:
+        self.manager = manager
+        self.host = host
+        self.driverDomid = driverDomid
+        self._lock = DeferredLock()
+
+    def ensureGuest(self, domid: int) -> Deferred[None]:
+        """Register guest C{domid} and simulate its frontends, once."""
+        if domid in self.host.frontends or domid == self.driverDomid:
+            return succeed(None)
+
+        async def add() -> None:
+            if domid in self.host.frontends:
+                return
+            assert self.manager is not None
+            await self.manager.registerDomain(domid, name=f"simulated-guest-{domid}")
+            await self.host.addGuest(domid)
+            self.log.info(
+                "SIMULATED guest domain {domid} registered (no hypervisor: its frontends "
+                "are played by xenddev's simulator)",
+                domid=domid,
+            )
+
+        return self._lock.run(lambda: Deferred.fromCoroutine(add()))
+
+
+@implementer(ILogObserver)
+class _LevelObserver:
+    """Filters events below a level before handing them to an observer."""
+
+    def __init__(self, observer: ILogObserver, level: str) -> None:
+        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+        self._observer = FilteringLogObserver(observer, [predicate])
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._observer(event)
+
+
+class XenddevService(MultiService):
+    """
+    The daemon's services wired together from a L{Config}.
+
+    @param config: the configuration (flags already applied).
+    @param reactor: the reactor (injected; the global one if C{None}).
+    @param rpc: provides C{rpcSite}/C{rpcResource} (default: L{loadRpcFactories}).
+    @param exists: C{os.path.exists}, replaceable to test the discovery.
+    @param stopReactorOnFailure: stop the reactor if start-up fails (the daemon).
+    @param listen: open the XML-RPC (and metrics) listeners; the embedding
+        API (L{xenddev.embed}) calls the manager directly and opens none.
+
+    @ivar ready: fires when everything is up (or fails with the reason).
+    @ivar manager: the L{ServiceDeviceManager}, once started.
+    @ivar simulated: whether the xenbus simulator runs.
+    @ivar xenstoreAddress: the XenStore address in use.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        rpc: RpcFactories | None = None,
+        exists: Callable[[str], bool] = os.path.exists,
+        stopReactorOnFailure: bool = False,
+        listen: bool = True,
+    ) -> None:
+        super().__init__()
+        self.listen = listen
+        self.stopReactorOnFailure = stopReactorOnFailure
+        self.config = config
+        self._reactor = reactor
+        self._rpc = rpc
+        self._exists = exists
+        self.ready: Deferred[None] = Deferred()
+        self.manager: ServiceDeviceManager | None = None
+        self.simulated = False
+        self.embedded = False
+        self.xenstoreAddress: str | None = None
+        self.xenstored: Any = None
+        self.agent: Any = None
+        self.simHost: Any = None
+        self.guests: SimulatedGuests | None = None
+        self.ports: list[Any] = []
+        self._connections: list[Any] = []
+        self._starting: Deferred[None] | None = None
+        self._stopping: Deferred[None] | None = None
+        self._logObserver: ILogObserver | None = None
+        self._logFile: IO[str] | None = None
+        self._socketPaths: list[str] = []
+
+    @property
+    def reactor(self) -> Any:
+        """The injected reactor, or the global one."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    # Start
+
+    def startService(self) -> None:
+        """Start everything; L{ready} fires when done. A failure stops the reactor."""
+        self._startLogging()
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        self._starting = d
+
+        def failed(f: Failure) -> None:
+            if f.check(StartupError):
+                self.log.error("xenddev cannot start: {why}", why=f.getErrorMessage())
+            else:
+                self.log.failure("xenddev cannot start", f)
+            if not self.ready.called:
+                self.ready.errback(f)
+            if self.stopReactorOnFailure and getattr(self.reactor, "running", False):
+                self.reactor.stop()
+
+        def started(_: object) -> None:
+            if not self.ready.called:
+                self.ready.callback(None)
+
+        d.addCallbacks(started, failed)
+
+    def _startLogging(self) -> None:
+        cfg = self.config.logging
+        if cfg.file is None:
+            return
+        self._logFile = open(cfg.file, "a", buffering=1, encoding="utf-8")
+        observer = (
+            jsonFileLogObserver(self._logFile)
+            if cfg.format == "json"
+            else textFileLogObserver(self._logFile)
+        )
+        self._logObserver = _LevelObserver(observer, cfg.level)
+        globalLogPublisher.addObserver(self._logObserver)
+
+    def _stopLogging(self) -> None:
+        if self._logObserver is not None:
+            globalLogPublisher.removeObserver(self._logObserver)
+            self._logObserver = None
+        if self._logFile is not None:
+            self._logFile.close()
+            self._logFile = None
+
+    async def _start(self) -> None:
+        cfg = self.config
+        rpc: RpcFactories | None = None
+        if self.listen:
+            rpc = self._rpc if self._rpc is not None else loadRpcFactories()
+        os.makedirs(cfg.rundir, mode=0o755, exist_ok=True)
+        address = await self._chooseXenStore()
+        dd = cfg.driver_domain
+        self.simulated = self._decideSimulation()
+        xs = await self._connect(address)
+        if self.embedded:
+            await self._initialiseDom0(xs)
+        from xenddev.driverdomain.client import DriverDomainClient
+
+        if dd.enabled:
+            await DriverDomainClient(xs, dd.domid).ensureArea()
+            await self._startAgent(address)
+        if self.simulated:
+            await self._startSimulators(address)
+        self.manager = ServiceDeviceManager(
+            xs,
+            self.reactor,
+            ensureGuest=self.guests.ensureGuest if self.guests is not None else None,
+            createTimeout=cfg.timeouts.create,
+            destroyTimeout=cfg.timeouts.destroy,
+            requestTimeout=cfg.timeouts.request,
+        )
+        if self.guests is not None:
+            self.guests.manager = self.manager
+        if rpc is not None:
+            await self._listen(rpc, self.manager)
+        self.log.info(
+            "xenddev ready: XML-RPC on {socket}, XenStore {address}{embedded}{sim}",
+            socket=cfg.socketPath if rpc is not None else "(none)",
+            address=self.xenstoreAddress,
+            embedded=" (embedded xenstored)" if self.embedded else "",
+            sim=" — SIMULATED backends and frontends" if self.simulated else "",
+        )
+
+    async def _chooseXenStore(self) -> str:
+        from xenddev.xenstore.endpoints import parseAddress
+
+        cfg = self.config
+        if cfg.xenstore == "embedded":
+            return self._startEmbedded("xenstore: embedded")
+        if cfg.xenstore != "auto":
+            self.xenstoreAddress = cfg.xenstore
+            return cfg.xenstore
+        addr = parseAddress("auto", exists=self._exists)
+        if addr.kind == "xenbus":
+            self.xenstoreAddress = str(addr)
+            return str(addr)
+        if self._exists(addr.path) and await self._probe(str(addr)):
+            self.xenstoreAddress = str(addr)
+            return str(addr)
+        return self._startEmbedded(f"no xenstored reachable at {addr.path} and no xenbus device")
+
+    async def _probe(self, address: str) -> bool:
+        from xenddev.xenstore.connection import connectXenStore
+
+        try:
+            d = connectXenStore(self.reactor, address)
+            d.addTimeout(self.config.timeouts.connect, self.reactor)
+            client = await d
+        except Exception as e:
+            self.log.warn("xenstored at {address} is not reachable: {e}", address=address, e=e)
+            return False
+        await client.disconnect()
+        return True
+
+    def _startEmbedded(self, why: str) -> str:
+        from xenddev.xenstore.server.service import XenstoredService
+
+        path = self.config.xenstoredSocketPath
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.log.info("Starting the embedded xenstored on {path} ({why})", path=path, why=why)
+        self.xenstored = XenstoredService(path, reactor=self.reactor)
+        self.xenstored.setServiceParent(self)
+        self.embedded = True
+        self._socketPaths.append(path)
+        self.xenstoreAddress = f"unix:{path}"
+        return self.xenstoreAddress
+
+    def _decideSimulation(self) -> bool:
+        mode = self.config.driver_domain.simulate
+        if mode == "off":
+            return False
+        if mode == "auto":
+            return self.embedded and not onXenHost(self._exists)
+        if onXenHost(self._exists):
+            raise StartupError(
+                "driver_domain.simulate is 'on' but this is a Xen host: the simulator would "
+                "fight the real backends and frontends; set it to auto or off"
+            )
+        return True
+
+    async def _connect(self, address: str) -> Any:
+        from xenddev.xenstore.connection import ReconnectingXenStore
+        from xenddev.xenstore.endpoints import endpointFor
+
+        xs = ReconnectingXenStore(cast(Any, endpointFor(self.reactor, address)), self.reactor)
+        self._connections.append(xs)
+        xs.start()
+        d = xs.whenConnected()
+        d.addTimeout(self.config.timeouts.connect, self.reactor)
+        try:
+            await d
+        except Exception as e:
+            raise StartupError(
+                f"cannot connect to XenStore at {address} within "
+                f"{self.config.timeouts.connect:g}s: {e}"
+            ) from None
+        return xs
+
+    async def _initialiseDom0(self, xs: Any) -> None:
+        # What xencommons' init does on a real host.
+        async def init(tx: Any) -> None:
+            if await tx.readOrNone("/local/domain/0/domid") is None:
+                await tx.write("/local/domain/0/domid", "0")
+                await tx.write("/local/domain/0/name", "Domain-0")
+
+        await xs.transact(init)
+
+    async def _startAgent(self, address: str) -> None:
+        from xenddev.driverdomain.agent import BackendCtrlAgent
+        from xenddev.driverdomain.kinds import kindsByName
+
+        dd = self.config.driver_domain
+        xs = await self._connect(address)
+        hotplug = None
+        useHotplug = dd.hotplug == "on" or (dd.hotplug == "auto" and not self.simulated)
+        if useHotplug:
+            from xenddev.hotplug import HotplugRunner
+
+            hotplug = HotplugRunner(
+                dd.script_dir,
+                xenstore=xs,
+                timeout=dd.hotplug_timeout,
+                xenstoredPath=address.partition(":")[2] if address.startswith("unix:") else None,
+                reactor=self.reactor,
+            )
+        self.agent = BackendCtrlAgent(xs, dd.domid, kindsByName(dd.kinds), hotplug)
+        await self.agent.start()
+        self.log.info(
+            "Driver-domain agent for domain {domid} (kinds {kinds}; hotplug scripts {hp})",
+            domid=dd.domid,
+            kinds=",".join(dd.kinds),
+            hp=dd.script_dir if hotplug is not None else "off",
+        )
+
+    async def _startSimulators(self, address: str) -> None:
+        from xenddev.simulator import SimulatedHost
+
+        xs = await self._connect(address)
+        dd = self.config.driver_domain.domid
+        guests = []
+        for name in await _lsOrEmpty(xs, "/local/domain"):
+            if name.isdigit() and int(name) != dd and await xs.exists(f"/local/domain/{name}/vm"):
+                guests.append(int(name))
+        self.log.warn(
+            "SIMULATED xenbus: no hypervisor here, so xenddev plays the kernel backends of "
+            "domain {dd} and the frontends of every guest; nothing is really attached",
+            dd=dd,
+        )
+        self.simHost = SimulatedHost(xs, dd, guests)
+        await self.simHost.start()
+        self.guests = SimulatedGuests(None, self.simHost, dd)
+
+    # Listeners
+
+    async def _listen(self, rpc: RpcFactories, manager: DeviceManager) -> None:
+        from twisted.internet.endpoints import quoteStringArgument, serverFromString
+
+        cfg = self.config
+        path = cfg.socketPath
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        desc = (
+            f"unix:address={quoteStringArgument(path)}:mode={cfg.xmlrpc.socket_mode:o}:lockfile=1"
+        )
+        try:
+            port = await serverFromString(self.reactor, desc).listen(rpc.rpcSite(manager))
+        except Exception as e:
+            raise StartupError(
+                f"cannot listen on {path}: {e} (is another xenddev running with this rundir?)"
+            ) from None
+        self.ports.append(port)
+        self._socketPaths.append(path)
+        self.log.info("XML-RPC listening on {path}", path=path)
+        for spec in (cfg.xmlrpc.tcp, cfg.xmlrpc.tls):
+            if spec:
+                await self._listenNetwork(rpc, manager, spec)
+        if cfg.metrics.enabled:
+            from xenddev.metrics import metricsSite
+
+            mport = await serverFromString(
+                self.reactor, self._withInterface(cfg.metrics.endpoint)
+            ).listen(metricsSite(self))
+            self.ports.append(mport)
+            self.log.info("Metrics on {endpoint}", endpoint=cfg.metrics.endpoint)
+
+    def _withInterface(self, spec: str) -> str:
+        if spec.startswith(("tcp:", "ssl:")) and "interface=" not in spec:
+            return f"{spec}:interface={self.config.xmlrpc.interface}"
+        return spec
+
+    async def _listenNetwork(self, rpc: RpcFactories, manager: DeviceManager, spec: str) -> None:
+        from twisted.cred.checkers import FilePasswordDB
+        from twisted.cred.portal import Portal
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.guard import BasicCredentialFactory, HTTPAuthSessionWrapper
+        from twisted.web.server import Site
+
+        passwords = self.config.xmlrpc.password_file
+        assert passwords is not None  # the config refuses a listener without one
+        try:
+            st = os.stat(passwords)
+        except OSError as e:
+            raise StartupError(f"xmlrpc.password_file {passwords}: {e.strerror}") from None
+        if st.st_mode & 0o077:
+            raise StartupError(
+                f"xmlrpc.password_file {passwords} is readable by others "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
+            )
+        portal = Portal(_RpcRealm(rpc.rpcResource(manager)), [FilePasswordDB(passwords)])
+        wrapper = HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"xenddev")])
+        full = self._withInterface(spec)
+        try:
+            port = await serverFromString(self.reactor, full).listen(Site(wrapper))
+        except Exception as e:
+            raise StartupError(f"cannot listen on {full}: {e}") from None
+        self.ports.append(port)
+        self.log.info("XML-RPC listening on {endpoint} (HTTP Basic auth)", endpoint=full)
+
+    # Stop
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting, drain operations (bounded), stop everything, remove
+        sockets. A second call waits for the first.
+        """
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._stop())
+        waiter: Deferred[None] = Deferred()
+
+        def release(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        self._stopping.addBoth(release)
+        return waiter
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        self.log.info("xenddev stopping")
+        ports, self.ports = self.ports, []
+        await DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        if self.manager is not None:
+            await self.manager.drain(self.config.timeouts.shutdown)
+        if self.simHost is not None:
+            await _quietly(self.simHost.stop())
+        if self.agent is not None:
+            await _quietly(self.agent.stop())
+        connections, self._connections = self._connections, []
+        for xs in reversed(connections):
+            await _quietly(xs.stop())
+        await MultiService.stopService(self)  # the embedded xenstored
+        # A UNIX port removes its socket one reactor turn after stopListening.
+        from twisted.internet.task import deferLater
+
+        for _ in range(3):
+            await deferLater(self.reactor, 0, lambda: None)
+        for path in self._socketPaths:
+            _removeSocket(path)
+        self.log.info("xenddev stopped")
+        self._stopLogging()
+
+
+async def _quietly(d: Deferred[Any] | None) -> None:
+    if d is None:
+        return
+    try:
+        await d
+    except Exception:
+        Logger().failure("Error while stopping")
+
+
+async def _lsOrEmpty(xs: Any, path: str) -> list[str]:
+    from xenddev.xenstore.errors import NoEntryError
+
+    try:
+        names: list[str] = await xs.ls(path)
+    except NoEntryError:
+        return []
+    return names
+
+
+@implementer(IRealm)
+class _RpcRealm:
+    """Every authenticated user gets the XML-RPC resource."""
+
+    def __init__(self, resource: Any) -> None:
+        self.resource = resource
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        from twisted.web.resource import IResource
+
+        if IResource in interfaces:
+            return (IResource, self.resource, lambda: None)
+        raise NotImplementedError()
