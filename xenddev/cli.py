@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import sys
+import time
 import xmlrpc.client
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
@@ -313,8 +314,16 @@ class Client:
         self.emit(rows, networkTable(rows))
 
     def status(self) -> None:
-        """status."""
-        info = self.call("daemon.status")
+        """status (with --wait, retry until the daemon answers or time runs out)."""
+        deadline = time.monotonic() + self.opts.wait
+        while True:
+            try:
+                info = self.call("daemon.status")
+                break
+            except CommandError as e:
+                if e.exitCode != EXIT_UNREACHABLE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
         text = (
             f"xenddev {info.get('version')} running (pid {info.get('pid')}, "
             f"up {info.get('uptime', 0):.0f} s) on {self.opts.socket}\n"
@@ -419,6 +428,13 @@ def buildParser(
     p.set_defaults(run=Client.networkList)
 
     p = command("status", "show the daemon's status", "Show whether the daemon runs, and how.")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the daemon to come up (scripts starting it)",
+    )
     p.set_defaults(run=Client.status)
     return parser
 
