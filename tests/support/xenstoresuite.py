@@ -245,6 +245,27 @@ class XenStoreClientSuite:
         self.assertTrue(await self.client.isDomainIntroduced(0))
         self.assertFalse(await self.client.isDomainIntroduced(42))
 
+    @deferredTest
+    async def test_introduceAndReleaseDomain(self) -> None:
+        """
+        INTRODUCE fires @introduceDomain and makes the domain introduced;
+        RELEASE fires @releaseDomain and forgets it.
+        """
+        introduced, released = EventRecorder(), EventRecorder()
+        hi = await self.client.watch("@introduceDomain", introduced)
+        hr = await self.client.watch("@releaseDomain", released)
+        await introduced.waitFor("@introduceDomain")
+        await released.waitFor("@releaseDomain")
+        self.assertFalse(await self.client.isDomainIntroduced(7))
+        await self.client.introduceDomain(7, 4096, 1)
+        await introduced.waitFor("@introduceDomain", 2)
+        self.assertTrue(await self.client.isDomainIntroduced(7))
+        await self.client.releaseDomain(7)
+        await released.waitFor("@releaseDomain", 2)
+        self.assertFalse(await self.client.isDomainIntroduced(7))
+        await hi.stop()
+        await hr.stop()
+
     # Errors from the server
 
     @deferredTest
