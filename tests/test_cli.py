@@ -249,9 +249,9 @@ class CLISuite(DeviceServiceFixture):
         """status says the daemon runs, its classes, and where; --json too."""
         out = await self.ok("status")
         self.assertIn("running", out)
-        self.assertIn("device classes: vbd vif", out)
+        self.assertIn("device classes: tap tap2 vbd vif", out)
         info = json.loads(await self.ok("status", "--json"))
-        self.assertEqual((info["classes"], info["socket"]), (["vbd", "vif"], self.rpcPath))
+        self.assertEqual((info["classes"], info["socket"]), (["tap", "tap2", "vbd", "vif"], self.rpcPath))
 
     @deferredTest
     async def test_errorExitCodes(self) -> None:

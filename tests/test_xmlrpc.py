@@ -208,9 +208,9 @@ class XMLRPCSuite(DeviceServiceFixture):
         sig = await self.call("system.methodSignature", "device.detach")
         self.assertEqual(sig, [["boolean", "int", "string", "int", "boolean"]])
         status = await self.call("daemon.status")
-        self.assertEqual(status["classes"], ["vbd", "vif"])
+        self.assertEqual(status["classes"], ["tap", "tap2", "vbd", "vif"])
         self.assertEqual(status["in-flight"], 0)
-        self.assertEqual(await self.call("device.classes"), ["vbd", "vif"])
+        self.assertEqual(await self.call("device.classes"), ["tap", "tap2", "vbd", "vif"])
 
     # Block devices
 
@@ -297,7 +297,7 @@ class XMLRPCSuite(DeviceServiceFixture):
         )
         self.assertIn("line 1, column 1", f.faultString)
         f = await self.assertFault(FaultCode.BAD_CONFIG, "device.attach", GUEST, "pci", {})
-        self.assertIn("unknown device class 'pci' (known: vbd, vif)", f.faultString)
+        self.assertIn("unknown device class 'pci' (known: tap, tap2, vbd, vif)", f.faultString)
         f = await self.assertFault(FaultCode.BAD_CONFIG, "device.attach", GUEST, "vif", [])
         self.assertIn("config must be a struct", f.faultString)
         f = await self.assertFault(

@@ -256,3 +256,50 @@ class IDevController(Interface):
 
     def migrate(deviceConfig, network, dst, step, domName):
         """xend's external-migration-tool steps 0-3; fires with 0 on success."""
+
+
+class ITapCtl(Interface):
+    """
+    Tapdisk control, as blktap's C{tap-ctl} offers it (see
+    C{xenddev.tapctl}); every method returns a Deferred and fails with
+    C{TapCtlError} (command, exit code, stderr).
+    """
+
+    def list(pid=None, minor=None, type=None, path=None):
+        """Fire with the tapdisks (C{TapdiskInfo}), optionally filtered."""
+
+    def allocate():
+        """Allocate a minor; fire with its device node."""
+
+    def free(minor):
+        """Release a minor."""
+
+    def create(args, readonly=False):
+        """allocate + spawn + attach + open C{<type>:<path>}; fire with the node."""
+
+    def destroy(pid, minor):
+        """close + detach + free; the tapdisk process exits."""
+
+    def spawn():
+        """Start a tapdisk process; fire with its pid."""
+
+    def attach(pid, minor):
+        """Attach a tapdisk to a minor."""
+
+    def detach(pid, minor):
+        """Detach a tapdisk from a minor."""
+
+    def open(pid, minor, args, readonly=False):
+        """Open the image C{<type>:<path>}."""
+
+    def close(pid, minor, force=False):
+        """Close the image."""
+
+    def pause(pid, minor):
+        """Pause I/O."""
+
+    def unpause(pid, minor, args=None):
+        """Resume I/O; with C{args}, reopen on new parameters."""
+
+    def stats(pid, minor):
+        """Fire with the tapdisk's statistics (text)."""

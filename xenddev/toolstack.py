@@ -39,10 +39,15 @@ BLOCK_CLASSES = ("vbd", "tap", "tap2")
 def defaultControllers() -> dict[str, type[DevController]]:
     """The controller class for each device class this build supports."""
     from controllers.blkif import BlkifController
+    from controllers.blktap import Blktap2Controller, BlktapController
     from controllers.vif import VifController
 
-    # tap and tap2 join with the blktap controllers.
-    return {"vbd": BlkifController, "vif": VifController}
+    return {
+        "vbd": BlkifController,
+        "tap": BlktapController,
+        "tap2": Blktap2Controller,
+        "vif": VifController,
+    }
 
 
 @attrs.frozen

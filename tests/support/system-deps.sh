@@ -6,8 +6,9 @@
 set -u
 # The C xenstored and its tools; the hotplug scripts and what they call
 # (losetup/flock/setsid, logger, ip, brctl); gcc builds the test shim.
+# qemu-storage-daemon, qemu-img and qemu-io serve the qemu data path.
 packages=(xen-utils-4.17 xenstore-utils xen-utils-common util-linux bsdutils iproute2
-          bridge-utils gcc make)
+          bridge-utils gcc make qemu-system-common qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

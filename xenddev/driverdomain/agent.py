@@ -23,6 +23,7 @@ and its records under C{/local/domain/<self>/private/xenddev/}:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -171,6 +172,7 @@ class BackendCtrlAgent:
             for cls in OBJECT_CLASSES:
                 await tx.mkdir(f"{self.private}/{top}/{cls}")
         await tx.mkdir(f"{self.private}/devices")
+        await tx.mkdir(f"{self.private}/datapath")  # the data-path registry (seed 002)
 
     async def stop(self) -> None:
         """Stop watching, then let running jobs finish."""
@@ -331,8 +333,8 @@ class BackendCtrlAgent:
             msg=f" ({message})" if message else "",
         )
         if ok and request is not None:
-            if request.op == PLUG and plugSpec is not None:
-                dev = plugSpec.device
+            if request.op == PLUG and outcome is not None and outcome.backend is not None:
+                dev = backendRef(paths.absolute(outcome.backend))
                 self._pokeDevice(dev.deviceClass, dev.frontendDomid, dev.devid)
             elif request.op == ACTIVATE:
                 # Not awaited here, so the object's next request need not
@@ -528,7 +530,7 @@ class BackendCtrlAgent:
                 ops += [tx.write(f"{pp.bcopy}/{k}", v) for k, v in outcome.bcopy.items()]
                 ops.append(
                     tx.write(
-                        self._deviceRecord(plugSpec.device),
+                        self._deviceRecord(backendRef(paths.absolute(outcome.backend))),
                         f"{paths.objectClass.name}/{paths.name}/{request.plug}",
                     )
                 )
@@ -548,7 +550,7 @@ class BackendCtrlAgent:
                             _rmWithEmptyParents(tx, plugSpec.backend, f"{self.home}/backend")
                         )
                     )
-                record = self._deviceRecord(plugSpec.device)
+                record = self._deviceRecord(self._hotplugRef(plugSpec))
                 chains.append(
                     Deferred.fromCoroutine(
                         _rmWithEmptyParents(tx, record, f"{self.private}/devices")
@@ -592,10 +594,17 @@ class BackendCtrlAgent:
 
     async def _reconsiderPlugs(self, paths: ControlPaths) -> None:
         for plug in await self._plugged(paths):
-            front = await self.xs.readOrNone(paths.plug(plug).frontend)
-            if front is not None:
-                ref = DeviceRef.fromFrontendPath(front)
+            backend = await self.xs.readOrNone(paths.plug(plug).backend)
+            if backend is not None:
+                ref = backendRef(paths.absolute(backend))
                 self._pokeDevice(ref.deviceClass, ref.frontendDomid, ref.devid)
+
+    @staticmethod
+    def _hotplugRef(spec: PlugSpec) -> DeviceRef:
+        # Device records and hotplug jobs are keyed by the *backend*
+        # directory (backend/<class>/<domu>/<devid>): its class may differ
+        # from the frontend's (blktap1 serves device/vbd from backend/tap).
+        return backendRef(spec.backend) if spec.backend is not None else spec.device
 
     def _pokeDevice(self, devclass: str, domu: int, devid: int) -> None:
         key = (devclass, domu, devid)
@@ -666,26 +675,26 @@ class BackendCtrlAgent:
 
     async def _addHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
         """Run the add script unless it already ran for this device."""
-        record = f"{self._deviceRecord(spec.device)}/hotplug"
+        record = f"{self._deviceRecord(self._hotplugRef(spec))}/hotplug"
 
         async def addOnce() -> None:
             if await self.xs.readOrNone(record) is None:
                 await self._runHotplug(kind, ctx, spec, "add")
 
-        await self._hotplugJob(spec.device, addOnce)
+        await self._hotplugJob(self._hotplugRef(spec), addOnce)
 
     async def _removeHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec) -> None:
         """
         Run the remove script at most once per device, whoever asks first
         (the dispatcher on Closed, or an unplug), and only after the add.
         """
-        record = f"{self._deviceRecord(spec.device)}/hotplug"
+        record = f"{self._deviceRecord(self._hotplugRef(spec))}/hotplug"
 
         async def removeOnce() -> None:
             if await self.xs.readOrNone(record) == HOTPLUG_ADDED:
                 await self._runHotplug(kind, ctx, spec, "remove")
 
-        await self._hotplugJob(spec.device, removeOnce)
+        await self._hotplugJob(self._hotplugRef(spec), removeOnce)
 
     async def _runHotplug(self, kind: Any, ctx: KindContext, spec: PlugSpec, action: str) -> None:
         assert spec.backend is not None
@@ -696,7 +705,7 @@ class BackendCtrlAgent:
             if action == "add":
                 await self._reportHotplugStatus(spec.backend, "connected")
             await self._markHotplug(
-                spec.device, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED
+                self._hotplugRef(spec), HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED
             )
             return
         assert self.hotplug is not None
@@ -714,9 +723,13 @@ class BackendCtrlAgent:
             )
             if action == "add":
                 await self._reportHotplugFailure(spec.backend, str(e))
-                await self._markHotplug(spec.device, HOTPLUG_ADDED)  # so remove still runs
+                await self._markHotplug(
+                    self._hotplugRef(spec), HOTPLUG_ADDED
+                )  # so remove still runs
                 return
-        await self._markHotplug(spec.device, HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED)
+        await self._markHotplug(
+            self._hotplugRef(spec), HOTPLUG_ADDED if action == "add" else HOTPLUG_REMOVED
+        )
 
     async def _markHotplug(self, ref: DeviceRef, value: str) -> None:
         """
@@ -774,6 +787,17 @@ def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:
     """C{ls}, or None if C{path} does not exist (one request, not two)."""
     d: Deferred[Any] = ops.ls(path)
     return d.addErrback(lambda f: f.trap(NoEntryError) and None)
+
+
+_BACKEND = re.compile(r"/local/domain/\d+/backend/([a-z0-9]+)/(\d+)/(\d+)\Z")
+
+
+def backendRef(path: str) -> DeviceRef:
+    """The device of an absolute backend directory (class = backend class)."""
+    m = _BACKEND.match(path)
+    if m is None:
+        raise KindError("EINVAL", f"{path!r} is not a backend directory")
+    return DeviceRef(m.group(1), int(m.group(2)), int(m.group(3)))
 
 
 def _validName(name: str) -> bool:

@@ -86,7 +86,9 @@ class _Operations:
 
     def _pathRequest(self, op: Op, path: str, extra: bytes = b"") -> Deferred[bytes]:
         p = validatePath(path)
-        payload = _checkSize(p.encode("ascii") + b"\0" + extra, f"{op.name} {p}")
+        payload = p.encode("ascii") + b"\0" + extra
+        if len(payload) > PAYLOAD_MAX:
+            _checkSize(payload, f"{op.name} {p}")  # raises, naming the request
         return self._send(op, payload, p)
 
     def readBytes(self, path: str) -> Deferred[bytes]:

@@ -49,12 +49,30 @@ def _ascii(path: object, what: str = "path") -> str:
     return path
 
 
+#: Paths already found valid (a toolstack uses the same few thousand paths
+#: over and over; checking them is a measurable share of a request's cost).
+_VALID_PATH_CACHE: dict[str, str] = {}
+_VALID_PATHS_MAX = 8192
+
+
 def validatePath(path: object) -> str:
     """
     Check an absolute or relative XenStore path and return it as C{str}.
 
     @raise InvalidPathError: naming the broken rule.
     """
+    if type(path) is str:
+        known = _VALID_PATH_CACHE.get(path)
+        if known is not None:
+            return known
+    p = _checkPath(path)
+    if len(_VALID_PATH_CACHE) >= _VALID_PATHS_MAX:
+        _VALID_PATH_CACHE.clear()
+    _VALID_PATH_CACHE[p] = p
+    return p
+
+
+def _checkPath(path: object) -> str:
     p = _ascii(path)
     if not p:
         raise InvalidPathError(path, "empty path")

@@ -25,10 +25,24 @@ def _netback() -> IDriverDomainKind:
     return NetbackKind()
 
 
+def _tap() -> IDriverDomainKind:
+    from xenddev.driverdomain.kinds.tap import TapKind
+
+    return TapKind()
+
+
+def _qemu() -> IDriverDomainKind:
+    from xenddev.driverdomain.kinds.qemu import QemuKind
+
+    return QemuKind()
+
+
 #: Kind factories by the name used in configuration.
 KIND_FACTORIES: dict[str, Callable[[], IDriverDomainKind]] = {
     "blkback": _blkback,
     "netback": _netback,
+    "tap": _tap,
+    "qemu": _qemu,
 }
 
 
