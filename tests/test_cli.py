@@ -251,7 +251,9 @@ class CLISuite(DeviceServiceFixture):
         self.assertIn("running", out)
         self.assertIn("device classes: tap tap2 vbd vif", out)
         info = json.loads(await self.ok("status", "--json"))
-        self.assertEqual((info["classes"], info["socket"]), (["tap", "tap2", "vbd", "vif"], self.rpcPath))
+        self.assertEqual(
+            (info["classes"], info["socket"]), (["tap", "tap2", "vbd", "vif"], self.rpcPath)
+        )
 
     @deferredTest
     async def test_errorExitCodes(self) -> None:
