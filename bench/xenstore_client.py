@@ -27,10 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -115,17 +116,20 @@ def benchPyxs(socketPath: str, n: int) -> dict[str, Result]:
     return results
 
 
-def xenddevOps(client: Any) -> dict[str, Callable[[int], Awaitable[object]]]:
-    """The five workloads as coroutine factories on a XenStoreClient."""
+def xenddevOps(client: Any) -> dict[str, Callable[[int], Deferred[Any]]]:
+    """The five workloads as Deferred factories on a XenStoreClient."""
 
-    async def txEmpty(i: int) -> None:
+    async def emptyTransaction() -> None:
         tx = await client.startTransaction()
         await tx.commit()
+
+    def txEmpty(i: int) -> Deferred[Any]:
+        return Deferred.fromCoroutine(emptyTransaction())
 
     async def rmw(tx: Any, path: str) -> None:
         await tx.write(path, str(int(await tx.read(path)) + 1))
 
-    def txRmw(i: int) -> Awaitable[object]:
+    def txRmw(i: int) -> Deferred[Any]:
         # Each in-flight slot has its own counter, as xenstored detects
         # conflicts per node: (c) measures pipelining, not retries.
         path = f"/bench/ctr/{100 + i % 100}"
@@ -140,23 +144,34 @@ def xenddevOps(client: Any) -> dict[str, Callable[[int], Awaitable[object]]]:
     }
 
 
-async def timeAsync(n: int, inflight: int, op: Callable[[int], Awaitable[object]]) -> Result:
-    """Run C{op(i)} n times keeping C{inflight} calls outstanding."""
-    from twisted.internet.defer import Deferred, gatherResults
-
+def timeAsync(n: int, inflight: int, op: Callable[[int], Deferred[Any]]) -> Deferred[Result]:
+    """
+    Run C{op(i)} n times keeping C{inflight} calls outstanding, chaining
+    plain Deferred callbacks (as a Twisted program would), timing each call.
+    """
     lat: list[float] = []
     clock = time.perf_counter
-    counter = iter(range(n))
-
-    async def worker() -> None:
-        for i in counter:
-            t = clock()
-            await op(i)
-            lat.append(clock() - t)
-
+    done: Deferred[Result] = Deferred()
+    counters = {"next": 0, "finished": 0}
     start = clock()
-    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(inflight)])
-    return Result(n, clock() - start, tuple(lat))
+
+    def launch() -> None:
+        i = counters["next"]
+        counters["next"] += 1
+        t = clock()
+        op(i).addCallbacks(finished, done.errback, callbackArgs=(t,))
+
+    def finished(_: object, t: float) -> None:
+        lat.append(clock() - t)
+        counters["finished"] += 1
+        if counters["next"] < n:
+            launch()
+        elif counters["finished"] == n:
+            done.callback(Result(n, clock() - start, tuple(lat)))
+
+    for _ in range(min(inflight, n)):
+        launch()
+    return done
 
 
 async def benchXenddev(
