@@ -51,6 +51,11 @@ class _Pending:
         self.deferred = deferred
         self.context = context
 
+    def cancel(self, d: Deferred[bytes]) -> None:
+        # Keep the id reserved until the reply comes, so a late reply cannot
+        # be matched to a newer request reusing the id.
+        self.deferred = None
+
 
 class XenStoreProtocol(Protocol):
     """
@@ -75,6 +80,9 @@ class XenStoreProtocol(Protocol):
         self._lostWaiters: list[Deferred[None]] = []
         self.maxInFlight = maxInFlight
         self.eventReceived: EventHandler = self._dropEvent
+        #: While replies are being dispatched, requests their callbacks make
+        #: are collected here and written once afterwards.
+        self._batch: list[bytes] | None = None
         #: Counters for benchmarks and metrics.
         self.requestsSent = 0
         self.unexpectedPackets = 0
@@ -147,13 +155,7 @@ class XenStoreProtocol(Protocol):
         rid = self._allocateReqId()
         data = encodePacket(op, rid, txId, payload)
         entry = _Pending(op, None, context)
-
-        def cancel(d: Deferred[bytes]) -> None:
-            # Keep the id reserved until the reply comes, so a late reply
-            # cannot be matched to a newer request reusing the id.
-            entry.deferred = None
-
-        d: Deferred[bytes] = Deferred(cancel)
+        d: Deferred[bytes] = Deferred(entry.cancel)
         entry.deferred = d
         self._pending[rid] = entry
         self.requestsSent += 1
@@ -161,9 +163,15 @@ class XenStoreProtocol(Protocol):
             self._queue.append(data)
         else:
             self._onWire += 1
+            self._write(data)
+        return d
+
+    def _write(self, data: bytes) -> None:
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
             assert self.transport is not None
             self.transport.write(data)
-        return d
 
     # Replies
 
@@ -179,8 +187,17 @@ class XenStoreProtocol(Protocol):
             assert self.transport is not None
             self.transport.loseConnection()
             return
-        for packet in packets:
-            self._dispatch(packet)
+        # Requests made by the callbacks of these replies (the pipelined
+        # case) go out in one write instead of one each.
+        batch: list[bytes] = []
+        self._batch = batch
+        try:
+            for packet in packets:
+                self._dispatch(packet)
+        finally:
+            self._batch = None
+            if batch and self.transport is not None:
+                self.transport.write(b"".join(batch))
 
     def _dispatch(self, packet: Packet) -> None:
         if packet.op == Op.WATCH_EVENT:
@@ -216,8 +233,7 @@ class XenStoreProtocol(Protocol):
         self._onWire -= 1
         if self._queue:
             self._onWire += 1
-            assert self.transport is not None
-            self.transport.write(self._queue.popleft())
+            self._write(self._queue.popleft())
         d, entry.deferred = entry.deferred, None
         if d is None:
             return  # cancelled by its caller
