@@ -28,6 +28,7 @@ from xenddev.xenstore.server.tree import (
     PERM_WRITE,
     RECORD_HEADER,
     RECORD_PERM,
+    UNSEEN,
     Node,
     PermSet,
     Tree,
@@ -202,7 +203,7 @@ class XenStoreServer:
             assert p is not None
             if p.children is None:
                 p.children = {}
-            p.children[name] = Node(b"", DEFAULT_PERMS, tree.nextGeneration())
+            p.children[name] = Node(b"", DEFAULT_PERMS, UNSEEN)
         tree.recount()
 
     # Connections
@@ -444,7 +445,7 @@ class XenStoreServer:
         child: Node | None = None
         childName = b""
         for n in reversed(names):
-            node = Node(value if child is None else b"", perms, tree.nextGeneration())
+            node = Node(value if child is None else b"", perms, UNSEEN)
             if child is not None:
                 node.children = {childName: child}
             child = node
@@ -453,7 +454,7 @@ class XenStoreServer:
         if parent.children is None:
             parent.children = {}
         parent.children[childName] = child
-        parent.generation = tree.nextGeneration()
+        parent.generation = UNSEEN
         tree.countEntry(perms.owner, len(names))
         leafNode = child
         up: Node = parent
@@ -492,31 +493,40 @@ class XenStoreServer:
             del parent.children[path.rsplit(b"/", 1)[1]]
             if not parent.children:
                 parent.children = None
-            parent.generation = tree.nextGeneration()
+            parent.generation = UNSEEN
             for p, n, par, exact in events:
                 self.fireWatches(conn, None, p, n, exact, parent=par)
             return
-        # In a transaction: read every node through the overlay (recording
-        # it, as C's tree walk does), then delete bottom-up.
-        order: list[tuple[bytes, TxNode]] = []
-
-        def visit(p: bytes, n: TxNode) -> None:
-            for name in list(n.children):
-                cp = childPath(p, name)
-                c = tx.read(cp)
-                if c is not None:
-                    visit(cp, c)
-            order.append((p, n))
-
+        # In a transaction, C's tree walk: read each node through the
+        # overlay on the way down (recording the access), delete it on the
+        # way up, taking its entry out of its parent's copy. A child its
+        # parent lists but that is missing stops the walk with EIO, keeping
+        # what was deleted so far; so does a top node its parent does not
+        # list. Both happen only when the transaction's copy of a parent is
+        # stale, so that it cannot commit anyway.
         assert isinstance(node, TxNode) and isinstance(parent, TxNode)
-        visit(path, node)
-        for p, tn in order:
-            tx.delete(p)
-            tx.countEntry(tn.perms.owner, -1)
-            self.fireWatches(conn, tx, p, tn, p != path)
+        walk: list[tuple[bytes, TxNode, list[bytes]]] = [(path, node, list(node.children))]
+        while walk:
+            wp, wn, todo = walk[-1]
+            if todo:
+                cp = childPath(wp, todo.pop(0))
+                child = tx.read(cp)
+                if child is None:
+                    raise XsError("EIO")
+                walk.append((cp, child, list(child.children)))
+                continue
+            walk.pop()
+            tx.delete(wp)
+            tx.countEntry(wn.perms.owner, -1)
+            self.fireWatches(conn, tx, wp, wn, wp != path)
+            if walk:
+                up, upNode, _ = walk[-1]
+                upNode.children.remove(wp.rsplit(b"/", 1)[1])
+                tx.write(up, upNode)
         name = path.rsplit(b"/", 1)[1]
-        if name in parent.children:
-            parent.children.remove(name)
+        if name not in parent.children:
+            raise XsError("EIO")
+        parent.children.remove(name)
         tx.write(parentPath, parent)
 
     # Operations. Each returns the reply payload or raises XsError.
@@ -535,7 +545,7 @@ class XenStoreServer:
         first, second, _ = payload.split(b"\0")
         node = self._getNode(conn, tx, self._canonical(conn, first), PERM_READ)
         off = cAtoi(second) & 0xFFFFFFFF
-        gen = b"%d\0" % node.generation
+        gen = b"%d\0" % (self.tree.observe(node) if isinstance(node, Node) else node.generation)
         children = node.childBytes()
         total = len(children)
         if off >= total:
@@ -580,7 +590,7 @@ class XenStoreServer:
         if tx is None:
             assert isinstance(node, Node)
             node.value = value
-            node.generation = self.tree.nextGeneration()
+            node.generation = UNSEEN
         else:
             assert isinstance(node, TxNode)
             node.value = value
@@ -647,7 +657,7 @@ class XenStoreServer:
         assert name is not None
         old = node.perms
         if not conn.privileged and perms.owner != old.owner:
-            raise XsError("EINVAL")  # C says EPERM, which the wire cannot carry
+            raise XsError("EPERM")  # the last entry of C's xsd_errors table
         if not conn.privileged:
             self._checkSize(
                 conn, tx, node.recordSize() + RECORD_PERM * (len(perms.entries) - len(old.entries))
@@ -658,7 +668,7 @@ class XenStoreServer:
         node.perms = perms
         if tx is None:
             assert isinstance(node, Node)
-            node.generation = self.tree.nextGeneration()
+            node.generation = UNSEEN
         else:
             assert isinstance(node, TxNode)
             tx.write(name, node)
@@ -771,7 +781,10 @@ class XenStoreServer:
         return _OK
 
     def releaseDomain(self, domid: int) -> None:
-        """Forget domain C{domid}: remove the nodes it owns, fire @releaseDomain."""
+        """
+        Forget domain C{domid}: remove the nodes it owns, ignore from now on
+        the permission entries naming it, fire @releaseDomain.
+        """
         self.introduced.discard(domid)
         self.targets.pop(domid, None)
         if self.tree.entries.get(domid, 0) > 0:
@@ -779,9 +792,43 @@ class XenStoreServer:
                 node = self.tree.lookup(path)
                 if node is not None:
                     self._removeSubtree(None, None, path, node)
+        self._ignoreEntries(domid)
         for key, perms in list(self.specialPerms.items()):
             self.specialPerms[key] = _withoutDomain(perms, domid)
         self.fireWatches(None, None, b"@releaseDomain", None, True)
+
+    def _ignoreEntries(self, domid: int) -> None:
+        """
+        Mark the non-owner entries naming C{domid} ignored, on every node
+        and in every open transaction: a domain introduced later with the
+        same id must not inherit them (C 4.17 ignores the entries of a
+        domain newer than the node's last write; GET_PERMS still lists
+        them, a new SET_PERMS replaces them).
+        """
+        fixed: dict[PermSet, PermSet] = {}
+
+        def fix(perms: PermSet) -> PermSet:
+            new = fixed.get(perms)
+            if new is None:
+                entries = perms.entries
+                if any(d == domid and not b & PERM_IGNORE for d, b in entries[1:]):
+                    rest = tuple((d, b | PERM_IGNORE if d == domid else b) for d, b in entries[1:])
+                    new = PermSet.make((entries[0], *rest))
+                else:
+                    new = perms
+                fixed[perms] = new
+            return new
+
+        # Most releases name no permission set: skip the walk then.
+        if all(fix(p) is p for p in PermSet.interned()):
+            return
+        for _, node in self.tree.walk():
+            node.perms = fix(node.perms)
+        for conn in self.connections:
+            for tx in conn.transactions.values():
+                for entry in tx.accessed.values():
+                    if entry.node is not None:
+                        entry.node.perms = fix(entry.node.perms)
 
     def _ownedTops(self, domid: int) -> list[bytes]:
         tops: list[bytes] = []

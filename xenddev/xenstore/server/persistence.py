@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from xenddev.xenstore.server.tree import Node, PermSet, Tree, parentOf
+from xenddev.xenstore.server.tree import UNSEEN, Node, PermSet, Tree, parentOf
 
 MAGIC = b"xenddev-xenstored-state 1\n"
 
@@ -55,7 +55,7 @@ def loadTree(data: bytes) -> Tree:
             raise ValueError(f"state file lists {path!r} before its parent")
         if parent.children is None:
             parent.children = {}
-        parent.children[path.rsplit(b"/", 1)[1]] = Node(value, perms, tree.nextGeneration())
+        parent.children[path.rsplit(b"/", 1)[1]] = Node(value, perms, UNSEEN)
     tree.recount()
     return tree
 

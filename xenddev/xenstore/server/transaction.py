@@ -13,7 +13,7 @@ the global nodes, and the watch events queued in the transaction fire.
 
 from __future__ import annotations
 
-from xenddev.xenstore.server.tree import NO_GENERATION, Node, PermSet, Tree, parentOf
+from xenddev.xenstore.server.tree import NO_GENERATION, UNSEEN, Node, PermSet, Tree, parentOf
 
 
 class TxNode:
@@ -116,8 +116,9 @@ class Transaction:
         if g is None:
             self._add(path, Accessed(None, NO_GENERATION, True))
             return None
-        node = TxNode(g.value, g.perms, g.generation, list(g.children) if g.children else [])
-        self._add(path, Accessed(node, g.generation, True))
+        gen = self.tree.observe(g)
+        node = TxNode(g.value, g.perms, gen, list(g.children) if g.children else [])
+        self._add(path, Accessed(node, gen, True))
         return node
 
     def _entry(self, path: bytes) -> Accessed:
@@ -176,10 +177,6 @@ class Transaction:
         C{(path, exact, oldPerms)} in access order.
         """
         tree = self.tree
-        gens = {}
-        for path, entry in self.accessed.items():
-            if entry.modified and entry.node is not None:
-                gens[path] = tree.nextGeneration()
         # Parents before children, so that a new node's parent exists (the
         # overlay is flat like the C daemon's TDB, our tree is not).
         present = sorted(
@@ -194,13 +191,13 @@ class Transaction:
                 parent = tree.lookup(parentOf(path))
                 if parent is None:  # pragma: no cover - prevented by the generation checks
                     continue
-                g = Node(b"", tn.perms, 0)
+                g = Node(b"", tn.perms, UNSEEN)
                 if parent.children is None:
                     parent.children = {}
                 parent.children[path.rsplit(b"/", 1)[1]] = g
             g.value = tn.value
             g.perms = tn.perms
-            g.generation = gens[path]
+            g.generation = UNSEEN
             old = g.children or {}
             if tn.children:
                 new: dict[bytes, Node] = {}
@@ -208,7 +205,7 @@ class Transaction:
                     c = old.get(name)
                     # A child new in the transaction has its own entry,
                     # deeper, which fills this placeholder in.
-                    new[name] = c if c is not None else Node(b"", tn.perms, 0)
+                    new[name] = c if c is not None else Node(b"", tn.perms, UNSEEN)
                 g.children = new
             else:
                 g.children = None

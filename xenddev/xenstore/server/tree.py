@@ -5,9 +5,10 @@ The node tree of the embedded xenstored.
 Memory matters (the target is within 3x of the C daemon with 100 000 nodes),
 so a node is a four-slot object: its value (bytes), its permission set (a
 shared, interned L{PermSet}), a dict of children (None for a leaf) and its
-generation count. Names and paths stay C{bytes}, as on the wire: nothing is
-decoded on the hot path. Node names are the keys of the parent's dict, whose
-insertion order is the child order xenstored reports.
+generation count (the shared L{UNSEEN} until someone needs a number). Names
+and paths stay C{bytes}, as on the wire: nothing is decoded on the hot path.
+Node names are the keys of the parent's dict, whose insertion order is the
+child order xenstored reports.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ _BITS_LETTER = {PERM_NONE: "n", PERM_READ: "r", PERM_WRITE: "w", 3: "b"}
 
 #: The generation of a node that does not exist (C NO_GENERATION, ~0).
 NO_GENERATION = 0xFFFFFFFFFFFFFFFF
+
+#: The generation of a global node that changed since anyone last looked at
+#: its generation. A real number is handed out on demand (L{Tree.observe}):
+#: only a transaction's read and DIRECTORY_PART need one, and most of the
+#: 100 000 nodes of a big store never meet either, so they share this small
+#: int instead of holding an int object of their own (32 bytes each).
+UNSEEN = 0
 
 #: C{sizeof(struct xs_tdb_record_hdr)} and C{sizeof(struct xs_permissions)}:
 #: the node-size quota counts the record as the C daemon stores it.
@@ -65,6 +73,11 @@ class PermSet:
             p.wire = b"".join(_permToString(d, b).encode() + b"\0" for d, b in entries)
             cls._interned[entries] = p
         return p
+
+    @classmethod
+    def interned(cls) -> list[PermSet]:
+        """Every permission set made so far (a superset of those in use)."""
+        return list(cls._interned.values())
 
     def withOwner(self, domid: int) -> PermSet:
         """The same list with another owner (what an unprivileged creator gets)."""
@@ -217,12 +230,24 @@ class Tree:
     def __init__(self) -> None:
         self.generation = 0
         self.entries: dict[int, int] = {}
-        self.root = Node(b"", DEFAULT_PERMS, self.nextGeneration())
+        self.root = Node(b"", DEFAULT_PERMS, UNSEEN)
 
     def nextGeneration(self) -> int:
         """C{++generation}: every write, delete, and transaction start."""
         self.generation += 1
         return self.generation
+
+    def observe(self, node: Node) -> int:
+        """
+        The generation of a global C{node}, giving it a fresh one if it is
+        L{UNSEEN}: two observations of a node are equal exactly when it has
+        not changed in between (every change resets it to L{UNSEEN}).
+        """
+        gen = node.generation
+        if gen == UNSEEN:
+            self.generation += 1
+            gen = node.generation = self.generation
+        return gen
 
     def lookup(self, path: bytes) -> Node | None:
         """The node at an absolute, valid C{path}, or None."""
