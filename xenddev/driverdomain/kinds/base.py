@@ -129,3 +129,43 @@ NOTHING = Outcome()
 def done(outcome: Outcome = NOTHING) -> Deferred[Outcome]:
     """An already-fired Deferred with C{outcome}."""
     return succeed(outcome)
+
+
+class KernelBackendKind:
+    """
+    Shared lifecycle of the kinds whose backend is a kernel driver fed by a
+    hotplug script (blkback, netback): nothing to allocate or pause, so
+    activate, deactivate, unprepare and unplug have no effect of their own
+    (the agent runs the add script once the object is active and the
+    remove script before an unplug completes).
+    """
+
+    def activate(self, ctx: KindContext) -> Deferred[Outcome]:
+        """Nothing to do: the agent runs the hotplug script once active."""
+        return done()
+
+    def deactivate(self, ctx: KindContext) -> Deferred[Outcome]:
+        """A kernel backend cannot pause: I/O stops when the guest disconnects."""
+        return done()
+
+    def unprepare(self, ctx: KindContext) -> Deferred[Outcome]:
+        """Nothing was allocated by prepare."""
+        return done()
+
+    def unplug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
+        """The agent removes the backend directory after the remove script."""
+        return done()
+
+    def _backendFor(self, ctx: KindContext, plug: PlugSpec, deviceClass: str) -> tuple[str, str]:
+        """
+        Check the frontend is of C{deviceClass}; return the backend directory
+        (relative to the driver domain's home, and absolute).
+        """
+        if plug.device.deviceClass != deviceClass:
+            raise KindError(
+                "EINVAL",
+                f"{type(self).__name__} serves {deviceClass} frontends, "
+                f"not {plug.device.deviceClass}",
+            )
+        rel = plug.device.backendRelative(deviceClass)
+        return rel, ctx.paths.absolute(rel)

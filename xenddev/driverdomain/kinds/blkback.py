@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from xenddev.driverdomain.kinds.base import (
+    KernelBackendKind,
     KindContext,
     KindError,
     Outcome,
@@ -42,7 +43,7 @@ DEVTYPES = ("disk", "cdrom")
 
 
 @implementer(IDriverDomainKind)
-class BlkbackKind:
+class BlkbackKind(KernelBackendKind):
     """
     Serves C{phy} and C{file} targets with blkback and the C{block} script.
 
@@ -87,28 +88,11 @@ class BlkbackKind:
         self._check(ctx.target)
         return done()
 
-    def activate(self, ctx: KindContext) -> Deferred[Outcome]:
-        """Nothing to do: the agent runs the hotplug script once active."""
-        return done()
-
-    def deactivate(self, ctx: KindContext) -> Deferred[Outcome]:
-        """blkback cannot pause: I/O stops when the guest disconnects."""
-        return done()
-
-    def unprepare(self, ctx: KindContext) -> Deferred[Outcome]:
-        """Nothing was allocated by prepare."""
-        return done()
-
     def plug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
         """Create C{backend/vbd/<domu>/<devid>} for the frontend."""
-        if plug.device.deviceClass != "vbd":
-            raise KindError(
-                "EINVAL", f"blkback serves vbd frontends, not {plug.device.deviceClass}"
-            )
         target = ctx.target
         dd, domu = ctx.driverDomid, plug.device.frontendDomid
-        rel = plug.device.backendRelative("vbd")
-        backend = ctx.paths.absolute(rel)
+        rel, backend = self._backendFor(ctx, plug, "vbd")
         mode = target.get("mode", "w")
         values = {
             "frontend": plug.frontend,
@@ -132,10 +116,6 @@ class BlkbackKind:
                 writes={f"{backend}/{k}": v for k, v in values.items()},
             )
         )
-
-    def unplug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
-        """The agent removes the backend directory after the remove script."""
-        return done()
 
     def hotplugCommand(
         self, ctx: KindContext, plug: PlugSpec, action: str

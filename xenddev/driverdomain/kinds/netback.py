@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from xenddev.driverdomain.kinds.base import (
+    KernelBackendKind,
     KindContext,
     KindError,
     Outcome,
@@ -40,7 +41,7 @@ _IPS = re.compile(r"[0-9a-fA-F.:/ ]{1,256}\Z")
 
 
 @implementer(IDriverDomainKind)
-class NetbackKind:
+class NetbackKind(KernelBackendKind):
     """Serves vifs with netback and a vif hotplug script."""
 
     name = "netback"
@@ -64,28 +65,11 @@ class NetbackKind:
             raise KindError("EINVAL", f"ip {t['ip']!r} is not a list of addresses")
         return done()
 
-    def activate(self, ctx: KindContext) -> Deferred[Outcome]:
-        """Nothing to do: the agent runs the hotplug script once active."""
-        return done()
-
-    def deactivate(self, ctx: KindContext) -> Deferred[Outcome]:
-        """Nothing to do."""
-        return done()
-
-    def unprepare(self, ctx: KindContext) -> Deferred[Outcome]:
-        """Nothing was allocated."""
-        return done()
-
     def plug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
         """Create C{backend/vif/<domu>/<devid>} for the frontend."""
-        if plug.device.deviceClass != "vif":
-            raise KindError(
-                "EINVAL", f"netback serves vif frontends, not {plug.device.deviceClass}"
-            )
         t = ctx.target
         dd, domu = ctx.driverDomid, plug.device.frontendDomid
-        rel = plug.device.backendRelative("vif")
-        backend = ctx.paths.absolute(rel)
+        rel, backend = self._backendFor(ctx, plug, "vif")
         values = {
             "frontend": plug.frontend,
             "frontend-id": str(domu),
@@ -106,10 +90,6 @@ class NetbackKind:
                 writes={f"{backend}/{k}": v for k, v in values.items()},
             )
         )
-
-    def unplug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
-        """The agent removes the backend directory after the offline script."""
-        return done()
 
     def hotplugCommand(
         self, ctx: KindContext, plug: PlugSpec, action: str
