@@ -19,7 +19,7 @@ out=$(mktemp)
 "$py" -m coverage run --branch --source=xenddev,controllers -m twisted.trial "${tests[@]}" 2>&1 | tee "$out"
 trial_status=$?
 echo "== coverage"
-"$py" -m coverage report --skip-covered --sort=cover | tail -25
+"$py" -m coverage report --skip-covered --sort=cover
 
 "$py" tests/support/summarize.py "$out"
 sum_status=$?
