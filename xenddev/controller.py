@@ -210,6 +210,12 @@ class DevController:
 
     plugName = "p0"
 
+    #: Retry budget of this controller's transactions. Devices of one guest
+    #: are siblings in XenStore, so concurrent creates and destroys conflict
+    #: on the shared parent (EAGAIN) by design; a compensation step that gave
+    #: up would leave nodes behind, which is worse than waiting.
+    transactAttempts: ClassVar[int] = 500
+
     # Subclass interface
 
     def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
@@ -274,7 +280,9 @@ class DevController:
             await dd.prepare(vdi, details.target, self.objectClass)
             plug = await dd.plug(vdi, self.plugName, self.frontendPath(devid), self.objectClass)
             undo.push("frontend", lambda: self._removeFrontend(devid))
-            await self.xs.transact(lambda tx: self._writeFrontend(tx, details, plug))
+            await self.xs.transact(
+                lambda tx: self._writeFrontend(tx, details, plug), self.transactAttempts
+            )
             await dd.activate(vdi, self.objectClass)
             await self._waitConnected(devid, plug.backendPath)
         except BaseException as e:
@@ -328,7 +336,7 @@ class DevController:
                 await tx.write(f"{record}/config/{key}", value)
             return devid
 
-        return await self.xs.transact(claim)
+        return await self.xs.transact(claim, self.transactAttempts)
 
     async def _writeFrontend(
         self, tx: ITransaction, details: DeviceDetails, plug: PlugResult
@@ -409,7 +417,7 @@ class DevController:
             await self._cleanToolstackSide(devid, ddId, vdi, "driver domain is gone")
             return
         if backend is not None and mode is not DestroyMode.FORCE:
-            await self.xs.transact(lambda tx: self._close(tx, backend))
+            await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
             try:
                 await waitForState(self.xs, backend, XenbusState.Closed, self.destroyTimeout)
             except XenStoreTimeout:
@@ -456,13 +464,17 @@ class DevController:
             await tx.rm(self._driverDomain(ddId).paths(vdi, self.objectClass).base, missingOk=True)
             await _rmPruned(tx, self.devicePath(devid))
 
-        await self.xs.transact(clean)
+        await self.xs.transact(clean, self.transactAttempts)
 
     def _removeFrontend(self, devid: int) -> Deferred[None]:
-        return self.xs.transact(lambda tx: _rmPruned(tx, self.frontendPath(devid)))
+        return self.xs.transact(
+            lambda tx: _rmPruned(tx, self.frontendPath(devid)), self.transactAttempts
+        )
 
     def _removeRecord(self, devid: int) -> Deferred[None]:
-        return self.xs.transact(lambda tx: _rmPruned(tx, self.devicePath(devid)))
+        return self.xs.transact(
+            lambda tx: _rmPruned(tx, self.devicePath(devid)), self.transactAttempts
+        )
 
     # Reading
 

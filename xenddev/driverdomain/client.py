@@ -52,6 +52,11 @@ from xenddev.xenstore.paths import Perm, validateDomid, validatePath
 
 T = TypeVar("T")
 
+#: Retry budget of the protocol's transactions: objects of one driver domain
+#: are siblings, so many concurrent requests conflict on the shared parent
+#: by design; giving up on a tidy-up would leave nodes behind.
+TRANSACT_ATTEMPTS = 500
+
 
 @attrs.frozen
 class PlugResult:
@@ -273,7 +278,7 @@ class DriverDomainClient:
                     await tx.mkdir(path)
                     await tx.setPerms(path, [Perm("n", dd)])
 
-        await self.xs.transact(create)
+        await self.xs.transact(create, TRANSACT_ATTEMPTS)
         self._areaReady = True
 
     async def _snapshot(
@@ -352,7 +357,7 @@ class DriverDomainClient:
             # removed by _collect, a failed submission's below.
             made = self.xs.mkdir(paths.base)
         try:
-            await self.xs.transact(submit)
+            await self.xs.transact(submit, TRANSACT_ATTEMPTS)
             await made
         except PreconditionError:
             made.addErrback(lambda _: None)
@@ -367,7 +372,7 @@ class DriverDomainClient:
         except XenStoreTimeout:
             raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
         result, message, backend, bcopy = await self.xs.transact(
-            lambda tx: self._collect(tx, paths, request)
+            lambda tx: self._collect(tx, paths, request), TRANSACT_ATTEMPTS
         )
         if result != 0:
             raise DriverDomainError(
