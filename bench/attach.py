@@ -9,9 +9,12 @@ one run:
 
   1. Throughput: 1000 vbds (10 per guest, xvdb..xvdk, read-only raw image
      files that exist) attached, then all detached, with 1, 10 and 100
-     operations in flight, by the framework and by the FLOOR, each run
-     starting from the same tree (checked) and each run's agent process
-     started fresh:
+     operations in flight, by the framework and by the FLOOR, one after
+     the other (who goes first alternates between in-flight settings;
+     C{--blocks N} interleaves them in N blocks of the devices, for a host
+     with much load from elsewhere), each starting from the same tree
+     (checked, and put back if an operation failed) with its agent process
+     started afresh:
 
        - framework: C{DeviceManager.createDevice(domid, "vbd", {"spec":
          "<img>,raw,<vdev>,r"})} / C{destroyDevice(domid, "vbd", devid)} in
@@ -117,6 +120,9 @@ OP_TIMEOUT = 300.0
 FIRST_INDEX = 1
 
 log = Logger()
+
+#: A dump of (part of) the tree: path -> (value, permissions).
+Tree = dict[str, tuple[str, tuple[str, ...]]]
 
 
 # Statistics
@@ -889,18 +895,71 @@ def throughputDisks(bench: Bench, devices: int) -> list[Disk]:
     return [bench.disk(bench.guests[j % g], FIRST_INDEX + j // g) for j in range(devices)]
 
 
-async def measureRun(
-    bench: Bench, impl: Impl, inflight: int, disks: Sequence[Disk], baseline: Any
-) -> Run:
-    await bench.use(impl)
-    u0 = await bench.usage()
-    attach = await runPool(disks, inflight, impl.attach)
-    await bench.idle()  # untimed: the last guests finish connecting
-    detach = await runPool(disks, inflight, impl.detach)
-    await bench.idle()
-    usage = delta(u0, await bench.usage())
-    left = await restoreTree(bench, baseline)
-    return Run(impl.name, inflight, len(disks), attach, detach, usage, left)
+def _sumPools(pools: Sequence[Pool]) -> Pool:
+    failures: collections.Counter[str] = collections.Counter()
+    for p in pools:
+        failures.update(p.failures)
+    return Pool(
+        sum(p.seconds for p in pools),
+        Stats(tuple(t for p in pools for t in p.latencies.samples)),
+        failures,
+    )
+
+
+def _sumUsage(usages: Sequence[Usage]) -> Usage:
+    keys = usages[0]
+    return Usage(
+        {k: sum(u.requests[k] for u in usages) for k in keys.requests},
+        {k: sum(u.conflicts[k] for u in usages) for k in keys.conflicts},
+        {k: sum(u.cpu[k] for u in usages) for k in keys.cpu},
+    )
+
+
+async def measurePair(
+    bench: Bench,
+    inflight: int,
+    disks: Sequence[Disk],
+    blocks: int,
+    baseline: Tree,
+    first: int = 0,
+) -> list[Run]:
+    """
+    The framework and the floor on the same disks, interleaved: the disks
+    are cut into C{blocks} blocks; each block is attached then detached by
+    one implementation, then by the other (who goes first alternates,
+    starting with the framework if C{first} is even), each from the
+    baseline tree (put back if needed) with its agent process started
+    afresh. Sums over the blocks, so that load from outside the benchmark
+    weighs on both alike.
+    """
+    impls = (bench.framework, bench.floor)
+    parts: dict[str, list[tuple[Pool, Pool, Usage, int]]] = {i.name: [] for i in impls}
+    size = -(-len(disks) // max(1, blocks))
+    for b in range(0, len(disks), size):
+        chunk = disks[b : b + size]
+        for impl in impls if (b // size + first) % 2 == 0 else impls[::-1]:
+            await bench.use(impl)
+            u0 = await bench.usage()
+            attach = await runPool(chunk, inflight, impl.attach)
+            await bench.idle()  # untimed: the last guests finish connecting
+            detach = await runPool(chunk, inflight, impl.detach)
+            await bench.idle()
+            usage = delta(u0, await bench.usage())
+            await bench.use(None)  # the next block starts with a fresh agent
+            left = await restoreTree(bench, baseline)
+            parts[impl.name].append((attach, detach, usage, left))
+    return [
+        Run(
+            impl.name,
+            inflight,
+            len(disks),
+            _sumPools([p[0] for p in parts[impl.name]]),
+            _sumPools([p[1] for p in parts[impl.name]]),
+            _sumUsage([p[2] for p in parts[impl.name]]),
+            sum(p[3] for p in parts[impl.name]),
+        )
+        for impl in impls
+    ]
 
 
 # Part 2: latency with devices already present
@@ -927,9 +986,6 @@ async def populate(bench: Bench, impl: Impl, disks: Sequence[Disk], inflight: in
     pool = await runPool(disks, inflight, impl.attach)
     await bench.idle()
     return sum(pool.failures.values())
-
-
-Tree = dict[str, tuple[str, tuple[str, ...]]]
 
 
 @attrs.frozen
@@ -1289,34 +1345,47 @@ def printLatency(part: LatencyPart, args: argparse.Namespace) -> list[str]:
         f"2. One attach, then its detach, sequentially, {args.samples} times (after "
         f"{args.warmup} untimed),\n   with devices already present (spread over the guests), "
         f"made {how}.\n   Flatness: the framework's mean attach vs the first level "
-        f"(target +-{TARGET_FLATNESS:.0%})."
+        f"(target +-{TARGET_FLATNESS:.0%});\n   fw-floor: the framework's mean attach minus "
+        f"the floor's at the same level (its own share)."
     )
     if max(args.levels, default=0) < 10000:
         print(
             "   (10 000 present: --levels 10,100,1000,10000; not in the default run, see the\n"
-            "   module docstring: this xenstored slows down with the store's size.)"
+            "   module docstring: the C xenstored slows down with the store's size.)"
         )
     for line in part.cloneProblems[:10]:
         print(f"   clone check: {line}")
     head = (
         f"{'present':>8} {'run':<10} {'attach mean':>11} {'p99':>7} {'detach mean':>11} "
-        f"{'p99':>7} {'vs first':>8} {'failed':>6}"
+        f"{'p99':>7} {'vs first':>8} {'fw-floor':>8} {'vs first':>8} {'failed':>6}"
     )
     print(head + "   (ms)")
     print("-" * len(head))
     first: dict[str, float] = {}
+    floorAt: dict[int, float] = {}
+    firstExcess: float | None = None
     misses = []
     for row in part.rows:
         base = first.setdefault(row.impl, row.attach.meanMs)
         change = row.attach.meanMs / base - 1 if base else 0.0
-        flag = ""
+        flag = excess = excessChange = ""
+        if row.impl == "floor":
+            floorAt[row.present] = row.attach.meanMs
+        elif row.present in floorAt:
+            # The framework's own share: its mean attach minus the floor's
+            # at the same level (what the store adds is in both).
+            value = row.attach.meanMs - floorAt[row.present]
+            firstExcess = value if firstExcess is None else firstExcess
+            excess = f"{value:.2f}"
+            if firstExcess:
+                excessChange = f"{value / firstExcess - 1:+.0%}"
         if row.impl == "framework" and abs(change) > TARGET_FLATNESS:
             flag = "  MISSED"
             misses.append(f"{row.present} present: {change:+.0%}")
         print(
             f"{row.present:>8} {row.impl:<10} {row.attach.meanMs:>11.2f} "
             f"{row.attach.p99Ms:>7.2f} {row.detach.meanMs:>11.2f} {row.detach.p99Ms:>7.2f} "
-            f"{change:>+8.0%} {row.failures:>6}{flag}"
+            f"{change:>+8.0%} {excess:>8} {excessChange:>8} {row.failures:>6}{flag}"
         )
     pop = ", ".join(f"{k}: {v:.1f} s" for k, v in part.populateSeconds.items())
     print(f"   populating (each level from the previous): {pop}; failures {part.populateFailures}")
@@ -1387,12 +1456,12 @@ async def benchStore(store: Store, workdir: str, args: argparse.Namespace) -> Re
             results.anatomy = await measureAnatomy(bench)
             baseline = await bench.dump()
             disks = throughputDisks(bench, args.devices)
-            for inflight in args.inflight:
-                for impl in (bench.framework, bench.floor):
-                    run = await measureRun(bench, impl, inflight, disks, baseline)
+            for n, inflight in enumerate(args.inflight):
+                pair = await measurePair(bench, inflight, disks, args.blocks, baseline, n)
+                for run in pair:
                     results.runs.append(run)
                     print(
-                        f"   [{store.name}] {impl.name} {inflight} in flight: "
+                        f"   [{store.name}] {run.impl} {inflight} in flight: "
                         f"{run.seconds:.1f} s, {run.failures} failed",
                         file=sys.stderr,
                     )
@@ -1420,6 +1489,14 @@ def main(argv: list[str] | None = None) -> int:
         type=numbers,
         default=[10, 100, 1000],
         help="part 2: devices present, cumulative (10,100,1000; add 10000 for the full set)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help="part 1: blocks the devices are cut into, framework and floor alternating "
+        "(1: all attached, then all detached; more blocks spread outside load evenly, "
+        "but each block has fewer devices per guest)",
     )
     parser.add_argument("--samples", type=int, default=50, help="part 2 timed samples (50)")
     parser.add_argument("--warmup", type=int, default=5, help="part 2 untimed samples (5)")
@@ -1478,6 +1555,7 @@ def main(argv: list[str] | None = None) -> int:
                 store.stop()
 
     started = time.perf_counter()
+    loadBefore = os.getloadavg()
     try:
         runReactor(everything)
     finally:
@@ -1486,9 +1564,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    load = os.getloadavg()
     print(
         f"\nxenddev attach/detach benchmark; {os.cpu_count()} CPUs; "
-        f"{args.guests} guests, driver domain 0; {time.perf_counter() - started:.0f} s\n"
+        f"{args.guests} guests, driver domain 0; {time.perf_counter() - started:.0f} s; "
+        f"load average before {loadBefore[0]:.2f}, after {load[0]:.2f} (1 min)\n"
     )
     misses: list[str] = []
     for res in allResults:
