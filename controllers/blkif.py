@@ -59,6 +59,7 @@ class BlkifController(DevController):
     """Virtual block devices (class C{vbd})."""
 
     deviceClass: ClassVar[str] = "vbd"
+    changesMedium: ClassVar[bool] = True
 
     #: Classifies a target path in the toolstack's domain (injected in tests).
     statTarget: Callable[[str], str] = staticmethod(defaultStatTarget)
@@ -106,6 +107,17 @@ class BlkifController(DevController):
             "backend-kind": choice.kind,
         }
         return DeviceDetails(devid, target, frontend, backend, config=recorded)
+
+    def checkReconfigure(
+        self, devid: int, recorded: Mapping[str, str], details: DeviceDetails
+    ) -> None:
+        """xend's rule: only a cdrom's medium, same vdev, read-only."""
+        wasCdrom = recorded.get("dev", "").endswith(":cdrom")
+        if not wasCdrom or details.frontend.get("device-type") != "cdrom":
+            raise DeviceConfigError(
+                f"Refusing to reconfigure device {self.deviceClass}:{devid} to "
+                f"{dict(details.config)}: only a cdrom's medium can be changed"
+            )
 
     def _isBlock(self, spec: DiskSpec, local: bool) -> bool:
         if "phy" in spec.legacyPrefixes or spec.backendType == "phy":

@@ -318,6 +318,167 @@ class ControllerSuite:
         )
         await self.assertTreeIs(before)
 
+    # cdrom media change (reconfigureDevice → the protocol's change request)
+
+    @deferredTest
+    async def test_cdromMediaChangeWithRealBlockScript(self) -> None:
+        """
+        A cdrom's medium changed, ejected and inserted again through
+        reconfigureDevice: the real block script detaches the old medium's
+        loop device and attaches the new one; the backend and the records
+        follow; destroy restores the tree exactly.
+        """
+        requireLoopDevices(self)  # type: ignore[arg-type]
+        lock = acquireLoopTestLock()
+        self.addCleanup(os.close, lock)
+        first, second = self.image(), self.image()
+        await self.startDriverDomain(hotplug=True)
+        before = await dumpTree(self.xs)
+        devid = await self.manager.createDevice(
+            GUEST, "vbd", {"spec": f"{first},raw,xvdc,devtype=cdrom"}
+        )
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        self.assertEqual(len(loopDevicesFor(first)), 1)
+        await self.manager.reconfigureDevice(
+            GUEST, "vbd", devid, {"spec": f"{second},raw,xvdc,devtype=cdrom"}
+        )
+        self.assertEqual((loopDevicesFor(first), len(loopDevicesFor(second))), ([], 1))
+        params, status = await ctrl.readBackend(devid, "params", "hotplug-status")
+        self.assertEqual((params, status), (second, "connected"))
+        self.assertEqual((await ctrl.getDeviceConfiguration(devid))["uname"], f"file:{second}")
+        await self.manager.reconfigureDevice(GUEST, "vbd", "xvdc", {"spec": ",xvdc:cdrom,r"})
+        self.assertEqual(loopDevicesFor(second), [])
+        params, status = await ctrl.readBackend(devid, "params", "hotplug-status")
+        self.assertEqual((params, status), ("", "connected"))
+        (info,) = await DriverDomainClient(self.xs, 0).list()
+        self.assertEqual(info.target["type"], "empty")
+        await self.manager.reconfigureDevice(
+            GUEST, "vbd", devid, {"spec": f"{first},raw,xvdc,devtype=cdrom"}
+        )
+        self.assertEqual(len(loopDevicesFor(first)), 1)
+        await self.manager.destroyDevice(GUEST, "vbd", devid)
+        await pollUntil(lambda: loopDevicesFor(first) == [])
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_emptyCdromDrive(self) -> None:
+        """An empty cdrom drive attaches without a script and detaches cleanly."""
+        await self.startDriverDomain(hotplug=True)
+        before = await dumpTree(self.xs)
+        devid = await self.manager.createDevice(GUEST, "vbd", {"spec": ",hdc:cdrom,r"})
+        self.assertEqual(devid, 5632)
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        params, removable, status = await ctrl.readBackend(
+            devid, "params", "removable", "hotplug-status"
+        )
+        self.assertEqual((params, removable, status), ("", "1", "connected"))
+        self.assertEqual(self.agent.hotplugRuns, 0)
+        await self.manager.destroyDevice(GUEST, "vbd", "hdc")
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_reconfigureRefused(self) -> None:
+        """
+        What xend refused is refused before anything changes: a disk that is
+        not a cdrom, another vdev, another driver domain, a vif, a device
+        that does not exist; a new medium the driver domain cannot find
+        comes back as its ENOENT. The tree is unchanged throughout.
+        """
+        img = self.image()
+        await self.startDriverDomain()
+        await self.startDriverDomain(3)
+        disk = await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
+        cd = await self.manager.createDevice(
+            GUEST, "vbd", {"spec": f"{img},raw,xvdc,devtype=cdrom", "backend": 3}
+        )
+        await self.manager.createDevice(GUEST, "vif", {"bridge": "br0"})
+        for front in ("vbd/51728", "vbd/51744", "vif/0"):
+            await waitForState(self.xs, f"/local/domain/{GUEST}/device/{front}", 4, 10)
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.reconfigureDevice(
+                GUEST, "vbd", disk, {"spec": f"{img},raw,xvdb,devtype=cdrom"}
+            ),
+            DeviceConfigError,
+        )
+        self.assertIn("Refusing to reconfigure device vbd:51728", str(e))
+        self.assertIn("only a cdrom", str(e))
+        e = await self.assertFails(
+            self.manager.reconfigureDevice(
+                GUEST, "vbd", cd, {"spec": f"{img},raw,xvdd,devtype=cdrom", "backend": 3}
+            ),
+            DeviceConfigError,
+        )
+        self.assertIn("another device", str(e))
+        e = await self.assertFails(
+            self.manager.reconfigureDevice(
+                GUEST, "vbd", cd, {"spec": f"{img},raw,xvdc,devtype=cdrom"}
+            ),
+            DeviceConfigError,
+        )
+        self.assertIn("driver domain cannot change", str(e))
+        e = await self.assertFails(
+            self.manager.reconfigureDevice(GUEST, "vif", 0, {"bridge": "br1"}), DeviceError
+        )
+        self.assertEqual(str(e), "vif devices may not be reconfigured")
+        await self.assertFails(
+            self.manager.reconfigureDevice(
+                GUEST, "vbd", "xvde", {"spec": f"{img},raw,xvde,devtype=cdrom"}
+            ),
+            DeviceNotFoundError,
+        )
+        e = await self.assertFails(
+            self.manager.reconfigureDevice(
+                GUEST, "vbd", cd, {"spec": "/nonexistent.iso,raw,xvdc,devtype=cdrom", "backend": 3}
+            ),
+            DeviceError,
+        )
+        self.assertIn("ENOENT", str(e))
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_newMediumFailsOldPutBack(self) -> None:
+        """
+        The new medium's hotplug script fails: reconfigureDevice fails with
+        xend's message, the old medium is put back and connected, and the
+        tree is as before.
+        """
+        scripts = os.path.abspath(self.mktemp())
+        os.makedirs(scripts)
+        script = os.path.join(scripts, "picky")
+        with open(script, "w") as f:
+            f.write(
+                "#!/bin/sh\n"
+                'params=$(xenstore-read "$XENBUS_PATH/params")\n'
+                'case "$1:$params" in add:*bad*)\n'
+                '  xenstore-write "$XENBUS_PATH/hotplug-error" "cannot read $params"\n'
+                '  xenstore-write "$XENBUS_PATH/hotplug-status" error; exit 1;;\n'
+                "esac\n"
+                '[ "$1" = add ] && xenstore-write "$XENBUS_PATH/hotplug-status" connected\n'
+                "exit 0\n"
+            )
+        os.chmod(script, 0o755)
+        good, bad = self.image(), self.image()
+        os.rename(bad, bad + "-bad")
+        bad += "-bad"
+        await self.startDriverDomain(hotplug=True, scriptDir=scripts)
+        devid = await self.manager.createDevice(
+            GUEST, "vbd", {"spec": f"{good},raw,xvdc,devtype=cdrom,script=picky"}
+        )
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        await waitForState(self.xs, ctrl.frontendPath(devid), 4, 10)
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.reconfigureDevice(
+                GUEST, "vbd", devid, {"spec": f"{bad},raw,xvdc,devtype=cdrom,script=picky"}
+            ),
+            HotplugFailedError,
+        )
+        self.assertEqual(str(e), f"Device {devid} (vbd) could not be connected. cannot read {bad}")
+        (backend,) = await ctrl.readVm(devid, "backend")
+        await waitForState(self.xs, backend, 4, 10)
+        await self.assertTreeIs(before)
+
     # Destroy paths
 
     @deferredTest

@@ -28,7 +28,7 @@ from xenddev.driverdomain.errors import (
 )
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec
 from xenddev.driverdomain.protocol import VDI, VIF, ControlPaths
-from xenddev.interfaces import IDriverDomainKind
+from xenddev.interfaces import IDriverDomainKind, IMediumChanger
 from xenddev.xenstore.paths import Perm
 
 DD = 0  # the driver domain: dom0, where the agent runs in these tests
@@ -98,6 +98,24 @@ class RecordingKind:
 
     def hotplugCommand(self, ctx: KindContext, plug: PlugSpec, action: str) -> None:
         return None
+
+
+@implementer(IMediumChanger)
+class ChangingKind(RecordingKind):
+    """A fake kind that can change its target in place, recording each change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: list[tuple[str, str]] = []
+        self.activatedWith: list[str] = []
+
+    def change(self, ctx: KindContext, target: Any, plugs: Any) -> Deferred[Outcome]:
+        self.changes.append((ctx.target["params"], target["params"]))
+        return succeed(Outcome())
+
+    def activate(self, ctx: KindContext) -> Deferred[Outcome]:
+        self.activatedWith.append(ctx.target["params"])
+        return super().activate(ctx)
 
 
 FRONT = f"/local/domain/{GUEST}/device/vbd/51712"
@@ -254,6 +272,52 @@ class DriverDomainSuite:
             self.client.prepare("disk0", {"type": "unservable"}), DriverDomainError
         )
         self.assertEqual(e.errname, "ENODEV")
+
+    # change (our extension: a target replaced in place)
+
+    @deferredTest
+    async def test_changeRefusedByKindWithoutIt(self) -> None:
+        """
+        A kind that does not provide IMediumChanger answers change with
+        EOPNOTSUPP; t/* is unchanged and n/* tidied away.
+        """
+        await self.client.prepare("disk0", TARGET)
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.client.change("disk0", {**TARGET, "params": "/srv/b.img"}), DriverDomainError
+        )
+        self.assertEqual((e.errname, e.request), ("EOPNOTSUPP", "change"))
+        await self.assertTreeUnchanged(before)
+
+    @deferredTest
+    async def test_changeReplacesTarget(self) -> None:
+        """
+        change on a kind that provides IMediumChanger: the kind sees the old
+        and new targets, t/* is replaced (a key dropped disappears), and the
+        next request's context carries the new target.
+        """
+        kind = ChangingKind()
+        await self.agent.stop()
+        self.agent = BackendCtrlAgent(self.agentXs, DD, [kind])
+        await self.agent.start()
+        await self.client.prepare("disk0", {**TARGET, "extra": "1"})
+        await self.client.change("disk0", {**TARGET, "params": "/srv/b.img"})
+        p = self.paths()
+        self.assertEqual(sorted(await self.xs.ls(p.targetDir)), ["mode", "params", "type"])
+        self.assertEqual(await self.xs.read(p.target("params")), "/srv/b.img")
+        self.assertFalse(await self.xs.exists(p.newTargetDir))
+        self.assertEqual(kind.changes, [("/srv/a.img", "/srv/b.img")])
+        await self.client.activate("disk0")
+        self.assertEqual(kind.activatedWith, ["/srv/b.img"])
+
+    @deferredTest
+    async def test_changePreconditions(self) -> None:
+        """change of an unprepared object is ENOENT locally; a bad target is refused unwritten."""
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(self.client.change("nope", TARGET), PreconditionError)
+        self.assertEqual(e.errname, "ENOENT")
+        self.assertRaises(InvalidNameError, self.client.change, "nope", {"k": "a\nb"})
+        await self.assertTreeUnchanged(before)
 
     @deferredTest
     async def test_agentEnforcesPreconditions(self) -> None:

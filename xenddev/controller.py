@@ -242,9 +242,77 @@ class DevController:
         d.callback(None)
         return d
 
-    def reconfigureDevice(self, devid: int, config: Mapping[str, Any]) -> Deferred[int]:
-        """xend: "%s devices may not be reconfigured"."""
-        raise DeviceError(f"{self.deviceClass} devices may not be reconfigured")
+    #: Whether C{reconfigureDevice} may change a device's target in place
+    #: (Blkif: a cdrom's medium); xend refused for every other class.
+    changesMedium: ClassVar[bool] = False
+
+    def checkReconfigure(
+        self, devid: int, recorded: Mapping[str, str], details: DeviceDetails
+    ) -> None:
+        """
+        Hook: refuse (DeviceConfigError) a reconfiguration the class does
+        not allow, given the recorded configuration and the new details.
+        """
+
+    def reconfigureDevice(self, devid: object, config: Mapping[str, Any]) -> Deferred[int]:
+        """
+        Change a device's target in place (a cdrom's medium) through the
+        driver domain's C{change} request, then wait for the hotplug script
+        to connect the new medium; if it does not, the old medium is put
+        back. Classes without L{changesMedium} refuse as xend did: "%s
+        devices may not be reconfigured".
+        """
+        if not self.changesMedium:
+            raise DeviceError(f"{self.deviceClass} devices may not be reconfigured")
+        details = self.getDeviceDetails(config)  # raises before anything is written
+        return Deferred.fromCoroutine(self._reconfigure(devid, details))
+
+    async def _reconfigure(self, name: object, details: DeviceDetails) -> int:
+        devid = await self.convertToDeviceNumber(name)
+        refusal = (
+            f"Refusing to reconfigure device {self.deviceClass}:{devid} to {dict(details.config)}"
+        )
+        if details.devid != devid:
+            raise DeviceConfigError(f"{refusal}: the new configuration is another device")
+        recorded = await self.getDeviceConfiguration(devid)
+        vdi, backendId, backend = await self.readVm(devid, "vdi", "backend-id", "backend")
+        if vdi is None or backendId is None or backend is None:
+            raise DeviceNotFoundError(f"Device {devid} not connected")
+        if int(backendId) != details.backendDomid:
+            raise DeviceConfigError(f"{refusal}: the driver domain cannot change")
+        self.checkReconfigure(devid, recorded, details)
+        dd = self._driverDomain(details.backendDomid)
+        old = await dd.describe(vdi, self.objectClass)
+        try:
+            await dd.change(vdi, details.target, self.objectClass)
+        except (DriverDomainError, DriverDomainTimeout) as e:
+            raise DeviceError(f"{refusal}: {e}") from e
+        try:
+            await self._waitConnected(devid, backend)
+        except HotplugFailedError:
+            self.log.warn(
+                "New medium of {cls} {devid} of domain {domid} failed; putting the old one back",
+                cls=self.deviceClass,
+                devid=devid,
+                domid=self.domid,
+            )
+            try:
+                await dd.change(vdi, old.target, self.objectClass)
+                await self._waitConnected(devid, backend)
+            except Exception:
+                self.log.failure("Could not put the old medium of {vdi} back", vdi=vdi)
+            raise
+
+        async def record(tx: ITransaction) -> None:
+            await tx.rm(f"{self.devicePath(devid)}/config", missingOk=True)
+            await self._writeConfig(tx, devid, details.config)
+
+        await self.xs.transact(record, self.transactAttempts)
+        return devid
+
+    async def _writeConfig(self, tx: ITransaction, devid: int, config: Mapping[str, str]) -> None:
+        base = f"{self.devicePath(devid)}/config"
+        await gatherResults([tx.write(f"{base}/{k}", v) for k, v in config.items()])
 
     # Lifecycle
 
@@ -332,8 +400,7 @@ class DevController:
             await tx.write(f"{record}/frontend-id", str(self.domid))
             await tx.write(f"{record}/backend-id", str(details.backendDomid))
             await tx.write(f"{record}/vdi", self.vdiName(devid))
-            for key, value in details.config.items():
-                await tx.write(f"{record}/config/{key}", value)
+            await self._writeConfig(tx, devid, details.config)
             return devid
 
         return await self.xs.transact(claim, self.transactAttempts)

@@ -173,6 +173,24 @@ class IDriverDomainKind(Interface):
         """
 
 
+class IMediumChanger(Interface):
+    """
+    A driver-domain kind that can replace a prepared object's target in
+    place (the C{change} request: a cdrom's medium). Kinds that do not
+    provide it answer C{change} with C{EOPNOTSUPP}.
+    """
+
+    def change(ctx, target, plugs):
+        """
+        Switch the object from C{ctx.target} to C{target} (validated t/*
+        values) for C{plugs} (the plugged C{PlugSpec}s, backends set). Fires
+        with an C{Outcome} for the backends (the agent replaces C{t/*} and
+        re-runs the hotplug scripts itself) or fails with C{KindError};
+        must check everything before the agent runs the old medium's remove
+        scripts.
+        """
+
+
 class IDevController(Interface):
     """
     xend's device controller API for one device class of one guest; every

@@ -40,6 +40,7 @@ from xenddev.driverdomain.kinds.base import (
 from xenddev.driverdomain.protocol import (
     ACTIVATE,
     ACTIVE,
+    CHANGE,
     DEACTIVATE,
     INACTIVE,
     OBJECT_CLASSES,
@@ -56,8 +57,15 @@ from xenddev.driverdomain.protocol import (
     checkPreconditions,
     privateDir,
     validateName,
+    validateTarget,
 )
-from xenddev.interfaces import IDriverDomainKind, IHotplugRunner, ITransaction, IXenStore
+from xenddev.interfaces import (
+    IDriverDomainKind,
+    IHotplugRunner,
+    IMediumChanger,
+    ITransaction,
+    IXenStore,
+)
 from xenddev.xenstore.errors import NoEntryError
 from xenddev.xenstore.paths import Perm, validateDomid
 
@@ -162,8 +170,17 @@ class BackendCtrlAgent:
         """
         self.log.info("Driver-domain agent for domain {domid} starting", domid=self.domid)
         await self.xs.transact(self._createRecordDirs)
+        await self._advertiseKinds()
         self._handles.append(await self.xs.watch(f"{self.home}/backendctrl", self._controlChanged))
         self._handles.append(await self.xs.watch(f"{self.home}/backend", self._backendChanged))
+
+    async def _advertiseKinds(self) -> None:
+        """
+        Tell the toolstack which kinds serve here (L{kindsPath}: their names,
+        space-separated, in the order they are tried), rewritten at every
+        start, so it can decide per driver domain (e.g. tap2 or blktap1).
+        """
+        await self.xs.write(kindsPath(self.domid), " ".join(k.name for k in self._kindOrder))
 
     async def _createRecordDirs(self, tx: ITransaction) -> None:
         # Fixed skeleton, so per-object records come and go as leaves and a
@@ -312,7 +329,7 @@ class BackendCtrlAgent:
                 exists = True
             elif request.op == UNPREPARE:
                 exists = False
-        if ok and request is not None and request.op == PREPARE and kindName is not None:
+        if ok and request is not None and request.op in (PREPARE, CHANGE) and kindName:
             self._known[key] = (kindName, self._lastTarget.pop(key, {}))
         if not exists:
             # The object is gone: its journal entry and records go too,
@@ -336,9 +353,10 @@ class BackendCtrlAgent:
             if request.op == PLUG and outcome is not None and outcome.backend is not None:
                 dev = backendRef(paths.absolute(outcome.backend))
                 self._pokeDevice(dev.deviceClass, dev.frontendDomid, dev.devid)
-            elif request.op == ACTIVATE:
+            elif request.op in (ACTIVATE, CHANGE):
                 # Not awaited here, so the object's next request need not
-                # wait for it; tracked, so whenIdle() still covers it.
+                # wait for it; tracked, so whenIdle() still covers it. After
+                # a change the devices' add scripts run for the new medium.
                 self._devices.poke(("plugs", *key), lambda: self._reconsiderPlugs(paths), self.log)
 
     async def _gather(
@@ -430,11 +448,55 @@ class BackendCtrlAgent:
             if state == ACTIVE:
                 await kind.deactivate(ctx)
             return await kind.unprepare(ctx), kind.name, None
+        if op == CHANGE:
+            return await self._change(kind, ctx), kind.name, None
         assert plugSpec is not None
         if op == PLUG:
             return await kind.plug(ctx, plugSpec), kind.name, plugSpec
         await self._removeHotplug(kind, ctx, plugSpec)
         return await kind.unplug(ctx, plugSpec), kind.name, plugSpec
+
+    async def _change(self, kind: Any, ctx: KindContext) -> Outcome:
+        """
+        A C{change}: the kind checks the new target and says what changes
+        in the backends; the old medium's remove scripts run now, the new
+        one's add scripts once the completion transaction has replaced
+        C{t/*} and cleared the devices' hotplug records and status.
+        """
+        paths = ctx.paths
+        if not IMediumChanger.providedBy(kind):
+            raise KindError("EOPNOTSUPP", f"the {kind.name} kind cannot change a target in place")
+        keys = await _lsOrNone(self.xs, paths.newTargetDir) or []
+        values = await gatherResults([self.xs.read(paths.newTarget(k)) for k in keys])
+        try:
+            target = validateTarget(dict(zip(keys, values, strict=True)))
+        except ValueError as e:
+            raise KindError("EINVAL", f"the new target (n/*): {e}") from None
+        plugs = []
+        for name in await self._plugged(paths):
+            pp = paths.plug(name)
+            frontend, backend = await gatherResults(
+                [self.xs.readOrNone(pp.frontend), self.xs.readOrNone(pp.backend)]
+            )
+            if frontend is not None and backend is not None:
+                ref = DeviceRef.fromFrontendPath(frontend)
+                plugs.append(PlugSpec(name, frontend, ref, False, paths.absolute(backend)))
+        outcome: Outcome = await kind.change(ctx, target, plugs)
+        resets: list[str] = []
+        for spec in plugs:
+            await self._removeHotplug(kind, ctx, spec)
+            assert spec.backend is not None
+            resets += [
+                f"{spec.backend}/hotplug-status",
+                f"{spec.backend}/hotplug-error",
+                f"{self._deviceRecord(self._hotplugRef(spec))}/hotplug",
+            ]
+        self._lastTarget[(paths.objectClass.name, paths.name)] = target
+        return Outcome(
+            mkdirs=outcome.mkdirs,
+            writes={**{paths.target(k): v for k, v in target.items()}, **outcome.writes},
+            removes=(paths.targetDir, paths.newTargetDir, *resets, *outcome.removes),
+        )
 
     def _context(
         self, paths: ControlPaths, target: dict[str, str], recovering: bool = False
@@ -787,6 +849,11 @@ def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:
     """C{ls}, or None if C{path} does not exist (one request, not two)."""
     d: Deferred[Any] = ops.ls(path)
     return d.addErrback(lambda f: f.trap(NoEntryError) and None)
+
+
+def kindsPath(driverDomid: int) -> str:
+    """C{/local/domain/<dd>/backendctrl/kinds}: the kinds the agent serves."""
+    return f"/local/domain/{validateDomid(driverDomid)}/backendctrl/kinds"
 
 
 _BACKEND = re.compile(r"/local/domain/\d+/backend/([a-z0-9]+)/(\d+)/(\d+)\Z")

@@ -27,6 +27,7 @@ from xenddev.driverdomain.errors import (
 from xenddev.driverdomain.protocol import (
     ACTIVATE,
     ACTIVE,
+    CHANGE,
     DEACTIVATE,
     PLUG,
     PLUGGED,
@@ -147,6 +148,20 @@ class DriverDomainClient:
         paths = self.paths(name, objectClass)
         return self._serialised(paths, lambda: self._simple(paths, Request(UNPREPARE)))
 
+    def change(
+        self, name: str, target: Mapping[str, object], objectClass: ObjectClass = VDI
+    ) -> Deferred[None]:
+        """
+        Replace the target of a prepared object (our extension, for a
+        cdrom's medium): the driver domain's kind switches what it serves,
+        or refuses with C{EOPNOTSUPP}; on failure nothing changed.
+        """
+        paths = self.paths(name, objectClass)
+        clean = validateTarget(target)
+        writes = {paths.newTarget(k): v for k, v in clean.items()}
+        checkTransactionSize(writes)
+        return self._serialised(paths, lambda: self._simple(paths, Request(CHANGE), writes))
+
     def plug(
         self,
         name: str,
@@ -223,6 +238,10 @@ class DriverDomainClient:
     def list(self, objectClass: ObjectClass = VDI) -> Deferred[list[ObjectInfo]]:
         """Every object of the class in this driver domain, with its plugs."""
         return Deferred.fromCoroutine(self._list(objectClass))
+
+    def describe(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[ObjectInfo]:
+        """One object: state, pending request, target and plugs."""
+        return Deferred.fromCoroutine(self._describe(self.paths(name, objectClass)))
 
     def paths(self, name: str, objectClass: ObjectClass = VDI) -> ControlPaths:
         """The XenStore paths of an object (validates the name)."""
@@ -329,6 +348,8 @@ class DriverDomainClient:
             if request.op == PREPARE:
                 # t/* may change only while neither state nor request exists.
                 ops.append(tx.rm(paths.targetDir, missingOk=True))
+            elif request.op == CHANGE:
+                ops.append(tx.rm(paths.newTargetDir, missingOk=True))
             ops += [tx.write(p, v) for p, v in writes.items()]
             ops.append(tx.write(paths.request, str(request)))
             written = gatherResults(ops, consumeErrors=True)
@@ -405,6 +426,9 @@ class DriverDomainClient:
                 _lsOrEmpty(tx, plugPaths.bcopy),
             ]
         removals = [tx.rm(paths.result, missingOk=True), tx.rm(paths.resultMsg, missingOk=True)]
+        if request.op == CHANGE:
+            # The agent consumes n/* on success; a refused change leaves it.
+            removals.append(tx.rm(paths.newTargetDir, missingOk=True))
         raw, message, state, *plugReads = await gatherResults(reads)
         await gatherResults(removals)
         try:

@@ -54,7 +54,10 @@ DEACTIVATE = "deactivate"
 UNPREPARE = "unprepare"
 PLUG = "plug"
 UNPLUG = "unplug"
-OBJECT_REQUESTS = (PREPARE, ACTIVATE, DEACTIVATE, UNPREPARE)
+#: Our extension: replace the target of a prepared object (a cdrom's
+#: medium) with C{n/*}; see docs/protocol.md.
+CHANGE = "change"
+OBJECT_REQUESTS = (PREPARE, ACTIVATE, DEACTIVATE, UNPREPARE, CHANGE)
 PLUG_REQUESTS = (PLUG, UNPLUG)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -205,6 +208,15 @@ class ControlPaths:
     def target(self, key: str) -> str:
         """The path of target key C{key}."""
         return f"{self.targetDir}/{key}"
+
+    @property
+    def newTargetDir(self) -> str:
+        """C{n/}: the replacement target of a C{change} request."""
+        return f"{self.base}/n"
+
+    def newTarget(self, key: str) -> str:
+        """The path of replacement target key C{key}."""
+        return f"{self.newTargetDir}/{key}"
 
     @property
     def plugsDir(self) -> str:

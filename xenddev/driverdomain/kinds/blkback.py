@@ -6,9 +6,11 @@ image file, attached to a loop device by the script) targets.
 
 Target keys (C{t/*}):
 
-  - C{type}: C{phy} or C{file} (required);
-  - C{params}: the device or file path (required);
-  - C{format}: must be C{raw} if given (blkback reads the bytes as they are);
+  - C{type}: C{phy}, C{file}, or C{empty} (a cdrom drive without medium)
+    (required);
+  - C{params}: the device or file path (required; empty for C{empty});
+  - C{format}: must be C{raw} if given (blkback reads the bytes as they are),
+    C{empty} for an empty drive;
   - C{mode}: C{r}, C{w} or C{w!} (default C{w});
   - C{devtype}: C{disk} or C{cdrom} (default C{disk});
   - C{script}: the hotplug script (default C{block}).
@@ -16,13 +18,23 @@ Target keys (C{t/*}):
 Preparation checks that the target exists in this (the driver) domain; the
 backend directory is created at plug, with the keys xend and libxl write,
 owned by the driver domain and readable by the guest.
+
+A cdrom's medium can be changed in place (the C{change} request): the agent
+runs the C{block} script's remove for the old medium; the completion
+rewrites the backend's C{type} and C{params} (what xend's media change
+wrote, and what an HVM guest's device model watches), removes what the
+script wrote for the old medium (C{physical-device}, C{physical-device-path},
+C{node}: the script's add does nothing while C{physical-device} exists) and
+puts a connected backend back to InitWait (the script's add refuses any
+other state), so the add script attaches the new medium and the backend
+reconnects. An empty drive runs no script.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -35,14 +47,20 @@ from xenddev.driverdomain.kinds.base import (
     PlugSpec,
     done,
 )
-from xenddev.interfaces import IDriverDomainKind
+from xenddev.interfaces import IDriverDomainKind, IMediumChanger
 from xenddev.xenstore.paths import Perm
 
 MODES = ("r", "w", "w!")
+#: What the block script writes for a medium (its add is a no-op while
+#: physical-device exists).
+SCRIPT_OUTPUTS = ("physical-device", "physical-device-path", "node")
+INIT_WAIT = "2"
+#: Backend states past InitWait that a medium change returns to InitWait.
+CONNECTING = ("3", "4")
 DEVTYPES = ("disk", "cdrom")
 
 
-@implementer(IDriverDomainKind)
+@implementer(IDriverDomainKind, IMediumChanger)
 class BlkbackKind(KernelBackendKind):
     """
     Serves C{phy} and C{file} targets with blkback and the C{block} script.
@@ -57,21 +75,25 @@ class BlkbackKind(KernelBackendKind):
         self._stat = stat
 
     def accepts(self, objectClass: str, target: Mapping[str, str]) -> bool:
-        """C{phy} and C{file} targets."""
-        return (
-            objectClass == "vdi"
-            and target.get("type") in ("phy", "file")
-            and target.get("format", "raw") == "raw"
-        )
+        """C{phy} and C{file} targets, and empty cdrom drives."""
+        if objectClass != "vdi":
+            return False
+        if target.get("type") == "empty":
+            return target.get("format", "empty") == "empty"
+        return target.get("type") in ("phy", "file") and target.get("format", "raw") == "raw"
 
     def _check(self, target: Mapping[str, str]) -> None:
         params = target.get("params", "")
-        if not params.startswith("/"):
-            raise KindError("EINVAL", f"params must be an absolute path, got {params!r}")
         if target.get("mode", "w") not in MODES:
             raise KindError("EINVAL", f"mode must be one of {', '.join(MODES)}")
         if target.get("devtype", "disk") not in DEVTYPES:
             raise KindError("EINVAL", f"devtype must be one of {', '.join(DEVTYPES)}")
+        if target.get("type") == "empty":
+            if target.get("devtype") != "cdrom" or params:
+                raise KindError("EINVAL", "only a cdrom drive may be empty (params empty)")
+            return
+        if not params.startswith("/"):
+            raise KindError("EINVAL", f"params must be an absolute path, got {params!r}")
         try:
             st = self._stat(params)
         except FileNotFoundError:
@@ -101,8 +123,7 @@ class BlkbackKind(KernelBackendKind):
             "state": "1",
             "removable": "1" if target.get("devtype") == "cdrom" else "0",
             "bootable": "1",
-            "type": target["type"],
-            "params": target["params"],
+            **_medium(target),
             # "w!" reaches the block script, whose canonicalise_mode turns it
             # into "skip the sharing check" (xend's forced shared write).
             "mode": mode,
@@ -117,13 +138,49 @@ class BlkbackKind(KernelBackendKind):
             )
         )
 
+    def change(
+        self, ctx: KindContext, target: Mapping[str, str], plugs: Sequence[PlugSpec]
+    ) -> Deferred[Outcome]:
+        """Change a cdrom's medium (see the module docstring)."""
+        if ctx.target.get("devtype") != "cdrom" or target.get("devtype") != "cdrom":
+            raise KindError("EOPNOTSUPP", "only a cdrom drive's medium can be changed")
+        if not self.accepts("vdi", target):
+            raise KindError("ENODEV", "the blkback kind cannot serve the new medium")
+        if target.get("mode", "w") != ctx.target.get("mode", "w"):
+            raise KindError("EINVAL", "a medium change cannot change the mode")
+        self._check(target)
+        return Deferred.fromCoroutine(self._change(ctx, target, plugs))
+
+    async def _change(
+        self, ctx: KindContext, target: Mapping[str, str], plugs: Sequence[PlugSpec]
+    ) -> Outcome:
+        writes: dict[str, str] = {}
+        removes: list[str] = []
+        for plug in plugs:
+            backend = plug.backend
+            assert backend is not None
+            writes.update({f"{backend}/{k}": v for k, v in _medium(target).items()})
+            removes += [f"{backend}/{k}" for k in SCRIPT_OUTPUTS]
+            if await ctx.xs.readOrNone(f"{backend}/state") in CONNECTING:
+                writes[f"{backend}/state"] = INIT_WAIT
+        return Outcome(writes=writes, removes=tuple(removes))
+
     def hotplugCommand(
         self, ctx: KindContext, plug: PlugSpec, action: str
     ) -> tuple[str, list[str], dict[str, str]] | None:
-        """C{block add|remove} with libxl's environment."""
+        """C{block add|remove} with libxl's environment; none for an empty drive."""
         from xenddev.hotplug import blockEnvironment
 
         assert plug.backend is not None
+        if ctx.target.get("type") == "empty":
+            return None
         script = ctx.target.get("script", "block")
         args, env = blockEnvironment(action, plug.backend, script)
         return script, args, env
+
+
+def _medium(target: Mapping[str, str]) -> dict[str, str]:
+    """The backend's C{type} and C{params} for a target (an empty drive: phy, "")."""
+    if target.get("type") == "empty":
+        return {"type": "phy", "params": ""}
+    return {"type": target["type"], "params": target["params"]}
