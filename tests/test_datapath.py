@@ -1,8 +1,9 @@
 """
 The data-path registry, quiesce/resume and coalesce (L{xenddev.datapath}):
-with a fake tapdisk pauser over registry records, and with real
+the registry's search over records as the kinds write them, and real
 qemu-storage-daemons served by two driver-domain agents (domids 0 and 3)
-over one store. Run over the C xenstored and the embedded one.
+over one store. Run over the C xenstored and the embedded one. Tapdisks
+served through agents, quiesced with the real tap pauser: test_datapath_tap.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import subprocess
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import dumpTree
@@ -23,10 +22,7 @@ from tests.test_qemu_kind import QEMU_IO, QemuFixtureMixin, qemuIO
 from xenddev.datapath import (
     DataPath,
     DataPathControl,
-    IDataPathPauser,
     QemuPauser,
-    QuiesceError,
-    coalesceQuiesced,
     findDataPaths,
     readRecord,
     registryDir,
@@ -39,40 +35,19 @@ from xenddev.driverdomain.protocol import ObjectClass
 _VDI = ObjectClass("vdi", "vbd", "vbd")
 
 
-@implementer(IDataPathPauser)
-class FakeTapPauser:
-    """
-    A stand-in for the tap kind's pauser (tap-ctl pause / unpause -a):
-    records who is paused; the C{failOn}-th pause fails.
-    """
-
-    def __init__(self, failOn: int | None = None) -> None:
-        self.failOn = failOn
-        self.calls = 0
-        self.paused: set[tuple[int, str]] = set()
-        self.log: list[tuple[str, int, str, bool | None]] = []
-
-    def pause(self, dp: DataPath) -> Deferred[None]:
-        self.calls += 1
-        if self.calls == self.failOn:
-            return Deferred.fromCoroutine(self._fail(dp))
-        self.paused.add((dp.driverDomid, dp.vdi))
-        self.log.append(("pause", dp.driverDomid, dp.vdi, None))
-        return succeed(None)
-
-    async def _fail(self, dp: DataPath) -> None:
-        raise RuntimeError(f"tap-ctl pause -p {dp.pid} -m {dp.minor}: exit 1")
-
-    def resume(self, dp: DataPath, reload: bool) -> Deferred[None]:
-        self.paused.discard((dp.driverDomid, dp.vdi))
-        self.log.append(("resume", dp.driverDomid, dp.vdi, reload))
-        return succeed(None)
-
-
 def tapRecord(dd: int, vdi: str, chain: tuple[str, ...], minor: int) -> DataPath:
     """A tapdisk data path as the tap kind registers it."""
     return DataPath(
-        dd, vdi, "tap", "testhost", chain[0], "vhd", chain, pid=1000 + minor, minor=minor
+        dd,
+        vdi,
+        "tap",
+        "testhost",
+        chain[0],
+        "vhd",
+        chain,
+        pid=1000 + minor,
+        minor=minor,
+        extra={"type": "vhd"},
     )
 
 
@@ -146,75 +121,13 @@ class DataPathSuite(QemuFixtureMixin):
         self.assertEqual(await readRecord(self.xs, 3, "nothing"), None)
 
     @deferredTest
-    async def test_quiesceResume(self) -> None:
-        """
-        quiesce pauses every user of the parent (through the tap pauser),
-        the handle lists them, resume(reload=True) unpauses each with reload.
-        """
-        await self.register(*self.sharedTaps())
-        pauser = FakeTapPauser()
-        control = DataPathControl(self.xs, {"tap": pauser})
-        handle = await control.quiesce("/srv/parent.vhd")
-        self.assertEqual(len(handle.paused), 5)
-        self.assertEqual(len(pauser.paused), 5)
-        await control.resume(handle)
-        self.assertEqual(pauser.paused, set())
-        self.assertEqual(handle.paused, [])
-        self.assertEqual({r for op, _, _, r in pauser.log if op == "resume"}, {True})
-
-    @deferredTest
-    async def test_failureResumesEverything(self) -> None:
-        """
-        The third pause fails: QuiesceError names it, the others are
-        resumed (without reload), nothing is left paused and the tree is as
-        before.
-        """
-        await self.register(*self.sharedTaps())
-        before = await dumpTree(self.xs)
-        pauser = FakeTapPauser(failOn=3)
-        control = DataPathControl(self.xs, {"tap": pauser})
-        with self.assertRaises(QuiesceError) as cm:
-            await control.quiesce("/srv/parent.vhd")
-        self.assertEqual(len(cm.exception.failures), 1)
-        self.assertEqual(cm.exception.resumeFailures, [])
-        self.assertEqual(pauser.paused, set())
-        self.assertEqual(sum(1 for e in pauser.log if e[0] == "resume"), 4)
-        self.assertEqual({e[3] for e in pauser.log if e[0] == "resume"}, {False})
-        await self.assertTreeIs(before)
-
-    @deferredTest
-    async def test_tapCoalesce(self) -> None:
-        """
-        A tapdisk coalesce: the (stand-in) merge runs while every user is
-        paused; all are resumed with reload afterwards, also when the merge
-        fails (the failure is re-raised).
-        """
-        await self.register(*self.sharedTaps())
-        pauser = FakeTapPauser()
-        control = DataPathControl(self.xs, {"tap": pauser})
-        seen: list[int] = []
-
-        async def merge(image: str) -> None:
-            seen.append(len(pauser.paused))
-
-        paused = await coalesceQuiesced(control, "/srv/parent.vhd", merge)
-        self.assertEqual((seen, len(paused), pauser.paused), ([5], 5, set()))
-
-        async def badMerge(image: str) -> None:
-            raise OSError("vhd-util coalesce: exit 22")
-
-        with self.assertRaises(OSError):
-            await coalesceQuiesced(control, "/srv/parent.vhd", badMerge)
-        self.assertEqual(pauser.paused, set())
-
-    @deferredTest
     async def test_qemuQuiesceAcrossDomains(self) -> None:
         """
         Two real daemons, in driver domains 0 and 3, serve overlays of one
-        parent; a tapdisk (fake pauser) uses it too. quiesce(parent) finds
-        all three: the NBD exports stop answering and the images are
-        released (the overlays open read-write without sharing); resume
-        brings the exports back with the data intact; the tree is as before.
+        parent. quiesce(parent) finds both: the NBD exports stop answering
+        and the images are released (the overlays open read-write without
+        sharing); resume brings the exports back with the data intact; the
+        tree is as before.
         """
         base, leaf0 = self.chain("leaf0")
         _, leaf3 = self.chain("leaf3", base)
@@ -225,17 +138,15 @@ class DataPathSuite(QemuFixtureMixin):
         for c, name, leaf in ((c0, "a", leaf0), (c3, "b", leaf3)):
             await c.prepare(name, {"type": "file", "format": "qcow2", "params": leaf}, _VDI)
             await c.activate(name, _VDI)
-        await self.register(tapRecord(3, "t", ("/srv/t.vhd", base), 4))
         d0, d3 = kind0.daemonFor(0, "a"), kind3.daemonFor(3, "b")
         assert d0 is not None and d3 is not None
         uri0, uri3 = nbdURI("a", d0.nbdPath), nbdURI("b", d3.nbdPath)
         qemuIO(uri0, "write -P 0x42 1M 1M")
         before = await dumpTree(self.xs)
-        tap = FakeTapPauser()
-        control = DataPathControl(self.xs, {"tap": tap, "qemu": QemuPauser(reactor, 20.0)})
+        control = DataPathControl(self.xs, {"qemu": QemuPauser(reactor, 20.0)})
         handle = await control.quiesce(base)
         self.assertEqual(
-            sorted((d.driverDomid, d.vdi) for d in handle.paused), [(0, "a"), (3, "b"), (3, "t")]
+            sorted((d.driverDomid, d.vdi) for d in handle.paused), [(0, "a"), (3, "b")]
         )
         for uri in (uri0, uri3):
             self.assertRaises(AssertionError, qemuIO, uri, "read 0 4k")
@@ -244,11 +155,9 @@ class DataPathSuite(QemuFixtureMixin):
                 [QEMU_IO or "qemu-io", "-c", "read 0 4k", leaf], capture_output=True
             )
             self.assertEqual(check.returncode, 0, check.stderr)
-        self.assertEqual(tap.paused, {(3, "t")})
         await control.resume(handle, reload=True)
         qemuIO(uri0, "read -P 0x42 1M 1M")
         qemuIO(uri3, "read -P 0x11 0 1M")
-        self.assertEqual(tap.paused, set())
         await self.assertTreeIs(before, agent0, agent3)
         for c, name in ((c0, "a"), (c3, "b")):
             await c.unprepare(name, _VDI)

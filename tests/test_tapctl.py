@@ -79,11 +79,18 @@ def events(state: str) -> list[dict[str, object]]:
         return []
 
 
-def inject(state: str, command: str, code: int = 5, message: str = "injected\n") -> None:
-    """Make the stand-in's C{command} fail until the file is removed."""
+def inject(
+    state: str, command: str, code: int = 5, message: str = "injected\n", pid: int | None = None
+) -> str:
+    """
+    Make the stand-in's C{command} fail (for the tapdisk C{pid} only, if
+    given) until the returned file is removed.
+    """
     os.makedirs(os.path.join(state, "fail"), exist_ok=True)
-    with open(os.path.join(state, "fail", command), "w") as f:
+    path = os.path.join(state, "fail", command if pid is None else f"{command}-{pid}")
+    with open(path, "w") as f:
         f.write(f"{code}\n{message}")
+    return path
 
 
 class ListParsingTests(SynchronousTestCase):
@@ -241,6 +248,34 @@ class TapCtlTests(TestCase):
         spawned = [e for e in events(state) if e["cmd"] == "create"]
         self.assertEqual(len(spawned), 1)
         self.assertEqual(os.listdir(os.path.join(state, "root", "dev", "xen", "blktap-2")), [])
+
+    @deferredTest
+    async def test_failureForOneTapdisk(self) -> None:
+        """
+        A failure injected for one pid fails that tapdisk's pause only, with
+        the injected code and message; the other pauses, and the first once
+        the injection is removed.
+        """
+        tap, state = fakeTapCtl(self)
+        img = self.image()
+        for _ in range(2):
+            await tap.create(f"aio:{img}")
+        first, second = await tap.list()
+        assert first.pid is not None and second.pid is not None
+        assert first.minor is not None and second.minor is not None
+        path = inject(state, "pause", 16, "busy\n", pid=first.pid)
+        try:
+            await tap.pause(first.pid, first.minor)
+        except TapCtlError as e:
+            self.assertEqual((e.exitCode, e.stderr), (16, "busy\n"))
+        else:
+            self.fail("no TapCtlError")
+        await tap.pause(second.pid, second.minor)
+        self.assertEqual([r.paused for r in await tap.list()], [False, True])
+        self.assertEqual((procState(first.pid), procState(second.pid)), ("S", "T"))
+        os.unlink(path)
+        await tap.pause(first.pid, first.minor)
+        self.assertEqual(procState(first.pid), "T")
 
     @deferredTest
     async def test_missingBinary(self) -> None:

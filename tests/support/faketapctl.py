@@ -25,7 +25,8 @@ Environment:
 
 Failure injection: if C{<state>/fail/<command>} exists, that command (also
 as a step of C{create}) fails: the file's first line is the exit code
-(default 5, EIO), the rest is written to stderr.
+(default 5, EIO), the rest is written to stderr. C{<state>/fail/<command>-<pid>}
+does the same for the tapdisk with that pid only (commands taking C{-p}).
 
 Every command appends a JSON line to C{<state>/events.log}:
 C{{"t": <time.monotonic()>, "cmd": ..., "argv": [...], "rc": <exit>}} (the
@@ -105,12 +106,16 @@ class FakeTapCtl:
     def sysdir(self, minor: int) -> str:
         return os.path.join(self.root, f"sys/class/blktap2/blktap{minor}")
 
-    def checkFail(self, command: str) -> None:
-        path = os.path.join(self.state, "fail", command)
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
+    def checkFail(self, command: str, pid: int | None = None) -> None:
+        names = [command] if pid is None else [f"{command}-{pid}", command]
+        for name in names:
+            try:
+                with open(os.path.join(self.state, "fail", name)) as f:
+                    text = f.read()
+                break
+            except FileNotFoundError:
+                continue
+        else:
             return
         first, _, rest = text.partition("\n")
         code = int(first) if first.strip().isdigit() else errno.EIO
@@ -193,7 +198,7 @@ class FakeTapCtl:
         self.db["tapdisks"].pop(str(pid), None)
 
     def attach(self, pid: int, minor: int) -> None:
-        self.checkFail("attach")
+        self.checkFail("attach", pid)
         entry = self.tapdisk(pid)
         if minor not in self.db["minors"]:
             raise Failed(errno.ENOENT, f"minor {minor} is not allocated\n")
@@ -207,14 +212,14 @@ class FakeTapCtl:
 
     def detach(self, pid: int, minor: int) -> None:
         """A tapdisk here serves one VBD: it exits once detached."""
-        self.checkFail("detach")
+        self.checkFail("detach", pid)
         entry = self.owned(pid, minor)
         if entry["type"] is not None:
             raise Failed(errno.EBUSY, f"tapdisk {pid} is still open\n")
         self.kill(pid)
 
     def open(self, pid: int, minor: int, args: str, readonly: bool) -> None:
-        self.checkFail("open")
+        self.checkFail("open", pid)
         entry = self.owned(pid, minor)
         if entry["type"] is not None:
             raise Failed(errno.EBUSY, f"tapdisk {pid} is open already\n")
@@ -229,7 +234,7 @@ class FakeTapCtl:
         self.put(pid, entry)
 
     def close(self, pid: int, minor: int) -> None:
-        self.checkFail("close")
+        self.checkFail("close", pid)
         entry = self.owned(pid, minor)
         if entry["state"] & PAUSED:
             os.kill(pid, signal.SIGCONT)
@@ -237,7 +242,7 @@ class FakeTapCtl:
         self.put(pid, entry)
 
     def pause(self, pid: int, minor: int) -> None:
-        self.checkFail("pause")
+        self.checkFail("pause", pid)
         entry = self.owned(pid, minor)
         if entry["type"] is None:
             raise Failed(errno.EINVAL, f"tapdisk {pid} is not open\n")
@@ -246,7 +251,7 @@ class FakeTapCtl:
         self.put(pid, entry)
 
     def unpause(self, pid: int, minor: int, args: str | None) -> None:
-        self.checkFail("unpause")
+        self.checkFail("unpause", pid)
         entry = self.owned(pid, minor)
         if not entry["state"] & PAUSED:
             raise Failed(errno.EINVAL, f"tapdisk {pid} is not paused\n")
@@ -260,7 +265,7 @@ class FakeTapCtl:
         self.put(pid, entry)
 
     def destroy(self, pid: int, minor: int) -> None:
-        self.checkFail("destroy")
+        self.checkFail("destroy", pid)
         self.owned(pid, minor)
         self.close(pid, minor)
         self.detach(pid, minor)

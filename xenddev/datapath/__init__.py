@@ -6,7 +6,8 @@ backing chain, across driver domains; quiesce and resume them; coalesce.
   - L{registry}: records under C{/local/domain/<dd>/private/xenddev/datapath/<vdi>},
     L{scanRegistry}, L{findDataPaths};
   - L{quiesce}: L{DataPathControl} (quiesce → handle → resume), the
-    L{IDataPathPauser} interface per kind, L{QemuPauser};
+    L{IDataPathPauser} interface per kind, L{QemuPauser}, L{TapPauser},
+    L{standardPausers};
   - L{coalesce}: live qemu commit, and quiesce-merge-resume for tapdisks;
   - L{images}: C{qemu-img info --backing-chain}.
 """
@@ -21,6 +22,8 @@ from xenddev.datapath.quiesce import (
     QuiesceError,
     QuiesceHandle,
     ResumeError,
+    TapPauser,
+    standardPausers,
 )
 from xenddev.datapath.registry import (
     DataPath,
@@ -44,6 +47,7 @@ __all__ = [
     "QuiesceError",
     "QuiesceHandle",
     "ResumeError",
+    "TapPauser",
     "coalesceQemu",
     "coalesceQuiesced",
     "findDataPaths",
@@ -53,4 +57,5 @@ __all__ = [
     "registryDir",
     "scanDriverDomain",
     "scanRegistry",
+    "standardPausers",
 ]

@@ -5,9 +5,9 @@ Quiesce and resume every data path that reads an image (seed 002).
 L{DataPathControl} finds the data paths in the registry and pauses each
 through the L{IDataPathPauser} registered for its kind: L{QemuPauser}
 (QMP; see L{xenddev.datapath.qemu} for what "pause" means for a
-qemu-storage-daemon) is built in; the C{tap} kind registers a pauser that
-calls its C{ITapCtl} (C{pause} / C{unpause -a}). A pauser is injected, so
-tests and benchmarks can use stand-ins.
+qemu-storage-daemon) for C{qemu}, L{TapPauser} (C{tap-ctl pause} /
+C{unpause -a} through an C{ITapCtl}) for C{tap}; L{standardPausers} builds
+both. Pausers are injected, so tests can use stand-ins.
 
 All data paths are paused concurrently. If any pause fails, every one that
 was paused is resumed (without reload: nothing changed) before
@@ -17,6 +17,7 @@ L{QuiesceError} is raised, so a failed quiesce leaves nothing paused.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from inspect import isawaitable
 from typing import Any
 
 import attrs
@@ -26,6 +27,7 @@ from zope.interface import Interface, implementer
 
 from xenddev.datapath import qemu as graph
 from xenddev.datapath.registry import DataPath, findDataPaths
+from xenddev.interfaces import ITapCtl
 from xenddev.qmp import connectQMP
 
 
@@ -131,7 +133,7 @@ class DataPathControl:
         for dp in dataPaths:
             self._pauser(dp)  # refuse before pausing anything
 
-        results = await gatherResults([_settle(self._pauser(dp).pause(dp)) for dp in dataPaths])
+        results = await gatherResults([_settle(self._pauser(dp).pause, dp) for dp in dataPaths])
         paused = [dp for dp, (ok, _) in zip(dataPaths, results, strict=True) if ok]
         failures = [(dp, err) for dp, (ok, err) in zip(dataPaths, results, strict=True) if not ok]
         if not failures:
@@ -142,7 +144,7 @@ class DataPathControl:
             n=len(failures),
             m=len(paused),
         )
-        undo = await gatherResults([_settle(self._pauser(dp).resume(dp, False)) for dp in paused])
+        undo = await gatherResults([_settle(self._pauser(dp).resume, dp, False) for dp in paused])
         resumeFailures = [(dp, err) for dp, (ok, err) in zip(paused, undo, strict=True) if not ok]
         raise QuiesceError(failures, resumeFailures)
 
@@ -155,7 +157,7 @@ class DataPathControl:
         async def run() -> None:
             paused = list(handle.paused)
             results = await gatherResults(
-                [_settle(self._pauser(dp).resume(dp, reload)) for dp in paused]
+                [_settle(self._pauser(dp).resume, dp, reload) for dp in paused]
             )
             failures = [(dp, err) for dp, (ok, err) in zip(paused, results, strict=True) if not ok]
             handle.paused = [dp for dp, _ in failures]
@@ -165,14 +167,19 @@ class DataPathControl:
         return Deferred.fromCoroutine(run())
 
 
-def _settle(d: Any) -> Deferred[tuple[bool, Any]]:
-    """(True, result) or (False, exception): never fails."""
-    out: Deferred[Any] = Deferred.fromCoroutine(_await(d)) if not isinstance(d, Deferred) else d
-    return out.addCallbacks(lambda r: (True, r), lambda f: (False, f.value))
+def _settle(fn: Any, *args: Any) -> Deferred[tuple[bool, Any]]:
+    """
+    Call C{fn(*args)}: (True, result) or (False, exception), whether it
+    raises, returns a failed Deferred or an awaitable; never fails.
+    """
 
+    async def call() -> Any:
+        result = fn(*args)
+        return await result if isawaitable(result) else result
 
-async def _await(x: Any) -> Any:
-    return await x
+    return Deferred.fromCoroutine(call()).addCallbacks(
+        lambda r: (True, r), lambda f: (False, f.value)
+    )
 
 
 @implementer(IDataPathPauser)
@@ -224,3 +231,58 @@ class QemuPauser:
             self._closed.pop(key, None)
 
         return Deferred.fromCoroutine(run())
+
+
+@implementer(IDataPathPauser)
+class TapPauser:
+    """
+    Pauses a tapdisk data path with C{tap-ctl}: C{pause -p <pid> -m <minor>}
+    (tapdisk drains its in-flight requests and stops reading the ring);
+    resume is C{unpause -p -m}, with reload C{unpause -a <type>:<image>},
+    which makes tapdisk close and reopen the image (and so re-read its
+    chain) before it serves again.
+
+    @param tapctl: the tapdisk control for every driver domain not in
+        C{byDomain}.
+    @param byDomain: driver domain id -> its tapdisk control (tapdisks are
+        reached through the C{tap-ctl} of the domain they run in).
+    """
+
+    def __init__(self, tapctl: ITapCtl, byDomain: Mapping[int, ITapCtl] | None = None) -> None:
+        self.tapctl = tapctl
+        self.byDomain = dict(byDomain or {})
+
+    def _run(self, dataPath: DataPath, command: str, *args: Any) -> Deferred[None]:
+        async def run() -> None:
+            if dataPath.pid is None or dataPath.minor is None:
+                raise ValueError(f"{dataPath.vdi}: a tap data path records its pid and minor")
+            tapctl: Any = self.byDomain.get(dataPath.driverDomid, self.tapctl)
+            await getattr(tapctl, command)(dataPath.pid, dataPath.minor, *args)
+
+        return Deferred.fromCoroutine(run())
+
+    def pause(self, dataPath: DataPath) -> Deferred[None]:
+        """C{tap-ctl pause -p <pid> -m <minor>}."""
+        return self._run(dataPath, "pause")
+
+    def resume(self, dataPath: DataPath, reload: bool = True) -> Deferred[None]:
+        """C{tap-ctl unpause -p <pid> -m <minor>} (with C{-a <type>:<image>} to reload)."""
+        args = None
+        if reload:
+            args = f"{dataPath.extra.get('type', dataPath.format)}:{dataPath.image}"
+        return self._run(dataPath, "unpause", args)
+
+
+def standardPausers(
+    reactor: Any, tapctl: ITapCtl | None = None, timeout: float = 30.0
+) -> dict[str, IDataPathPauser]:
+    """
+    The pausers of the kinds that register data paths: C{qemu}
+    (L{QemuPauser}) and C{tap} (L{TapPauser} over C{tapctl}, by default the
+    C{tap-ctl} on the PATH).
+    """
+    if tapctl is None:
+        from xenddev.tapctl import TapCtl
+
+        tapctl = TapCtl(reactor=reactor)
+    return {"qemu": QemuPauser(reactor, timeout), "tap": TapPauser(tapctl)}

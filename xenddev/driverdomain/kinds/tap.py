@@ -25,9 +25,15 @@ The protocol maps onto tapdisk (tapdisk2):
     a restarted agent (C{ctx.recovering}) finds the tapdisk and reuses it if
     its process is alive, or removes what is left and starts again;
   - activate: C{open -a <taptype>:<params>} (C{-R} for read-only), or
-    C{unpause} if it is open and paused;
+    C{unpause} if it is open and paused; registers the data path (seed 002,
+    L{xenddev.datapath.registry}): pid, minor, image and, for vhd, the
+    backing chain read from the VHD headers (just the image if it cannot be
+    read), with C{x/type} = the tapdisk type;
   - deactivate: C{pause} (the image stays open, so reactivation is quick);
+    removes the registration;
   - unprepare: C{destroy} (close + detach + free; the process exits);
+    removes the registration too (an unprepare of an active vdi skips the
+    separate deactivate's outcome);
   - plug: C{backend/vbd/<domu>/<devid>}, blkback on the tapdisk's node
     (C{type=phy}, C{params=<node>}), with C{tapdisk-params} =
     C{<taptype>:<params>}.
@@ -45,8 +51,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
 from zope.interface import implementer
 
+from xenddev.datapath.images import ImageError, vhdChain
+from xenddev.datapath.registry import DataPath, recordPath, thisHost
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
 from xenddev.interfaces import IDriverDomainKind, ITapCtl
 from xenddev.tapctl import TapCtl, TapCtlError, TapdiskInfo, minorOfDevice, pidAlive
@@ -56,6 +65,8 @@ BLKTAP1_TYPES = ("aio", "sync", "vmdk", "ram", "qcow", "qcow2", "ioemu")
 DRIVERS = ("tapdisk2", "blktap1")
 MODES = ("r", "w", "w!")
 _FORMAT_TYPES = {"raw": "aio", "vhd": "vhd", "qcow": "qcow", "qcow2": "qcow2", "vmdk": "vmdk"}
+#: The image format a tapdisk type reads (recorded in the registry).
+_TYPE_FORMATS = {"aio": "raw", "sync": "raw", **{t: t for t in ("vhd", "qcow", "ram", "remus")}}
 
 
 def tapType(target: Mapping[str, str]) -> str:
@@ -81,20 +92,24 @@ class TapKind:
     @param serveRawFiles: also accept raw C{file} targets (put this kind
         before C{blkback} in the agent's list to prefer tapdisk2 for them).
     @param isAlive: whether a pid is a live process (injected for tests).
+    @param host: the host name registered with each data path.
     """
 
     name = "tap"
     objectClasses = ("vdi",)
+    log = Logger()
 
     def __init__(
         self,
         tapctl: ITapCtl | None = None,
         serveRawFiles: bool = False,
         isAlive: Callable[[int], bool] = pidAlive,
+        host: str | None = None,
     ) -> None:
         self.tapctl: Any = tapctl if tapctl is not None else TapCtl()
         self.serveRawFiles = serveRawFiles
         self.isAlive = isAlive
+        self.host = host if host is not None else thisHost()
 
     # Target checks
 
@@ -218,7 +233,10 @@ class TapKind:
         return int(rec["pid"]), int(rec["minor"]), info
 
     def activate(self, ctx: KindContext) -> Deferred[Outcome]:
-        """open the image, or unpause it (idempotent: looks at tap-ctl list)."""
+        """
+        open the image, or unpause it (idempotent: looks at tap-ctl list);
+        register the data path.
+        """
         if self._driver(ctx.target) == "blktap1":
             return done()
 
@@ -232,12 +250,39 @@ class TapKind:
                     await self.tapctl.unpause(pid, minor)
             except TapCtlError as e:
                 raise KindError("EIO", str(e)) from None
-            return Outcome()
+            return Outcome(writes=self.dataPath(ctx, pid, minor).nodes())
 
         return Deferred.fromCoroutine(run())
 
+    def dataPath(self, ctx: KindContext, pid: int, minor: int) -> DataPath:
+        """The registry record of an open tapdisk (seed 002)."""
+        typ = tapType(ctx.target)
+        image = ctx.target.get("params", "")
+        chain: tuple[str, ...] = (image,)
+        if typ == "vhd":
+            try:
+                chain = tuple(vhdChain(image))
+            except ImageError as e:
+                self.log.warn(
+                    "Registering {vdi} without its VHD chain: {error}",
+                    vdi=ctx.paths.name,
+                    error=e,
+                )
+        return DataPath(
+            ctx.driverDomid,
+            ctx.paths.name,
+            self.name,
+            self.host,
+            image,
+            _TYPE_FORMATS.get(typ, typ),
+            chain,
+            pid=pid,
+            minor=minor,
+            extra={"type": typ},
+        )
+
     def deactivate(self, ctx: KindContext) -> Deferred[Outcome]:
-        """pause (idempotent)."""
+        """pause (idempotent); unregister the data path."""
         if self._driver(ctx.target) == "blktap1":
             return done()
 
@@ -248,9 +293,13 @@ class TapKind:
                     await self.tapctl.pause(pid, minor)
             except TapCtlError as e:
                 raise KindError("EIO", str(e)) from None
-            return Outcome()
+            return self._unregister(ctx)
 
         return Deferred.fromCoroutine(run())
+
+    @staticmethod
+    def _unregister(ctx: KindContext) -> Outcome:
+        return Outcome(removes=(recordPath(ctx.driverDomid, ctx.paths.name),))
 
     def unprepare(self, ctx: KindContext) -> Deferred[Outcome]:
         """destroy: close + detach + free; the tapdisk exits."""
@@ -270,7 +319,7 @@ class TapKind:
                         await self.tapctl.free(int(rec["minor"]))
             except TapCtlError as e:
                 raise KindError("EIO", str(e)) from None
-            return Outcome()
+            return self._unregister(ctx)
 
         return Deferred.fromCoroutine(run())
 
