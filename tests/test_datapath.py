@@ -13,7 +13,9 @@ import subprocess
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import dumpTree
@@ -22,6 +24,7 @@ from tests.test_qemu_kind import QEMU_IO, QemuFixtureMixin, qemuIO
 from xenddev.datapath import (
     DataPath,
     DataPathControl,
+    IDataPathPauser,
     QemuPauser,
     findDataPaths,
     readRecord,
@@ -33,6 +36,38 @@ from xenddev.driverdomain.kinds.qemu import nbdURI
 from xenddev.driverdomain.protocol import ObjectClass
 
 _VDI = ObjectClass("vdi", "vbd", "vbd")
+
+
+@implementer(IDataPathPauser)
+class FakeTapPauser:
+    """
+    A fake pauser for tests of what is built on L{DataPathControl} (the
+    storage control): records who is paused; the C{failOn}-th pause fails.
+    Tapdisks themselves are quiesced with the real L{TapPauser} in
+    C{tests.test_datapath_tap}.
+    """
+
+    def __init__(self, failOn: int | None = None) -> None:
+        self.failOn = failOn
+        self.calls = 0
+        self.paused: set[tuple[int, str]] = set()
+        self.log: list[tuple[str, int, str, bool | None]] = []
+
+    def pause(self, dp: DataPath) -> Deferred[None]:
+        self.calls += 1
+        if self.calls == self.failOn:
+            return Deferred.fromCoroutine(self._fail(dp))
+        self.paused.add((dp.driverDomid, dp.vdi))
+        self.log.append(("pause", dp.driverDomid, dp.vdi, None))
+        return succeed(None)
+
+    async def _fail(self, dp: DataPath) -> None:
+        raise RuntimeError(f"tap-ctl pause -p {dp.pid} -m {dp.minor}: exit 1")
+
+    def resume(self, dp: DataPath, reload: bool) -> Deferred[None]:
+        self.paused.discard((dp.driverDomid, dp.vdi))
+        self.log.append(("resume", dp.driverDomid, dp.vdi, reload))
+        return succeed(None)
 
 
 def tapRecord(dd: int, vdi: str, chain: tuple[str, ...], minor: int) -> DataPath:
