@@ -24,7 +24,12 @@ Facts from seed 001 (xend's blktap2 patch) and xend 4.0/4.1:
   - tap2 falls back to blktap1, logging C{WARNING: using deprecated blktap
     module}, for a C{tap:} disk whose type blktap2 does not serve
     (C{ioemu}, C{qcow2}, C{vmdk}, C{sync}) or when blktap2 is not installed;
-    the device then belongs to class C{tap};
+    the device then belongs to class C{tap}. Seed 001 looked for blktap2 on
+    the toolstack's host; here the question concerns the device's driver
+    domain: its agent advertises the kinds it serves
+    (C{backendctrl/kinds}, L{xenddev.driverdomain.agent.kindsPath}) and
+    blktap2 is there if C{tap} is among them. Only when the driver domain
+    does not say (an older agent) is the local check used;
   - the tap2 backend lives in the C{vbd} backend directory; its
     configuration reads back as C{tap:<tapdisk-params>};
   - after a destroy, the tapdisk is released only once the backend is gone
@@ -54,6 +59,7 @@ from xenddev.diskspec import (
     blktapDiskType,
     vdevToNumber,
 )
+from xenddev.driverdomain.agent import kindsPath
 from xenddev.driverdomain.client import PlugResult
 from xenddev.driverdomain.errors import DriverDomainError
 from xenddev.interfaces import ITransaction
@@ -88,8 +94,21 @@ class TapdiskError(DeviceError):
 
 
 def defaultBlktap2Available() -> bool:
-    """blktap2 here: C{tap-ctl} on the PATH, or C{blktap2} in /proc/devices."""
+    """
+    blktap2 on this host: C{tap-ctl} on the PATH, or C{blktap2} in
+    /proc/devices. Only the fallback for a driver domain whose agent does
+    not advertise its kinds (L{Blktap2Controller.blktap2In}).
+    """
     return shutil.which("tap-ctl") is not None or BlktapSysfs("/").installed()
+
+
+async def advertisedKinds(xs: Any, driverDomid: int) -> list[str] | None:
+    """
+    The kinds a driver domain's agent says it serves, or None if it says
+    nothing (an agent older than the advertisement, or none running).
+    """
+    text = await xs.readOrNone(kindsPath(driverDomid))
+    return None if text is None else text.split()
 
 
 def tapSpec(config: Mapping[str, Any]) -> tuple[DiskSpec, str, str]:
@@ -165,8 +184,9 @@ class Blktap2Controller(BlktapController):
     """
     blktap2 devices (class C{tap2}): a tapdisk plus blkback on its node.
 
-    @cvar blktap2Available: whether blktap2 can be used (seed 001 looked in
-        /proc/devices); injected in tests.
+    @cvar blktap2Available: whether blktap2 can be used on this host (seed
+        001 looked in /proc/devices): the answer for a driver domain that
+        does not advertise its kinds (L{blktap2In}); injected in tests.
     @cvar sysfs: the Xen 4.0 kernel interface, if the tapdisks are to be
         released (and paused) through sysfs rather than through the driver
         domain's tap kind; None by default.
@@ -192,9 +212,24 @@ class Blktap2Controller(BlktapController):
     def _blktap1(self) -> BlktapController:
         return BlktapController(*self._args, **self._kwargs)
 
-    def _usesBlktap1(self, config: Mapping[str, Any]) -> bool:
+    def blktap2In(self, driverDomid: int) -> Deferred[bool]:
+        """
+        Whether blktap2 serves in a driver domain: C{tap} among the kinds
+        its agent advertises; L{blktap2Available} (this host) if it
+        advertises none.
+        """
+
+        async def ask() -> bool:
+            kinds = await advertisedKinds(self.xs, driverDomid)
+            if kinds is None:
+                return self.blktap2Available()
+            return "tap" in kinds
+
+        return Deferred.fromCoroutine(ask())
+
+    def _usesBlktap1(self, config: Mapping[str, Any], blktap2: bool = True) -> bool:
         _, typ, prefix = tapSpec(config)
-        if typ in BLKTAP2_TYPES and self.blktap2Available():
+        if typ in BLKTAP2_TYPES and blktap2:
             return False
         if prefix == "tap":
             return True
@@ -204,7 +239,11 @@ class Blktap2Controller(BlktapController):
         )
 
     def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
-        """tap2 details, or blktap1's when the device falls back."""
+        """
+        tap2 details for a blktap2 type, blktap1's for the others. Whether
+        the driver domain has blktap2 is not known here (it takes a read);
+        L{createDevice} asks, and falls back then.
+        """
         if self._usesBlktap1(config):
             return self._blktap1().getDeviceDetails(config)
         spec, typ, _ = tapSpec(config)
@@ -213,12 +252,21 @@ class Blktap2Controller(BlktapController):
     def createDevice(self, config: Mapping[str, Any]) -> Deferred[int]:
         """
         Create the tapdisk and blkback on it through the driver domain; or
-        hand the device to blktap1 (class C{tap}) with seed 001's warning.
+        hand the device to blktap1 (class C{tap}) with seed 001's warning
+        when the type needs it or the driver domain has no blktap2
+        (L{blktap2In}). A bad configuration is refused before any read.
         """
-        if self._usesBlktap1(config):
-            self.log.warn(DEPRECATED_WARNING)
-            return self._blktap1().createDevice(config)
-        return super().createDevice(config)
+        spec, _, _ = tapSpec(config)
+        driverDomid = _backendDomid(config, spec)
+        self._usesBlktap1(config)  # refuse tap2:<not a blktap2 type> at once
+
+        async def create() -> int:
+            if self._usesBlktap1(config, await self.blktap2In(driverDomid)):
+                self.log.warn(DEPRECATED_WARNING)
+                return await self._blktap1().createDevice(config)
+            return await super(Blktap2Controller, self).createDevice(config)
+
+        return Deferred.fromCoroutine(create())
 
     async def _writeFrontend(
         self, tx: ITransaction, details: DeviceDetails, plug: PlugResult

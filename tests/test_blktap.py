@@ -34,7 +34,8 @@ from tests.support.treedump import diffTrees, dumpTree
 from tests.support.xenstoresuite import deferredTest
 from tests.test_tapctl import FAKE, _killAll, events, inject, procState
 from xenddev.controller import DeviceConfigError, DomainInfo
-from xenddev.driverdomain.agent import BackendCtrlAgent
+from xenddev.datapath import readRecord
+from xenddev.driverdomain.agent import BackendCtrlAgent, kindsPath
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.kinds.base import KindContext
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
@@ -240,9 +241,11 @@ class BlktapSuite:
     @deferredTest
     async def test_fallbackToBlktap1(self) -> None:
         """
-        tap2 with tap:qcow2 (not a blktap2 type) or with blktap2 missing
-        becomes a blktap1 device of class tap, with seed 001's warning;
-        tap2:qcow2 is refused (no fallback for an explicit tap2:).
+        tap2 with tap:qcow2 (not a blktap2 type), or with blktap2 missing on
+        this host and a driver domain that does not advertise its kinds (an
+        older agent), becomes a blktap1 device of class tap, with seed
+        001's warning; tap2:qcow2 is refused (no fallback for an explicit
+        tap2:).
         """
         img = self.image("q.qcow2")
         await self.startDriverDomain()
@@ -256,6 +259,7 @@ class BlktapSuite:
         await self.manager.destroyDevice(GUEST, "tap", devid)
 
         self.manager.controllerClasses["tap2"] = Tap2Missing
+        await self.xs.rm(kindsPath(0))  # an agent that does not advertise
         raw = self.image()
         devid = await self.manager.createDevice(
             GUEST, "tap2", {"uname": f"tap:aio:{raw}", "dev": "xvdc", "mode": "w"}
@@ -269,6 +273,60 @@ class BlktapSuite:
             DeviceConfigError,
         )
         self.assertIn("do not fall back", str(e))
+
+    @deferredTest
+    async def test_blktap2DecidedByDriverDomain(self) -> None:
+        """
+        Each agent advertises its kinds in backendctrl/kinds (with the
+        control area's permissions), and blktap2 is decided by the device's
+        driver domain, not by this host: with blktap2 missing here, tap:aio
+        becomes a tap2 device in domain 0 (its agent serves tap). With
+        blktap2 present here, domain 3 (blkback only) refuses tap2:aio
+        (needs blktap2) and hands tap:aio to blktap1, with the warning,
+        which it cannot serve either; nothing is left behind.
+        """
+        img = self.image()
+        await self.startDriverDomain()
+        agent3 = BackendCtrlAgent(await self.connect(), 3, [BlkbackKind()], None)
+        await DriverDomainClient(self.xs, 3).ensureArea()
+        await agent3.start()
+        self.addCleanup(agent3.stop)
+        self.assertEqual(await self.xs.read(kindsPath(0)), "tap blkback")
+        self.assertEqual(await self.xs.read(kindsPath(3)), "blkback")
+        self.assertEqual(
+            await self.xs.getPerms(kindsPath(3)),
+            await self.xs.getPerms("/local/domain/3/backendctrl"),
+        )
+
+        self.manager.controllerClasses["tap2"] = Tap2Missing
+        devid = await self.manager.createDevice(
+            GUEST, "tap2", {"uname": f"tap:aio:{img}", "dev": "xvdb"}
+        )
+        self.assertEqual(await self.manager.getBlockDeviceClass(GUEST, devid), "tap2")
+        (row,) = await self.tapctl.list()
+        self.assertEqual(row.args, f"aio:{img}")
+        self.assertNotIn(DEPRECATED_WARNING, self.log.lines)
+        await self.manager.destroyDevice(GUEST, "tap2", devid)
+
+        self.manager.controllerClasses["tap2"] = Tap2Here
+        before = await dumpTree(self.xs)
+        e = await self.assertFails(
+            self.manager.createDevice(
+                GUEST, "tap2", {"uname": f"tap2:aio:{img}", "dev": "xvdc", "backend": "3"}
+            ),
+            DeviceConfigError,
+        )
+        self.assertIn("needs blktap2", str(e))
+        e = await self.assertFails(
+            self.manager.createDevice(
+                GUEST, "tap2", {"uname": f"tap:aio:{img}", "dev": "xvdc", "backend": "3"}
+            ),
+            Exception,
+        )
+        self.assertIn("no driver-domain kind here serves this target", str(e))
+        self.assertIn(DEPRECATED_WARNING, self.log.lines)
+        await agent3.whenIdle()
+        await self.assertTreeIs(before)
 
     # Cleanup ordering, pause
 
@@ -330,21 +388,30 @@ class BlktapSuite:
 
     @deferredTest
     async def test_pauseUnpause(self) -> None:
-        """Domain pause pauses the tapdisk (process stopped); unpause resumes it."""
+        """
+        Domain pause pauses the tapdisk (process stopped) and its data path
+        leaves the registry; unpause resumes it and registers it again.
+        """
         img = self.image()
         await self.startDriverDomain()
         await self.manager.createDevice(GUEST, "tap2", {"uname": f"tap:aio:{img}", "dev": "xvdb"})
         ctrl: Any = await self.manager.controller(GUEST, "tap2")
         (row,) = await self.tapctl.list()
         assert row.pid is not None
+        vdi = ctrl.vdiName(XVDB)
+        registered = await readRecord(self.xs, 0, vdi)
+        assert registered is not None
+        self.assertEqual((registered.pid, registered.minor), (row.pid, row.minor))
         await ctrl.pauseDevices()
         (paused,) = await self.tapctl.list()
         self.assertTrue(paused.paused)
         self.assertEqual(procState(row.pid), "T")
+        self.assertEqual(await readRecord(self.xs, 0, vdi), None)
         await ctrl.unpauseDevices()
         (resumed,) = await self.tapctl.list()
         self.assertFalse(resumed.paused)
         self.assertNotEqual(procState(row.pid), "T")
+        self.assertEqual(await readRecord(self.xs, 0, vdi), registered)
         self.assertIn("unpause", self.commands())
 
     # Failures
