@@ -177,6 +177,33 @@ class ControlLogicTests(SynchronousTestCase):
         self.assertIn("pid and minor", str(self.failureResultOf(pauser.pause(dp)).value))
 
 
+class ServiceWiringTests(TestCase):
+    """The daemon builds its data-path control with the real pausers."""
+
+    @deferredTest
+    async def test_daemonRegistersTapAndQemu(self) -> None:
+        """
+        XenddevService (embedded xenstored, no listeners) has a
+        DataPathControl with the tap and qemu pausers, over its store.
+        """
+        from xenddev.config import Config
+        from xenddev.datapath.quiesce import QemuPauser
+        from xenddev.service import XenddevService
+
+        service = XenddevService(
+            Config(rundir=_workdir(self), xenstore="embedded"), reactor=reactor, listen=False
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        control = service.dataPaths
+        self.assertIsInstance(control, DataPathControl)
+        self.assertEqual(sorted(control.pausers), ["qemu", "tap"])
+        self.assertIsInstance(control.pausers["tap"], TapPauser)
+        self.assertIsInstance(control.pausers["qemu"], QemuPauser)
+        self.assertEqual(await control.find("/nothing"), [])
+
+
 class TapDataPathSuite:
     """Mixed with a server fixture and TestCase."""
 

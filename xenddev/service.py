@@ -353,6 +353,9 @@ class XenddevService(MultiService):
 
     @ivar ready: fires when everything is up (or fails with the reason).
     @ivar manager: the L{ServiceDeviceManager}, once started.
+    @ivar dataPaths: the L{xenddev.datapath.DataPathControl} (seed 002:
+        quiesce and resume every data path reading an image), with the
+        C{qemu} and C{tap} pausers, once started.
     @ivar simulated: whether the xenbus simulator runs.
     @ivar xenstoreAddress: the XenStore address in use.
     """
@@ -377,6 +380,7 @@ class XenddevService(MultiService):
         self._exists = exists
         self.ready: Deferred[None] = Deferred()
         self.manager: ServiceDeviceManager | None = None
+        self.dataPaths: Any = None
         self.simulated = False
         self.embedded = False
         self.xenstoreAddress: str | None = None
@@ -476,6 +480,9 @@ class XenddevService(MultiService):
         )
         if self.guests is not None:
             self.guests.manager = self.manager
+        from xenddev.datapath import DataPathControl, standardPausers
+
+        self.dataPaths = DataPathControl(xs, standardPausers(self.reactor))
         if rpc is not None:
             await self._listen(rpc, self.manager)
         self.log.info(
