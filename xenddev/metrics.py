@@ -2,17 +2,24 @@
 """
 A small Prometheus text-format endpoint (C{metrics.enabled: true}): device
 operations by operation, class and outcome, their total duration, the
-operations in flight, and whether the xenbus ends are simulated. Written
+operations in flight, the XenStore round trips of the process by
+operation (L{xenddev.xenstore.protocol.ROUND_TRIPS}: every request any of
+its connections sent — the toolstack's, the local agent's and the
+simulator's), and whether the xenbus ends are simulated. Written
 here (a few lines of the text exposition format) rather than adding
 C{prometheus_client} as a dependency.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from xenddev.xenstore.protocol import ROUND_TRIPS
+from xenddev.xenstore.wire import opName
 
 __all__ = ["MetricsResource", "metricsSite", "renderMetrics"]
 
@@ -21,8 +28,13 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def renderMetrics(service: Any) -> str:
-    """The metrics of a L{xenddev.service.XenddevService} in the text format."""
+def renderMetrics(service: Any, roundTrips: Mapping[int, int] | None = None) -> str:
+    """
+    The metrics of a L{xenddev.service.XenddevService} in the text format.
+
+    @param roundTrips: XenStore requests by operation number (default: the
+        process-wide L{xenddev.xenstore.protocol.ROUND_TRIPS}).
+    """
     lines = [
         "# HELP xenddev_device_operations_total Device operations by outcome.",
         "# TYPE xenddev_device_operations_total counter",
@@ -52,7 +64,15 @@ def renderMetrics(service: Any) -> str:
         "# HELP xenddev_simulated 1 if backends and frontends are simulated.",
         "# TYPE xenddev_simulated gauge",
         f"xenddev_simulated {1 if service.simulated else 0}",
+        "# HELP xenddev_xenstore_requests_total XenStore round trips by operation.",
+        "# TYPE xenddev_xenstore_requests_total counter",
     ]
+    trips = dict(ROUND_TRIPS if roundTrips is None else roundTrips)
+    byName: dict[str, int] = {}
+    for op, n in trips.items():
+        byName[opName(op)] = byName.get(opName(op), 0) + n
+    for name, n in sorted(byName.items()):
+        lines.append(f'xenddev_xenstore_requests_total{{operation="{_label(name)}"}} {n}')
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,11 @@ from xenddev.xenstore.wire import (
 
 EventHandler = Callable[[bytes, bytes], None]
 
+#: XenStore round trips of this process: operation number -> requests sent,
+#: over every connection (the metrics endpoint exports it). One dict
+#: increment per request; a protocol may be given a dict of its own.
+ROUND_TRIPS: dict[int, int] = {}
+
 
 class _Pending:
     """A request sent (or queued) and not yet answered."""
@@ -85,6 +90,8 @@ class XenStoreProtocol(Protocol):
         self._batch: list[bytes] | None = None
         #: Counters for benchmarks and metrics.
         self.requestsSent = 0
+        #: Requests by operation number (default: the process-wide L{ROUND_TRIPS}).
+        self.roundTrips = ROUND_TRIPS
         self.unexpectedPackets = 0
 
     # Connection lifecycle
@@ -159,6 +166,8 @@ class XenStoreProtocol(Protocol):
         entry.deferred = d
         self._pending[rid] = entry
         self.requestsSent += 1
+        trips = self.roundTrips
+        trips[op] = trips.get(op, 0) + 1
         if self.maxInFlight is not None and self._onWire >= self.maxInFlight:
             self._queue.append(data)
         else:
