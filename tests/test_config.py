@@ -151,9 +151,38 @@ class RejectionTests(TestCase):
         self.assertRejected("driver_domain: {domid: 70000}\n", "driver_domain.domid", "70000")
 
     def test_badSimulate(self) -> None:
-        """simulate is auto, on or off."""
+        """simulate is auto, on or off; anything else is refused with its line."""
         self.assertRejected(
             "driver_domain:\n  simulate: maybe\n", "f.yaml:2", "driver_domain.simulate", "maybe"
+        )
+        self.assertRejected(
+            "driver_domain:\n  kinds: [blkback]\n  simulate: 1\n",
+            "f.yaml:3",
+            "driver_domain.simulate = 1",
+            "auto, on (yes), off (no)",
+        )
+        self.assertRejected("driver_domain: {simulate: [on]}\n", "f.yaml:1", "simulate")
+
+    def test_simulateSpellings(self) -> None:
+        """yes/true mean on and no/false mean off, for simulate and hotplug."""
+        for text, expected in (
+            ("yes", "on"),
+            ("true", "on"),
+            ("On", "on"),
+            ("no", "off"),
+            ("False", "off"),
+            ("auto", "auto"),
+        ):
+            config = parseConfig(f"driver_domain: {{simulate: {text}, hotplug: {text}}}\n")
+            self.assertEqual(config.driver_domain.simulate, expected, text)
+            self.assertEqual(config.driver_domain.hotplug, expected, text)
+
+    def test_badQuiesceBound(self) -> None:
+        """timeouts.quiesce must be a positive number; it defaults to 60 s."""
+        self.assertEqual(parseConfig("").timeouts.quiesce, 60.0)
+        self.assertEqual(parseConfig("timeouts: {quiesce: 5}").timeouts.quiesce, 5.0)
+        self.assertRejected(
+            "timeouts:\n  create: 1\n  quiesce: 0\n", "f.yaml:3", "timeouts.quiesce = 0", "> 0"
         )
 
     def test_badBool(self) -> None:
@@ -250,6 +279,18 @@ class OverrideTests(TestCase):
         self.assertEqual(config.rundir, "/tmp/r")
         self.assertEqual(config.xenstore, "embedded")
         self.assertEqual(config.timeouts.create, 7.0)
+
+    def test_simulateFlag(self) -> None:
+        """--simulate overrides the file, accepts yes/no, and names itself when bad."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("driver_domain: {simulate: off}\n")
+        options = Options()
+        options.parseOptions(["--config", path, "--simulate", "yes", "--xenstore", "unix:/s"])
+        self.assertEqual(options["configObject"].driver_domain.simulate, "on")
+        self.assertEqual(options["configObject"].xenstore, "unix:/s")
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--simulate", "perhaps"])
+        self.assertIn("--simulate = 'perhaps'", str(e))
 
     def test_daemonOptionsBadFile(self) -> None:
         """A bad file is a usage error carrying the config's message."""

@@ -36,6 +36,7 @@ __all__ = [
     "defaultRundir",
     "loadConfig",
     "parseConfig",
+    "validateTristate",
     "validateXenstoreAddress",
 ]
 
@@ -44,6 +45,8 @@ DEFAULT_ROOT_RUNDIR = "/var/run/xenddev"
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 TRISTATE = ("auto", "on", "off")
+#: Spellings accepted for C{on}/C{off} in the tri-state keys (and by the flags).
+TRISTATE_ALIASES = {"yes": "on", "true": "on", "no": "off", "false": "off"}
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,17 @@ def defaultRundir(euid: int | None = None, cwd: str | None = None) -> str:
     if uid == 0:
         return DEFAULT_ROOT_RUNDIR
     return os.path.join(cwd if cwd is not None else os.getcwd(), "run")
+
+
+def validateTristate(value: str) -> str:
+    """
+    A tri-state setting: C{auto}, C{on} or C{off} (C{yes}/C{true} and
+    C{no}/C{false} mean C{on} and C{off}); raise C{ValueError} otherwise.
+    """
+    text = TRISTATE_ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else ""
+    if text not in TRISTATE:
+        raise ValueError("must be one of: auto, on (yes), off (no)")
+    return text
 
 
 def validateXenstoreAddress(value: str) -> str:
@@ -99,6 +113,7 @@ class TimeoutsConfig:
     request: float = 30.0
     shutdown: float = 30.0
     connect: float = 10.0
+    quiesce: float = 60.0
 
 
 @attrs.frozen
@@ -159,13 +174,26 @@ class Config:
         """The embedded xenstored's socket: C{<rundir>/xenstored/socket}."""
         return os.path.join(self.rundir, "xenstored", "socket")
 
-    def withOverrides(self, rundir: str | None = None, xenstore: str | None = None) -> Config:
+    def withOverrides(
+        self,
+        rundir: str | None = None,
+        xenstore: str | None = None,
+        simulate: str | None = None,
+    ) -> Config:
         """
         A copy with command-line flags applied (flags override the file).
 
         @raise ConfigError: naming the flag and its bad value.
         """
         config = self
+        if simulate is not None:
+            try:
+                mode = validateTristate(simulate)
+            except ValueError as e:
+                raise ConfigError(f"--simulate = {simulate!r}: {e}") from None
+            config = attrs.evolve(
+                config, driver_domain=attrs.evolve(config.driver_domain, simulate=mode)
+            )
         if rundir is not None:
             if not rundir:
                 raise ConfigError("--rundir = '': must not be empty")
@@ -246,6 +274,14 @@ def _choice(*choices: str) -> Converter:
     return convert
 
 
+def _tristate(value: Any, node: yaml.Node) -> str:
+    # YAML 1.1 reads on/off/yes/no as booleans: take the source text.
+    text = node.value if isinstance(node, yaml.ScalarNode) else None
+    if not isinstance(value, bool | str) or not isinstance(text, str):
+        raise ValueError("must be one of: auto, on (yes), off (no)")
+    return validateTristate(text)
+
+
 def _kinds(value: Any, node: yaml.Node) -> tuple[str, ...]:
     from xenddev.driverdomain.kinds import KIND_FACTORIES
 
@@ -324,9 +360,9 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
             "domid": _domid,
             "kinds": _kinds,
             "script_dir": _path,
-            "hotplug": _choice(*TRISTATE),
+            "hotplug": _tristate,
             "hotplug_timeout": _number(),
-            "simulate": _choice(*TRISTATE),
+            "simulate": _tristate,
         },
     ),
     "timeouts": (
@@ -337,6 +373,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
             "request": _number(),
             "shutdown": _number(strict=False),
             "connect": _number(),
+            "quiesce": _number(),
         },
     ),
     "xmlrpc": (

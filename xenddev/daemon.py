@@ -2,7 +2,8 @@
 """
 C{twistd xenddev}: the daemon.
 
-    twistd -n xenddev --config /etc/xenddev.yaml --rundir DIR --xenstore ADDRESS
+    twistd -n xenddev --config /etc/xenddev.yaml --rundir DIR --xenstore ADDRESS \
+        --simulate auto|on|off
 
 Flags override the file. Without C{--config} every option has its default
 (see C{docs/config.md}): run directory C{/var/run/xenddev} as root, else
@@ -25,7 +26,7 @@ __all__ = ["Options", "configFromOptions", "makeService"]
 class Options(usage.Options):
     """Command-line options of C{twistd xenddev}."""
 
-    synopsis = "[--config FILE] [--rundir DIR] [--xenstore ADDRESS]"
+    synopsis = "[--config FILE] [--rundir DIR] [--xenstore ADDRESS] [--simulate auto|on|off]"
     longdesc = (
         "The xenddev daemon: Xen device controllers (vbd, vif) with an XML-RPC API on "
         "RUNDIR/xenddev.sock. Without a reachable xenstored it runs an embedded one on "
@@ -35,6 +36,13 @@ class Options(usage.Options):
         ["config", "c", None, "YAML configuration file (see docs/config.md)."],
         ["rundir", "r", None, "Run directory (default /var/run/xenddev as root, else ./run)."],
         ["xenstore", "x", None, "XenStore: auto, embedded, unix:PATH or xenbus:PATH."],
+        [
+            "simulate",
+            None,
+            None,
+            "SIMULATED backends and frontends: auto (only on the embedded xenstored), "
+            "on (with any xenstored; refused on a Xen host) or off.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -48,7 +56,9 @@ class Options(usage.Options):
 def configFromOptions(options: Any) -> Config:
     """The L{Config}: the file (or defaults), then the flags."""
     config = loadConfig(options["config"]) if options["config"] else Config()
-    return config.withOverrides(rundir=options["rundir"], xenstore=options["xenstore"])
+    return config.withOverrides(
+        rundir=options["rundir"], xenstore=options["xenstore"], simulate=options.get("simulate")
+    )
 
 
 def makeService(options: Any) -> IService:
