@@ -1,88 +1,74 @@
 """
 The daemon: L{xenddev.service.XenddevService} in-process (listeners, HTTP
 Basic on TCP, draining operations at shutdown) and C{twistd -n xenddev} as a
-real subprocess (sockets and their modes, the embedded xenstored seen by the
-real C{xenstore-ls}, SIGTERM, and an attach/detach through XML-RPC when
-C{xenddev.xmlrpc} exists).
+real subprocess (sockets and their modes, the store seen by the real
+C{xenstore-ls}, SIGTERM, the metrics endpoint).
 
-Until C{xenddev.xmlrpc} exists, the listeners are tested with a trivial
-stand-in resource; the stand-in is never used once the real module is there.
+The end-to-end tests — vbd and vif attached and detached through the CLI
+and XML-RPC, error paths with their fault codes and exit codes, the
+C{vdi.*}/C{datapath.*} namespaces, the metrics — run against both stores:
+the daemon's embedded xenstored, and the real C xenstored (started per
+test by L{RealXenstoredFixture}) with the daemon told to simulate the
+xenbus ends there (C{--simulate on}), as no hypervisor runs here.
 """
 
 from __future__ import annotations
 
 import base64
-import importlib.util
+import io
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
-import xmlrpc.client
-from types import SimpleNamespace
 from typing import Any
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
+from tests import test_cli
+from tests.support.fixtures import RealXenstoredFixture
+from tests.support.treedump import diffTrees, dumpTree
 from tests.support.xenstoresuite import deferredTest
+from tests.test_xmlrpc import RPCServerMixin
+from xenddev.cli import EXIT_BAD_CONFIG, EXIT_EXISTS, EXIT_NO_DEVICE, EXIT_NO_DOMAIN
 from xenddev.config import Config, DriverDomainConfig, TimeoutsConfig, XmlRpcConfig
 from xenddev.metrics import renderMetrics
 from xenddev.service import ServiceDeviceManager, ShuttingDownError, StartupError, XenddevService
+from xenddev.xenbus import waitForState
+from xenddev.xenstore.connection import connectXenStore
+from xenddev.xenstore.protocol import ROUND_TRIPS
+from xenddev.xenstore.wire import Op
+from xenddev.xmlrpc import FaultCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_XMLRPC = importlib.util.find_spec("xenddev.xmlrpc") is not None
+GUEST = 5
 
-
-class _StandIn(Resource):
-    """A trivial stand-in for the XML-RPC resource: answers C{stand-in}."""
-
-    isLeaf = True
-
-    def render_POST(self, request: Request) -> bytes:
-        """Any POST gets C{stand-in}."""
-        return b"stand-in"
-
-    render_GET = render_POST
-
-
-STAND_IN_RPC = SimpleNamespace(
-    rpcSite=lambda manager: Site(_StandIn()), rpcResource=lambda manager: _StandIn()
-)
-
-# Runs twistd after putting the stand-in in place of a missing xenddev.xmlrpc.
+# twistd from this checkout (the plugin is found through PYTHONPATH).
 LAUNCHER = """
-import importlib.util, sys, types
-if importlib.util.find_spec("xenddev.xmlrpc") is None:
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
-
-    class StandIn(Resource):
-        isLeaf = True
-
-        def render_POST(self, request):
-            return b"stand-in"
-
-    module = types.ModuleType("xenddev.xmlrpc")
-    module.rpcSite = lambda manager: Site(StandIn())
-    module.rpcResource = lambda manager: StandIn()
-    sys.modules["xenddev.xmlrpc"] = module
+import sys
 from twisted.scripts.twistd import run
 sys.argv[0] = "twistd"
 run()
 """
+
+STATUS_CALL = (
+    b"<?xml version='1.0'?><methodCall><methodName>daemon.status</methodName>"
+    b"<params></params></methodCall>"
+)
 
 
 def _rundir(test: TestCase) -> str:
@@ -90,6 +76,38 @@ def _rundir(test: TestCase) -> str:
     path = tempfile.mkdtemp(prefix="xd-")
     test.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+def _image(directory: str, name: str = "disk.img", size: int = 1 << 20) -> str:
+    """A sparse image file."""
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _roundTrips(text: str) -> dict[str, int]:
+    """The XenStore round trips by operation in a metrics text."""
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(
+            r'^xenddev_xenstore_requests_total\{operation="(\w+)"\} (\d+)$', text, re.M
+        )
+    }
+
+
+def _httpGetUnix(path: str) -> str:
+    """GET / over a UNIX socket (blocking; run in a thread); the body."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
 
 
 class DrainTests(TestCase):
@@ -135,20 +153,77 @@ class DrainTests(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+# The two stores
+
+
+class EmbeddedStore:
+    """The daemon starts its embedded xenstored (simulation: auto)."""
+
+    storeKind = "embedded"
+
+    def storeOptions(self, rundir: str) -> dict[str, Any]:
+        """Config values selecting the store."""
+        return {"xenstore": "embedded"}
+
+    def storeFlags(self) -> list[str]:
+        """twistd flags selecting the store."""
+        return ["--xenstore", "embedded"]
+
+    def storeSocket(self, rundir: str) -> str:
+        """Where the store listens."""
+        return os.path.join(rundir, "xenstored", "socket")
+
+
+class RealStore(RealXenstoredFixture):
+    """A real C xenstored per test; the daemon simulates the xenbus ends on it."""
+
+    storeKind = "real"
+
+    def storeOptions(self, rundir: str) -> dict[str, Any]:
+        """Config values selecting the store: unix:PATH and simulate: on."""
+        self.startServer()
+        return {
+            "xenstore": f"unix:{self.socketPath}",
+            "driver_domain": DriverDomainConfig(simulate="on"),
+        }
+
+    def storeFlags(self) -> list[str]:
+        """twistd flags: --xenstore unix:PATH --simulate on."""
+        self.startServer()
+        return ["--xenstore", f"unix:{self.socketPath}", "--simulate", "on"]
+
+    def storeSocket(self, rundir: str) -> str:
+        """The C xenstored's socket."""
+        return self.socketPath
+
+
+class StoreClientMixin:
+    """A XenStore client of the test on the daemon's store."""
+
+    addCleanup: Any
+
+    async def storeClient(self, path: str) -> Any:
+        """Connect to the store at C{path}; disconnected at cleanup."""
+        xs = await connectXenStore(reactor, endpoint=UNIXClientEndpoint(reactor, path))
+        self.addCleanup(xs.disconnect)
+        return xs
+
+
+# The service in this process
+
+
 class ServiceTests(TestCase):
     """The service in this process, on the embedded xenstored."""
 
     def makeService(self, **xmlrpc: Any) -> XenddevService:
-        """A service on a fresh run directory with the stand-in XML-RPC resource."""
-        rundir = _rundir(self)
+        """A service on a fresh run directory."""
         config = Config(
-            rundir=rundir,
+            rundir=_rundir(self),
             xenstore="embedded",
             xmlrpc=XmlRpcConfig(**xmlrpc),
             timeouts=TimeoutsConfig(shutdown=2.0),
         )
-        service = XenddevService(config, reactor=reactor, rpc=STAND_IN_RPC)
-        return service
+        return XenddevService(config, reactor=reactor)
 
     async def startService(self, service: XenddevService) -> None:
         """Start it and stop it at cleanup."""
@@ -174,61 +249,6 @@ class ServiceTests(TestCase):
         self.assertFalse(os.path.lexists(config.socketPath + ".lock"))
 
     @deferredTest
-    async def test_attachDetachThroughManager(self) -> None:
-        """On the embedded default a vbd attaches to a SIMULATED guest and detaches."""
-        service = self.makeService()
-        await self.startService(service)
-        image = os.path.join(service.config.rundir, "disk.img")
-        with open(image, "wb") as f:
-            f.truncate(1 << 20)
-        manager = service.manager
-        assert manager is not None
-        spec = f"format=raw, vdev=xvdb, access=rw, target={image}"
-        devid = await manager.createDevice(5, "vbd", {"spec": spec})
-        self.assertEqual(devid, 51728)
-        rows = await manager.listDevices(5, "vbd")
-        self.assertEqual([r.devid for r in rows], [51728])
-        self.assertEqual(await manager.getBlockDeviceClass(5, "xvdb"), "vbd")
-        await manager.destroyDevice(5, "vbd", "xvdb")
-        self.assertEqual(await manager.listDevices(5, "vbd"), [])
-        text = renderMetrics(service)
-        self.assertIn('operation="create",class="vbd",outcome="ok"} 1', text)
-        self.assertIn("xenddev_simulated 1", text)
-
-    @deferredTest
-    async def test_shutdownCancelsInFlightWithCompensation(self) -> None:
-        """
-        An attach still waiting at shutdown is cancelled after
-        C{timeouts.shutdown}; its compensation leaves no trace in XenStore.
-        """
-        service = self.makeService()
-        service.config = attrs.evolve(
-            service.config, timeouts=TimeoutsConfig(shutdown=0.3, create=30)
-        )
-        await self.startService(service)
-        manager = service.manager
-        assert manager is not None
-        # Without the (simulated) kernel backend the device never connects.
-        await service.simHost.backend.stop()
-        image = os.path.join(service.config.rundir, "disk.img")
-        with open(image, "wb") as f:
-            f.truncate(1 << 20)
-        attach = manager.createDevice(7, "vbd", {"spec": f"vdev=xvdb, access=r, target={image}"})
-        attach.addErrback(lambda f: f.trap(CancelledError) and None)
-        server = service.xenstored.server
-        request = b"/local/domain/7/device/vbd/51728"
-        for _ in range(200):
-            if server.tree.lookup(request) is not None:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        self.assertIsNotNone(server.tree.lookup(request))
-        await service.stopService()
-        self.assertEqual(dict(manager.counts), {("create", "vbd", "cancelled"): 1})
-        self.assertIsNone(server.tree.lookup(request))
-        self.assertIsNone(server.tree.lookup(b"/local/domain/0/backendctrl/vdi/vbd-7-51728"))
-        self.assertIsNone(server.tree.lookup(b"/local/domain/0/backend/vbd/7/51728"))
-
-    @deferredTest
     async def test_tcpRequiresCredentials(self) -> None:
         """The TCP listener (127.0.0.1) refuses missing and wrong credentials."""
         secrets = os.path.join(_rundir(self), "passwords")
@@ -243,17 +263,21 @@ class ServiceTests(TestCase):
         agent = Agent(reactor)
 
         async def post(auth: str | None) -> tuple[int, bytes]:
-            headers = Headers()
+            headers = Headers({b"content-type": [b"text/xml"]})
             if auth is not None:
                 token = base64.b64encode(auth.encode()).decode()
                 headers.addRawHeader(b"authorization", f"Basic {token}".encode())
-            response = await agent.request(b"POST", url, headers)
+            body = FileBodyProducer(io.BytesIO(STATUS_CALL))
+            response = await agent.request(b"POST", url, headers, body)
             return response.code, await readBody(response)
 
         self.assertEqual((await post(None))[0], 401)
         self.assertEqual((await post("admin:wrong"))[0], 401)
         self.assertEqual((await post("intruder:s3cret"))[0], 401)
-        self.assertEqual(await post("admin:s3cret"), (200, b"stand-in"))
+        code, body = await post("admin:s3cret")
+        self.assertEqual(code, 200)
+        self.assertIn(b"<methodResponse>", body)
+        self.assertIn(b"<name>classes</name>", body)
 
     @deferredTest
     async def test_readablePasswordFileRefused(self) -> None:
@@ -273,16 +297,14 @@ class ServiceTests(TestCase):
     @deferredTest
     async def test_simulateOnXenHostRefused(self) -> None:
         """simulate: on is refused on a Xen host (a xenbus device exists)."""
-        rundir = _rundir(self)
         config = Config(
-            rundir=rundir,
+            rundir=_rundir(self),
             xenstore="embedded",
             driver_domain=DriverDomainConfig(simulate="on"),
         )
         service = XenddevService(
             config,
             reactor=reactor,
-            rpc=STAND_IN_RPC,
             exists=lambda p: p == "/dev/xen/xenbus" or os.path.exists(p),
         )
         service.startService()
@@ -313,7 +335,6 @@ class ServiceTests(TestCase):
         second = XenddevService(
             attrs.evolve(first.config, xenstore=f"unix:{first.config.xenstoredSocketPath}"),
             reactor=reactor,
-            rpc=STAND_IN_RPC,
         )
         second.startService()
         self.addCleanup(second.stopService)
@@ -321,6 +342,112 @@ class ServiceTests(TestCase):
             await second.ready
         self.assertIn("another xenddev", str(cm.exception))
         self.assertTrue(os.path.exists(first.config.socketPath))
+
+
+class ServiceStoreSuite(StoreClientMixin):
+    """The service in this process on one of the stores; mixed with a store and TestCase."""
+
+    storeOptions: Any
+    storeSocket: Any
+    storeKind: str
+    assertEqual: Any
+    assertIn: Any
+    assertTrue: Any
+    assertFalse: Any
+    assertGreater: Any
+    assertIsNone: Any
+
+    async def startService(self, **timeouts: float) -> XenddevService:
+        """A service with the store's options; stopped at cleanup."""
+        rundir = _rundir(self)  # type: ignore[arg-type]
+        config = Config(
+            rundir=rundir,
+            timeouts=TimeoutsConfig(**{"shutdown": 2.0, **timeouts}),
+            **self.storeOptions(rundir),
+        )
+        service = XenddevService(config, reactor=reactor, listen=False)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        self.assertTrue(service.simulated)
+        self.assertEqual(service.embedded, self.storeKind == "embedded")
+        return service
+
+    @deferredTest
+    async def test_attachDetachThroughManager(self) -> None:
+        """
+        A vbd and a vif attach to a SIMULATED guest and detach; the XenStore
+        round trips counted for the metrics grew with the attach.
+        """
+        service = await self.startService()
+        image = _image(service.config.rundir)
+        manager = service.manager
+        assert manager is not None
+        writes = ROUND_TRIPS.get(Op.WRITE, 0)
+        starts = ROUND_TRIPS.get(Op.TRANSACTION_START, 0)
+        spec = f"format=raw, vdev=xvdb, access=rw, target={image}"
+        devid = await manager.createDevice(GUEST, "vbd", {"spec": spec})
+        self.assertEqual(devid, 51728)
+        self.assertGreater(ROUND_TRIPS[Op.WRITE], writes)
+        self.assertGreater(ROUND_TRIPS[Op.TRANSACTION_START], starts)
+        self.assertEqual(await manager.createDevice(GUEST, "vif", {"bridge": "xenbr0"}), 0)
+        rows = await manager.listDevices(GUEST, "vbd")
+        self.assertEqual([r.devid for r in rows], [51728])
+        self.assertEqual(await manager.getBlockDeviceClass(GUEST, "xvdb"), "vbd")
+        await manager.destroyDevice(GUEST, "vbd", "xvdb")
+        await manager.destroyDevice(GUEST, "vif", 0)
+        self.assertEqual(await manager.listDevices(GUEST, "vbd"), [])
+        text = renderMetrics(service)
+        self.assertIn('operation="create",class="vbd",outcome="ok"} 1', text)
+        self.assertIn('operation="destroy",class="vif",outcome="ok"} 1', text)
+        self.assertIn("xenddev_simulated 1", text)
+        self.assertGreater(_roundTrips(text)["WRITE"], writes)
+
+    @deferredTest
+    async def test_shutdownCancelsInFlightWithCompensation(self) -> None:
+        """
+        An attach still waiting at shutdown is cancelled after
+        C{timeouts.shutdown}; its compensation leaves no trace in XenStore.
+        """
+        service = await self.startService(shutdown=0.3, create=30)
+        xs = await self.storeClient(self.storeSocket(service.config.rundir))
+        manager = service.manager
+        assert manager is not None
+        # Without the (simulated) kernel backend the device never connects.
+        await service.simHost.backend.stop()
+        image = _image(service.config.rundir)
+        attach = manager.createDevice(7, "vbd", {"spec": f"vdev=xvdb, access=r, target={image}"})
+        attach.addErrback(lambda f: f.trap(CancelledError) and None)
+        request = "/local/domain/7/device/vbd/51728"
+        for _ in range(200):
+            if await xs.exists(request):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(await xs.exists(request))
+        await service.stopService()
+        self.assertEqual(dict(manager.counts), {("create", "vbd", "cancelled"): 1})
+        for path in (
+            request,
+            "/local/domain/0/backendctrl/vdi/vbd-7-51728",
+            "/local/domain/0/backend/vbd/7/51728",
+        ):
+            if self.storeKind == "real":  # the embedded store stopped with the service
+                self.assertFalse(await xs.exists(path), path)
+        if self.storeKind == "embedded":
+            tree = service.xenstored.server.tree
+            for path in (request, "/local/domain/0/backendctrl/vdi/vbd-7-51728"):
+                self.assertIsNone(tree.lookup(path.encode()), path)
+
+
+class EmbeddedServiceTests(ServiceStoreSuite, EmbeddedStore, TestCase):  # type: ignore[misc]
+    """The service on its embedded xenstored."""
+
+
+class RealXenstoredServiceTests(ServiceStoreSuite, RealStore, TestCase):  # type: ignore[misc]
+    """The service on the C xenstored, simulating the xenbus ends."""
+
+
+# twistd -n xenddev as a subprocess
 
 
 class _Daemon(ProcessProtocol):
@@ -350,35 +477,15 @@ class _Daemon(ProcessProtocol):
         self.ended.callback(value.exitCode == 0 or value.signal == signal.SIGTERM)
 
 
-class UnixTransport(xmlrpc.client.Transport):
-    """stdlib XML-RPC over a UNIX socket."""
+class DaemonProcessMixin:
+    """Starts C{twistd -n xenddev} in a run directory of the test."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-
-    def make_connection(self, host: Any) -> Any:
-        """An HTTP connection whose socket is the UNIX socket."""
-        import http.client
-        import socket
-
-        path = self.path
-
-        class Connection(http.client.HTTPConnection):
-            def connect(self) -> None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(60)
-                self.sock.connect(path)
-
-        return Connection("localhost")
-
-
-class DaemonProcessTests(TestCase):
-    """C{twistd -n xenddev --rundir DIR --xenstore embedded} as a subprocess."""
+    addCleanup: Any
+    fail: Any
 
     def setUp(self) -> None:
         """A run directory and the launcher."""
-        self.rundir = _rundir(self)
+        self.rundir = _rundir(self)  # type: ignore[arg-type]
         self.launcher = os.path.join(self.rundir, "launch.py")
         with open(self.launcher, "w") as f:
             f.write(LAUNCHER)
@@ -388,7 +495,7 @@ class DaemonProcessTests(TestCase):
         proto = _Daemon()
         env = dict(os.environ, PYTHONPATH=ROOT)
         env.pop("XENSTORED_PATH", None)
-        process = reactor.spawnProcess(
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
             proto,
             sys.executable,
             [sys.executable, self.launcher, "-n", "--pidfile=", "xenddev", *args],
@@ -415,28 +522,9 @@ class DaemonProcessTests(TestCase):
             self.fail(proto.output.decode(errors="replace"))
         return clean
 
-    @deferredTest
-    async def test_startSocketsXenstoreLsStop(self) -> None:
-        """It starts, its sockets are 600, xenstore-ls sees the store, SIGTERM cleans up."""
-        if shutil.which("xenstore-ls") is None:
-            raise SkipTest("xenstore-ls (xenstore-utils) is not installed")
-        run = os.path.join(self.rundir, "run")
-        proto = await self.startDaemon("--rundir", run, "--xenstore", "embedded")
-        self.assertIn(b"SIMULATED", proto.output)
-        sock, xsSock = os.path.join(run, "xenddev.sock"), os.path.join(run, "xenstored", "socket")
-        for path in (sock, xsSock):
-            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        out, err, code = await getProcessOutputAndValue(
-            "xenstore-ls", ["/"], env=dict(os.environ, XENSTORED_PATH=xsSock)
-        )
-        self.assertEqual(code, 0, err)
-        self.assertIn(b"backendctrl", out)
-        self.assertIn(b'name = "Domain-0"', out)
-        self.assertTrue(await self.stopDaemon(proto))
-        self.assertIn(b"xenddev stopped", proto.output)
-        self.assertFalse(os.path.lexists(sock))
-        self.assertFalse(os.path.lexists(sock + ".lock"))
-        self.assertFalse(os.path.lexists(xsSock))
+
+class DaemonProcessTests(DaemonProcessMixin, TestCase):
+    """C{twistd -n xenddev} on its embedded xenstored: start, config, stop."""
 
     @deferredTest
     async def test_defaultRundirAndConfigFile(self) -> None:
@@ -464,33 +552,6 @@ class DaemonProcessTests(TestCase):
         self.assertIn(f"{config}:2: timeouts.create = 'never'".encode(), out + err)
 
     @deferredTest
-    async def test_attachDetachOverXmlRpc(self) -> None:
-        """A vbd attached and detached through the XML-RPC UNIX socket."""
-        if not HAVE_XMLRPC:
-            raise SkipTest("xenddev.xmlrpc does not exist yet")
-        run = os.path.join(self.rundir, "run")
-        proto = await self.startDaemon("--rundir", run, "--xenstore", "embedded")
-        image = os.path.join(self.rundir, "disk.img")
-        with open(image, "wb") as f:
-            f.truncate(64 << 20)
-        proxy = xmlrpc.client.ServerProxy(
-            "http://localhost/RPC2", transport=UnixTransport(os.path.join(run, "xenddev.sock"))
-        )
-        spec = f"format=raw, vdev=xvda, access=rw, target={image}"
-
-        def session() -> tuple[Any, Any, Any]:
-            attached: Any = proxy.device.attach(5, "vbd", {"spec": spec})
-            listed = proxy.device.list(5, "vbd")
-            proxy.device.detach(5, "vbd", attached["devid"], False)
-            return attached, listed, proxy.device.list(5, "vbd")
-
-        attached, listed, after = await deferToThread(session)
-        self.assertEqual(attached["devid"], 51712)
-        self.assertEqual(len(listed), 1)
-        self.assertEqual(after, [])
-        self.assertTrue(await self.stopDaemon(proto))
-
-    @deferredTest
     async def test_sigint(self) -> None:
         """SIGINT (Ctrl-C in the foreground) stops it cleanly too."""
         run = os.path.join(self.rundir, "run")
@@ -499,3 +560,195 @@ class DaemonProcessTests(TestCase):
         await proto.ended
         self.assertIn(b"xenddev stopped", proto.output)
         self.assertFalse(os.path.lexists(os.path.join(run, "xenddev.sock")))
+
+
+class DaemonEndToEndSuite(DaemonProcessMixin, RPCServerMixin, StoreClientMixin):
+    """
+    The daemon as a subprocess on one of the stores, driven through the
+    CLI and XML-RPC; mixed with a store and TestCase.
+    """
+
+    storeFlags: Any
+    storeSocket: Any
+    storeKind: str
+    assertEqual: Any
+    assertIn: Any
+    assertTrue: Any
+    assertFalse: Any
+    assertGreater: Any
+    assertNotIn: Any
+
+    async def startStoreDaemon(self) -> _Daemon:
+        """
+        The daemon on the store, with metrics on a UNIX socket (config file)
+        and the store chosen by flags; C{self.rpcPath} is its socket.
+        """
+        self.run = os.path.join(self.rundir, "run")
+        config = os.path.join(self.rundir, "xenddev.yaml")
+        with open(config, "w") as f:
+            f.write(
+                "timeouts: {shutdown: 2}\n"
+                f"metrics: {{enabled: true, endpoint: 'unix:{self.rundir}/metrics.sock'}}\n"
+            )
+        proto = await self.startDaemon("--config", config, "--rundir", self.run, *self.storeFlags())
+        self.rpcPath = os.path.join(self.run, "xenddev.sock")
+        self.xs = await self.storeClient(self.storeSocket(self.run))
+        return proto
+
+    def cli(self, *argv: str) -> Deferred[tuple[int, str, str]]:
+        """The command-line client (in a thread) against the daemon."""
+        return deferToThread(test_cli.run, [*argv, "--socket", self.rpcPath])
+
+    async def ok(self, *argv: str) -> str:
+        """A command that must succeed; its stdout."""
+        code, out, err = await self.cli(*argv)
+        self.assertEqual((code, err), (0, ""), argv)
+        return out
+
+    async def connected(self, devclass: str, devid: int) -> None:
+        """Wait until the simulated guest has connected the device."""
+        await waitForState(self.xs, f"/local/domain/{GUEST}/device/{devclass}/{devid}", 4, 10)
+
+    def metrics(self) -> Deferred[str]:
+        """The metrics endpoint's text."""
+        return deferToThread(_httpGetUnix, os.path.join(self.rundir, "metrics.sock"))
+
+    @deferredTest
+    async def test_vbdThroughCliAndXenstoreLs(self) -> None:
+        """
+        block-attach, block-list (table), xenstore-ls on the store, detach;
+        the sockets are 600; the metrics count the attach and its XenStore
+        round trips; SIGTERM stops the daemon cleanly, removing its socket.
+        """
+        if shutil.which("xenstore-ls") is None:
+            raise SkipTest("xenstore-ls (xenstore-utils) is not installed")
+        proto = await self.startStoreDaemon()
+        self.assertIn(b"SIMULATED", proto.output)
+        self.assertEqual(stat.S_IMODE(os.stat(self.rpcPath).st_mode), 0o600)
+        trips = _roundTrips(await self.metrics())
+        image = _image(self.rundir)
+        await self.ok("block-attach", str(GUEST), "format=raw", "vdev=xvda", f"target={image}")
+        await self.connected("vbd", 51712)
+        table = (await self.ok("block-list", str(GUEST))).splitlines()
+        self.assertEqual(table[1].split()[:4], ["51712", "0", "51712", "4"])
+        store = self.storeSocket(self.run)
+        out, err, code = await getProcessOutputAndValue(
+            "xenstore-ls",
+            ["/local/domain/0/backend/vbd"],
+            env=dict(os.environ, XENSTORED_PATH=store),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'params = "{image}"'.encode(), out)
+        text = await self.metrics()
+        self.assertIn('operation="create",class="vbd",outcome="ok"} 1', text)
+        self.assertGreater(_roundTrips(text)["WRITE"], trips.get("WRITE", 0))
+        self.assertGreater(
+            _roundTrips(text)["TRANSACTION_START"], trips.get("TRANSACTION_START", 0)
+        )
+        self.assertEqual(await self.ok("block-detach", str(GUEST), "xvda"), "")
+        self.assertEqual(len((await self.ok("block-list", str(GUEST))).splitlines()), 1)
+        self.assertTrue(await self.stopDaemon(proto))
+        self.assertFalse(os.path.lexists(self.rpcPath))
+        self.assertFalse(os.path.lexists(self.rpcPath + ".lock"))
+        if self.storeKind == "embedded":
+            self.assertFalse(os.path.lexists(store))
+
+    @deferredTest
+    async def test_vifThroughXmlRpc(self) -> None:
+        """
+        vifs through device.attach and xend's device_create, listed, and
+        detached by MAC and by devid; network-list through the CLI.
+        """
+        proto = await self.startStoreDaemon()
+        mac = "00:16:3e:0a:0b:0c"
+        attached = await self.call("device.attach", GUEST, "vif", {"mac": mac, "bridge": "br0"})
+        self.assertEqual(attached, {"domain": GUEST, "class": "vif", "devid": 0})
+        created = await self.call(
+            "xend.domain.device_create", GUEST, "(vif (mac 00:16:3e:0a:0b:0d))"
+        )
+        self.assertEqual(created, ["vif", ["dom", GUEST, "id", 1]])
+        await self.connected("vif", 0)
+        await self.connected("vif", 1)
+        rows = await self.call("device.list", GUEST, "vif")
+        self.assertEqual([(r["devid"], r["state"]) for r in rows], [(0, 4), (1, 4)])
+        table = (await self.ok("network-list", str(GUEST))).splitlines()
+        self.assertEqual(table[1].split()[:5], ["0", "0", mac, "0", "4"])
+        self.assertTrue(await self.call("device.detach", GUEST, "vif", mac))
+        self.assertTrue(await self.call("xend.domain.destroyDevice", GUEST, "vif", 1, True))
+        self.assertEqual(await self.call("device.list", GUEST), [])
+        self.assertTrue(await self.stopDaemon(proto))
+
+    @deferredTest
+    async def test_errorPaths(self) -> None:
+        """
+        Fault codes over XML-RPC and exit codes of the CLI; none of the
+        failures changes XenStore.
+        """
+        proto = await self.startStoreDaemon()
+        image = _image(self.rundir)
+        await self.ok("block-attach", str(GUEST), f"{image},raw,xvdb,r")
+        await self.connected("vbd", 51728)
+        before = await dumpTree(self.xs)
+        f = await self.assertFault(
+            FaultCode.DEVICE_EXISTS, "device.attach", GUEST, "vbd", {"spec": f"{image},raw,xvdb,r"}
+        )
+        self.assertEqual(f.faultString, "Device 51728 is already connected.")
+        await self.assertFault(FaultCode.NO_SUCH_DEVICE, "device.detach", GUEST, "vbd", "xvdc")
+        await self.assertFault(FaultCode.INVALID_DOMAIN, "device.list", 70000)
+        await self.assertFault(FaultCode.INVALID_DOMAIN, "device.list", "nosuchguest")
+        await self.assertFault(FaultCode.BAD_CONFIG, "device.attach", GUEST, "pci", {})
+        await self.assertFault(
+            FaultCode.BAD_CONFIG, "xend.domain.device_create", GUEST, "(vbd (dev xvda)"
+        )
+        await self.assertFault(FaultCode.BAD_CONFIG, "vdi.prepare", 0, "a/b", {"type": "file"})
+        await self.assertFault(FaultCode.INVALID_DOMAIN, "vdi.list", GUEST)
+        await self.assertFault(FaultCode.NOT_FOUND, "datapath.resume", "0123abcd")
+        await self.assertFault(8001, "device.explode")
+        for argv, exitCode, words in (
+            (["block-attach", str(GUEST), f"{image},raw,xvdb,r"], EXIT_EXISTS, "already"),
+            (["block-detach", str(GUEST), "xvdc"], EXIT_NO_DEVICE, "not connected"),
+            (["block-list", "70000"], EXIT_NO_DOMAIN, "must be 0..32751"),
+            (["network-attach", str(GUEST), "colour=red"], EXIT_BAD_CONFIG, "colour"),
+            (["block-attach", str(GUEST), "/x,raw,nonsense,w"], EXIT_BAD_CONFIG, "vdev"),
+        ):
+            code, out, err = await self.cli(*argv)
+            self.assertEqual((code, out), (exitCode, ""), (argv, err))
+            self.assertTrue(err.startswith(f"xenddev {argv[0]}: "), err)
+            self.assertIn(words, err)
+            self.assertEqual(err.count("\n"), 1, err)
+        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+        await self.ok("block-detach", str(GUEST), "xvdb")
+        self.assertTrue(await self.stopDaemon(proto))
+
+    @deferredTest
+    async def test_vdiAndDatapathNamespaces(self) -> None:
+        """
+        An operator's vdi through vdi.* on the daemon's local driver domain
+        (prepare, activate, list, deactivate, unprepare); the daemon's
+        datapath.* answers (a blkback vdi has no data-path record).
+        """
+        proto = await self.startStoreDaemon()
+        image = _image(self.rundir)
+        target = {"type": "file", "params": image, "mode": "r"}
+        self.assertEqual((await self.call("vdi.prepare", 0, "op1", target))["state"], "inactive")
+        self.assertEqual((await self.call("vdi.activate", 0, "op1"))["state"], "active")
+        listed = await self.call("vdi.list", 0, "vdi")
+        self.assertEqual([(o["name"], o["target"]) for o in listed], [("op1", target)])
+        self.assertEqual(await self.call("datapath.list"), [])
+        self.assertEqual(await self.call("datapath.find", image), [])
+        held = await self.call("datapath.quiesce", image)
+        self.assertEqual((held["paused"], held["expires-in"]), ([], 60.0))
+        self.assertTrue(await self.call("datapath.resume", held["handle"], False))
+        await self.assertFault(FaultCode.WRONG_STATE, "vdi.activate", 0, "op1")
+        self.assertEqual((await self.call("vdi.deactivate", 0, "op1"))["state"], "inactive")
+        self.assertTrue(await self.call("vdi.unprepare", 0, "op1"))
+        self.assertEqual(await self.call("vdi.list", 0, "vdi"), [])
+        self.assertTrue(await self.stopDaemon(proto))
+
+
+class EmbeddedDaemonTests(DaemonEndToEndSuite, EmbeddedStore, TestCase):  # type: ignore[misc]
+    """twistd -n xenddev --xenstore embedded."""
+
+
+class RealXenstoredDaemonTests(DaemonEndToEndSuite, RealStore, TestCase):  # type: ignore[misc]
+    """twistd -n xenddev --xenstore unix:<the C xenstored> --simulate on."""

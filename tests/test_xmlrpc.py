@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import diffTrees, dumpTree
 from tests.support.xenstoresuite import deferredTest
+from tests.test_qemu_kind import QemuFixtureMixin, qemuIO
 from xenddev.cli import serverProxy
 from xenddev.controller import (
     DeviceConfigError,
@@ -34,13 +35,31 @@ from xenddev.controller import (
     HotplugFailedError,
     UnknownDomainError,
 )
+from xenddev.datapath import DataPathControl, QemuPauser
+from xenddev.datapath.coalesce import CoalesceError
+from xenddev.datapath.quiesce import NoPauserError, QuiesceError
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient
-from xenddev.driverdomain.errors import DriverDomainTimeout
+from xenddev.driverdomain.errors import (
+    DriverDomainError,
+    DriverDomainTimeout,
+    InvalidNameError,
+    PreconditionError,
+)
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
+from xenddev.driverdomain.kinds.qemu import nbdURI
 from xenddev.hotplug import HotplugRunner
+from xenddev.qmp import QMPTimeout
 from xenddev.simulator import BackendSimulator, FrontendSimulator
+from xenddev.storagectl import (
+    NoCoalesceError,
+    NoSuchDataPathError,
+    NothingToMergeError,
+    QuiesceBusyError,
+    StorageControl,
+    UnknownHandleError,
+)
 from xenddev.sxp import SxpError
 from xenddev.toolstack import DeviceManager
 from xenddev.xenbus import waitForState
@@ -53,6 +72,7 @@ from xenddev.xenstore.errors import (
 from xenddev.xmlrpc import FaultCode, rpcSite, toFault
 
 GUEST = 5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED_METHODS = {
     "xend.domain.device_create",
@@ -66,6 +86,18 @@ EXPECTED_METHODS = {
     "device.list",
     "device.configure",
     "device.classes",
+    "vdi.list",
+    "vdi.get",
+    "vdi.prepare",
+    "vdi.activate",
+    "vdi.deactivate",
+    "vdi.unprepare",
+    "datapath.list",
+    "datapath.find",
+    "datapath.quiesce",
+    "datapath.resume",
+    "datapath.handles",
+    "datapath.coalesce",
     "daemon.status",
     "system.listMethods",
     "system.methodHelp",
@@ -90,12 +122,12 @@ class RPCServerMixin:
     assertEqual: Any
     assertNotIn: Any
 
-    def serveRPC(self, manager: Any) -> str:
+    def serveRPC(self, manager: Any, storage: Any = None) -> str:
         """Listen on a fresh socket; stop and drop every connection at cleanup."""
         workdir = tempfile.mkdtemp(prefix="rpc-")
         self.addCleanup(shutil.rmtree, workdir, True)
         self.rpcPath = os.path.join(workdir, "xenddev.sock")
-        self.wrapper = WrappingFactory(rpcSite(manager))
+        self.wrapper = WrappingFactory(rpcSite(manager, storage=storage))
         port = reactor.listenUNIX(self.rpcPath, self.wrapper)  # type: ignore[attr-defined]
         self.addCleanup(self._stopServing, port)
         return self.rpcPath
@@ -211,6 +243,24 @@ class XMLRPCSuite(DeviceServiceFixture):
         self.assertEqual(status["classes"], ["tap", "tap2", "vbd", "vif"])
         self.assertEqual(status["in-flight"], 0)
         self.assertEqual(await self.call("device.classes"), ["tap", "tap2", "vbd", "vif"])
+
+    @deferredTest
+    async def test_everyMethodHelpedAndDocumented(self) -> None:
+        """
+        Every method has help text giving its usage, and docs/xmlrpc.md
+        lists every method and every fault code.
+        """
+        with open(os.path.join(ROOT, "docs", "xmlrpc.md"), encoding="utf-8") as f:
+            doc = f.read()
+        for method in await self.call("system.listMethods"):
+            if method.startswith("system."):
+                continue
+            short = method.rsplit(".", 1)[1]
+            helpText = await self.call("system.methodHelp", method)
+            self.assertTrue(helpText.startswith(f"{short}("), (method, helpText))
+            self.assertTrue(f"`{short}(" in doc or f"`{method}(" in doc, method)
+        for code in FaultCode:
+            self.assertIn(f"\n| {int(code)} |", doc, code)
 
     # Block devices
 
@@ -356,7 +406,8 @@ class XMLRPCSuite(DeviceServiceFixture):
     async def test_genericFaults(self) -> None:
         """
         Fault 2: the driver domain refuses (a missing image on a remote
-        backend), and vbds cannot be reconfigured; nothing is left behind.
+        backend), and vifs cannot be reconfigured; nothing is left behind.
+        A cdrom change of a missing device: fault 11.
         """
         await self.startDriverDomain(3)
         before = await self.tree()
@@ -369,13 +420,21 @@ class XMLRPCSuite(DeviceServiceFixture):
         )
         self.assertIn("could not be connected", f.faultString)
         await self.assertTreeIs(before)
+        await self.call("device.attach", GUEST, "vif", {"mac": "00:16:3e:00:00:01"})
         f = await self.assertFault(
             FaultCode.GENERIC,
             "xend.domain.device_configure",
             GUEST,
-            "(vbd (uname file:/x.iso) (dev xvdc:cdrom) (mode r))",
+            "(vif (mac 00:16:3e:00:00:01) (bridge br0))",
         )
-        self.assertIn("vbd devices may not be reconfigured", f.faultString)
+        self.assertIn("vif devices may not be reconfigured", f.faultString)
+        await self.call("device.detach", GUEST, "vif", 0)
+        await self.assertFault(
+            FaultCode.NO_SUCH_DEVICE,
+            "xend.domain.device_configure",
+            GUEST,
+            f"(vbd (uname file:{self.image()}) (dev xvdc:cdrom) (mode r))",
+        )
         await self.assertFault(
             FaultCode.BAD_CONFIG, "xend.domain.device_configure", GUEST, "(vif (bridge br0))"
         )
@@ -406,6 +465,126 @@ class XMLRPCSuite(DeviceServiceFixture):
             "Device 51728 (vbd) could not be connected. Hotplug scripts not working.",
         )
         await self.assertTreeIs(before)
+
+    # Driver-domain objects (vdi.*)
+
+    @deferredTest
+    async def test_vdiLifecycle(self) -> None:
+        """
+        An operator's vdi: prepare (blkback file target), activate, get,
+        list, deactivate, unprepare; every step's state, and the tree ends
+        as it began.
+        """
+        img = self.image()
+        before = await self.tree()
+        target = {"type": "file", "params": img, "mode": "r"}
+        made = await self.call("vdi.prepare", 0, "opdisk", target)
+        self.assertEqual(
+            made,
+            {
+                "domain": 0,
+                "class": "vdi",
+                "name": "opdisk",
+                "state": "inactive",
+                "target": target,
+                "plugs": [],
+            },
+        )
+        self.assertEqual((await self.call("vdi.activate", 0, "opdisk"))["state"], "active")
+        self.assertEqual((await self.call("vdi.get", "0", "opdisk", "vdi"))["state"], "active")
+        self.assertEqual([o["name"] for o in await self.call("vdi.list", 0, "vdi")], ["opdisk"])
+        self.assertEqual((await self.call("vdi.deactivate", 0, "opdisk"))["state"], "inactive")
+        self.assertTrue(await self.call("vdi.unprepare", 0, "opdisk"))
+        await self.assertFault(FaultCode.NOT_FOUND, "vdi.get", 0, "opdisk")
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_vdiListShowsControllerPlugs(self) -> None:
+        """vdi.list shows the objects the controllers made, with their plugs."""
+        img = self.image()
+        await self.call("device.attach", GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
+        await self.call("device.attach", GUEST, "vif", {"mac": "00:16:3e:01:02:03"})
+        objects = await self.call("vdi.list", 0)
+        self.assertEqual(
+            [(o["class"], o["name"], o["state"]) for o in objects],
+            [("vdi", "vbd-5-51728", "active"), ("vif", "vif-5-0", "active")],
+        )
+        (plug,) = objects[0]["plugs"]
+        self.assertEqual(plug["frontend"], f"/local/domain/{GUEST}/device/vbd/51728")
+        self.assertEqual(plug["backend"], f"/local/domain/0/backend/vbd/{GUEST}/51728")
+        self.assertEqual(objects[0]["target"]["params"], img)
+        await self.call("device.detach", GUEST, "vbd", "xvdb")
+        await self.call("device.detach", GUEST, "vif", 0)
+        self.assertEqual(await self.call("vdi.list", 0), [])
+
+    @deferredTest
+    async def test_vdiBadInputFaults(self) -> None:
+        """
+        Bad names, targets, classes and domains: a typed fault before
+        anything is written (fault 10 or 3), and the tree is unchanged.
+        """
+        img = self.image()
+        good = {"type": "file", "params": img}
+        before = await self.tree()
+        for args, code, words in (
+            ((0, "bad/name", good), FaultCode.BAD_CONFIG, "invalid vdi 'bad/name'"),
+            ((0, "x" * 65, good), FaultCode.BAD_CONFIG, "at most 64"),
+            ((0, "d", "type=file"), FaultCode.BAD_CONFIG, "target must be a struct"),
+            ((0, "d", {}), FaultCode.BAD_CONFIG, "non-empty"),
+            ((0, "d", {"a/b": "x"}), FaultCode.BAD_CONFIG, "invalid target key 'a/b'"),
+            ((0, "d", {"params": "a\nb"}), FaultCode.BAD_CONFIG, "control characters"),
+            ((0, "d", {"params": "x" * 2000}), FaultCode.BAD_CONFIG, "longer than"),
+            ((0, "d", good, "pci"), FaultCode.BAD_CONFIG, "unknown object class 'pci'"),
+            ((GUEST, "d", good), FaultCode.INVALID_DOMAIN, "not a driver domain"),
+            ((70000, "d", good), FaultCode.INVALID_DOMAIN, "must be 0..32751"),
+            (("nosuch", "d", good), FaultCode.INVALID_DOMAIN, "no domain named"),
+        ):
+            f = await self.assertFault(code, "vdi.prepare", *args)
+            self.assertIn(words, f.faultString)
+        await self.assertFault(FaultCode.INVALID_DOMAIN, "vdi.list", GUEST)
+        await self.assertFault(FaultCode.BAD_CONFIG, "vdi.activate", 0, 5)
+        await self.assertFault(FaultCode.BAD_CONFIG, "vdi.list", 0, "vbd")
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_vdiStateFaults(self) -> None:
+        """
+        Requests the object's state does not allow, and targets the driver
+        domain refuses: faults 11, 12, 17 and 10; the tree is unchanged by
+        each.
+        """
+        img = self.image()
+        before = await self.tree()
+        await self.assertFault(FaultCode.NOT_FOUND, "vdi.activate", 0, "ghost")
+        await self.assertFault(FaultCode.NOT_FOUND, "vdi.unprepare", 0, "ghost")
+        f = await self.assertFault(
+            FaultCode.NOT_FOUND, "vdi.prepare", 0, "d", {"type": "file", "params": "/no/such.img"}
+        )
+        self.assertIn("does not exist in the driver domain", f.faultString)
+        f = await self.assertFault(
+            FaultCode.BAD_CONFIG, "vdi.prepare", 0, "d", {"type": "nbd", "params": "x"}
+        )
+        self.assertIn("ENODEV", f.faultString)
+        await self.assertTreeIs(before)
+        await self.call("vdi.prepare", 0, "d", {"type": "file", "params": img})
+        prepared = await self.tree()
+        await self.assertFault(
+            FaultCode.DEVICE_EXISTS, "vdi.prepare", 0, "d", {"type": "file", "params": img}
+        )
+        f = await self.assertFault(FaultCode.WRONG_STATE, "vdi.deactivate", 0, "d")
+        self.assertIn("cannot deactivate in state inactive", f.faultString)
+        await self.assertTreeIs(prepared)
+        await self.call("vdi.activate", 0, "d")
+        await self.assertFault(FaultCode.WRONG_STATE, "vdi.activate", 0, "d")
+        # An active vdi is deactivated by its unprepare (docs/protocol.md).
+        self.assertTrue(await self.call("vdi.unprepare", 0, "d"))
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_datapathWithoutStorage(self) -> None:
+        """Served without a storage control, datapath.* gives fault 19."""
+        f = await self.assertFault(FaultCode.UNSUPPORTED, "datapath.list")
+        self.assertIn("no data-path control", f.faultString)
 
     @deferredTest
     async def test_unknownMethod(self) -> None:
@@ -444,6 +623,133 @@ class RealXenstoredXMLRPCTests(XMLRPCSuite, RealXenstoredFixture, TestCase):  # 
 
 class EmbeddedXenstoredXMLRPCTests(XMLRPCSuite, EmbeddedXenstoredFixture, TestCase):  # type: ignore[misc]
     """The XML-RPC service over the embedded xenstored."""
+
+
+class DataPathRPCSuite(RPCServerMixin, QemuFixtureMixin):
+    """
+    C{datapath.*} end to end: vdis served by real qemu-storage-daemons
+    (prepared and activated through C{vdi.*}), quiesced and resumed through
+    the daemon's storage control (deadline on a L{Clock}); mixed with a
+    server fixture and TestCase.
+    """
+
+    async def _setUp(self) -> None:
+        await QemuFixtureMixin._setUp(self)
+        self.agent, self.qemu = await self.startDriverDomain(0)
+        self.clock = Clock()
+        control = DataPathControl(self.xs, {"qemu": QemuPauser(reactor, 20.0)})
+        self.storage = StorageControl(control, reactor, bound=60.0, clock=self.clock, timeout=20.0)
+        self.serveRPC(DeviceManager(self.xs, requestTimeout=20.0), self.storage)
+
+    async def serve(self, name: str, image: str) -> str:
+        """prepare + activate through vdi.*; the NBD URI of its export."""
+        target = {"type": "file", "format": "qcow2", "params": image}
+        await self.call("vdi.prepare", 0, name, target)
+        await self.call("vdi.activate", 0, name)
+        daemon = self.qemu.daemonFor(0, name)
+        assert daemon is not None
+        return nbdURI(name, daemon.nbdPath)
+
+    async def retire(self, *names: str) -> None:
+        """deactivate and unprepare through vdi.*."""
+        for name in names:
+            await self.call("vdi.deactivate", 0, name)
+            await self.call("vdi.unprepare", 0, name)
+
+    @deferredTest
+    async def test_findQuiesceResume(self) -> None:
+        """
+        list and find see the data path with its chain; quiesce(parent)
+        stops the export under a handle; a second quiesce is refused (12);
+        resume brings the export back with the data; a second resume is
+        fault 11; the tree ends as it began.
+        """
+        base, leaf = self.chain()
+        before = await dumpTree(self.xs)
+        uri = await self.serve("q1", leaf)
+        qemuIO(uri, "write -P 0x42 1M 1M")
+        (dp,) = await self.call("datapath.list")
+        self.assertEqual(
+            (dp["domain"], dp["vdi"], dp["kind"], dp["image"], dp["chain"]),
+            (0, "q1", "qemu", leaf, [leaf, base]),
+        )
+        self.assertEqual(await self.call("datapath.find", base), [dp])
+        self.assertEqual(await self.call("datapath.find", self.workdir + "/other.qcow2"), [])
+        held = await self.call("datapath.quiesce", base)
+        self.assertEqual((held["image"], held["paused"], held["expires-in"]), (base, [dp], 60.0))
+        self.assertEqual(
+            [h["handle"] for h in await self.call("datapath.handles")], [held["handle"]]
+        )
+        self.assertRaises(AssertionError, qemuIO, uri, "read 0 4k")
+        f = await self.assertFault(FaultCode.DEVICE_EXISTS, "datapath.quiesce", leaf)
+        self.assertIn(held["handle"], f.faultString)
+        self.assertTrue(await self.call("datapath.resume", held["handle"]))
+        qemuIO(uri, "read -P 0x42 1M 1M")
+        await self.assertFault(FaultCode.NOT_FOUND, "datapath.resume", held["handle"])
+        self.assertEqual(await self.call("datapath.handles"), [])
+        await self.retire("q1")
+        await self.assertTreeIs(before, self.agent)
+
+    @deferredTest
+    async def test_deadResumedAutomatically(self) -> None:
+        """
+        A client that quiesces and never resumes: once timeouts.quiesce has
+        passed the daemon resumes the data path (logged) and the export
+        serves again.
+        """
+        events: list[dict[str, Any]] = []
+        observer: Any = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        _, leaf = self.chain()
+        uri = await self.serve("q2", leaf)
+        held = await self.call("datapath.quiesce", leaf)
+        self.assertRaises(AssertionError, qemuIO, uri, "read 0 4k")
+        self.clock.advance(60.0)
+        for _ in range(1000):
+            if not self.storage.handles():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(await self.call("datapath.handles"), [])
+        qemuIO(uri, "read -P 0x11 0 1M")
+        self.assertTrue(
+            [e for e in events if e.get("handle") == held["handle"] and "not resumed" in str(e)]
+        )
+        await self.retire("q2")
+
+    @deferredTest
+    async def test_coalesceAndFaults(self) -> None:
+        """
+        coalesce merges the overlay into its parent while the export keeps
+        serving both layers' data; coalescing again is fault 10; unknown
+        data paths, bad images and handles give 11 and 10.
+        """
+        base, leaf = self.chain()
+        uri = await self.serve("q3", leaf)
+        qemuIO(uri, "write -P 0x42 1M 1M")
+        merged = await self.call("datapath.coalesce", 0, "q3")
+        self.assertEqual((merged["image"], merged["chain"]), (base, [base]))
+        qemuIO(uri, "read -P 0x11 0 1M")
+        qemuIO(uri, "read -P 0x42 1M 1M")
+        self.assertEqual((await self.call("datapath.find", leaf)), [])
+        await self.assertFault(FaultCode.BAD_CONFIG, "datapath.coalesce", 0, "q3")
+        await self.assertFault(FaultCode.NOT_FOUND, "datapath.coalesce", 0, "nosuch")
+        await self.assertFault(FaultCode.BAD_CONFIG, "datapath.coalesce", 0, "a/b")
+        await self.assertFault(FaultCode.BAD_CONFIG, "datapath.find", "relative.qcow2")
+        await self.assertFault(FaultCode.BAD_CONFIG, "datapath.quiesce", 42)
+        await self.assertFault(FaultCode.BAD_CONFIG, "datapath.resume", "no such handle")
+        await self.assertFault(FaultCode.NOT_FOUND, "datapath.resume", "0123abcd")
+        await self.retire("q3")
+
+
+class RealXenstoredDataPathRPCTests(DataPathRPCSuite, RealXenstoredFixture, TestCase):  # type: ignore[misc]
+    """datapath.* over the C xenstored."""
+
+
+class EmbeddedXenstoredDataPathRPCTests(  # type: ignore[misc]
+    DataPathRPCSuite, EmbeddedXenstoredFixture, TestCase
+):
+    """datapath.* over the embedded xenstored."""
 
 
 class BrokenManager:
@@ -496,3 +802,29 @@ class ToFaultTests(SynchronousTestCase):
             fault = toFault(error, log, "m")
             self.assertEqual(fault.faultCode, code, repr(error))
         self.assertEqual(list(FaultCode), sorted(FaultCode))
+        self.assertIs(FaultCode.NOT_FOUND, FaultCode.NO_SUCH_DEVICE)
+
+    def test_storageMapping(self) -> None:
+        """Driver-domain results, names, handles and data-path failures."""
+        log = Logger()
+        for error, code in (
+            (DriverDomainError(106, "EISCONN", "m", "activate", "/p"), 17),
+            (DriverDomainError(107, "ENOTCONN", "m", "deactivate", "/p"), 17),
+            (PreconditionError(2, "ENOENT", "not prepared", "activate", "/p"), 11),
+            (DriverDomainError(16, "EBUSY", "m", "unprepare", "/p"), 12),
+            (DriverDomainError(22, "EINVAL", "m", "prepare", "/p"), 10),
+            (DriverDomainError(95, "EOPNOTSUPP", "m", "change", "/p"), 19),
+            (DriverDomainError(5, "EIO", "m", "prepare", "/p"), 2),
+            (InvalidNameError("vdi", "a/b", "bad"), 10),
+            (UnknownHandleError("h"), 11),
+            (NoSuchDataPathError("x"), 11),
+            (QuiesceBusyError("x"), 12),
+            (NoCoalesceError("x"), 19),
+            (NoPauserError("x"), 19),
+            (NothingToMergeError("x"), 10),
+            (QuiesceError([], []), 18),
+            (CoalesceError("x"), 18),
+            (QMPTimeout("x"), 13),
+        ):
+            fault = toFault(error, log, "m")
+            self.assertEqual(fault.faultCode, code, repr(error))

@@ -2,16 +2,19 @@
 """
 The xenddev daemon as a Twisted L{MultiService}: XenStore (a real
 xenstored, or the embedded one), the local driver-domain agent, the
-SIMULATED xenbus ends (only on the embedded default), the L{DeviceManager}
-and the XML-RPC listeners.
+SIMULATED xenbus ends (by default only on the embedded xenstored;
+C{driver_domain.simulate: on} also with a real one), the L{DeviceManager},
+the data-path and storage control (C{datapath.*}, quiesce handles) and the
+XML-RPC listeners.
 
 Start-up order: run directory → XenStore (probe or embedded) → connections
-→ driver-domain area and agent → simulators → device manager → listeners;
-the line C{xenddev ready} is logged last. Shutdown is the reverse: the
-listeners close first (no new requests), in-flight device operations get
-C{timeouts.shutdown} seconds to finish and are then cancelled (their
-compensation runs), then the agent, simulators, connections and the
-embedded xenstored stop, and the sockets are removed.
+→ driver-domain area and agent → simulators → device manager → data-path
+control → listeners; the line C{xenddev ready} is logged last. Shutdown is
+the reverse: the listeners close first (no new requests), in-flight device
+operations get C{timeouts.shutdown} seconds to finish and are then
+cancelled (their compensation runs), quiesce handles still held are
+resumed, then the agent, simulators, connections and the embedded
+xenstored stop, and the sockets are removed.
 """
 
 from __future__ import annotations
@@ -78,10 +81,10 @@ class ShuttingDownError(DeviceError):
 class RpcFactories(Protocol):
     """What the service needs from C{xenddev.xmlrpc}."""
 
-    def rpcSite(self, manager: DeviceManager) -> Any:
+    def rpcSite(self, manager: DeviceManager, *, storage: Any = None) -> Any:
         """A C{twisted.web.server.Site} serving the XML-RPC API."""
 
-    def rpcResource(self, manager: DeviceManager) -> Any:
+    def rpcResource(self, manager: DeviceManager, *, storage: Any = None) -> Any:
         """The XML-RPC resource (wrapped in HTTP Basic auth for TCP)."""
 
 
@@ -381,6 +384,9 @@ class XenddevService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self.manager: ServiceDeviceManager | None = None
         self.dataPaths: Any = None
+        #: The L{xenddev.storagectl.StorageControl} over L{dataPaths}
+        #: (C{datapath.*}: quiesce handles with their deadline).
+        self.storage: Any = None
         self.simulated = False
         self.embedded = False
         self.xenstoreAddress: str | None = None
@@ -483,6 +489,7 @@ class XenddevService(MultiService):
         from xenddev.datapath import DataPathControl, standardPausers
 
         self.dataPaths = DataPathControl(xs, standardPausers(self.reactor))
+        self.storage = self._storageControl()
         if rpc is not None:
             await self._listen(rpc, self.manager)
         self.log.info(
@@ -614,13 +621,26 @@ class XenddevService(MultiService):
             if name.isdigit() and int(name) != dd and await xs.exists(f"/local/domain/{name}/vm"):
                 guests.append(int(name))
         self.log.warn(
-            "SIMULATED xenbus: no hypervisor here, so xenddev plays the kernel backends of "
-            "domain {dd} and the frontends of every guest; nothing is really attached",
+            "SIMULATED xenbus ({why}, XenStore {address}): xenddev plays the kernel backends "
+            "of domain {dd} and the frontends of every guest; nothing is really attached",
+            why="embedded xenstored, no hypervisor"
+            if self.embedded
+            else "driver_domain.simulate: on, with a real xenstored",
+            address=address,
             dd=dd,
         )
         self.simHost = SimulatedHost(xs, dd, guests)
         await self.simHost.start()
         self.guests = SimulatedGuests(None, self.simHost, dd)
+
+    def _storageControl(self) -> Any:
+        """The storage control over L{dataPaths} (C{datapath.*})."""
+        from xenddev.storagectl import StorageControl
+
+        timeouts = self.config.timeouts
+        return StorageControl(
+            self.dataPaths, self.reactor, bound=timeouts.quiesce, timeout=timeouts.request
+        )
 
     # Listeners
 
@@ -634,7 +654,9 @@ class XenddevService(MultiService):
             f"unix:address={quoteStringArgument(path)}:mode={cfg.xmlrpc.socket_mode:o}:lockfile=1"
         )
         try:
-            port = await serverFromString(self.reactor, desc).listen(rpc.rpcSite(manager))
+            port = await serverFromString(self.reactor, desc).listen(
+                rpc.rpcSite(manager, storage=self.storage)
+            )
         except Exception as e:
             raise StartupError(
                 f"cannot listen on {path}: {e} (is another xenddev running with this rundir?)"
@@ -677,7 +699,10 @@ class XenddevService(MultiService):
                 f"xmlrpc.password_file {passwords} is readable by others "
                 f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
             )
-        portal = Portal(_RpcRealm(rpc.rpcResource(manager)), [FilePasswordDB(passwords)])
+        portal = Portal(
+            _RpcRealm(rpc.rpcResource(manager, storage=self.storage)),
+            [FilePasswordDB(passwords)],
+        )
         wrapper = HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"xenddev")])
         full = self._withInterface(spec)
         try:
@@ -713,6 +738,9 @@ class XenddevService(MultiService):
         await DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
         if self.manager is not None:
             await self.manager.drain(self.config.timeouts.shutdown)
+        if self.storage is not None:
+            # No data path stays paused because a client's handle outlived us.
+            await _quietly(self.storage.resumeAll())
         if self.simHost is not None:
             await _quietly(self.simHost.stop())
         if self.agent is not None:

@@ -9,6 +9,12 @@ Namespaces (see C{docs/xmlrpc.md} for every method):
     (s-expressions as xmlrpclib sends them, or as text);
   - C{device.*}: plain structs (C{attach}, C{detach}, C{list},
     C{configure}, C{classes});
+  - C{vdi.*}: the driver-domain protocol's objects (vdis and vifs) through
+    L{DriverDomainClient}: list, get, prepare, activate, deactivate,
+    unprepare — for operators who manage vdis directly;
+  - C{datapath.*}: the data paths of L{xenddev.datapath} (list, find,
+    quiesce → handle, resume, handles, coalesce) through the daemon's
+    L{IStorageControl}, which keeps the quiesce handles;
   - C{daemon.status}; C{system.listMethods}, C{system.methodHelp},
     C{system.methodSignature}.
 
@@ -32,6 +38,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -40,8 +47,24 @@ from twisted.web.xmlrpc import XMLRPC, Fault, addIntrospection
 
 import xenddev
 from xenddev.controller import DeviceError
+from xenddev.datapath.coalesce import CoalesceError
+from xenddev.datapath.images import ImageError
+from xenddev.datapath.quiesce import NoPauserError, QuiesceError, ResumeError
+from xenddev.datapath.registry import DataPath
 from xenddev.diskspec import DiskError, VdevError, numberToVdev, vdevToNumber
-from xenddev.driverdomain.errors import DriverDomainTimeout
+from xenddev.driverdomain.client import DriverDomainClient, ObjectInfo
+from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout, InvalidNameError
+from xenddev.driverdomain.protocol import OBJECT_CLASSES, ObjectClass, validateName, validateTarget
+from xenddev.qmp import QMPConnectionLost, QMPError, QMPProtocolError, QMPTimeout
+from xenddev.storagectl import (
+    HeldQuiesce,
+    IStorageControl,
+    NoCoalesceError,
+    NoSuchDataPathError,
+    NothingToMergeError,
+    QuiesceBusyError,
+    UnknownHandleError,
+)
 from xenddev.sxp import SxpError, toConfig
 from xenddev.toolstack import DeviceManager, DeviceRow
 from xenddev.xenstore.errors import (
@@ -58,6 +81,7 @@ DOMID_MAX = 0x7FEF
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 _CLASS = re.compile(r"[a-z][a-z0-9_]{0,15}\Z")
 _KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 MAX_STRING = 4096
 
 
@@ -68,12 +92,16 @@ class FaultCode(enum.IntEnum):
     GENERIC = 2  # the operation failed (xend's XendError/VmError)
     INVALID_DOMAIN = 3  # no such domain, or a domain id out of range
     BAD_CONFIG = 10  # bad arguments, unparsable s-expression, invalid config
-    NO_SUCH_DEVICE = 11
-    DEVICE_EXISTS = 12  # the device id is in use (or the device is busy)
+    NO_SUCH_DEVICE = 11  # no such device, vdi/vif, data path or quiesce handle
+    NOT_FOUND = 11
+    DEVICE_EXISTS = 12  # the device id is in use (or the device/vdi/data path is busy)
     TIMEOUT = 13  # XenStore or the driver domain did not answer in time
     PERMISSION = 14  # XenStore refused access
     HOTPLUG_FAILED = 15  # the hotplug script failed, was busy or never reported
     UNAVAILABLE = 16  # the XenStore connection is down or the daemon is stopping
+    WRONG_STATE = 17  # the vdi/vif is not in a state that allows the request
+    DATAPATH_FAILED = 18  # pausing, resuming or merging a data path failed
+    UNSUPPORTED = 19  # the lower layer does not offer this for that object
     # Twisted's own: 8001 no such method, 8002 malformed request.
 
 
@@ -86,6 +114,48 @@ DEVICE_ERROR_CODES = {
     "hotplug-failed": FaultCode.HOTPLUG_FAILED,
     "device-error": FaultCode.GENERIC,
 }
+
+
+#: A driver domain's result (Xen errno name) → fault code; others are GENERIC.
+DRIVER_DOMAIN_ERRNO_CODES = {
+    "ENOENT": FaultCode.NOT_FOUND,
+    "EEXIST": FaultCode.DEVICE_EXISTS,
+    "EBUSY": FaultCode.DEVICE_EXISTS,
+    "EISCONN": FaultCode.WRONG_STATE,
+    "ENOTCONN": FaultCode.WRONG_STATE,
+    "EINVAL": FaultCode.BAD_CONFIG,
+    "ENODEV": FaultCode.BAD_CONFIG,
+    "E2BIG": FaultCode.BAD_CONFIG,
+    "EACCES": FaultCode.PERMISSION,
+    "EPERM": FaultCode.PERMISSION,
+    "ETIMEDOUT": FaultCode.TIMEOUT,
+    "EOPNOTSUPP": FaultCode.UNSUPPORTED,
+    "ENOSYS": FaultCode.UNSUPPORTED,
+    "EBADRQC": FaultCode.UNSUPPORTED,
+}
+
+#: Exceptions of the storage layers → fault code (checked in this order).
+STORAGE_ERROR_CODES: tuple[
+    tuple[type[BaseException] | tuple[type[BaseException], ...], FaultCode], ...
+] = (
+    ((InvalidNameError, NothingToMergeError), FaultCode.BAD_CONFIG),
+    ((UnknownHandleError, NoSuchDataPathError), FaultCode.NOT_FOUND),
+    (QuiesceBusyError, FaultCode.DEVICE_EXISTS),
+    ((NoCoalesceError, NoPauserError), FaultCode.UNSUPPORTED),
+    (QMPTimeout, FaultCode.TIMEOUT),
+    (
+        (
+            QuiesceError,
+            ResumeError,
+            CoalesceError,
+            ImageError,
+            QMPError,
+            QMPConnectionLost,
+            QMPProtocolError,
+        ),
+        FaultCode.DATAPATH_FAILED,
+    ),
+)
 
 
 def rpcFault(code: FaultCode, message: str) -> Fault:
@@ -108,6 +178,11 @@ def toFault(error: BaseException, log: Logger, method: str) -> Fault:
         return rpcFault(code, error.message)
     if isinstance(error, DiskError | VdevError):
         return rpcFault(FaultCode.BAD_CONFIG, str(error))
+    if isinstance(error, DriverDomainError):
+        return rpcFault(DRIVER_DOMAIN_ERRNO_CODES.get(error.errname, FaultCode.GENERIC), str(error))
+    for kinds, code in STORAGE_ERROR_CODES:
+        if isinstance(error, kinds):
+            return rpcFault(code, str(error))
     if isinstance(error, XenStoreTimeout | DriverDomainTimeout):
         return rpcFault(FaultCode.TIMEOUT, f"timed out: {error}; the operation may be retried")
     if isinstance(error, AccessDeniedError | PermissionError):
@@ -242,6 +317,66 @@ def checkConfig(value: object) -> dict[str, str | int]:
             raise rpcFault(FaultCode.BAD_CONFIG, f"config value of {key} is too long")
         out[key] = item
     return out
+
+
+def checkObjectClass(value: object) -> ObjectClass:
+    """A driver-domain object class: C{vdi} or C{vif}."""
+    name = checkString(value, "object class")
+    cls = OBJECT_CLASSES.get(name)
+    if cls is None:
+        known = ", ".join(sorted(OBJECT_CLASSES))
+        raise rpcFault(FaultCode.BAD_CONFIG, f"unknown object class {name!r} (known: {known})")
+    return cls
+
+
+def checkImage(value: object) -> str:
+    """An image path: absolute, no NUL."""
+    path = checkString(value, "image")
+    if not path.startswith("/") or "\0" in path:
+        raise rpcFault(FaultCode.BAD_CONFIG, f"image must be an absolute path, not {path!r}")
+    return path
+
+
+def objectStruct(domid: int, info: ObjectInfo) -> dict[str, Any]:
+    """A driver-domain object as a plain struct (unknown values left out)."""
+    plugs = [
+        _dropNone({"name": p.name, "state": p.state, "frontend": p.frontend, "backend": p.backend})
+        for p in info.plugs
+    ]
+    return _dropNone(
+        {
+            "domain": domid,
+            "class": info.objectClass,
+            "name": info.name,
+            "state": info.state,
+            "request": info.request,
+            "target": dict(info.target),
+            "plugs": plugs,
+        }
+    )
+
+
+def dataPathStruct(dp: DataPath) -> dict[str, Any]:
+    """A data path as a plain struct (unknown values left out)."""
+    return _dropNone(
+        {
+            "domain": dp.driverDomid,
+            "vdi": dp.vdi,
+            "kind": dp.kind,
+            "host": dp.host,
+            "image": dp.image,
+            "format": dp.format,
+            "chain": list(dp.chain),
+            "pid": dp.pid,
+            "minor": dp.minor,
+            "qmp": dp.qmp,
+            "extra": dict(dp.extra),
+        }
+    )
+
+
+def _dropNone(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class _Namespace(XMLRPC):
@@ -439,6 +574,218 @@ class DeviceNamespace(_Namespace):
         return sorted(self.manager.controllerClasses)
 
 
+class VdiNamespace(_Namespace):
+    """
+    C{vdi.*}: the objects of the driver-domain protocol (C{vdi}, and our
+    C{vif}) in one driver domain, through L{DriverDomainClient}. Every
+    argument is checked before anything is written.
+    """
+
+    prefix = "vdi"
+
+    @rpcMethod([["array", "int"], ["array", "int", "string"]])
+    async def xmlrpc_list(self, dd: object, objectClass: object = None) -> list[dict[str, Any]]:
+        """
+        list(dd[, class]) → [{domain, class, name, state, request, target,
+        plugs: [{name, state, frontend, backend}]}, ...]
+
+        The objects of driver domain dd: of one class (vdi or vif), or of
+        both. state is inactive or active (absent while a prepare is being
+        performed); request is a request still pending; target the t/*
+        values; plugs the frontends served.
+        """
+        domid = await self.service.resolveDomain(dd)
+        classes = (
+            [checkObjectClass(objectClass)]
+            if objectClass is not None
+            else [OBJECT_CLASSES[n] for n in sorted(OBJECT_CLASSES)]
+        )
+        out: list[dict[str, Any]] = []
+        for cls in classes:
+            client = await self.service.driverDomain(domid, cls)
+            out += [objectStruct(domid, info) for info in await client.list(cls)]
+        return out
+
+    @rpcMethod([["struct", "int", "string"], ["struct", "int", "string", "string"]])
+    async def xmlrpc_get(self, dd: object, name: object, objectClass: object = "vdi") -> Any:
+        """
+        get(dd, name[, class]) → {domain, class, name, state, request, target, plugs}
+
+        One object of driver domain dd (class vdi by default); fault 11 if
+        there is none.
+        """
+        domid, cls, client, vname = await self._object(dd, name, objectClass)
+        return await self.service.describeObject(domid, client, vname, cls)
+
+    @rpcMethod(
+        [["struct", "int", "string", "struct"], ["struct", "int", "string", "struct", "string"]]
+    )
+    async def xmlrpc_prepare(
+        self, dd: object, name: object, target: object, objectClass: object = "vdi"
+    ) -> Any:
+        """
+        prepare(dd, name, target[, class]) → {domain, class, name, state, ...}
+
+        Create the object from target, a struct of t/* keys to strings, e.g.
+        {type: file, params: /srv/disk.img, mode: w} for blkback or
+        {type: file, format: qcow2, params: /srv/a.qcow2} for qemu. The
+        driver domain picks the kind that serves it; the state becomes
+        inactive. Names: [A-Za-z0-9_-], at most 64 characters (names like
+        vbd-5-51728 belong to the device controllers).
+        """
+        domid, cls, client, vname = await self._object(dd, name, objectClass)
+        if not isinstance(target, dict):
+            raise rpcFault(
+                FaultCode.BAD_CONFIG,
+                f"target must be a struct of key → value, not {type(target).__name__}",
+            )
+        clean = validateTarget(target)
+        await client.prepare(vname, clean, cls)
+        return await self.service.describeObject(domid, client, vname, cls)
+
+    @rpcMethod([["struct", "int", "string"], ["struct", "int", "string", "string"]])
+    async def xmlrpc_activate(self, dd: object, name: object, objectClass: object = "vdi") -> Any:
+        """
+        activate(dd, name[, class]) → {domain, class, name, state, ...}
+
+        Make a prepared (inactive) object active: its data path starts
+        serving. Fault 17 if it is active already, 11 if not prepared.
+        """
+        domid, cls, client, vname = await self._object(dd, name, objectClass)
+        await client.activate(vname, cls)
+        return await self.service.describeObject(domid, client, vname, cls)
+
+    @rpcMethod([["struct", "int", "string"], ["struct", "int", "string", "string"]])
+    async def xmlrpc_deactivate(self, dd: object, name: object, objectClass: object = "vdi") -> Any:
+        """
+        deactivate(dd, name[, class]) → {domain, class, name, state, ...}
+
+        Make an active object inactive again. Fault 17 if it is not active.
+        """
+        domid, cls, client, vname = await self._object(dd, name, objectClass)
+        await client.deactivate(vname, cls)
+        return await self.service.describeObject(domid, client, vname, cls)
+
+    @rpcMethod([["boolean", "int", "string"], ["boolean", "int", "string", "string"]])
+    async def xmlrpc_unprepare(self, dd: object, name: object, objectClass: object = "vdi") -> bool:
+        """
+        unprepare(dd, name[, class]) → true
+
+        Destroy an inactive object (its directory is removed). Fault 12 if
+        it still has plugs, 11 if there is no such object.
+        """
+        _, cls, client, vname = await self._object(dd, name, objectClass)
+        await client.unprepare(vname, cls)
+        return True
+
+    async def _object(
+        self, dd: object, name: object, objectClass: object
+    ) -> tuple[int, ObjectClass, DriverDomainClient, str]:
+        domid = await self.service.resolveDomain(dd)
+        cls = checkObjectClass(objectClass)
+        vname = validateName(name, cls.name)
+        return domid, cls, await self.service.driverDomain(domid, cls), vname
+
+
+class DataPathNamespace(_Namespace):
+    """
+    C{datapath.*}: the data paths serving images (seed 002) and the
+    daemon's quiesce handles (L{IStorageControl}).
+    """
+
+    prefix = "datapath"
+
+    @property
+    def storage(self) -> IStorageControl:
+        """The daemon's storage control; fault 19 if this service has none."""
+        if self.service.storage is None:
+            raise rpcFault(FaultCode.UNSUPPORTED, "this service has no data-path control")
+        return self.service.storage
+
+    @rpcMethod([["array"]])
+    async def xmlrpc_list(self) -> list[dict[str, Any]]:
+        """
+        list() → [{domain, vdi, kind, host, image, format, chain, pid, minor,
+        qmp, extra}, ...]
+
+        Every registered data path, in every driver domain: the process
+        serving an active vdi, the image it serves and its backing chain
+        (top first).
+        """
+        return [dataPathStruct(dp) for dp in await self.storage.scan()]
+
+    @rpcMethod([["array", "string"]])
+    async def xmlrpc_find(self, image: object) -> list[dict[str, Any]]:
+        """
+        find(image) → [{domain, vdi, kind, ...}, ...]
+
+        The data paths serving image, or reading it as part of a backing
+        chain (paths compared after resolving symbolic links).
+        """
+        return [dataPathStruct(dp) for dp in await self.storage.find(checkImage(image))]
+
+    @rpcMethod([["struct", "string"]])
+    async def xmlrpc_quiesce(self, image: object) -> dict[str, Any]:
+        """
+        quiesce(image) → {handle, image, paused: [{domain, vdi, ...}], expires-in}
+
+        Pause every data path using image (all or none: fault 18 if one
+        cannot be paused, and none is left paused). Resume them with
+        datapath.resume(handle); a handle not resumed within expires-in
+        seconds (the daemon's timeouts.quiesce) is resumed by the daemon.
+        Fault 12 if one of them is held by another handle.
+        """
+        storage = self.storage
+        held = await storage.quiesce(checkImage(image))
+        return self.service.handleStruct(held)
+
+    @rpcMethod([["boolean", "string"], ["boolean", "string", "boolean"]])
+    async def xmlrpc_resume(self, handle: object, reload: object = True) -> bool:
+        """
+        resume(handle[, reload]) → true
+
+        Resume the data paths a quiesce paused; with reload (the default)
+        they re-read their image chain first (after a merge). Fault 11 for
+        an unknown (or already resumed) handle; fault 18 if some could not
+        be resumed: the handle then keeps those, to retry.
+        """
+        storage = self.storage
+        hid = checkString(handle, "handle", _HANDLE)
+        await storage.resume(hid, checkBool(reload, "reload"))
+        return True
+
+    @rpcMethod([["array"]])
+    async def xmlrpc_handles(self) -> list[dict[str, Any]]:
+        """
+        handles() → [{handle, image, paused, expires-in, resume-failures}, ...]
+
+        The quiesce handles the daemon holds now.
+        """
+        return [self.service.handleStruct(h) for h in self.storage.handles()]
+
+    @rpcMethod([["struct", "int", "string"]])
+    async def xmlrpc_coalesce(self, dd: object, vdi: object) -> dict[str, Any]:
+        """
+        coalesce(dd, vdi) → {domain, vdi, kind, image, chain, ...}
+
+        Merge the top image of a data path's chain into its parent while it
+        keeps serving (qemu data paths: block-commit), and return the
+        updated data path. Fault 19 for kinds that cannot (tapdisks: quiesce,
+        merge offline, resume), 10 if the image has no parent, 11 if the vdi
+        has no data path, 18 if the merge failed.
+        """
+        storage = self.storage
+        domid = await self.service.resolveDomain(dd)
+        name = validateName(vdi, "vdi")
+        try:
+            dp = await storage.coalesce(domid, name)
+        except ConnectError as e:
+            raise rpcFault(
+                FaultCode.DATAPATH_FAILED, f"cannot reach the data path of {name!r}: {e}"
+            ) from None
+        return dataPathStruct(dp)
+
+
 class DaemonNamespace(_Namespace):
     """C{daemon.*}: the service itself."""
 
@@ -471,13 +818,22 @@ class DeviceRPC(XMLRPC):
 
     log = Logger()
 
-    def __init__(self, manager: DeviceManager, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        manager: DeviceManager,
+        clock: Callable[[], float] = time.monotonic,
+        storage: IStorageControl | None = None,
+    ) -> None:
         super().__init__(allowNone=True, useDateTime=False)
         self.manager = manager
         self.clock = clock
+        self.storage = storage
         self.started = clock()
+        self._driverDomains: dict[int, DriverDomainClient] = {}
         self.putSubHandler("xend", XendNamespace(self))
         self.putSubHandler("device", DeviceNamespace(self))
+        self.putSubHandler("vdi", VdiNamespace(self))
+        self.putSubHandler("datapath", DataPathNamespace(self))
         self.putSubHandler("daemon", DaemonNamespace(self))
         addIntrospection(self)
 
@@ -514,6 +870,49 @@ class DeviceRPC(XMLRPC):
             known = ", ".join(sorted(self.manager.controllerClasses))
             raise rpcFault(FaultCode.BAD_CONFIG, f"unknown device class {cls!r} (known: {known})")
         return cls
+
+    async def driverDomain(self, domid: int, cls: ObjectClass) -> DriverDomainClient:
+        """
+        The protocol client of a driver domain (one per domain, so requests
+        on one object are serialised). Read-only check first: the domain
+        must already have C{backendctrl/<class>} (an agent serves it), so
+        nothing is created for a domain that is not a driver domain.
+        """
+        area = f"/local/domain/{domid}/backendctrl/{cls.name}"
+        if not await self.manager.xs.exists(area):
+            raise rpcFault(
+                FaultCode.INVALID_DOMAIN,
+                f"domain {domid} is not a driver domain serving {cls.name}s (no {area})",
+            )
+        client = self._driverDomains.get(domid)
+        if client is None:
+            timeout = float(self.manager.controllerArgs.get("requestTimeout", 30.0))
+            client = self._driverDomains[domid] = DriverDomainClient(
+                self.manager.xs, domid, timeout
+            )
+        return client
+
+    async def describeObject(
+        self, domid: int, client: DriverDomainClient, name: str, cls: ObjectClass
+    ) -> dict[str, Any]:
+        """One object as a struct; fault 11 if it does not exist."""
+        info = await client.describe(name, cls)
+        if info.state is None and info.request is None and not info.target and not info.plugs:
+            raise rpcFault(FaultCode.NOT_FOUND, f"no {cls.name} {name!r} in driver domain {domid}")
+        return objectStruct(domid, info)
+
+    def handleStruct(self, held: HeldQuiesce) -> dict[str, Any]:
+        """A quiesce handle as a plain struct."""
+        storage = self.storage
+        assert storage is not None
+        now = storage.clock.seconds()
+        return {
+            "handle": held.id,
+            "image": held.image,
+            "paused": [dataPathStruct(dp) for dp in held.paused],
+            "expires-in": round(max(0.0, held.deadline - now), 3),
+            "resume-failures": held.resumeFailures,
+        }
 
     def deviceSxpr(self, sxpr: object) -> tuple[str, dict[str, str]]:
         """An xm device expression as (class, config); tap/tap2 fall back to vbd."""
@@ -635,13 +1034,26 @@ def _devidFromConfig(devclass: str, config: dict[str, str]) -> int | str:
     )
 
 
-def rpcResource(manager: DeviceManager, clock: Callable[[], float] = time.monotonic) -> Resource:
-    """The XML-RPC resource (any request path serves it)."""
-    return DeviceRPC(manager, clock)
+def rpcResource(
+    manager: DeviceManager,
+    clock: Callable[[], float] = time.monotonic,
+    storage: IStorageControl | None = None,
+) -> Resource:
+    """
+    The XML-RPC resource (any request path serves it).
+
+    @param storage: the daemon's data-path control for C{datapath.*}
+        (without it those methods give fault 19).
+    """
+    return DeviceRPC(manager, clock, storage)
 
 
-def rpcSite(manager: DeviceManager, clock: Callable[[], float] = time.monotonic) -> Site:
+def rpcSite(
+    manager: DeviceManager,
+    clock: Callable[[], float] = time.monotonic,
+    storage: IStorageControl | None = None,
+) -> Site:
     """A Site serving L{rpcResource} (listen on it with a UNIX or TCP endpoint)."""
-    site = Site(rpcResource(manager, clock))
+    site = Site(rpcResource(manager, clock, storage))
     site.displayTracebacks = False
     return site
