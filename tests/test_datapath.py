@@ -156,6 +156,23 @@ class DataPathSuite(QemuFixtureMixin):
         self.assertEqual(await readRecord(self.xs, 3, "nothing"), None)
 
     @deferredTest
+    async def test_qemuUnprepareWhileActiveUnregisters(self) -> None:
+        """
+        A qemu vdi unprepared while active (no deactivate first) leaves no
+        data-path record behind: the tree ends as it began.
+        """
+        _, leaf = self.chain("leaf")
+        await self.startDriverDomain(0)
+        before = await dumpTree(self.xs)
+        client = DriverDomainClient(self.xs, 0, 20.0)
+        await client.prepare("q", {"type": "file", "format": "qcow2", "params": leaf}, _VDI)
+        await client.activate("q", _VDI)
+        self.assertNotEqual(await readRecord(self.xs, 0, "q"), None)
+        await client.unprepare("q", _VDI)
+        self.assertEqual(await readRecord(self.xs, 0, "q"), None)
+        await self.assertTreeIs(before)
+
+    @deferredTest
     async def test_qemuQuiesceAcrossDomains(self) -> None:
         """
         Two real daemons, in driver domains 0 and 3, serve overlays of one

@@ -496,7 +496,9 @@ class QemuKind:
         if daemon is not None and daemon.dead is None:
             await self._quit(daemon)
         shutil.rmtree(self._rundir(ctx), ignore_errors=True)
-        return Outcome()
+        # Unprepared while active, the deactivate's outcome is not applied:
+        # the registration goes here.
+        return Outcome(removes=(recordPath(ctx.driverDomid, ctx.paths.name),))
 
     def unprepare(self, ctx: KindContext) -> Deferred[Outcome]:
         """Quit the daemon, reap it, remove its runtime directory."""
