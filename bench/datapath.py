@@ -1,11 +1,15 @@
 """
 Benchmark: quiesce and resume through the data-path registry.
 
-  1. 100 tapdisk data paths sharing one parent, registered in driver
-     domains 0 and 3 (50 each). The tapdisks are STAND-INS: 100 real idle
-     child processes (C{sleep}); the pauser sends real signals (SIGSTOP to
-     pause, SIGCONT to resume) and waits until C{/proc/<pid>/stat} shows the
-     process stopped / running again.
+  1. 100 tapdisks, each serving a differencing VHD over one shared parent,
+     served by two driver-domain agents (domains 0 and 3, 50 each) with the
+     C{tap} kind, which registers them; paused with the real L{TapPauser}
+     (C{tap-ctl pause}, C{tap-ctl unpause -a vhd:<leaf>}). blktap is not
+     packaged for Debian, so C{tap-ctl} is the test suite's STAND-IN
+     (tests/support/fake-tap-ctl, one state per driver domain): each
+     tapdisk is a real idle process, paused with SIGSTOP and resumed with
+     SIGCONT, but each command costs a Python start-up, and the stand-in
+     runs one command at a time per state (a lock).
   2. 10 qemu exports: 10 real C{qemu-storage-daemon}s, each serving a qcow2
      overlay of one shared parent over NBD; paused with L{QemuPauser}
      (export deleted, graph closed; reopened and re-exported on resume).
@@ -13,10 +17,11 @@ Benchmark: quiesce and resume through the data-path registry.
 For each, the time of C{DataPathControl.quiesce(parent)} +
 C{resume(handle)} (registry scan of XenStore included, everything in
 parallel) against the FLOOR: the same pause/unpause commands issued
-directly, in parallel, to processes/sockets already known (no registry).
+directly, in parallel, to processes/sockets already known (no registry):
+for the tapdisks the same C{tap-ctl pause} and C{unpause -a} commands.
 
 Run: C{.venv/bin/python bench/datapath.py [--iterations N] [--taps N]
-[--qemus N]}. Store: the embedded xenstored on its own thread.
+[--qemus N] [--quick]}. Store: the embedded xenstored on its own thread.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,52 +41,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
-from zope.interface import implementer
 
-from xenddev.datapath import (
-    DataPath,
-    DataPathControl,
-    IDataPathPauser,
-    QemuPauser,
-    registryDir,
-)
+from tests.support.faketapctl import STATE_ENV, killAll
+from tests.support.vhd import makeBase, makeChild
+from xenddev.datapath import DataPath, DataPathControl, QemuPauser, TapPauser, registryDir
 from xenddev.datapath import qemu as graph
+from xenddev.driverdomain.agent import BackendCtrlAgent
+from xenddev.driverdomain.client import DriverDomainClient
+from xenddev.driverdomain.kinds.tap import TapKind
+from xenddev.driverdomain.protocol import VDI
 from xenddev.qmp import connectQMP
+from xenddev.tapctl import TapCtl
 from xenddev.xenstore.connection import connectXenStore
 
-
-def procState(pid: int) -> bytes:
-    """The one-letter state of a process."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return f.read().rsplit(b")", 1)[1].split()[0]
-
-
-async def waitState(reactor: Any, pid: int, stopped: bool) -> None:
-    """Until the process is stopped (T) or no longer stopped."""
-    while (procState(pid) == b"T") != stopped:
-        await deferLater(reactor, 0.0005, lambda: None)
-
-
-def signalAndWait(reactor: Any, pid: int, stop: bool) -> Deferred[None]:
-    """SIGSTOP/SIGCONT, then wait for the state change: one pause/unpause."""
-    os.kill(pid, signal.SIGSTOP if stop else signal.SIGCONT)
-    return Deferred.fromCoroutine(waitState(reactor, pid, stop))
-
-
-@implementer(IDataPathPauser)
-class SignalPauser:
-    """STAND-IN tap pauser: SIGSTOP/SIGCONT to the recorded pid."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def pause(self, dp: DataPath) -> Deferred[None]:
-        assert dp.pid is not None
-        return signalAndWait(self.reactor, dp.pid, True)
-
-    def resume(self, dp: DataPath, reload: bool) -> Deferred[None]:
-        assert dp.pid is not None
-        return signalAndWait(self.reactor, dp.pid, False)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The test suite's STAND-IN tap-ctl (blktap is not packaged for Debian).
+STAND_IN_TAPCTL = os.path.join(ROOT, "tests", "support", "fake-tap-ctl")
 
 
 def summary(samples: list[float]) -> str:
@@ -98,39 +72,71 @@ async def bench(reactor: Any, args: argparse.Namespace, workdir: str) -> list[tu
     store.start()
     procs: list[subprocess.Popen[bytes]] = []
     xs: Any = None
+    agents: list[BackendCtrlAgent] = []
+    states = {dd: os.path.join(workdir, f"ftc-{dd}") for dd in (0, 3)}
     try:
         from twisted.internet.endpoints import UNIXClientEndpoint
 
-        xs = await connectXenStore(reactor, endpoint=UNIXClientEndpoint(reactor, sock))
+        def connect() -> Deferred[Any]:
+            return connectXenStore(reactor, endpoint=UNIXClientEndpoint(reactor, sock))
+
+        xs = await connect()
         for dd in (0, 3):
             await xs.mkdir(registryDir(dd))
         rows: list[tuple[str, ...]] = []
         parent = os.path.join(workdir, "parent.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", parent, "64M"], check=True)
 
-        # 1. Tapdisk stand-ins.
-        taps = []
+        # 1. Tapdisks served by two agents (stand-in tap-ctl), real pauser.
+        tapctls = {
+            dd: TapCtl([sys.executable, STAND_IN_TAPCTL], reactor, {STATE_ENV: state})
+            for dd, state in states.items()
+        }
+        for dd, tapctl in tapctls.items():
+            agent = BackendCtrlAgent(await connect(), dd, [TapKind(tapctl, host="h")], None)
+            await DriverDomainClient(xs, dd).ensureArea()
+            await agent.start()
+            agents.append(agent)
+        ddClients = {dd: DriverDomainClient(xs, dd, 120.0) for dd in tapctls}
+        vhdParent = makeBase(os.path.join(workdir, "parent.vhd"))
+        leaves = {}
         for i in range(args.taps):
-            p = subprocess.Popen(["sleep", "3600"])
-            procs.append(p)
             dd = 0 if i % 2 == 0 else 3
-            leaf = os.path.join(workdir, f"t{i}.vhd")
-            taps.append(DataPath(dd, f"t{i}", "tap", "h", leaf, "vhd", (leaf, parent), p.pid, i))
-        await registerAll(xs, taps)
-        control = DataPathControl(xs, {"tap": SignalPauser(reactor)})
+            leaves[(dd, f"t{i}")] = makeChild(os.path.join(workdir, f"t{i}.vhd"), vhdParent)
+
+        async def serve(dd: int, name: str, leaf: str) -> None:
+            target = {"type": "file", "format": "vhd", "params": leaf}
+            await ddClients[dd].prepare(name, target, VDI)
+            await ddClients[dd].activate(name, VDI)
+
+        await gatherResults(
+            [Deferred.fromCoroutine(serve(dd, n, leaf)) for (dd, n), leaf in leaves.items()]
+        )
+        # What the floor needs to know already: (tap-ctl, pid, minor, args).
+        known: list[tuple[TapCtl, int, int, str | None]] = []
+        for tapctl in tapctls.values():
+            for row in await tapctl.list():
+                assert row.pid is not None and row.minor is not None
+                known.append((tapctl, row.pid, row.minor, row.args))
+        assert len(known) == args.taps
+        control = DataPathControl(xs, {"tap": TapPauser(tapctls[0], tapctls)})
         timed, floor = [], []
         for _ in range(args.iterations):
             t0 = time.perf_counter()
-            handle = await control.quiesce(parent)
-            await control.resume(handle)
+            handle = await control.quiesce(vhdParent)
+            assert len(handle.paused) == args.taps
+            await control.resume(handle, reload=True)
             timed.append(time.perf_counter() - t0)
-            assert len(handle.paused) == 0
             t0 = time.perf_counter()
-            await gatherResults([signalAndWait(reactor, d.pid or 0, True) for d in taps])
-            await gatherResults([signalAndWait(reactor, d.pid or 0, False) for d in taps])
+            await gatherResults([t.pause(pid, minor) for t, pid, minor, _ in known])
+            await gatherResults([t.unpause(p, m, a) for t, p, m, a in known])
             floor.append(time.perf_counter() - t0)
-        rows.append((f"{args.taps} tapdisks (stand-in)", summary(timed), summary(floor)))
-        await unregisterAll(xs, taps)
+        for tapctl in tapctls.values():
+            assert not any(row.paused for row in await tapctl.list())
+        rows.append((f"{args.taps} tapdisks (stand-in tap-ctl)", summary(timed), summary(floor)))
+        await gatherResults(
+            [ddClients[dd].unprepare(name, VDI) for dd, name in leaves], consumeErrors=True
+        )
 
         # 2. Real qemu-storage-daemons.
         qemus = []
@@ -211,6 +217,10 @@ async def bench(reactor: Any, args: argparse.Namespace, workdir: str) -> list[tu
         rows.append((f"{args.qemus} qemu exports (real)", summary(timed), summary(floor)))
         return rows
     finally:
+        for agent in agents:
+            await agent.stop()
+        for state in states.values():
+            killAll(state)
         for p in procs:
             p.kill()
             p.wait()
@@ -226,16 +236,17 @@ async def registerAll(xs: Any, dps: list[DataPath]) -> None:
     await xs.transact(write)
 
 
-async def unregisterAll(xs: Any, dps: list[DataPath]) -> None:
-    await gatherResults([xs.rm(dp.path) for dp in dps])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--taps", type=int, default=100)
     parser.add_argument("--qemus", type=int, default=10)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 iterations, 20 tapdisks, 2 qemus"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations, args.taps, args.qemus = 2, 20, 2
     for tool in ("qemu-storage-daemon", "qemu-img"):
         if shutil.which(tool) is None:
             print(f"{tool} not installed (Debian qemu-system-common / qemu-utils)")

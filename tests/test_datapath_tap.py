@@ -211,7 +211,6 @@ class TapDataPathSuite:
     connect: Any
     assertEqual: Any
     assertIn: Any
-    assertNotIn: Any
     assertNotEqual: Any
     assertTrue: Any
     assertFalse: Any

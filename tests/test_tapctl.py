@@ -15,6 +15,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from tests.support.faketapctl import killAll as _killAll
 from tests.support.xenstoresuite import deferredTest
 from xenddev.interfaces import ITapCtl
 from xenddev.tapctl import (
@@ -50,24 +51,6 @@ def fakeTapCtl(test: TestCase | SynchronousTestCase, direct: bool = False) -> tu
     binary: str | list[str] = FAKE if direct else [sys.executable, FAKE]
     test.addCleanup(_killAll, state)
     return TapCtl(binary, env=env), state
-
-
-def _killAll(state: str) -> None:
-    import shutil
-    import signal
-
-    try:
-        with open(os.path.join(state, "tapdisks.json")) as f:
-            pids = [int(p) for p in json.load(f)["tapdisks"]]
-    except FileNotFoundError:
-        pids = []
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-    shutil.rmtree(state, True)
 
 
 def events(state: str) -> list[dict[str, object]]:

@@ -40,6 +40,7 @@ import fcntl
 import getopt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,6 +317,25 @@ class FakeTapCtl:
                 if m not in attached and (minor < 0 or m == minor):
                     lines.append(f"minor={m}")
         return "".join(line + "\n" for line in lines)
+
+
+def killAll(state: str) -> None:
+    """
+    Kill every tapdisk recorded in a state directory (SIGCONT first: a
+    paused one must see the SIGKILL) and remove the directory; for cleanups.
+    """
+    try:
+        with open(os.path.join(state, "tapdisks.json")) as f:
+            pids = [int(p) for p in json.load(f)["tapdisks"]]
+    except FileNotFoundError:
+        pids = []
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    shutil.rmtree(state, True)
 
 
 def _pm(opts: dict[str, str], usage: str) -> tuple[int, int]:
