@@ -23,6 +23,12 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.support.loopdev import (
+    acquireLoopTestLock,
+    detachLoopsFor,
+    makeImage,
+    requireLoopDevices,
+)
 from tests.support.xenstoresuite import deferredTest
 from xenddev.embed import EmbedError, OperationTimeout, ReactorThread
 
@@ -107,6 +113,152 @@ class TwentyThreadsTests(TestCase):
         self.assertEqual(result["left"], {"5": 0, "6": 0})
         self.assertEqual(result["dup"], "DeviceExistsError")
         self.assertFalse(os.path.lexists(os.path.join(run, "xenstored", "socket")))
+
+
+HOTPLUG_SCRIPT = r"""
+import json, os, subprocess, sys, time
+from twisted.logger import globalLogPublisher
+from xenddev.config import Config, DriverDomainConfig, TimeoutsConfig
+from xenddev.embed import EmbeddedToolstack
+
+rundir, scripts, image, quiet = sys.argv[1:5]
+events = []
+globalLogPublisher.addObserver(events.append)
+xd = EmbeddedToolstack.start(
+    Config(
+        rundir=rundir,
+        xenstore="embedded",
+        driver_domain=DriverDomainConfig(hotplug="on", hotplug_timeout=30, script_dir=scripts),
+        timeouts=TimeoutsConfig(create=30, destroy=30),
+    ),
+    timeout=60,
+)
+
+def loops(path):
+    out = subprocess.run(["losetup", "-j", path], capture_output=True, text=True).stdout
+    return [line.split(":")[0] for line in out.splitlines()]
+
+def children():
+    # (pid, state) of this process's children, in every thread.
+    found = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/stat") as st:
+                        found.append((int(pid), st.read().rsplit(")", 1)[1].split()[0]))
+                except OSError:
+                    pass
+    return found
+
+began = time.monotonic()
+devids = [
+    xd.createDevice(5, "vbd", {"spec": f"format=raw, vdev=xvdb, access=rw, target={image}"}),
+    xd.createDevice(
+        5, "vbd", {"spec": f"format=raw, vdev=xvdc, access=rw, script=block-quiet, target={quiet}"}
+    ),
+]
+attachSeconds = time.monotonic() - began
+statuses = [
+    xd.reactorThread.call(
+        xd.service.manager.xs.read, f"/local/domain/0/backend/vbd/5/{devid}/hotplug-status"
+    )
+    for devid in devids
+]
+attachedLoops = [loops(image), loops(quiet)]
+for devid in devids:
+    xd.destroyDevice(5, "vbd", devid)
+for _ in range(200):
+    if not loops(image) and not loops(quiet):
+        break
+    time.sleep(0.05)
+runs = [
+    (e["script"], e["action"], e["exitCode"], e["outcome"])
+    for e in events
+    if str(e.get("log_format", "")).startswith("hotplug {script}")
+]
+time.sleep(0.2)
+print(json.dumps({
+    "devids": devids,
+    "statuses": statuses,
+    "attachedLoops": attachedLoops,
+    "loopsAfter": loops(image) + loops(quiet),
+    "runs": runs,
+    "children": children(),
+    "attachSeconds": attachSeconds,
+}))
+sys.stdout.flush()
+xd.close()
+"""
+
+
+class HotplugInEmbeddingTests(TestCase):
+    """
+    Hotplug scripts inside an embedding process, where the reactor runs in
+    a background thread and no SIGCHLD handler exists.
+    """
+
+    @deferredTest
+    async def test_realBlockScript(self) -> None:
+        """
+        The embedding API attaches two file vbds with hotplug on: the real
+        C{block} script runs for each, sets up a loop device and reports
+        connected; each process exits, is reaped and its exit status 0 is
+        seen (the runner's log lines); detach runs the scripts' remove,
+        which frees the loop devices; no zombie child is left.
+
+        The second vbd's script, C{block-quiet}, sends its output to
+        /dev/null before it execs the real C{block}: its pipes close long
+        before it exits, so nothing but the reaper tells the reactor that
+        it did (Twisted's own check when the pipes close comes too early).
+        """
+        requireLoopDevices(self)
+        if not os.path.exists("/etc/xen/scripts/block"):
+            self.skipTest("the Xen hotplug scripts are not installed (xen-utils-common)")
+        os.makedirs("/var/log/xen", exist_ok=True)
+        lock = acquireLoopTestLock()
+        self.addCleanup(os.close, lock)
+        rundir = tempfile.mkdtemp(prefix="xh-")
+        self.addCleanup(shutil.rmtree, rundir, True)
+        image = makeImage(os.path.join(rundir, "disk.img"))
+        quiet = makeImage(os.path.join(rundir, "quiet.img"))
+        for path in (image, quiet):
+            self.addCleanup(detachLoopsFor, path)
+        scripts = os.path.join(rundir, "scripts")
+        os.makedirs(scripts)
+        for name in os.listdir("/etc/xen/scripts"):
+            os.symlink(os.path.join("/etc/xen/scripts", name), os.path.join(scripts, name))
+        with open(os.path.join(scripts, "block-quiet"), "w") as f:
+            f.write(
+                '#!/bin/sh\nexec >/dev/null 2>&1\nsleep 0.2\nexec "$(dirname "$0")/block" "$@"\n'
+            )
+        os.chmod(os.path.join(scripts, "block-quiet"), 0o755)
+        script = os.path.join(rundir, "embedhotplug.py")
+        with open(script, "w") as f:
+            f.write(HOTPLUG_SCRIPT)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            [script, os.path.join(rundir, "run"), scripts, image, quiet],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            path=rundir,
+        )
+        self.assertEqual(code, 0, err.decode(errors="replace")[-3000:])
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        self.assertEqual(result["devids"], [51728, 51744])
+        self.assertEqual(result["statuses"], ["connected", "connected"])
+        self.assertEqual([len(found) for found in result["attachedLoops"]], [1, 1])
+        self.assertEqual(result["loopsAfter"], [])
+        self.assertEqual(
+            sorted(tuple(r) for r in result["runs"]),
+            [
+                ("block", "add", 0, "exit 0"),
+                ("block", "remove", 0, "exit 0"),
+                ("block-quiet", "add", 0, "exit 0"),
+                ("block-quiet", "remove", 0, "exit 0"),
+            ],
+        )
+        self.assertEqual([c for c in result["children"] if c[1] == "Z"], [])
+        self.assertLess(result["attachSeconds"], 20)
 
 
 class ReactorThreadTests(TestCase):

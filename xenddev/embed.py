@@ -21,11 +21,16 @@ Typical use::
     print(xd.listDevices(5, "vbd"))
     xd.destroyDevice(5, "vbd", devid)
 
-The reactor must not already be running in another thread. Hotplug
-scripts are child processes, and Twisted reaps those through its SIGCHLD
-handler, which only the main thread can install: with the reactor in a
-background thread, configure C{driver_domain.hotplug: off} (and let the
-host's own hotplug machinery run the scripts) or run the daemon instead.
+The reactor must not already be running in another thread.
+
+Child processes (hotplug scripts, qemu-storage-daemons, tap-ctl) work as in
+the daemon. Twisted learns that a child exited from its SIGCHLD handler,
+which only the main thread can install; with the reactor in a background
+thread there is none, so L{ReactorThread} reaps instead: every
+L{REAP_INTERVAL} seconds it calls C{twisted.internet.process.reapAllProcesses},
+which asks (C{waitpid(pid, WNOHANG)}) only about the processes the reactor
+spawned, never about the embedding program's own children. A script's exit
+is therefore seen at most that long after it happened.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from xenddev.config import Config
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "REAP_INTERVAL",
     "EmbedError",
     "EmbeddedToolstack",
     "OperationTimeout",
@@ -56,6 +62,9 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 60.0
 #: Seconds to wait for a cancelled operation's compensation after a timeout.
 CANCEL_GRACE = 15.0
+#: Seconds between two reaps of the reactor's child processes (no SIGCHLD
+#: handler in a background thread).
+REAP_INTERVAL = 0.05
 
 
 class EmbedError(RuntimeError):
@@ -72,14 +81,18 @@ class ReactorThread:
 
     @param reactor: the reactor to run (default: the global one, which
         must not be running yet). Tests give a fresh reactor instance.
+    @param reapInterval: seconds between reaps of the reactor's child
+        processes (see the module docstring); C{None} for no reaping.
     """
 
-    def __init__(self, reactor: Any = None) -> None:
+    def __init__(self, reactor: Any = None, reapInterval: float | None = REAP_INTERVAL) -> None:
         if reactor is None:
             import twisted.internet.reactor
 
             reactor = twisted.internet.reactor
         self.reactor = reactor
+        self.reapInterval = reapInterval
+        self._reaper: Any = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -97,6 +110,8 @@ class ReactorThread:
             if self._thread is not None:
                 return
             started = threading.Event()
+            if self.reapInterval is not None:
+                self.reactor.callWhenRunning(self._startReaping, self.reapInterval)
             self.reactor.callWhenRunning(started.set)
             self._thread = threading.Thread(
                 target=self.reactor.run,
@@ -107,6 +122,15 @@ class ReactorThread:
             self._thread.start()
         if not started.wait(30):
             raise EmbedError("the reactor did not start")
+
+    def _startReaping(self, interval: float) -> None:
+        """In the reactor thread: reap the reactor's exited children periodically."""
+        from twisted.internet.process import reapAllProcesses
+        from twisted.internet.task import LoopingCall
+
+        self._reaper = LoopingCall(reapAllProcesses)
+        self._reaper.clock = self.reactor
+        self._reaper.start(interval, now=False)
 
     def call(
         self,
@@ -173,8 +197,13 @@ class ReactorThread:
             self._stopped = True
             thread = self._thread
         if thread.is_alive():
-            self.reactor.callFromThread(self.reactor.stop)
+            self.reactor.callFromThread(self._stopReactor)
             thread.join(timeout)
+
+    def _stopReactor(self) -> None:
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        self.reactor.stop()
 
 
 def _isCancelled(future: Future[Any]) -> bool:
