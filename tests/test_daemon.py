@@ -43,9 +43,12 @@ from tests import test_cli
 from tests.support.fixtures import RealXenstoredFixture
 from tests.support.treedump import diffTrees, dumpTree
 from tests.support.xenstoresuite import deferredTest
+from tests.test_datapath import tapRecord
+from tests.test_storagectl import RecordingPauser
 from tests.test_xmlrpc import RPCServerMixin
 from xenddev.cli import EXIT_BAD_CONFIG, EXIT_EXISTS, EXIT_NO_DEVICE, EXIT_NO_DOMAIN
 from xenddev.config import Config, DriverDomainConfig, TimeoutsConfig, XmlRpcConfig
+from xenddev.datapath.registry import updateRecord
 from xenddev.metrics import renderMetrics
 from xenddev.service import ServiceDeviceManager, ShuttingDownError, StartupError, XenddevService
 from xenddev.xenbus import waitForState
@@ -198,9 +201,16 @@ class RealStore(RealXenstoredFixture):
 
 
 class StoreClientMixin:
-    """A XenStore client of the test on the daemon's store."""
+    """A XenStore client of the test on the daemon's store (the suites' base)."""
 
     addCleanup: Any
+    storeSocket: Any
+    storeKind: str
+    assertEqual: Any
+    assertIn: Any
+    assertTrue: Any
+    assertFalse: Any
+    assertGreater: Any
 
     async def storeClient(self, path: str) -> Any:
         """Connect to the store at C{path}; disconnected at cleanup."""
@@ -348,13 +358,6 @@ class ServiceStoreSuite(StoreClientMixin):
     """The service in this process on one of the stores; mixed with a store and TestCase."""
 
     storeOptions: Any
-    storeSocket: Any
-    storeKind: str
-    assertEqual: Any
-    assertIn: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertGreater: Any
     assertIsNone: Any
 
     async def startService(self, **timeouts: float) -> XenddevService:
@@ -437,6 +440,27 @@ class ServiceStoreSuite(StoreClientMixin):
             tree = service.xenstored.server.tree
             for path in (request, "/local/domain/0/backendctrl/vdi/vbd-7-51728"):
                 self.assertIsNone(tree.lookup(path.encode()), path)
+
+    @deferredTest
+    async def test_stopResumesQuiesceHandles(self) -> None:
+        """
+        The service's storage control holds quiesce handles on its own
+        data-path control (timeouts.quiesce as their bound); stopping the
+        service resumes what they still hold.
+        """
+        service = await self.startService(quiesce=7)
+        xs = await self.storeClient(self.storeSocket(service.config.rundir))
+        dp = tapRecord(0, "held", ("/srv/held.vhd",), 3)
+        await xs.mkdir(dp.path)
+        await updateRecord(xs, dp, dp)
+        pauser = RecordingPauser()
+        service.dataPaths.register("tap", pauser)
+        held = await service.storage.quiesce("/srv/held.vhd")
+        self.assertEqual(held.deadline - held.created, 7)
+        self.assertEqual(pauser.paused, {(0, "held")})
+        await service.stopService()
+        self.assertEqual(pauser.paused, set())
+        self.assertEqual(service.storage.handles(), [])
 
 
 class EmbeddedServiceTests(ServiceStoreSuite, EmbeddedStore, TestCase):  # type: ignore[misc]
@@ -569,14 +593,6 @@ class DaemonEndToEndSuite(DaemonProcessMixin, RPCServerMixin, StoreClientMixin):
     """
 
     storeFlags: Any
-    storeSocket: Any
-    storeKind: str
-    assertEqual: Any
-    assertIn: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertGreater: Any
-    assertNotIn: Any
 
     async def startStoreDaemon(self) -> _Daemon:
         """
