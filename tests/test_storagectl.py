@@ -156,7 +156,8 @@ class StorageControlSuite:
     async def test_autoResumeAfterBound(self) -> None:
         """
         A handle nobody resumes is resumed (with reload) once the bound has
-        passed, not before, and a warning names it.
+        passed, not before, and a warning names it; a client's resume
+        meanwhile is refused as busy.
         """
         events = self.captureLog()
         storage, pauser = self.control()
@@ -164,6 +165,8 @@ class StorageControlSuite:
         self.clock.advance(BOUND - 1)
         self.assertEqual(len(pauser.paused), 2)
         self.clock.advance(1)
+        with self.assertRaises(QuiesceBusyError):  # the daemon is resuming it
+            await storage.resume(held.id, False)
         await self.settled(storage)
         self.assertEqual((pauser.paused, storage.handles()), (set(), []))
         self.assertEqual({e[3] for e in pauser.log if e[0] == "resume"}, {True})

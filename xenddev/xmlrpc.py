@@ -733,7 +733,8 @@ class DataPathNamespace(_Namespace):
         cannot be paused, and none is left paused). Resume them with
         datapath.resume(handle); a handle not resumed within expires-in
         seconds (the daemon's timeouts.quiesce) is resumed by the daemon.
-        Fault 12 if one of them is held by another handle.
+        Fault 12 if one of them is held by another handle. An image no
+        data path uses gets a handle with nothing paused.
         """
         storage = self.storage
         held = await storage.quiesce(checkImage(image))
@@ -746,8 +747,9 @@ class DataPathNamespace(_Namespace):
 
         Resume the data paths a quiesce paused; with reload (the default)
         they re-read their image chain first (after a merge). Fault 11 for
-        an unknown (or already resumed) handle; fault 18 if some could not
-        be resumed: the handle then keeps those, to retry.
+        an unknown (or already resumed) handle; fault 12 while the daemon
+        is resuming it (its deadline passed); fault 18 if some could not be
+        resumed: the handle then keeps those, to retry.
         """
         storage = self.storage
         hid = checkString(handle, "handle", _HANDLE)
