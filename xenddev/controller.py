@@ -26,6 +26,7 @@ C{finishDeviceCleanup}.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -38,13 +39,22 @@ from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populate
 from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout
 from xenddev.driverdomain.protocol import VDI, ObjectClass
 from xenddev.interfaces import IDevController, ITransaction, IXenStore
-from xenddev.xenbus import HotplugStatus, XenbusState, waitForHotplugStatus, waitForState
-from xenddev.xenstore.errors import XenStoreTimeout
+from xenddev.xenbus import (
+    HotplugStatus,
+    Waiting,
+    XenbusState,
+    waitForHotplugStatus,
+    waitForState,
+)
+from xenddev.xenstore.errors import NoEntryError, XenStoreTimeout
 from xenddev.xenstore.paths import Perm, validateDomid
 
 #: libxl's device timeouts (xend used 100 s).
 DEFAULT_CREATE_TIMEOUT = 10.0
 DEFAULT_DESTROY_TIMEOUT = 10.0
+#: How long to wait for a driver domain to answer one request.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+_DOMAIN_PATH = re.compile(r"/local/domain/(\d+)/")
 #: A DeviceDetails devid asking for the lowest free id.
 ALLOCATE = -1
 
@@ -157,7 +167,9 @@ class DevController:
 
     @param xs: the toolstack's XenStore connection.
     @param domain: the guest.
-    @param reactor: for timeouts (injected; C{task.Clock} in tests).
+    @param driverDomains: gives the protocol client of a driver domain
+        (the L{DeviceManager} shares one per driver domain); by default the
+        controller makes its own.
     """
 
     deviceClass: ClassVar[str] = "base"
@@ -175,7 +187,8 @@ class DevController:
         domain: DomainInfo,
         createTimeout: float = DEFAULT_CREATE_TIMEOUT,
         destroyTimeout: float = DEFAULT_DESTROY_TIMEOUT,
-        requestTimeout: float = 30.0,
+        requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
+        driverDomains: Callable[[int], DriverDomainClient] | None = None,
     ) -> None:
         self.xs = xs
         self.domain = domain
@@ -184,6 +197,7 @@ class DevController:
         self.destroyTimeout = destroyTimeout
         self.requestTimeout = requestTimeout
         self._ddClients: dict[int, DriverDomainClient] = {}
+        self._sharedDriverDomains = driverDomains
 
     # Paths (xend's names)
 
@@ -317,12 +331,19 @@ class DevController:
     # Lifecycle
 
     def _driverDomain(self, domid: int) -> DriverDomainClient:
+        if self._sharedDriverDomains is not None:
+            return self._sharedDriverDomains(domid)
         client = self._ddClients.get(domid)
         if client is None:
             client = self._ddClients[domid] = DriverDomainClient(
                 self.xs, domid, self.requestTimeout
             )
         return client
+
+    def _waits(self, backendPath: str) -> IXenStore | Waiting:
+        """What to wait on a backend path with (its driver domain's standing watch)."""
+        m = _DOMAIN_PATH.match(backendPath)
+        return self._driverDomain(int(m.group(1))).waits(backendPath) if m else self.xs
 
     def createDevice(self, config: Mapping[str, Any]) -> Deferred[int]:
         """
@@ -414,7 +435,9 @@ class DevController:
 
     async def _waitConnected(self, devid: int, backendPath: str) -> None:
         try:
-            result = await waitForHotplugStatus(self.xs, backendPath, self.createTimeout)
+            result = await waitForHotplugStatus(
+                self._waits(backendPath), backendPath, self.createTimeout
+            )
         except XenStoreTimeout:
             raise HotplugFailedError(
                 f"Device {devid} ({self.deviceClass}) could not be connected. "
@@ -452,7 +475,8 @@ class DevController:
 
     def waitForDevice_destroy(self, devid: int, backpath: str) -> Deferred[None]:
         """Wait until the backend directory is gone."""
-        d: Deferred[Any] = self.xs.waitFor(backpath, lambda v: v is None, self.destroyTimeout)
+        waits = self._waits(backpath)
+        d: Deferred[Any] = waits.waitFor(backpath, lambda v: v is None, self.destroyTimeout)
         return d.addCallback(lambda _: None)
 
     def destroyDevice(
@@ -480,13 +504,17 @@ class DevController:
             raise DeviceNotFoundError(f"Device {devid} not connected")
         front = self.frontendPath(devid)
         ddId = int(backendId)
-        if not await self.xs.exists(f"/local/domain/{ddId}"):
+        # The driver domain's home (a read, not an exists: same answer, and
+        # xenstored answers either in one round trip).
+        if await self.xs.readOrNone(f"/local/domain/{ddId}") is None:
             await self._cleanToolstackSide(devid, ddId, vdi, "driver domain is gone")
             return
         if backend is not None and mode is not DestroyMode.FORCE:
             await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
             try:
-                await waitForState(self.xs, backend, XenbusState.Closed, self.destroyTimeout)
+                await waitForState(
+                    self._waits(backend), backend, XenbusState.Closed, self.destroyTimeout
+                )
             except XenStoreTimeout:
                 if mode is DestroyMode.SAFE:
                     raise DeviceError(
@@ -681,9 +709,13 @@ async def _rmPruned(tx: ITransaction, path: str) -> None:
     Remove a device directory, and its class directory (C{.../device/<class>})
     if that is left empty, so a failed or finished device leaves no trace.
     """
-    await tx.rm(path, missingOk=True)
+    removed = tx.rm(path, missingOk=True)
     parent = path.rsplit("/", 1)[0]
-    if await tx.exists(parent) and not await tx.ls(parent):
+    # Sent behind the removal, so it lists what is left (None: no parent).
+    left: Deferred[Any] = tx.ls(parent)
+    left.addErrback(lambda f: f.trap(NoEntryError) and None)
+    await removed
+    if await left == []:
         await tx.rm(parent)
 
 

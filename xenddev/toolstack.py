@@ -22,11 +22,13 @@ from twisted.logger import Logger
 
 from xenddev.controller import (
     ALLOCATE,
+    DEFAULT_REQUEST_TIMEOUT,
     DevController,
     DeviceConfigError,
     DomainInfo,
     UnknownDomainError,
 )
+from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.interfaces import ITransaction, IXenStore
 from xenddev.xenstore.paths import Perm, validateDomid
 
@@ -87,6 +89,7 @@ class DeviceManager:
         self.controllerClasses = dict(controllers or defaultControllers())
         self.controllerArgs = controllerArgs
         self._locks: dict[tuple[int, str, int], DeferredLock] = {}
+        self._driverDomains: dict[int, DriverDomainClient] = {}
         self.inFlight = 0
 
     # Domains
@@ -144,7 +147,21 @@ class DeviceManager:
                 f"(known: {', '.join(sorted(self.controllerClasses))})"
             )
         d = self.domainInfo(domid)
-        return d.addCallback(lambda info: cls(self.xs, info, **self.controllerArgs))
+        return d.addCallback(
+            lambda info: cls(self.xs, info, driverDomains=self.driverDomain, **self.controllerArgs)
+        )
+
+    def driverDomain(self, domid: int) -> DriverDomainClient:
+        """
+        The protocol client of a driver domain, one per driver domain for
+        every controller: its control area is set up once, and requests on
+        one object are queued however many callers there are.
+        """
+        client = self._driverDomains.get(domid)
+        if client is None:
+            timeout = self.controllerArgs.get("requestTimeout", DEFAULT_REQUEST_TIMEOUT)
+            client = self._driverDomains[domid] = DriverDomainClient(self.xs, domid, timeout)
+        return client
 
     def _serialised(self, key: tuple[int, str, int], fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
         lock = self._locks.get(key)

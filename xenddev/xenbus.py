@@ -24,8 +24,8 @@ from __future__ import annotations
 import enum
 import re
 import uuid as _uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -39,6 +39,7 @@ __all__ = [
     "FrontendDevice",
     "HotplugResult",
     "HotplugStatus",
+    "Waiting",
     "XenbusPathError",
     "XenbusState",
     "backendPath",
@@ -51,6 +52,19 @@ __all__ = [
     "waitForHotplugStatus",
     "waitForState",
 ]
+
+
+class Waiting(Protocol):
+    """
+    What the waits here need: an L{IXenStore}, or a
+    L{xenddev.xenstore.dispatch.WatchDispatch} sharing one standing watch.
+    """
+
+    def waitFor(
+        self, path: str, predicate: Callable[[str | None], bool], timeout: float | None = ...
+    ) -> Deferred[str | None]: ...
+
+    def readOrNone(self, path: str) -> Deferred[str | None]: ...
 
 
 class XenbusState(enum.IntEnum):
@@ -300,7 +314,7 @@ def _stateSet(states: XenbusState | int | Iterable[XenbusState | int]) -> frozen
 
 
 def waitForState(
-    xs: IXenStore,
+    xs: IXenStore | Waiting,
     path: str,
     states: XenbusState | int | Iterable[XenbusState | int],
     timeout: float | None = None,
@@ -371,7 +385,7 @@ class HotplugResult:
 
 
 def waitForHotplugStatus(
-    xs: IXenStore, backendPath: str, timeout: float | None = None
+    xs: IXenStore | Waiting, backendPath: str, timeout: float | None = None
 ) -> Deferred[HotplugResult]:
     """
     Wait until the hotplug script has written C{<backendPath>/hotplug-status}

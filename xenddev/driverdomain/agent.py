@@ -151,6 +151,15 @@ class BackendCtrlAgent:
         self._objects = _Serialiser()
         self._devices = _Serialiser()
         self._hotplugJobs: dict[tuple[str, int, int], Deferred[None]] = {}
+        #: The backends this agent created: device -> (object, plug, absolute
+        #: backend), so hotplug dispatch need not look them up in the store
+        #: on every event. Rebuilt from the records (by reading) after a restart.
+        self._owners: dict[DeviceRef, tuple[ControlPaths, str, str]] = {}
+        #: Objects whose last request this agent answered (and deleted).
+        self._answered: set[tuple[str, str]] = set()
+        #: (class, name) -> state, as this agent last left it (hotplug
+        #: dispatch reads it on every backend event); read when unknown.
+        self._states: dict[tuple[str, str], str] = {}
         self._handles: list[Any] = []
         #: (class, name) -> (kind name, target) of the objects this agent
         #: prepared: t/* cannot change while an object exists, so there is
@@ -213,11 +222,11 @@ class BackendCtrlAgent:
     def _controlChanged(self, path: str) -> None:
         rest = path[len(self.home) + len("/backendctrl") :].strip("/").split("/")
         if len(rest) >= 2 and rest[0] in OBJECT_CLASSES:
-            # Only the request node (or the object directory itself, created
-            # or removed) can need an answer; every other node changes because
-            # a request is being made or answered, and re-reading the request
+            # Only the request node can need an answer (a write always fires
+            # for the node written); every other node changes because a
+            # request is being made or answered, and re-reading the request
             # for each of those events is wasted work.
-            if len(rest) == 2 or rest[2:] == ["request"]:
+            if rest[2:] == ["request"]:
                 self._pokeObject(OBJECT_CLASSES[rest[0]], rest[1])
         else:
             # Tracked like any job, so stop() waits for it too.
@@ -237,6 +246,14 @@ class BackendCtrlAgent:
         self._objects.poke((cls.name, name), lambda: self._serviceObject(paths), self.log)
 
     async def _serviceObject(self, paths: ControlPaths) -> None:
+        key = (paths.objectClass.name, paths.name)
+        if key in self._answered:
+            # Most likely the event of our own deletion of the request: look
+            # at the request alone first (an event cannot be skipped: a new
+            # request's may have been merged with it).
+            self._answered.discard(key)
+            if await self.xs.readOrNone(paths.request) is None:
+                return
         # The request, the journal and the state in one round trip.
         text, journaled, state = await gatherResults(
             [
@@ -321,8 +338,16 @@ class BackendCtrlAgent:
 
         try:
             await self.xs.transact(complete)
+            self._answered.add(key)
         except _RequestReplaced:
             await self.xs.transact(lambda tx: complete(tx, keepRequest=True))
+        newState = state
+        if ok and request is not None:
+            newState = _STATE_AFTER.get(request.op, state)
+        if newState is None:
+            self._states.pop(key, None)
+        else:
+            self._states[key] = newState
         exists = state is not None
         if ok and request is not None:
             if request.op == PREPARE:
@@ -351,8 +376,13 @@ class BackendCtrlAgent:
         )
         if ok and request is not None:
             if request.op == PLUG and outcome is not None and outcome.backend is not None:
-                dev = backendRef(paths.absolute(outcome.backend))
+                assert request.plug is not None
+                backend = paths.absolute(outcome.backend)
+                dev = backendRef(backend)
+                self._owners[dev] = (paths, request.plug, backend)
                 self._pokeDevice(dev.deviceClass, dev.frontendDomid, dev.devid)
+            elif request.op == UNPLUG and plugSpec is not None:
+                self._owners.pop(self._hotplugRef(plugSpec), None)
             elif request.op in (ACTIVATE, CHANGE):
                 # Not awaited here, so the object's next request need not
                 # wait for it; tracked, so whenIdle() still covers it. After
@@ -642,7 +672,11 @@ class BackendCtrlAgent:
     def _backendChanged(self, path: str) -> None:
         rest = path[len(self.home) + len("/backend") :].strip("/").split("/")
         if len(rest) >= 3 and rest[1].isdigit() and rest[2].isdigit():
-            self._pokeDevice(rest[0], int(rest[1]), int(rest[2]))
+            # Hotplug depends on the backend's state and online only (and on
+            # the directory coming or going); the many other keys a backend
+            # publishes cannot change what to do.
+            if len(rest) == 3 or rest[3:] in (["state"], ["online"]):
+                self._pokeDevice(rest[0], int(rest[1]), int(rest[2]))
         elif len(rest) < 3:
             self._devices.poke("scan", self._scanDevices, self.log)
 
@@ -683,19 +717,25 @@ class BackendCtrlAgent:
         return ControlPaths(OBJECT_CLASSES[cls], self.domid, name), plug
 
     async def _serviceDevice(self, ref: DeviceRef) -> None:
-        owner = await self._owner(ref)
-        if owner is None:
-            return  # not a device this agent created
-        paths, plug = owner
-        backend = await self.xs.readOrNone(paths.plug(plug).backend)
-        if backend is None:
-            return
-        backend = paths.absolute(backend)
+        known = self._owners.get(ref)
+        if known is not None:
+            paths, plug, backend = known
+        else:
+            owner = await self._owner(ref)
+            if owner is None:
+                return  # not a device this agent created
+            paths, plug = owner
+            relative = await self.xs.readOrNone(paths.plug(plug).backend)
+            if relative is None:
+                return
+            backend = paths.absolute(relative)
+            self._owners[ref] = (paths, plug, backend)
+        lastState = self._states.get((paths.objectClass.name, paths.name))
         state, online, objState, done = await gatherResults(
             [
                 self.xs.readOrNone(f"{backend}/state"),
                 self.xs.readOrNone(f"{backend}/online"),
-                self.xs.readOrNone(paths.state),
+                succeed(lastState) if lastState else self.xs.readOrNone(paths.state),
                 self.xs.readOrNone(f"{self._deviceRecord(ref)}/hotplug"),
             ]
         )
@@ -843,6 +883,15 @@ async def _rmWithEmptyParents(tx: ITransaction, path: str, stop: str) -> None:
         await tx.rm(parent)
         parent = parent.rsplit("/", 1)[0]
     await removed
+
+
+#: An object's state after a successful request (absent: unchanged).
+_STATE_AFTER: dict[str, str | None] = {
+    PREPARE: INACTIVE,
+    ACTIVATE: ACTIVE,
+    DEACTIVATE: INACTIVE,
+    UNPREPARE: None,
+}
 
 
 def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:

@@ -48,6 +48,8 @@ from xenddev.driverdomain.protocol import (
     validateTarget,
 )
 from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.xenbus import Waiting
+from xenddev.xenstore.dispatch import PendingWait, WatchDispatch
 from xenddev.xenstore.errors import NoEntryError, XenStoreTimeout
 from xenddev.xenstore.paths import Perm, validateDomid, validatePath
 
@@ -120,6 +122,12 @@ class DriverDomainClient:
         self.timeout = timeout
         self._locks: dict[tuple[str, str], DeferredLock] = {}
         self._areaReady = False
+        home = f"/local/domain/{self.driverDomid}"
+        # One standing watch each on the control area and the backends
+        # instead of a watch per wait (only with a reactor to time waits).
+        timed = getattr(xs, "reactor", None) is not None
+        self._control = WatchDispatch(xs, f"{home}/backendctrl") if timed else None
+        self._backends = WatchDispatch(xs, f"{home}/backend") if timed else None
 
     # Public API
 
@@ -217,18 +225,25 @@ class DriverDomainClient:
 
         async def run() -> None:
             try:
-                await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
+                await self._requestGone(paths)
             except XenStoreTimeout:
                 raise DriverDomainTimeout("(pending)", paths.base, self.timeout) from None
-            if not await self.xs.exists(paths.base):
+            # Only what the teardown needs (not the target), in one round.
+            state, names = await gatherResults(
+                [self.xs.readOrNone(paths.state), _lsOrNone(self.xs, paths.plugsDir)]
+            )
+            if state is None and names is None and not await self.xs.exists(paths.base):
                 return
-            info = await self._describe(paths)
-            for plug in info.plugs:
-                if plug.state == PLUGGED:
-                    await self._request(paths, Request(UNPLUG, plug.name), {}, plug.frontend)
-            if info.state == ACTIVE:
+            for name in names or []:
+                pp = paths.plug(name)
+                plugState, frontend = await gatherResults(
+                    [self.xs.readOrNone(pp.state), self.xs.readOrNone(pp.frontend)]
+                )
+                if plugState == PLUGGED:
+                    await self._request(paths, Request(UNPLUG, name), {}, frontend)
+            if state == ACTIVE:
                 await self._request(paths, Request(DEACTIVATE), {}, None)
-            if info.state is not None:
+            if state is not None:
                 await self._request(paths, Request(UNPREPARE), {}, None)
             # A failed request's leftovers (t/*, result, an unplugged vbd).
             await self.xs.rm(paths.base, missingOk=True)
@@ -242,6 +257,29 @@ class DriverDomainClient:
     def describe(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[ObjectInfo]:
         """One object: state, pending request, target and plugs."""
         return Deferred.fromCoroutine(self._describe(self.paths(name, objectClass)))
+
+    def waits(self, path: str) -> Waiting:
+        """
+        What to wait on C{path} with (for L{xenddev.xenbus.waitForState} and
+        friends): the standing watch on this driver domain's backends for a
+        path under them, else the connection.
+        """
+        if self._backends is not None and path.startswith(self._backends.root + "/"):
+            return self._backends
+        return self.xs
+
+    def stopWatching(self) -> Deferred[None]:
+        """Remove the standing watches (pending waits still time out)."""
+        stops = [w.stop() for w in (self._control, self._backends) if w is not None]
+        return gatherResults(stops).addCallback(lambda _: None)
+
+    async def _requestGone(self, paths: ControlPaths) -> None:
+        """Wait until C{request} is gone (one pending when we came)."""
+        if self._control is None:
+            await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
+        else:
+            await self._control.ready()
+            await self._control.until(paths.request, lambda v: v is None, self.timeout)
 
     def paths(self, name: str, objectClass: ObjectClass = VDI) -> ControlPaths:
         """The XenStore paths of an object (validates the name)."""
@@ -367,6 +405,12 @@ class DriverDomainClient:
                 )
             await written
 
+        answer: PendingWait | None = None
+        if self._control is not None:
+            # Registered before the request is written (so no event is
+            # missed), armed once it is (so no earlier read counts).
+            await self._control.ready()
+            answer = self._control.expect(paths.request, lambda v: v is None, self.timeout)
         made: Deferred[None] = _resolved(None)
         if request.op == PREPARE:
             # Created outside the transaction: a transaction that creates the
@@ -380,16 +424,20 @@ class DriverDomainClient:
         try:
             await self.xs.transact(submit, TRANSACT_ATTEMPTS)
             await made
-        except PreconditionError:
+        except BaseException as e:
             made.addErrback(lambda _: None)
-            raise
-        except Exception:
-            made.addErrback(lambda _: None)
-            if request.op == PREPARE:
+            if answer is not None:
+                answer.result.addErrback(lambda _: None)
+                answer.result.cancel()
+            if request.op == PREPARE and not isinstance(e, PreconditionError):
                 await _rmIfEmpty(self.xs, paths.base)
             raise
         try:
-            await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
+            if answer is None:
+                await self.xs.waitFor(paths.request, lambda v: v is None, self.timeout)
+            else:
+                answer.arm()
+                await answer.result
         except XenStoreTimeout:
             raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
         result, message, backend, bcopy = await self.xs.transact(
