@@ -50,6 +50,7 @@ class RecordingKind:
         self.failures: dict[str, KindError] = {}
         self.bcopy: dict[str, str] = {}
         self.gates: dict[str, Deferred[None]] = {}
+        self.deactivateWrites: dict[str, str] = {}
 
     def accepts(self, objectClass: str, target: Any) -> bool:
         return target.get("type") != "unservable"
@@ -70,7 +71,8 @@ class RecordingKind:
         return self._op("activate", ctx)
 
     def deactivate(self, ctx: KindContext) -> Deferred[Outcome]:
-        return self._op("deactivate", ctx)
+        d = self._op("deactivate", ctx)
+        return d.addCallback(lambda _: Outcome(writes=dict(self.deactivateWrites)))
 
     def unprepare(self, ctx: KindContext) -> Deferred[Outcome]:
         return self._op("unprepare", ctx)
@@ -199,6 +201,21 @@ class DriverDomainSuite:
         await self.client.activate("disk0")
         await self.client.unprepare("disk0")
         self.assertEqual([c[0] for c in self.kind.calls][-2:], ["deactivate", "unprepare"])
+
+    @deferredTest
+    async def test_unprepareActiveAppliesDeactivation(self) -> None:
+        """
+        The implicit deactivation of an unprepare has its effects applied
+        (with the unprepare's, in one completion): a kind that records
+        something at deactivate sees it written.
+        """
+        marker = f"/local/domain/{DD}/private/xenddev/deactivated"
+        self.kind.deactivateWrites = {marker: "disk0"}
+        await self.client.prepare("disk0", TARGET)
+        await self.client.activate("disk0")
+        self.assertFalse(await self.xs.exists(marker))
+        await self.client.unprepare("disk0")
+        self.assertEqual(await self.xs.read(marker), "disk0")
 
     # Preconditions, checked by the toolstack before writing
 

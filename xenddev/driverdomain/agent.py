@@ -475,9 +475,11 @@ class BackendCtrlAgent:
         if op == DEACTIVATE:
             return await kind.deactivate(ctx), kind.name, None
         if op == UNPREPARE:
-            if state == ACTIVE:
-                await kind.deactivate(ctx)
-            return await kind.unprepare(ctx), kind.name, None
+            # Decision 5: an active object is deactivated first, and that
+            # deactivation's effects go into the same completion.
+            first = await kind.deactivate(ctx) if state == ACTIVE else None
+            outcome = await kind.unprepare(ctx)
+            return _then(first, outcome) if first else outcome, kind.name, None
         if op == CHANGE:
             return await self._change(kind, ctx), kind.name, None
         assert plugSpec is not None
@@ -883,6 +885,19 @@ async def _rmWithEmptyParents(tx: ITransaction, path: str, stop: str) -> None:
         await tx.rm(parent)
         parent = parent.rsplit("/", 1)[0]
     await removed
+
+
+def _then(first: Outcome, second: Outcome) -> Outcome:
+    """Two outcomes as one: the second's removals win over the first's writes."""
+
+    def removed(path: str) -> bool:
+        return any(path == r or path.startswith(r + "/") for r in second.removes)
+
+    return Outcome(
+        mkdirs={p: v for p, v in first.mkdirs.items() if not removed(p)} | dict(second.mkdirs),
+        writes={p: v for p, v in first.writes.items() if not removed(p)} | dict(second.writes),
+        removes=(*first.removes, *second.removes),
+    )
 
 
 #: An object's state after a successful request (absent: unchanged).
