@@ -269,9 +269,9 @@ class Blktap2Controller(BlktapController):
         return Deferred.fromCoroutine(create())
 
     async def _writeFrontend(
-        self, tx: ITransaction, details: DeviceDetails, plug: PlugResult
+        self, tx: ITransaction, details: DeviceDetails, plug: PlugResult, backendReady: bool
     ) -> None:
-        await super()._writeFrontend(tx, details, plug)
+        await super()._writeFrontend(tx, details, plug, backendReady)
         # The tapdisk's node, for the sysfs release after a destroy.
         node = await tx.readOrNone(f"{plug.backendPath}/params")
         if node is not None:

@@ -40,6 +40,8 @@ COMMANDS = (
     "block-attach",
     "block-detach",
     "block-list",
+    "cd-insert",
+    "cd-eject",
     "network-attach",
     "network-detach",
     "network-list",
@@ -219,6 +221,32 @@ class CLISuite(DeviceServiceFixture):
         self.assertEqual((row["vdev"], row["state"]), ("xvda", 4))
         self.assertEqual(await self.ok("block-detach", str(GUEST), "xvda"), "")
         self.assertEqual(len((await self.ok("block-list", str(GUEST))).splitlines()), 1)
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_cdInsertAndEject(self) -> None:
+        """
+        cd-insert changes a cdrom drive's medium and cd-eject empties it (the
+        backend's params follow); on a disk that is not a cdrom cd-insert
+        fails with the refusal; a bad target is refused locally.
+        """
+        first, second = self.image(), self.image()
+        before = await self.tree()
+        await self.ok("block-attach", str(GUEST), f"{first},raw,hdc,devtype=cdrom")
+        await self.ok("block-attach", str(GUEST), f"{first},raw,xvdb,r")
+        backend = f"/local/domain/0/backend/vbd/{GUEST}/5632"
+        self.assertEqual(await self.ok("cd-insert", str(GUEST), "hdc", f"raw:{second}"), "")
+        self.assertEqual(await self.xs.read(f"{backend}/params"), second)
+        self.assertEqual(await self.ok("cd-eject", str(GUEST), "/dev/hdc"), "")
+        self.assertEqual(await self.xs.read(f"{backend}/params"), "")
+        code, _, err = await self.cli("cd-insert", str(GUEST), "xvdb", second)
+        self.assertEqual(code, EXIT_BAD_CONFIG)
+        self.assertIn("Refusing to reconfigure device vbd:51728", err)
+        code, _, err = await self.cli("cd-insert", str(GUEST), "hdc", "bogus:/x")
+        self.assertEqual(code, EXIT_BAD_CONFIG)
+        self.assertIn("config parsing error in disk specification", err)
+        await self.ok("block-detach", str(GUEST), "hdc")
+        await self.ok("block-detach", str(GUEST), "xvdb")
         await self.assertTreeIs(before)
 
     @deferredTest

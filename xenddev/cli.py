@@ -290,6 +290,25 @@ class Client:
         rows = self.call("device.list", self.dom(), "vbd")
         self.emit(rows, blockTable(rows))
 
+    def cdInsert(self) -> None:
+        """cd-insert: a new medium in a cdrom drive (xl's command)."""
+        self._changeMedium(self.opts.target)
+
+    def cdEject(self) -> None:
+        """cd-eject: empty a cdrom drive (xl's command)."""
+        self._changeMedium("")
+
+    def _changeMedium(self, target: str) -> None:
+        vdev = self.opts.vdev.removeprefix("/dev/")
+        text = f"{target},{vdev}:cdrom,r"
+        try:
+            spec = parseDiskSpec(text)
+            number = spec.devid
+        except (DiskError, VdevError) as e:
+            raise CommandError(str(e), EXIT_BAD_CONFIG) from None
+        result = self.call("device.configure", self.dom(), "vbd", number, {"spec": text})
+        self.emit(result, None)
+
     def networkAttach(self) -> None:
         """network-attach."""
         config: dict[str, str] = {}
@@ -404,6 +423,22 @@ def buildParser(
     p = command("block-list", "list disks", "List a domain's disks (xl's table).")
     p.add_argument("dom", help="domain id or name")
     p.set_defaults(run=Client.blockList)
+
+    p = command(
+        "cd-insert",
+        "insert a medium in a cdrom drive",
+        "Change the medium of a cdrom drive: TARGET is [FORMAT:]PATH (e.g. raw:/srv/a.iso); "
+        "the drive must have been attached as a cdrom.",
+    )
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("vdev", metavar="VDEV", help="the drive: hdc, xvdc, /dev/xvdc")
+    p.add_argument("target", metavar="TARGET", help="[FORMAT:]PATH of the new medium")
+    p.set_defaults(run=Client.cdInsert)
+
+    p = command("cd-eject", "empty a cdrom drive", "Eject the medium of a cdrom drive.")
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("vdev", metavar="VDEV", help="the drive: hdc, xvdc, /dev/xvdc")
+    p.set_defaults(run=Client.cdEject)
 
     p = command(
         "network-attach",

@@ -35,7 +35,12 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populateFrontend
+from xenddev.driverdomain.client import (
+    DriverDomainClient,
+    PlugResult,
+    backendReady,
+    populateFrontend,
+)
 from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout
 from xenddev.driverdomain.protocol import VDI, ObjectClass
 from xenddev.interfaces import IDevController, ITransaction, IXenStore
@@ -369,8 +374,9 @@ class DevController:
             await dd.prepare(vdi, details.target, self.objectClass)
             plug = await dd.plug(vdi, self.plugName, self.frontendPath(devid), self.objectClass)
             undo.push("frontend", lambda: self._removeFrontend(devid))
+            ready = await backendReady(self.xs, plug)
             await self.xs.transact(
-                lambda tx: self._writeFrontend(tx, details, plug), self.transactAttempts
+                lambda tx: self._writeFrontend(tx, details, plug, ready), self.transactAttempts
             )
             await dd.activate(vdi, self.objectClass)
             await self._waitConnected(devid, plug.backendPath)
@@ -427,10 +433,10 @@ class DevController:
         return await self.xs.transact(claim, self.transactAttempts)
 
     async def _writeFrontend(
-        self, tx: ITransaction, details: DeviceDetails, plug: PlugResult
+        self, tx: ITransaction, details: DeviceDetails, plug: PlugResult, backendReady: bool
     ) -> None:
         frontend = {"state": str(int(XenbusState.Initialising)), **details.frontend}
-        await populateFrontend(tx, plug, self.domid, frontend, details.backendExtras)
+        await populateFrontend(tx, plug, self.domid, frontend, details.backendExtras, backendReady)
         await tx.write(f"{self.devicePath(details.devid)}/backend", plug.backendPath)
 
     async def _waitConnected(self, devid: int, backendPath: str) -> None:

@@ -572,6 +572,7 @@ async def populateFrontend(
     guestDomid: int,
     frontend: Mapping[str, str],
     backend: Mapping[str, str] | None = None,
+    backendReady: bool = False,
 ) -> None:
     """
     The toolstack's step after a plug, inside the caller's transaction (so a
@@ -580,6 +581,11 @@ async def populateFrontend(
     C{backend}/C{backend-id} and the given keys; copy C{b-copy/*} (and
     C{backend} extras) into the backend; set C{<backend>/frontend} unless
     the driver domain already did.
+
+    @param backendReady: the caller saw (see L{backendReady}) that the
+        driver domain made the backend complete, so the transaction need not
+        read it: a read of a backend the kernel is filling in makes the
+        transaction conflict (EAGAIN) over and over.
     """
     guest = validateDomid(guestDomid)
     dd = plug.driverDomid
@@ -589,6 +595,8 @@ async def populateFrontend(
     await tx.setPerms(front, [Perm("n", guest), Perm("r", dd)])
     await gatherResults([tx.write(f"{front}/{k}", str(v)) for k, v in values.items()])
     extras = {**plug.bcopy, **(backend or {})}
+    if backendReady and not extras:
+        return
     if extras or not await tx.exists(plug.backendPath):
         if not await tx.exists(plug.backendPath):
             await tx.mkdir(plug.backendPath)
@@ -598,3 +606,14 @@ async def populateFrontend(
         )
     if await tx.readOrNone(f"{plug.backendPath}/frontend") is None:
         await tx.write(f"{plug.backendPath}/frontend", front)
+
+
+async def backendReady(xs: IXenStore, plug: PlugResult) -> bool:
+    """
+    Whether the driver domain created the plug's backend complete, with
+    C{frontend} set (our kinds do, atomically with the plug's result), read
+    outside any transaction: that key is never removed while plugged.
+    """
+    if plug.bcopy:
+        return False
+    return await xs.readOrNone(f"{plug.backendPath}/frontend") is not None
