@@ -566,9 +566,9 @@ class BackendCtrlAgent:
         return dict(zip(keys, values, strict=True))
 
     async def _lsOrEmpty(self, path: str) -> list[str]:
-        if not await self.xs.exists(path):
-            return []
-        return list(await self.xs.ls(path))
+        # One request, and no window between an exists and the listing in
+        # which the directory can go.
+        return await _lsOrNone(self.xs, path) or []
 
     async def _plugged(self, paths: ControlPaths) -> list[str]:
         names = [n for n in await self._lsOrEmpty(paths.plugsDir) if _validName(n)]

@@ -440,9 +440,14 @@ class DriverDomainClient:
                 await answer.result
         except XenStoreTimeout:
             raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
-        result, message, backend, bcopy = await self.xs.transact(
+        result, message, backend, bcopy, gone = await self.xs.transact(
             lambda tx: self._collect(tx, paths, request), TRANSACT_ATTEMPTS
         )
+        if gone:
+            # Outside the transaction: removing the object's directory
+            # modifies backendctrl/<class>, which every concurrent prepare's
+            # mkdir does too, so a transaction doing it conflicted with them.
+            await self.xs.rm(paths.base, missingOk=True)
         if result != 0:
             raise DriverDomainError(
                 result, XEN_ERRNO_NAME.get(result, "E?"), message, str(request), paths.base
@@ -451,12 +456,13 @@ class DriverDomainClient:
 
     async def _collect(
         self, tx: ITransaction, paths: ControlPaths, request: Request
-    ) -> tuple[int, str, str | None, dict[str, str]]:
+    ) -> tuple[int, str, str | None, dict[str, str], bool]:
         """
-        Read C{result}/C{result_msg} and tidy up: remove them, a failed plug's
-        directory, and the whole object once it no longer exists (failed
-        prepare, successful unprepare) — so the tree is as before. For a plug,
-        also read what the toolstack needs (backend, b-copy).
+        Read C{result}/C{result_msg} and tidy up: remove them and a failed
+        plug's directory; say whether the whole object no longer exists
+        (failed prepare, successful unprepare), for the caller to remove —
+        so the tree is as before. For a plug, also read what the toolstack
+        needs (backend, b-copy).
 
         The removals go out with the reads (xenstored runs them in order, so
         the reads see the values before the removals).
@@ -485,9 +491,7 @@ class DriverDomainClient:
             result, message = XEN_ERRNO["EIO"], f"malformed result {raw!r}"
         backend: str | None = None
         bcopy: dict[str, str] = {}
-        if state is None:
-            await tx.rm(paths.base, missingOk=True)
-        elif plugPaths is not None:
+        if state is not None and plugPaths is not None:
             plugState, backend, keys = plugReads
             if plugState is None:
                 await _rmPlug(tx, paths, plugPaths)
@@ -496,7 +500,7 @@ class DriverDomainClient:
                 values = await gatherResults([tx.read(f"{plugPaths.bcopy}/{k}") for k in keys])
                 bcopy = dict(zip(keys, values, strict=True))
                 await removed
-        return result, message or "", backend, bcopy
+        return result, message or "", backend, bcopy, state is None
 
     async def _list(self, objectClass: ObjectClass) -> builtins.list[ObjectInfo]:
         classDir = f"/local/domain/{self.driverDomid}/backendctrl/{objectClass.name}"
