@@ -440,13 +440,8 @@ class DriverDomainClient:
                 await answer.result
         except XenStoreTimeout:
             raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
-        result, message, backend, bcopy, gone = await self.xs.transact(
-            lambda tx: self._collect(tx, paths, request), TRANSACT_ATTEMPTS
-        )
+        result, message, backend, bcopy, gone = await self._collect(self.xs, paths, request)
         if gone:
-            # Outside the transaction: removing the object's directory
-            # modifies backendctrl/<class>, which every concurrent prepare's
-            # mkdir does too, so a transaction doing it conflicted with them.
             await self.xs.rm(paths.base, missingOk=True)
         if result != 0:
             raise DriverDomainError(
@@ -455,7 +450,7 @@ class DriverDomainClient:
         return backend, bcopy
 
     async def _collect(
-        self, tx: ITransaction, paths: ControlPaths, request: Request
+        self, tx: IXenStore, paths: ControlPaths, request: Request
     ) -> tuple[int, str, str | None, dict[str, str], bool]:
         """
         Read C{result}/C{result_msg} and tidy up: remove them and a failed
@@ -464,8 +459,13 @@ class DriverDomainClient:
         so the tree is as before. For a plug, also read what the toolstack
         needs (backend, b-copy).
 
-        The removals go out with the reads (xenstored runs them in order, so
-        the reads see the values before the removals).
+        No transaction: once the request is answered, only this object's
+        next request (queued behind this one in this client) touches these
+        nodes, and xenstored runs one connection's requests in order, so the
+        reads, sent first, see the values before the removals, sent with
+        them. A transaction would cost two more round trips per request and
+        conflict (the object's directory's removal modifies
+        C{backendctrl/<class>}, as every concurrent prepare does).
         """
         reads: list[Deferred[Any]] = [
             tx.readOrNone(paths.result),
@@ -536,7 +536,7 @@ class DriverDomainClient:
         return ObjectInfo(paths.objectClass.name, paths.name, state, request, target, tuple(plugs))
 
 
-async def _rmPlug(tx: ITransaction, paths: ControlPaths, plugPaths: PlugPaths) -> None:
+async def _rmPlug(tx: ITransaction | IXenStore, paths: ControlPaths, plugPaths: PlugPaths) -> None:
     """Remove a plug's directory, and the plugs directory if it is now empty."""
     removed = tx.rm(plugPaths.base, missingOk=True)
     left = _lsOrNone(tx, paths.plugsDir)
