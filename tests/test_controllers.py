@@ -128,6 +128,7 @@ class ControllerSuite:
         await agent.start()
         self.addCleanup(agent.stop)
         self.agent = agent
+        self.agents = [*getattr(self, "agents", []), agent]
         return agent
 
     def image(self, size: int = 1 << 20) -> str:
@@ -394,6 +395,8 @@ class ControllerSuite:
         await self.manager.createDevice(GUEST, "vif", {"bridge": "br0"})
         for front in ("vbd/51728", "vbd/51744", "vif/0"):
             await waitForState(self.xs, f"/local/domain/{GUEST}/device/{front}", 4, 10)
+        for agent in self.agents:
+            await agent.whenIdle()
         before = await dumpTree(self.xs)
         e = await self.assertFails(
             self.manager.reconfigureDevice(
@@ -467,6 +470,7 @@ class ControllerSuite:
         )
         ctrl = await self.manager.controller(GUEST, "vbd")
         await waitForState(self.xs, ctrl.frontendPath(devid), 4, 10)
+        await self.agent.whenIdle()  # the add script's record
         before = await dumpTree(self.xs)
         e = await self.assertFails(
             self.manager.reconfigureDevice(
@@ -500,6 +504,8 @@ class ControllerSuite:
         self.manager.controllerArgs["destroyTimeout"] = 0.3
         await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"})
         ctrl = await self.manager.controller(GUEST, "vbd")
+        # A frontend still Initialising holds nothing: wait until it holds the device.
+        await waitForState(self.xs, ctrl.frontendPath(51728), 4, 10)
         e = await self.assertFails(ctrl.destroyDevice(51728, mode=DestroyMode.SAFE), DeviceError)
         self.assertIn("could not be disconnected", str(e))
         self.assertEqual(await ctrl.deviceIDs(), [51728])
