@@ -39,6 +39,7 @@ from xenddev.datapath import (
     TapPauser,
     coalesceQuiesced,
     findDataPaths,
+    holdPath,
     readRecord,
     scanRegistry,
     standardPausers,
@@ -129,6 +130,21 @@ class ScriptedPauser:
         return succeed(None)
 
 
+class _Holds:
+    """Just enough of a store for L{DataPathControl}'s holds: write and rm."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, str] = {}
+
+    def write(self, path: str, value: str) -> Deferred[None]:
+        self.nodes[path] = value
+        return succeed(None)
+
+    def rm(self, path: str, missingOk: bool = False) -> Deferred[None]:
+        self.nodes.pop(path, None)
+        return succeed(None)
+
+
 class ControlLogicTests(SynchronousTestCase):
     """L{DataPathControl.pauseAll} with fakes (no store, no tapdisk)."""
 
@@ -136,9 +152,13 @@ class ControlLogicTests(SynchronousTestCase):
         return [DataPath(0, f"v{i}", kind, "h", f"/i{i}", "raw", pid=i, minor=i) for i in range(3)]
 
     def test_synchronousRaiseIsUndone(self) -> None:
-        """A pauser raising at once counts as a failure: the others are resumed."""
+        """
+        A pauser raising at once counts as a failure: the others are
+        resumed, and no data path is left held.
+        """
         pauser = ScriptedPauser(failOn="v1")
-        control = DataPathControl(None, {"tap": pauser})
+        holds = _Holds()
+        control = DataPathControl(holds, {"tap": pauser})
         d = Deferred.fromCoroutine(control.pauseAll("/i", self.paths()))
         e = self.failureResultOf(d, QuiesceError).value
         self.assertEqual([dp.vdi for dp, _ in e.failures], ["v1"])
@@ -151,6 +171,7 @@ class ControlLogicTests(SynchronousTestCase):
                 ("resume", "v2", False),
             ],
         )
+        self.assertEqual(holds.nodes, {})
 
     def test_noPauserPausesNothing(self) -> None:
         """A kind without a pauser is refused before anything is paused."""
@@ -425,6 +446,30 @@ class TapDataPathSuite:
             sorted(argv[argv.index("-a") + 1] for argv in unpauses),
             sorted(f"vhd:{image}" for image in served.values()),
         )
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_reactivationLeavesQuiescedPaused(self) -> None:
+        """
+        A domain pause and unpause (deactivate, activate: what the tap2
+        controller does) while a quiesce holds a tapdisk leaves it paused —
+        a coalesce must not see I/O resume under it; the quiesce's resume
+        then unpauses it and releases the hold; the tree ends as it began.
+        """
+        await self.startAgent(0)
+        image = self.chain("leaf", self.chain("base"))
+        await self.serve(0, "v0", image)
+        before = await dumpTree(self.xs)
+        control = self.control()
+        handle = await control.quiesce(image)
+        hold = holdPath(0, "v0")
+        self.assertEqual(await self.xs.read(hold), image)
+        await self.clients[0].deactivate("v0", VDI)
+        await self.clients[0].activate("v0", VDI)
+        self.assertEqual((await self.pausedState())[(0, image)], (True, "T"))
+        await control.resume(handle, reload=True)
+        self.assertNothingPaused(await self.pausedState())
+        self.assertFalse(await self.xs.exists(hold))
         await self.assertTreeIs(before)
 
     @deferredTest

@@ -28,6 +28,7 @@ from xenddev.datapath.quiesce import (
 from xenddev.datapath.registry import (
     DataPath,
     findDataPaths,
+    holdPath,
     readRecord,
     recordPath,
     registryDir,
@@ -51,6 +52,7 @@ __all__ = [
     "coalesceQemu",
     "coalesceQuiesced",
     "findDataPaths",
+    "holdPath",
     "imageChain",
     "readRecord",
     "recordPath",

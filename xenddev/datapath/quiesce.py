@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from xenddev.datapath import qemu as graph
-from xenddev.datapath.registry import DataPath, findDataPaths
+from xenddev.datapath.registry import DataPath, findDataPaths, holdPath
 from xenddev.interfaces import ITapCtl
 from xenddev.qmp import connectQMP
 
@@ -133,11 +133,15 @@ class DataPathControl:
         for dp in dataPaths:
             self._pauser(dp)  # refuse before pausing anything
 
+        # Held before pausing, so that a reactivation racing with the pause
+        # (a domain unpause) leaves the data path paused.
+        await self._hold(dataPaths, target)
         results = await gatherResults([_settle(self._pauser(dp).pause, dp) for dp in dataPaths])
         paused = [dp for dp, (ok, _) in zip(dataPaths, results, strict=True) if ok]
         failures = [(dp, err) for dp, (ok, err) in zip(dataPaths, results, strict=True) if not ok]
         if not failures:
             return QuiesceHandle(target, paused)
+        await self._release([dp for dp, _ in failures])
         self.log.warn(
             "Quiesce of {target} failed on {n} data path(s); resuming {m}",
             target=target,
@@ -146,7 +150,18 @@ class DataPathControl:
         )
         undo = await gatherResults([_settle(self._pauser(dp).resume, dp, False) for dp in paused])
         resumeFailures = [(dp, err) for dp, (ok, err) in zip(paused, undo, strict=True) if not ok]
+        await self._release([dp for dp, (ok, _) in zip(paused, undo, strict=True) if ok])
         raise QuiesceError(failures, resumeFailures)
+
+    def _hold(self, dataPaths: Sequence[DataPath], target: str) -> Deferred[Any]:
+        return gatherResults(
+            [self.xs.write(holdPath(dp.driverDomid, dp.vdi), target) for dp in dataPaths]
+        )
+
+    def _release(self, dataPaths: Sequence[DataPath]) -> Deferred[Any]:
+        return gatherResults(
+            [self.xs.rm(holdPath(dp.driverDomid, dp.vdi), missingOk=True) for dp in dataPaths]
+        )
 
     def resume(self, handle: QuiesceHandle, reload: bool = True) -> Deferred[None]:
         """
@@ -160,6 +175,7 @@ class DataPathControl:
                 [_settle(self._pauser(dp).resume, dp, reload) for dp in paused]
             )
             failures = [(dp, err) for dp, (ok, err) in zip(paused, results, strict=True) if not ok]
+            await self._release([dp for dp, (ok, _) in zip(paused, results, strict=True) if ok])
             handle.paused = [dp for dp, _ in failures]
             if failures:
                 raise ResumeError(handle, failures)

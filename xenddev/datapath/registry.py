@@ -49,6 +49,20 @@ def recordPath(driverDomid: int, vdi: str) -> str:
     return f"{registryDir(driverDomid)}/{vdi}"
 
 
+def holdDir(driverDomid: int) -> str:
+    """C{/local/domain/<dd>/private/xenddev/quiesced}: data paths a quiesce holds."""
+    return f"{privateDir(driverDomid)}/quiesced"
+
+
+def holdPath(driverDomid: int, vdi: str) -> str:
+    """
+    The hold of one VDI's data path: present (the quiesced target) while a
+    quiesce has it paused, so that nothing else unpauses it meanwhile (a
+    domain unpause reactivating its tapdisks during a coalesce).
+    """
+    return f"{holdDir(driverDomid)}/{vdi}"
+
+
 def thisHost() -> str:
     """The host name recorded by default."""
     return socket.gethostname()

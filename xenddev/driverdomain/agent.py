@@ -199,6 +199,7 @@ class BackendCtrlAgent:
                 await tx.mkdir(f"{self.private}/{top}/{cls}")
         await tx.mkdir(f"{self.private}/devices")
         await tx.mkdir(f"{self.private}/datapath")  # the data-path registry (seed 002)
+        await tx.mkdir(f"{self.private}/quiesced")  # data paths a quiesce holds paused
 
     async def stop(self) -> None:
         """Stop watching, then let running jobs finish."""

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenddev.datapath.images import ImageError, vhdChain
-from xenddev.datapath.registry import DataPath, recordPath, thisHost
+from xenddev.datapath.registry import DataPath, holdPath, recordPath, thisHost
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
 from xenddev.interfaces import IDriverDomainKind, ITapCtl
 from xenddev.tapctl import TapCtl, TapCtlError, TapdiskInfo, minorOfDevice, pidAlive
@@ -247,7 +247,17 @@ class TapKind:
                     readonly = ctx.target.get("mode", "w") == "r"
                     await self.tapctl.open(pid, minor, tapdiskParams(ctx.target), readonly)
                 elif info.paused:
-                    await self.tapctl.unpause(pid, minor)
+                    held = await ctx.xs.readOrNone(holdPath(ctx.driverDomid, ctx.paths.name))
+                    if held is None:
+                        await self.tapctl.unpause(pid, minor)
+                    else:
+                        # A quiesce (e.g. a coalesce of its chain) holds it
+                        # paused; its resume will unpause it.
+                        self.log.info(
+                            "{vdi}: active again but left paused, held by a quiesce of {target}",
+                            vdi=ctx.paths.name,
+                            target=held,
+                        )
             except TapCtlError as e:
                 raise KindError("EIO", str(e)) from None
             return Outcome(writes=self.dataPath(ctx, pid, minor).nodes())
