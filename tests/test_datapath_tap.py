@@ -41,12 +41,15 @@ from xenddev.datapath import (
     findDataPaths,
     holdPath,
     readRecord,
+    recordPath,
     scanRegistry,
     standardPausers,
 )
 from xenddev.datapath.images import vhdChain, vhdParent
+from xenddev.datapath.remote import protocolPausers
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient
+from xenddev.driverdomain.errors import DriverDomainError, PreconditionError
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.tap import TapKind
 from xenddev.driverdomain.protocol import VDI
@@ -205,10 +208,13 @@ class ServiceWiringTests(TestCase):
     async def test_daemonRegistersTapAndQemu(self) -> None:
         """
         XenddevService (embedded xenstored, no listeners) has a
-        DataPathControl with the tap and qemu pausers, over its store.
+        DataPathControl pausing tap and qemu data paths through their
+        driver domain's agent, and its agent serves those requests with the
+        real tap and qemu pausers.
         """
         from xenddev.config import Config
         from xenddev.datapath.quiesce import QemuPauser
+        from xenddev.datapath.remote import ProtocolPauser
         from xenddev.service import XenddevService
 
         service = XenddevService(
@@ -220,8 +226,11 @@ class ServiceWiringTests(TestCase):
         control = service.dataPaths
         self.assertIsInstance(control, DataPathControl)
         self.assertEqual(sorted(control.pausers), ["qemu", "tap"])
-        self.assertIsInstance(control.pausers["tap"], TapPauser)
-        self.assertIsInstance(control.pausers["qemu"], QemuPauser)
+        self.assertIsInstance(control.pausers["tap"], ProtocolPauser)
+        self.assertIsInstance(control.pausers["qemu"], ProtocolPauser)
+        assert service.agent is not None
+        self.assertIsInstance(service.agent.pausers["tap"], TapPauser)
+        self.assertIsInstance(service.agent.pausers["qemu"], QemuPauser)
         self.assertEqual(await control.find("/nothing"), [])
 
 
@@ -238,6 +247,7 @@ class TapDataPathSuite:
     addCleanup: Any
     fail: Any
     skipTest: Any
+    assertFailure: Any
 
     async def _setUp(self) -> None:
         if not HAVE_QEMU_IMG:
@@ -259,7 +269,8 @@ class TapDataPathSuite:
             self.taps[dd] = fakeTapCtl(self)
         xs = await self.connect()
         kind = TapKind(self.taps[dd][0], host="testhost")
-        agent = BackendCtrlAgent(xs, dd, [kind, BlkbackKind()], None)
+        pausers = {"tap": TapPauser(self.taps[dd][0])}  # pause/resume requests
+        agent = BackendCtrlAgent(xs, dd, [kind, BlkbackKind()], None, pausers)
         await DriverDomainClient(self.xs, dd).ensureArea()
         await agent.start()
         self.addCleanup(agent.stop)
@@ -471,6 +482,54 @@ class TapDataPathSuite:
         self.assertNothingPaused(await self.pausedState())
         self.assertFalse(await self.xs.exists(hold))
         await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_quiesceThroughTheAgents(self) -> None:
+        """
+        With the protocol pauser the toolstack runs no tap-ctl: each agent
+        gets pause and reload requests and pauses its own tapdisks (as for a
+        remote driver domain); the five users of the shared base in domains
+        0 and 3 are paused, the unrelated one runs on; resume reopens each
+        on its leaf; the tree ends as it began.
+        """
+        base, served = await self.sharedParent()
+        before = await dumpTree(self.xs)
+        control = DataPathControl(self.xs, protocolPausers(lambda dd: self.clients[dd]))
+        handle = await control.quiesce(base)
+        state = await self.pausedState()
+        for (dd, _), image in served.items():
+            self.assertEqual(state.pop((dd, image)), (True, "T"))
+        self.assertNothingPaused(state)
+        await control.resume(handle, reload=True)
+        self.assertNothingPaused(await self.pausedState())
+        self.assertEqual(
+            sorted(argv[argv.index("-a") + 1] for argv in self.tapctlCalls("unpause")),
+            sorted(f"vhd:{image}" for image in served.values()),
+        )
+        await self.assertTreeIs(before)
+
+    @deferredTest
+    async def test_pauseRequestRefusals(self) -> None:
+        """
+        pause of an inactive vdi is ENOTCONN (refused locally), in an agent
+        without a pauser for the data path's kind EOPNOTSUPP, and of a vdi
+        with no data path registered ENOENT; nothing gets paused.
+        """
+        await self.startAgent(0)
+        client = self.clients[0]
+        idle = {"type": "file", "format": "vhd", "params": self.chain("solo")}
+        await client.prepare("idle", idle, VDI)
+        busy = self.chain("busy")
+        await self.serve(0, "busy", busy)
+        e = await self.assertFailure(client.pause("idle"), PreconditionError)
+        self.assertEqual(e.errname, "ENOTCONN")
+        self.agents[0].pausers.clear()
+        e = await self.assertFailure(client.pause("busy"), DriverDomainError)
+        self.assertEqual(e.errname, "EOPNOTSUPP")
+        await self.xs.rm(recordPath(0, "busy"))
+        e = await self.assertFailure(client.pause("busy"), DriverDomainError)
+        self.assertEqual(e.errname, "ENOENT")
+        self.assertFalse((await self.tapdisk(0, busy)).paused)
 
     @deferredTest
     async def test_failureInTheMiddleResumesEverything(self) -> None:

@@ -486,9 +486,12 @@ class XenddevService(MultiService):
         )
         if self.guests is not None:
             self.guests.manager = self.manager
-        from xenddev.datapath import DataPathControl, standardPausers
+        from xenddev.datapath import DataPathControl
+        from xenddev.datapath.remote import protocolPausers
 
-        self.dataPaths = DataPathControl(xs, standardPausers(self.reactor))
+        # Through each data path's agent: the toolstack cannot reach the
+        # tapdisks or QMP sockets of a remote driver domain.
+        self.dataPaths = DataPathControl(xs, protocolPausers(self.manager.driverDomain))
         self.storage = self._storageControl()
         if rpc is not None:
             await self._listen(rpc, self.manager)
@@ -602,7 +605,11 @@ class XenddevService(MultiService):
                 xenstoredPath=address.partition(":")[2] if address.startswith("unix:") else None,
                 reactor=self.reactor,
             )
-        self.agent = BackendCtrlAgent(xs, dd.domid, kindsByName(dd.kinds), hotplug)
+        from xenddev.datapath import standardPausers
+
+        self.agent = BackendCtrlAgent(
+            xs, dd.domid, kindsByName(dd.kinds), hotplug, standardPausers(self.reactor)
+        )
         await self.agent.start()
         self.log.info(
             "Driver-domain agent for domain {domid} (kinds {kinds}; hotplug scripts {hp})",

@@ -8,6 +8,8 @@ backing chain, across driver domains; quiesce and resume them; coalesce.
   - L{quiesce}: L{DataPathControl} (quiesce → handle → resume), the
     L{IDataPathPauser} interface per kind, L{QemuPauser}, L{TapPauser},
     L{standardPausers};
+  - L{remote}: L{remote.ProtocolPauser}, pausing through the driver
+    domain's agent (not imported here: it depends on the protocol client);
   - L{coalesce}: live qemu commit, and quiesce-merge-resume for tapdisks;
   - L{images}: C{qemu-img info --backing-chain}.
 """

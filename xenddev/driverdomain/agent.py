@@ -24,12 +24,13 @@ and its records under C{/local/domain/<self>/private/xenddev/}:
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
+from xenddev.datapath.registry import readRecord
 from xenddev.driverdomain.kinds.base import (
     DeviceRef,
     KindContext,
@@ -44,9 +45,12 @@ from xenddev.driverdomain.protocol import (
     DEACTIVATE,
     INACTIVE,
     OBJECT_CLASSES,
+    PAUSE,
     PLUG,
     PLUGGED,
     PREPARE,
+    RELOAD,
+    RESUME,
     UNPLUG,
     UNPREPARE,
     XEN_ERRNO,
@@ -130,6 +134,10 @@ class BackendCtrlAgent:
     @param hotplug: runs hotplug scripts; with None no script runs and a
         device counts as connected once its object is active and its
         backend is in InitWait.
+    @param pausers: data-path kind (C{tap}, C{qemu}) -> the
+        L{xenddev.datapath.IDataPathPauser} serving C{pause}, C{resume} and
+        C{reload} requests for the data paths registered here; without one
+        those requests get C{EOPNOTSUPP}.
     """
 
     log = Logger()
@@ -140,8 +148,10 @@ class BackendCtrlAgent:
         domid: int,
         kinds: Sequence[IDriverDomainKind],
         hotplug: IHotplugRunner | None = None,
+        pausers: Mapping[str, Any] | None = None,
     ) -> None:
         self.xs = xs
+        self.pausers = dict(pausers or {})
         self.domid = validateDomid(domid)
         self.kinds = {k.name: k for k in kinds}
         self._kindOrder = list(kinds)
@@ -483,11 +493,30 @@ class BackendCtrlAgent:
             return _then(first, outcome) if first else outcome, kind.name, None
         if op == CHANGE:
             return await self._change(kind, ctx), kind.name, None
+        if op in (PAUSE, RESUME, RELOAD):
+            await self._pauseOrResume(paths, op)
+            return Outcome(), kind.name, None
         assert plugSpec is not None
         if op == PLUG:
             return await kind.plug(ctx, plugSpec), kind.name, plugSpec
         await self._removeHotplug(kind, ctx, plugSpec)
         return await kind.unplug(ctx, plugSpec), kind.name, plugSpec
+
+    async def _pauseOrResume(self, paths: ControlPaths, op: str) -> None:
+        """A data path paused or resumed by the pauser of its registered kind."""
+        record = await readRecord(self.xs, self.domid, paths.name)
+        if record is None:
+            raise KindError("ENOENT", f"no data path of {paths.name} is registered here")
+        pauser = self.pausers.get(record.kind)
+        if pauser is None:
+            raise KindError("EOPNOTSUPP", f"no pauser here for {record.kind} data paths")
+        try:
+            if op == PAUSE:
+                await pauser.pause(record)
+            else:
+                await pauser.resume(record, op == RELOAD)
+        except Exception as e:
+            raise KindError("EIO", f"{op} of the {record.kind} data path failed: {e}") from e
 
     async def _change(self, kind: Any, ctx: KindContext) -> Outcome:
         """

@@ -29,9 +29,12 @@ from xenddev.driverdomain.protocol import (
     ACTIVE,
     CHANGE,
     DEACTIVATE,
+    PAUSE,
     PLUG,
     PLUGGED,
     PREPARE,
+    RELOAD,
+    RESUME,
     UNPLUG,
     UNPREPARE,
     VDI,
@@ -169,6 +172,19 @@ class DriverDomainClient:
         writes = {paths.newTarget(k): v for k, v in clean.items()}
         checkTransactionSize(writes)
         return self._serialised(paths, lambda: self._simple(paths, Request(CHANGE), writes))
+
+    def pause(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """Pause an active object's data path (our extension; seed 002)."""
+        paths = self.paths(name, objectClass)
+        return self._serialised(paths, lambda: self._simple(paths, Request(PAUSE)))
+
+    def resume(
+        self, name: str, reload: bool = True, objectClass: ObjectClass = VDI
+    ) -> Deferred[None]:
+        """Resume a paused data path, reopening its image first with C{reload}."""
+        paths = self.paths(name, objectClass)
+        request = Request(RELOAD if reload else RESUME)
+        return self._serialised(paths, lambda: self._simple(paths, request))
 
     def plug(
         self,

@@ -57,7 +57,13 @@ UNPLUG = "unplug"
 #: Our extension: replace the target of a prepared object (a cdrom's
 #: medium) with C{n/*}; see docs/protocol.md.
 CHANGE = "change"
-OBJECT_REQUESTS = (PREPARE, ACTIVATE, DEACTIVATE, UNPREPARE, CHANGE)
+#: Our extension: pause an active object's data path (seed 002, e.g. around
+#: a coalesce of its image chain) and resume it, with C{reload} reopening
+#: the image first; served by the driver domain's data-path pausers.
+PAUSE = "pause"
+RESUME = "resume"
+RELOAD = "reload"
+OBJECT_REQUESTS = (PREPARE, ACTIVATE, DEACTIVATE, UNPREPARE, CHANGE, PAUSE, RESUME, RELOAD)
 PLUG_REQUESTS = (PLUG, UNPLUG)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -313,6 +319,8 @@ def checkPreconditions(
         return "EISCONN", f"cannot activate in state {snap.state}"
     if op == DEACTIVATE and snap.state != ACTIVE:
         return "ENOTCONN", f"cannot deactivate in state {snap.state}"
+    if op in (PAUSE, RESUME, RELOAD) and snap.state != ACTIVE:
+        return "ENOTCONN", f"cannot {op} in state {snap.state}: only an active data path"
     if op == UNPREPARE and snap.plugCount:
         return "EBUSY", f"{snap.plugCount} plug(s) still present: unplug them first"
     if op == PLUG:

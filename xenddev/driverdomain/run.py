@@ -104,7 +104,11 @@ async def runAgent(reactor: Any, options: Options) -> None:
             xenstoredPath=address.path if address.kind == "unix" else None,
             reactor=reactor,
         )
-    agent = BackendCtrlAgent(xs, options["domid"], options["kindObjects"], hotplug)
+    from xenddev.datapath import standardPausers
+
+    agent = BackendCtrlAgent(
+        xs, options["domid"], options["kindObjects"], hotplug, standardPausers(reactor)
+    )
     simulator = None
     if options["simulate-backends"]:
         from xenddev.simulator import BackendSimulator
