@@ -217,6 +217,34 @@ class DriverDomainSuite:
         await self.client.unprepare("disk0")
         self.assertEqual(await self.xs.read(marker), "disk0")
 
+    @deferredTest
+    async def test_areaMadeAgainOnANewConnection(self) -> None:
+        """
+        The control area is made once per connection: a reconnected store
+        (a restarted xenstored may have lost it) gets it made again.
+        """
+
+        class Reconnecting:
+            """The suite's connection, with ReconnectingXenStore's counter."""
+
+            connections = 1
+
+            def __init__(self, xs: Any) -> None:
+                self._xs = xs
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._xs, name)
+
+        store = Reconnecting(self.xs)
+        client = DriverDomainClient(store, 7)  # type: ignore[arg-type]
+        await client.ensureArea()
+        await self.xs.rm("/local/domain/7/backendctrl")
+        await client.ensureArea()
+        self.assertFalse(await self.xs.exists("/local/domain/7/backendctrl"))
+        store.connections = 2
+        await client.ensureArea()
+        self.assertTrue(await self.xs.exists("/local/domain/7/backendctrl/vdi"))
+
     # Preconditions, checked by the toolstack before writing
 
     @deferredTest

@@ -124,7 +124,9 @@ class DriverDomainClient:
         self.driverDomid = validateDomid(driverDomid)
         self.timeout = timeout
         self._locks: dict[tuple[str, str], DeferredLock] = {}
-        self._areaReady = False
+        #: The connection (ReconnectingXenStore.connections) on which the
+        #: control area was last made: a restarted xenstored may have lost it.
+        self._areaMadeOn: int | None = None
         home = f"/local/domain/{self.driverDomid}"
         # One standing watch each on the control area and the backends
         # instead of a watch per wait (only with a reactor to time waits).
@@ -332,7 +334,8 @@ class DriverDomainClient:
         C{private}. The toolstack (privileged) must do this for a guest
         driver domain, which cannot create nodes in its own home.
         """
-        if self._areaReady:
+        connection = getattr(self.xs, "connections", 0)
+        if self._areaMadeOn == connection:
             return
         dd = self.driverDomid
         home = f"/local/domain/{dd}"
@@ -352,7 +355,7 @@ class DriverDomainClient:
                     await tx.setPerms(path, [Perm("n", dd)])
 
         await self.xs.transact(create, TRANSACT_ATTEMPTS)
-        self._areaReady = True
+        self._areaMadeOn = connection
 
     async def _snapshot(
         self, tx: ITransaction, paths: ControlPaths, request: Request, frontend: str | None
