@@ -28,10 +28,11 @@ from xenddev.xenstore.server.tree import (
     PERM_WRITE,
     RECORD_HEADER,
     RECORD_PERM,
-    UNSEEN,
+    Entry,
     Node,
     PermSet,
     Tree,
+    baseName,
     cAtoi,
     childPath,
     isValidNodename,
@@ -192,18 +193,8 @@ class XenStoreServer:
     def _initialNodes(tree: Tree) -> None:
         # C 4.17 starts with /tool/xenstored; the toolstack's init creates
         # /local/domain. We start with both, as the issue asks.
-        tree.root.children = {}
-        for parent, name in (
-            (b"/", b"tool"),
-            (b"/tool", b"xenstored"),
-            (b"/", b"local"),
-            (b"/local", b"domain"),
-        ):
-            p = tree.lookup(parent)
-            assert p is not None
-            if p.children is None:
-                p.children = {}
-            p.children[name] = Node(b"", DEFAULT_PERMS, UNSEEN)
+        for path in (b"/tool", b"/tool/xenstored", b"/local", b"/local/domain"):
+            tree.insert(path, b"", DEFAULT_PERMS)
         tree.recount()
 
     # Connections
@@ -294,9 +285,22 @@ class XenStoreServer:
         self, conn: Connection, tx: Transaction | None, path: bytes | None, perm: int
     ) -> AnyNode:
         """C{get_node}: the node, or the errno C would give (hiding existence)."""
-        if path is None or not isValidNodename(path, self.quotas.maxPathLength):
+        if path is None:
             raise XsError("EINVAL")
-        node = self._readNode(tx, path)
+        maxPath = self.quotas.maxPathLength
+        node: AnyNode | None
+        # Validating a path costs a fifth of a read: skip it for a path that
+        # names a node (created from a valid path; only the length rule
+        # could fail, for an ancestor that C, and we, made implicitly) or
+        # that the transaction has already accessed (validated then).
+        if tx is None:
+            node = self.tree.lookup(path) if path[:1] == b"/" else None
+            if (node is None or len(path) > maxPath) and not isValidNodename(path, maxPath):
+                raise XsError("EINVAL")
+        else:
+            if path not in tx.accessed and not isValidNodename(path, maxPath):
+                raise XsError("EINVAL")
+            node = tx.read(path)
         if node is not None:
             if conn.privileged or (self.permFor(conn, node.perms) & perm) == perm:
                 return node
@@ -323,35 +327,41 @@ class XenStoreServer:
         self,
         watcher: Connection,
         name: bytes,
-        node: AnyNode | None,
-        parent: AnyNode | None,
+        perms: PermSet | None,
+        parentPerms: PermSet | None,
         oldPerms: PermSet | None,
     ) -> bool:
         if oldPerms is not None and self.permFor(watcher, oldPerms) & PERM_READ:
             return True
-        if node is None:
+        if perms is None:
             node = self.tree.lookup(name)
             if node is None:
                 return False
-        if self.permFor(watcher, node.perms) & PERM_READ:
+            perms = node.perms
+        if self.permFor(watcher, perms) & PERM_READ:
             return True
-        if parent is None:
+        if parentPerms is None:
             parent = self.tree.lookup(parentOf(name))
             if parent is None:
                 return False
-        return bool(self.permFor(watcher, parent.perms) & PERM_READ)
+            parentPerms = parent.perms
+        return bool(self.permFor(watcher, parentPerms) & PERM_READ)
 
     def fireWatches(
         self,
         conn: Connection | None,
         tx: Transaction | None,
         name: bytes,
-        node: AnyNode | None,
+        perms: PermSet | None,
         exact: bool,
         oldPerms: PermSet | None = None,
-        parent: AnyNode | None = None,
+        parentPerms: PermSet | None = None,
     ) -> None:
-        """C{fire_watches}: queue events (or remember them in C{tx})."""
+        """
+        C{fire_watches}: queue events (or remember them in C{tx}) for a
+        change of C{name}, whose permissions are C{perms} (and its parent's
+        C{parentPerms}; looked up when None).
+        """
         if tx is not None:
             tx.queueWatch(name, exact)
             return
@@ -365,8 +375,8 @@ class XenStoreServer:
             if special:
                 if not self.permFor(c, self.specialPerms[name]) & PERM_READ:
                     continue
-            elif (node is None or not c.privileged) and not self._watchPermitted(
-                c, name, node, parent, oldPerms
+            elif (perms is None or not c.privileged) and not self._watchPermitted(
+                c, name, perms, parentPerms, oldPerms
             ):
                 continue
             for w in matching:
@@ -397,10 +407,10 @@ class XenStoreServer:
 
     def _create(
         self, conn: Connection, tx: Transaction | None, path: bytes, value: bytes
-    ) -> tuple[AnyNode, AnyNode]:
+    ) -> tuple[PermSet, PermSet]:
         """
         C{create_node}: make C{path} and its missing ancestors; return the
-        new node and its parent.
+        permissions of the new node and of its parent.
         """
         names: list[bytes] = []
         cur = path
@@ -422,11 +432,10 @@ class XenStoreServer:
                 raise XsError("ENOSPC")
             base = RECORD_HEADER + RECORD_PERM * len(perms.entries)
             sizes = [base + len(value)]
-            sizes += [base + len(n.rsplit(b"/", 1)[1]) + 1 for n in names[1:]]
-            sizes.append(parent.recordSize() + len(names[0].rsplit(b"/", 1)[1]) + 1)
+            sizes += [base + len(baseName(n)) + 1 for n in names[1:]]
+            sizes.append(parent.recordSize() + len(baseName(names[0])) + 1)
             for size in sizes:
                 self._checkSize(conn, tx, size)
-        tree = self.tree
         if tx is not None:
             tx.nodeCreated = True
             leaf = TxNode(value, perms, 0, [])
@@ -434,35 +443,16 @@ class XenStoreServer:
             # Bottom-up, like C, so generations are handed out in its order.
             for i in range(len(names) - 1, -1, -1):
                 if i + 1 < len(names):
-                    newNodes[i].children.append(names[i + 1].rsplit(b"/", 1)[1])
+                    newNodes[i].children.append(baseName(names[i + 1]))
                 tx.write(names[i], newNodes[i])
                 tx.countEntry(perms.owner, 1)
             assert isinstance(parent, TxNode)
-            parent.children.append(names[0].rsplit(b"/", 1)[1])
+            parent.children.append(baseName(names[0]))
             tx.write(parentOf(names[0]), parent)
             top = newNodes[-2] if len(newNodes) > 1 else parent
-            return leaf, top
-        child: Node | None = None
-        childName = b""
-        for n in reversed(names):
-            node = Node(value if child is None else b"", perms, UNSEEN)
-            if child is not None:
-                node.children = {childName: child}
-            child = node
-            childName = n.rsplit(b"/", 1)[1]
-        assert child is not None and isinstance(parent, Node)
-        if parent.children is None:
-            parent.children = {}
-        parent.children[childName] = child
-        parent.generation = UNSEEN
-        tree.countEntry(perms.owner, len(names))
-        leafNode = child
-        up: Node = parent
-        for n in names[1:]:
-            assert leafNode.children is not None
-            up = leafNode
-            leafNode = leafNode.children[n.rsplit(b"/", 1)[1]]
-        return leafNode, up
+            return perms, top.perms
+        assert isinstance(parent, Node)
+        return perms, self.tree.create(parent, names, value, perms)
 
     def _removeSubtree(
         self, conn: Connection | None, tx: Transaction | None, path: bytes, node: AnyNode
@@ -474,28 +464,14 @@ class XenStoreServer:
             raise XsError("EINVAL")
         if tx is None:
             assert isinstance(node, Node) and isinstance(parent, Node)
-            events: list[tuple[bytes, Node, Node, bool]] = []
-            stack: list[tuple[bytes, Node, Node, bool]] = [(path, node, parent, False)]
-            # Post-order: children before their parent, in child order.
-            while stack:
-                p, n, par, expanded = stack.pop()
-                if expanded or not n.children:
-                    events.append((p, n, par, p != path))
-                    continue
-                stack.append((p, n, par, True))
-                for name, c in reversed(n.children.items()):
-                    stack.append((childPath(p, name), c, n, False))
             tree = self.tree
-            for _, n, _, _ in events:
+            events = tree.subtree(path, node, parent)
+            for _, perms, _ in events:
                 tree.nextGeneration()
-                tree.countEntry(n.perms.owner, -1)
-            assert parent.children is not None
-            del parent.children[path.rsplit(b"/", 1)[1]]
-            if not parent.children:
-                parent.children = None
-            parent.generation = UNSEEN
-            for p, n, par, exact in events:
-                self.fireWatches(conn, None, p, n, exact, parent=par)
+                tree.countEntry(perms.owner, -1)
+            tree.removeChild(parent, baseName(path))
+            for p, perms, parentPerms in events:
+                self.fireWatches(conn, None, p, perms, p != path, parentPerms=parentPerms)
             return
         # In a transaction, C's tree walk: read each node through the
         # overlay on the way down (recording the access), delete it on the
@@ -518,12 +494,12 @@ class XenStoreServer:
             walk.pop()
             tx.delete(wp)
             tx.countEntry(wn.perms.owner, -1)
-            self.fireWatches(conn, tx, wp, wn, wp != path)
+            self.fireWatches(conn, tx, wp, wn.perms, wp != path)
             if walk:
                 up, upNode, _ = walk[-1]
-                upNode.children.remove(wp.rsplit(b"/", 1)[1])
+                upNode.children.remove(baseName(wp))
                 tx.write(up, upNode)
-        name = path.rsplit(b"/", 1)[1]
+        name = baseName(path)
         if name not in parent.children:
             raise XsError("EIO")
         parent.children.remove(name)
@@ -582,20 +558,19 @@ class XenStoreServer:
         except XsError as e:
             if e.errname != "ENOENT":
                 raise
-            node, parent = self._create(conn, tx, name, value)
-            self.fireWatches(conn, tx, name, node, False, parent=parent)
+            perms, parentPerms = self._create(conn, tx, name, value)
+            self.fireWatches(conn, tx, name, perms, False, parentPerms=parentPerms)
             return _OK
         if not conn.privileged:
             self._checkSize(conn, tx, node.recordSize() - len(node.value) + len(value))
         if tx is None:
             assert isinstance(node, Node)
-            node.value = value
-            node.generation = UNSEEN
+            self.tree.setValue(node, value)
         else:
             assert isinstance(node, TxNode)
             node.value = value
             tx.write(name, node)
-        self.fireWatches(conn, tx, name, node, False)
+        self.fireWatches(conn, tx, name, node.perms, False)
         return _OK
 
     def _mkdir(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
@@ -606,8 +581,8 @@ class XenStoreServer:
             if e.errname != "ENOENT":
                 raise
             assert name is not None
-            node, parent = self._create(conn, tx, name, b"")
-            self.fireWatches(conn, tx, name, node, False, parent=parent)
+            perms, parentPerms = self._create(conn, tx, name, b"")
+            self.fireWatches(conn, tx, name, perms, False, parentPerms=parentPerms)
         return _OK
 
     def _rm(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
@@ -665,14 +640,14 @@ class XenStoreServer:
         if perms.owner != old.owner:
             self._countEntry(tx, old.owner, -1)
             self._countEntry(tx, perms.owner, 1)
-        node.perms = perms
         if tx is None:
             assert isinstance(node, Node)
-            node.generation = UNSEEN
+            self.tree.setPerms(node, perms)
         else:
             assert isinstance(node, TxNode)
+            node.perms = perms
             tx.write(name, node)
-        self.fireWatches(conn, tx, name, node, False, oldPerms=old)
+        self.fireWatches(conn, tx, name, perms, False, oldPerms=old)
         return _OK
 
     def _watch(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
@@ -822,7 +797,8 @@ class XenStoreServer:
         # Most releases name no permission set: skip the walk then.
         if all(fix(p) is p for p in PermSet.interned()):
             return
-        for _, node in self.tree.walk():
+        # Plain leaves have their parent's permissions, fixed alike.
+        for node in self.tree.nodes():
             node.perms = fix(node.perms)
         for conn in self.connections:
             for tx in conn.transactions.values():
@@ -832,14 +808,17 @@ class XenStoreServer:
 
     def _ownedTops(self, domid: int) -> list[bytes]:
         tops: list[bytes] = []
-        stack = [(b"/", self.tree.root)]
+        root = self.tree.root
+        stack: list[tuple[bytes, Entry, PermSet]] = [(b"/", root, root.perms)]
         while stack:
-            p, n = stack.pop()
-            if n.perms.owner == domid and p != b"/":
+            p, n, parentPerms = stack.pop()
+            # A plain leaf has its parent's permissions.
+            perms = parentPerms if isinstance(n, bytes) else n.perms
+            if perms.owner == domid and p != b"/":
                 tops.append(p)
                 continue
-            if n.children:
-                stack.extend((childPath(p, k), c) for k, c in reversed(n.children.items()))
+            if isinstance(n, Node) and n.children:
+                stack.extend((childPath(p, k), c, perms) for k, c in reversed(n.children.items()))
         return tops
 
     def _resume(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from xenddev.xenstore.server.tree import UNSEEN, Node, PermSet, Tree, parentOf
+from xenddev.xenstore.server.tree import PermSet, Tree
 
 MAGIC = b"xenddev-xenstored-state 1\n"
 
@@ -46,16 +46,8 @@ def loadTree(data: bytes) -> Tree:
         entries = tuple((int(d), int(b)) for d, b in (e.split(b":") for e in hperms.split(b",")))
         perms = PermSet.make(entries)
         value = bytes.fromhex(hvalue.decode())
-        if path == b"/":
-            tree.root.value = value
-            tree.root.perms = perms
-            continue
-        parent = tree.lookup(parentOf(path))
-        if parent is None:
+        if not tree.insert(path, value, perms):
             raise ValueError(f"state file lists {path!r} before its parent")
-        if parent.children is None:
-            parent.children = {}
-        parent.children[path.rsplit(b"/", 1)[1]] = Node(value, perms, UNSEEN)
     tree.recount()
     return tree
 

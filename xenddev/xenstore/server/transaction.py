@@ -13,7 +13,15 @@ the global nodes, and the watch events queued in the transaction fire.
 
 from __future__ import annotations
 
-from xenddev.xenstore.server.tree import NO_GENERATION, UNSEEN, Node, PermSet, Tree, parentOf
+from xenddev.xenstore.server.tree import (
+    NO_GENERATION,
+    RECORD_HEADER,
+    RECORD_PERM,
+    PermSet,
+    Tree,
+    baseName,
+    parentOf,
+)
 
 
 class TxNode:
@@ -41,8 +49,6 @@ class TxNode:
 
     def recordSize(self) -> int:
         """Size of the C daemon's record for this node (node-size quota)."""
-        from xenddev.xenstore.server.tree import RECORD_HEADER, RECORD_PERM
-
         return (
             RECORD_HEADER
             + RECORD_PERM * len(self.perms.entries)
@@ -162,12 +168,10 @@ class Transaction:
 
     def conflicts(self) -> bool:
         """Whether any node read has changed in the global tree since."""
-        lookup = self.tree.lookup
+        generationOf = self.tree.generationOf
         for path, entry in self.accessed.items():
-            if entry.checkGen:
-                g = lookup(path)
-                if (g.generation if g is not None else NO_GENERATION) != entry.generation:
-                    return True
+            if entry.checkGen and generationOf(path) != entry.generation:
+                return True
         return False
 
     def apply(self) -> list[tuple[bytes, bool, PermSet | None]]:
@@ -186,34 +190,13 @@ class Transaction:
         for path in present:
             tn = self.accessed[path].node
             assert tn is not None
-            g = tree.lookup(path)
-            if g is None:
-                parent = tree.lookup(parentOf(path))
-                if parent is None:  # pragma: no cover - prevented by the generation checks
-                    continue
-                g = Node(b"", tn.perms, UNSEEN)
-                if parent.children is None:
-                    parent.children = {}
-                parent.children[path.rsplit(b"/", 1)[1]] = g
-            g.value = tn.value
-            g.perms = tn.perms
-            g.generation = UNSEEN
-            old = g.children or {}
-            if tn.children:
-                new: dict[bytes, Node] = {}
-                for name in tn.children:
-                    c = old.get(name)
-                    # A child new in the transaction has its own entry,
-                    # deeper, which fills this placeholder in.
-                    new[name] = c if c is not None else Node(b"", tn.perms, UNSEEN)
-                g.children = new
-            else:
-                g.children = None
+            # A missing parent is prevented by the generation checks.
+            tree.rewrite(path, tn.value, tn.perms, tn.children)
         for path, entry in self.accessed.items():
             if entry.modified and entry.node is None and path != b"/":
                 parent = tree.lookup(parentOf(path))
                 if parent is not None and parent.children:
-                    name = path.rsplit(b"/", 1)[1]
+                    name = baseName(path)
                     if name in parent.children:
                         del parent.children[name]
                         if not parent.children:

@@ -3,17 +3,37 @@
 The node tree of the embedded xenstored.
 
 Memory matters (the target is within 3x of the C daemon with 100 000 nodes),
-so a node is a four-slot object: its value (bytes), its permission set (a
-shared, interned L{PermSet}), a dict of children (None for a leaf) and its
-generation count (the shared L{UNSEEN} until someone needs a number). Names
-and paths stay C{bytes}, as on the wire: nothing is decoded on the hot path.
-Node names are the keys of the parent's dict, whose insertion order is the
-child order xenstored reports.
+so most nodes are no object of their own. A parent's C{children} dict maps
+each name to either
+ - a L{Node}: a four-slot object (value, shared interned L{PermSet}, dict of
+   children or None, generation count), for directories and for leaves that
+   need one; or
+ - a I{plain leaf}: just its value, a C{bytes} object, for a leaf whose
+   permissions are its parent's and whose generation is the shared
+   L{UNSEEN}. That is how most leaves are born (a new node inherits its
+   parent's permissions) and what every write brings them back to: it saves
+   the 64-byte node object on most of the 100 000 nodes of a big store.
+
+Code outside this module sees plain leaves as L{Node}s: L{Tree.lookup}
+returns a L{LeafView}, a detached copy that knows where it lives, and
+changes go through the tree (L{Tree.setValue}, L{Tree.setPerms},
+L{Tree.observe}, ...), which turns a plain leaf into a L{Node} when it needs
+one. The permissions of plain leaves follow their parent's, so a parent's
+own permission change first gives its plain children nodes of their own
+(L{Tree.setPerms}), while a change applied to every node alike (releasing a
+domain) needs nothing more.
+
+Names and paths stay C{bytes}, as on the wire: nothing is decoded on the
+hot path. Node names are interned per tree (the same few names, C{state},
+C{backend}, device numbers, appear under thousands of parents) and are the
+keys of the parent's dict, whose insertion order is the child order
+xenstored reports.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 
 PERM_NONE = 0
@@ -154,7 +174,7 @@ def cAtoi(text: bytes) -> int:
 
 
 class Node:
-    """One node of the global tree (see the module docstring for why slots)."""
+    """One node of the global tree (see the module docstring for plain leaves)."""
 
     __slots__ = ("children", "generation", "perms", "value")
 
@@ -162,8 +182,8 @@ class Node:
         self,
         value: bytes,
         perms: PermSet,
-        generation: int,
-        children: dict[bytes, Node] | None = None,
+        generation: int = UNSEEN,
+        children: dict[bytes, Entry] | None = None,
     ) -> None:
         self.value = value
         self.perms = perms
@@ -188,7 +208,82 @@ class Node:
         return RECORD_HEADER + RECORD_PERM * len(self.perms.entries) + len(self.value) + childlen
 
 
-_VALID = re.compile(rb"/[A-Za-z0-9\-/_@]*\Z")
+#: What a parent's dict holds for a child: a L{Node}, or a plain leaf's value.
+Entry = Node | bytes
+
+
+class LeafView(Node):
+    """
+    A plain leaf seen as a L{Node} (what L{Tree.lookup} returns for one): a
+    copy made for one request, with the parent whose dict holds the leaf
+    and its name there, so that the tree can change the leaf in place.
+    Setting its attributes changes nothing in the tree.
+    """
+
+    __slots__ = ("name", "parent")
+
+    def __init__(self, value: bytes, parent: Node, name: bytes) -> None:
+        self.value = value
+        self.perms = parent.perms
+        self.generation = UNSEEN
+        self.children = None
+        self.parent = parent
+        self.name = name
+
+
+#: The smallest table of names L{Names} prunes.
+_NAMES_MIN = 4096
+
+
+def _refcounts(table: dict[bytes, bytes]) -> list[int]:
+    # One function for the names in use and for the calibration probe, so
+    # that both are counted with the same temporary references.
+    return [sys.getrefcount(name) for name in table]
+
+
+def _unusedRefcount() -> int:
+    """The reference count L{_refcounts} sees for a name only the table holds."""
+    probe = bytes(bytearray(b"probe"))  # a fresh object, not a shared constant
+    table = {probe: probe}
+    del probe
+    return _refcounts(table)[0]
+
+
+class Names:
+    """
+    The node names of one tree, interned: every child called C{state} shares
+    one C{bytes} object. Names nothing else uses any more are dropped when
+    the table has doubled since the last such pruning, so names that come and
+    go (unique ids) cost amortised constant time and no lasting memory.
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[bytes, bytes] = {}
+        self._limit = _NAMES_MIN
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def intern(self, name: bytes) -> bytes:
+        """The shared object equal to C{name}."""
+        table = self._table
+        shared = table.setdefault(name, name)
+        if shared is name and len(table) > self._limit:
+            self.prune()
+        return shared
+
+    def prune(self) -> None:
+        """Forget the names nothing but this table refers to."""
+        unused = _unusedRefcount()
+        table = self._table
+        self._table = {
+            name: name for name, refs in zip(table, _refcounts(table), strict=True) if refs > unused
+        }
+        self._limit = max(_NAMES_MIN, 2 * len(self._table))
+
+
+# One pass for the characters, the double and the trailing slash.
+_VALID = re.compile(rb"/(?:[A-Za-z0-9\-_@]+(?:/[A-Za-z0-9\-_@]+)*)?\Z")
 _LOCAL = re.compile(rb"/local/domain/(-?[0-9]+)/")
 
 
@@ -200,10 +295,8 @@ def isValidNodename(path: bytes, maxPathLength: int) -> bool:
     """
     if _VALID.match(path) is None:
         return False
-    if len(path) > 1 and path.endswith(b"/"):
-        return False
-    if b"//" in path:
-        return False
+    if len(path) <= maxPathLength:
+        return True
     m = _LOCAL.match(path)
     # sscanf's %5u reads at most five characters of the id.
     off = m.end() if m is not None and len(m.group(1)) <= 5 else 0
@@ -221,59 +314,84 @@ def childPath(parent: bytes, name: bytes) -> bytes:
     return b"/" + name if parent == b"/" else parent + b"/" + name
 
 
+def baseName(path: bytes) -> bytes:
+    """The last component of C{path}."""
+    return path[path.rfind(b"/") + 1 :]
+
+
 class Tree:
     """
-    The global tree: the root node, the global generation counter and the
-    per-domain count of owned nodes (the node quota).
+    The global tree: the root node, the global generation counter, the
+    per-domain count of owned nodes (the node quota) and the interned names.
     """
 
     def __init__(self) -> None:
         self.generation = 0
         self.entries: dict[int, int] = {}
-        self.root = Node(b"", DEFAULT_PERMS, UNSEEN)
+        self.root = Node(b"", DEFAULT_PERMS)
+        self.names = Names()
 
     def nextGeneration(self) -> int:
         """C{++generation}: every write, delete, and transaction start."""
         self.generation += 1
         return self.generation
 
-    def observe(self, node: Node) -> int:
-        """
-        The generation of a global C{node}, giving it a fresh one if it is
-        L{UNSEEN}: two observations of a node are equal exactly when it has
-        not changed in between (every change resets it to L{UNSEEN}).
-        """
-        gen = node.generation
-        if gen == UNSEEN:
-            self.generation += 1
-            gen = node.generation = self.generation
-        return gen
+    # Reading
 
     def lookup(self, path: bytes) -> Node | None:
-        """The node at an absolute, valid C{path}, or None."""
+        """
+        The node at an absolute C{path} (a L{LeafView} for a plain leaf), or
+        None. Any C{path} is safe: one that is not a valid node name finds
+        nothing, as no node has such a name.
+        """
         node = self.root
         if path == b"/":
             return node
-        for name in path[1:].split(b"/"):
+        names = path[1:].split(b"/")
+        last = names.pop()
+        for name in names:
             ch = node.children
             if ch is None:
                 return None
             nxt = ch.get(name)
-            if nxt is None:
+            if nxt is None or type(nxt) is bytes:
                 return None
-            node = nxt
-        return node
+            node = nxt  # type: ignore[assignment]  # Node: not None, not bytes
+        ch = node.children
+        if ch is None:
+            return None
+        entry = ch.get(last)
+        if type(entry) is bytes:
+            return LeafView(entry, node, last)
+        return entry  # type: ignore[return-value]  # Node or None
 
-    def countEntry(self, domid: int, delta: int) -> None:
-        """Adjust the number of nodes owned by C{domid}."""
-        n = self.entries.get(domid, 0) + delta
-        if n:
-            self.entries[domid] = n
-        else:
-            self.entries.pop(domid, None)
+    def generationOf(self, path: bytes) -> int:
+        """The generation of the node at C{path}, L{NO_GENERATION} if none."""
+        node = self.lookup(path)
+        return NO_GENERATION if node is None else node.generation
+
+    def observe(self, node: Node) -> int:
+        """
+        The generation of a global C{node}, giving it a fresh one if it is
+        L{UNSEEN}: two observations of a node are equal exactly when it has
+        not changed in between (every change resets it to L{UNSEEN}). A
+        plain leaf becomes a L{Node} to hold its number.
+        """
+        gen = node.generation
+        if gen == UNSEEN:
+            self.generation += 1
+            gen = self.generation
+            if type(node) is LeafView:
+                node.parent.children[node.name] = Node(node.value, node.perms, gen)  # type: ignore[index]
+            else:
+                node.generation = gen
+        return gen
 
     def walk(self, path: bytes = b"/", node: Node | None = None) -> Iterator[tuple[bytes, Node]]:
-        """Every (path, node) below and including C{path}, parents first."""
+        """
+        Every (path, node) below and including C{path}, parents first;
+        plain leaves as L{LeafView}s.
+        """
         if node is None:
             node = self.lookup(path)
             if node is None:
@@ -283,10 +401,188 @@ class Tree:
             p, n = stack.pop()
             yield p, n
             if n.children:
-                stack.extend((childPath(p, name), c) for name, c in reversed(n.children.items()))
+                stack.extend(
+                    (childPath(p, name), LeafView(c, n, name) if isinstance(c, bytes) else c)
+                    for name, c in reversed(n.children.items())
+                )
+
+    def nodes(self) -> Iterator[Node]:
+        """Every L{Node} object of the tree (not the plain leaves)."""
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            yield n
+            if n.children:
+                stack.extend(c for c in n.children.values() if type(c) is not bytes)  # type: ignore[misc]
+
+    def subtree(
+        self, path: bytes, node: Node, parent: Node
+    ) -> list[tuple[bytes, PermSet, PermSet]]:
+        """
+        C{(path, perms, parent's perms)} of C{node} (at C{path}, a child of
+        C{parent}) and of everything below it: children before their parent,
+        in child order (the order C removes them in).
+        """
+        out: list[tuple[bytes, PermSet, PermSet]] = []
+        stack: list[tuple[bytes, Entry, PermSet, bool]] = [(path, node, parent.perms, False)]
+        while stack:
+            p, n, up, expanded = stack.pop()
+            if type(n) is bytes:
+                out.append((p, up, up))
+                continue
+            assert isinstance(n, Node)
+            if expanded or not n.children:
+                out.append((p, n.perms, up))
+                continue
+            stack.append((p, n, up, True))
+            perms = n.perms
+            stack.extend(
+                (childPath(p, name), c, perms, False) for name, c in reversed(n.children.items())
+            )
+        return out
+
+    # Changing
+
+    def materialize(self, node: Node) -> Node:
+        """The L{Node} in the tree for C{node}, making one for a plain leaf."""
+        if type(node) is LeafView:
+            real = Node(node.value, node.perms)
+            node.parent.children[node.name] = real  # type: ignore[index]
+            return real
+        return node
+
+    def nodeAt(self, path: bytes) -> Node | None:
+        """The L{Node} at C{path} (made for a plain leaf), or None."""
+        node = self.lookup(path)
+        return None if node is None else self.materialize(node)
+
+    def setValue(self, node: Node, value: bytes) -> None:
+        """A write of the global C{node}'s value."""
+        if type(node) is LeafView:
+            node.parent.children[node.name] = value  # type: ignore[index]
+        else:
+            node.generation = UNSEEN
+        node.value = value
+
+    def setPerms(self, node: Node, perms: PermSet) -> None:
+        """A change of the global C{node}'s permissions."""
+        if type(node) is LeafView:
+            if perms is not node.perms:
+                node.parent.children[node.name] = Node(node.value, perms)  # type: ignore[index]
+        else:
+            if perms is not node.perms:
+                self._pin(node)
+            node.generation = UNSEEN
+        node.perms = perms
+
+    def _pin(self, node: Node) -> None:
+        # C{node}'s permissions are about to change: its plain children keep
+        # the current ones, so they need nodes of their own.
+        ch = node.children
+        if ch:
+            perms = node.perms
+            for name, c in list(ch.items()):
+                if type(c) is bytes:
+                    ch[name] = Node(c, perms)
+
+    def create(self, parent: Node, paths: list[bytes], value: bytes, perms: PermSet) -> PermSet:
+        """
+        Create the missing C{paths} below C{parent} (top-down: C{paths[0]}
+        is C{parent}'s new child, C{paths[-1]} gets C{value}, the others
+        are empty), all with C{perms}. Return the permissions of the new
+        leaf's parent.
+        """
+        up = self.materialize(parent)
+        up.generation = UNSEEN
+        intern = self.names.intern
+        for path in paths[:-1]:
+            node = Node(b"", perms)
+            self._attach(up, intern(baseName(path)), node)
+            up = node
+        name = intern(baseName(paths[-1]))
+        self._attach(up, name, value if perms is up.perms else Node(value, perms))
+        self.countEntry(perms.owner, len(paths))
+        return up.perms
+
+    @staticmethod
+    def _attach(parent: Node, name: bytes, entry: Entry) -> None:
+        if parent.children is None:
+            parent.children = {name: entry}
+        else:
+            parent.children[name] = entry
+
+    def removeChild(self, parent: Node, name: bytes) -> None:
+        """Take C{name} (and what is below it) out of C{parent}."""
+        ch = parent.children
+        assert ch is not None
+        del ch[name]
+        if not ch:
+            parent.children = None
+        parent.generation = UNSEEN
+
+    def rewrite(self, path: bytes, value: bytes, perms: PermSet, childNames: list[bytes]) -> bool:
+        """
+        Make the node at C{path} have this value, these permissions and
+        these children, in this order (a transaction's commit, parents
+        first): the children it already had stay as they are, a new one is
+        an empty placeholder that the transaction's own entry for it fills
+        in later. Return False if the parent is missing.
+        """
+        intern = self.names.intern
+        if path == b"/":
+            parent = None
+            old: Entry | None = self.root
+        else:
+            parent = self.nodeAt(parentOf(path))
+            if parent is None:
+                return False
+            name = intern(baseName(path))
+            old = parent.children.get(name) if parent.children else None
+        oldChildren = old.children if isinstance(old, Node) else None
+        children: dict[bytes, Entry] | None = None
+        if childNames:
+            if oldChildren:
+                assert isinstance(old, Node)
+                if perms is not old.perms:
+                    self._pin(old)
+                children = {intern(n): oldChildren.get(n, b"") for n in childNames}
+            else:
+                children = {intern(n): b"" for n in childNames}
+        if parent is None:
+            root = self.root
+            root.value, root.perms, root.generation, root.children = value, perms, UNSEEN, children
+        elif children is None and perms is parent.perms:
+            self._attach(parent, name, value)
+        else:
+            self._attach(parent, name, Node(value, perms, UNSEEN, children))
+        return True
+
+    def insert(self, path: bytes, value: bytes, perms: PermSet) -> bool:
+        """Add a childless node below an existing parent (loading a tree)."""
+        if path == b"/":
+            self.root.value, self.root.perms = value, perms
+            return True
+        parent = self.nodeAt(parentOf(path))
+        if parent is None:
+            return False
+        name = self.names.intern(baseName(path))
+        self._attach(parent, name, value if perms is parent.perms else Node(value, perms))
+        return True
+
+    # The node quota
+
+    def countEntry(self, domid: int, delta: int) -> None:
+        """Adjust the number of nodes owned by C{domid}."""
+        n = self.entries.get(domid, 0) + delta
+        if n:
+            self.entries[domid] = n
+        else:
+            self.entries.pop(domid, None)
 
     def recount(self) -> None:
         """Recompute the per-domain node counts (after loading a tree)."""
         self.entries = {}
-        for _, node in self.walk():
-            self.countEntry(node.perms.owner, 1)
+        for node in self.nodes():
+            ch = node.children
+            plain = sum(1 for c in ch.values() if type(c) is bytes) if ch else 0
+            self.countEntry(node.perms.owner, 1 + plain)
