@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -30,20 +29,19 @@ from controllers.blktap import (
 )
 from controllers.vif import VifController
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.host import HostSuite, startDriverDomain
+from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
-from tests.test_tapctl import FAKE, _killAll, events, inject, procState
+from tests.test_tapctl import events, fakeTapCtl, inject, procState
 from xenddev.controller import DeviceConfigError, DomainInfo
 from xenddev.datapath import readRecord
 from xenddev.driverdomain.agent import BackendCtrlAgent, kindsPath
-from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.kinds.base import KindContext
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.tap import TapKind
 from xenddev.driverdomain.protocol import VDI, ControlPaths
 from xenddev.interfaces import IDevController, IDriverDomainKind
-from xenddev.simulator import BackendSimulator, FrontendSimulator
-from xenddev.tapctl import BlktapSysfs, TapCtl, pidAlive
+from xenddev.tapctl import BlktapSysfs, pidAlive
 from xenddev.toolstack import DeviceManager
 
 GUEST = 5
@@ -75,20 +73,8 @@ class LogCapture:
         self.lines.append(formatEvent(event))
 
 
-class BlktapSuite:
+class BlktapSuite(HostSuite):
     """Mixed with a server fixture and TestCase."""
-
-    startServer: Any
-    connect: Any
-    assertEqual: Any
-    assertIn: Any
-    assertNotIn: Any
-    assertNotEqual: Any
-    assertTrue: Any
-    assertFalse: Any
-    addCleanup: Any
-    mktemp: Any
-    fail: Any
 
     async def _setUp(self) -> None:
         self.startServer()
@@ -103,11 +89,7 @@ class BlktapSuite:
             self.xs, self.controllers, createTimeout=10.0, destroyTimeout=10.0
         )
         await self.manager.registerDomain(GUEST, name="guest")
-        import tempfile
-
-        self.state = tempfile.mkdtemp(prefix="ftc-")
-        self.addCleanup(_killAll, self.state)
-        self.tapctl = TapCtl([sys.executable, FAKE], env={"XENDDEV_FAKE_TAPCTL_STATE": self.state})
+        self.tapctl, self.state = fakeTapCtl(self)  # type: ignore[arg-type]
         self.log = LogCapture()
         globalLogPublisher.addObserver(self.log)
         self.addCleanup(globalLogPublisher.removeObserver, self.log)
@@ -117,18 +99,16 @@ class BlktapSuite:
 
     async def startDriverDomain(self, domid: int = 0) -> BackendCtrlAgent:
         """The agent (tap + blkback kinds), simulated backends (vbd, tap) and frontend."""
-        xs = await self.connect()
-        agent = BackendCtrlAgent(xs, domid, [TapKind(self.tapctl), BlkbackKind()], None)
-        await DriverDomainClient(self.xs, domid).ensureArea()
-        backend = BackendSimulator(xs, domid, classes=("vbd", "tap"))
-        frontend = FrontendSimulator(await self.connect(), GUEST)
-        for sim in (backend, frontend):
-            await sim.start()
-            self.addCleanup(sim.stop)
-        await agent.start()
-        self.addCleanup(agent.stop)
-        self.agent = agent
-        return agent
+        dd = await startDriverDomain(
+            self,
+            self.xs,
+            domid,
+            [TapKind(self.tapctl), BlkbackKind()],
+            backendClasses=("vbd", "tap"),
+            guests=[GUEST],
+        )
+        self.agent = dd.agent
+        return dd.agent
 
     def image(self, name: str = "disk one.img", size: int = 1 << 20) -> str:
         """An image file, with a space in its path."""
@@ -138,17 +118,6 @@ class BlktapSuite:
         with open(path, "wb") as f:
             f.truncate(size)
         return path
-
-    async def assertTreeIs(self, before: dict[str, Any]) -> None:
-        await self.agent.whenIdle()
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
-
-    async def assertFails(self, d: Any, exc: type[BaseException]) -> Any:
-        try:
-            await d
-        except exc as e:
-            return e
-        self.fail(f"expected {exc.__name__}")
 
     def commands(self) -> list[str]:
         """The stand-in tap-ctl commands run so far."""
@@ -287,10 +256,9 @@ class BlktapSuite:
         """
         img = self.image()
         await self.startDriverDomain()
-        agent3 = BackendCtrlAgent(await self.connect(), 3, [BlkbackKind()], None)
-        await DriverDomainClient(self.xs, 3).ensureArea()
-        await agent3.start()
-        self.addCleanup(agent3.stop)
+        agent3 = (
+            await startDriverDomain(self, self.xs, 3, [BlkbackKind()], backendClasses=None)
+        ).agent
         self.assertEqual(await self.xs.read(kindsPath(0)), "tap blkback")
         self.assertEqual(await self.xs.read(kindsPath(3)), "blkback")
         self.assertEqual(

@@ -186,15 +186,14 @@ class OfflineTests(SynchronousTestCase):
         self.assertEqual(json.loads(proc.stdout)["format"], "vhd")
 
 
-class CLISuite(DeviceServiceFixture):
-    """The CLI against the served XML-RPC resource; mixed with a fixture and TestCase."""
+class CLIClientMixin:
+    """Runs the command-line client against the XML-RPC socket C{self.rpcPath}."""
 
-    assertIn: Any
-    assertTrue: Any
-    assertNotIn: Any
+    rpcPath: str
+    assertEqual: Any
 
     def cli(self, *argv: str) -> Deferred[tuple[int, str, str]]:
-        """Run main() in a thread against the test's socket."""
+        """Run main() in a thread against the test's socket: (exit code, stdout, stderr)."""
         return deferToThread(run, [*argv, "--socket", self.rpcPath])
 
     async def ok(self, *argv: str) -> str:
@@ -202,6 +201,10 @@ class CLISuite(DeviceServiceFixture):
         code, out, err = await self.cli(*argv)
         self.assertEqual((code, err), (0, ""), argv)
         return out
+
+
+class CLISuite(CLIClientMixin, DeviceServiceFixture):
+    """The CLI against the served XML-RPC resource; mixed with a fixture and TestCase."""
 
     @deferredTest
     async def test_blockWalkthrough(self) -> None:

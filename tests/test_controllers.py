@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 from controllers.blkif import BlkifController
 from controllers.vif import VifController, parseRate, randomMac
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
+from tests.support.host import HostSuite, pollUntil, startDriverDomain
 from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import diffTrees, dumpTree
@@ -40,9 +41,7 @@ from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.kinds.base import KindContext, Outcome, PlugSpec
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
-from xenddev.hotplug import HotplugRunner
 from xenddev.interfaces import IDevController
-from xenddev.simulator import BackendSimulator, FrontendSimulator
 from xenddev.toolstack import DeviceManager
 from xenddev.xenbus import waitForState
 
@@ -76,20 +75,8 @@ class GatedBlkback(BlkbackKind):
         return self._gated("activate", super().activate(ctx))
 
 
-class ControllerSuite:
+class ControllerSuite(HostSuite):
     """Mixed with a server fixture and TestCase."""
-
-    startServer: Any
-    connect: Any
-    socketPath: str
-    assertEqual: Any
-    assertIn: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertRaises: Any
-    addCleanup: Any
-    mktemp: Any
-    fail: Any
 
     async def _setUp(self) -> None:
         if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
@@ -112,24 +99,17 @@ class ControllerSuite:
         **runnerArgs: Any,
     ) -> BackendCtrlAgent:
         """The agent (real kinds), simulated backend and frontend; hotplug optional."""
-        xs = await self.connect()
-        runner = None
-        if hotplug:
-            runner = HotplugRunner(
-                scriptDir, xenstore=xs, xenstoredPath=self.socketPath, **runnerArgs
-            )
-        agent = BackendCtrlAgent(xs, domid, [self.kind, NetbackKind()], runner)
-        await DriverDomainClient(self.xs, domid).ensureArea()
-        backend = BackendSimulator(xs, domid)
-        frontend = FrontendSimulator(await self.connect(), GUEST, refuseToClose=refuseToClose)
-        for sim in (backend, frontend):
-            await sim.start()
-            self.addCleanup(sim.stop)
-        await agent.start()
-        self.addCleanup(agent.stop)
-        self.agent = agent
-        self.agents = [*getattr(self, "agents", []), agent]
-        return agent
+        dd = await startDriverDomain(
+            self,
+            self.xs,
+            domid,
+            [self.kind, NetbackKind()],
+            hotplug={"scriptDir": scriptDir, **runnerArgs} if hotplug else None,
+            guests=[GUEST],
+            refuseToClose=refuseToClose,
+        )
+        self.agent = dd.agent
+        return dd.agent
 
     def image(self, size: int = 1 << 20) -> str:
         """A plain image file (no loop device unless a hotplug script makes one)."""
@@ -137,17 +117,6 @@ class ControllerSuite:
         with open(path, "wb") as f:
             f.truncate(size)
         return path
-
-    async def assertTreeIs(self, before: dict[str, Any]) -> None:
-        await self.agent.whenIdle()
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
-
-    async def assertFails(self, d: Any, exc: type[BaseException]) -> Any:
-        try:
-            await d
-        except exc as e:
-            return e
-        self.fail(f"expected {exc.__name__}")
 
     # Interfaces
 
@@ -395,8 +364,7 @@ class ControllerSuite:
         await self.manager.createDevice(GUEST, "vif", {"bridge": "br0"})
         for front in ("vbd/51728", "vbd/51744", "vif/0"):
             await waitForState(self.xs, f"/local/domain/{GUEST}/device/{front}", 4, 10)
-        for agent in self.agents:
-            await agent.whenIdle()
+        await self.agentsIdle()
         before = await dumpTree(self.xs)
         e = await self.assertFails(
             self.manager.reconfigureDevice(
@@ -669,16 +637,6 @@ class ControllerSuite:
         self.assertEqual(parseRate("1MB/s@20ms"), "20000,20000")
         self.assertEqual(parseRate("8000b/s@1s"), "1000,1000000")
         self.assertTrue(randomMac(lambda: 0xFF).startswith("00:16:3e:7f"))
-
-
-async def pollUntil(condition: Any, timeout: float = 20.0) -> None:
-    """Poll a host condition (not in XenStore, so no watch can help)."""
-    waited = 0.0
-    while not condition():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
 
 
 class RealXenstoredControllerTests(ControllerSuite, RealXenstoredFixture, TestCase):

@@ -23,7 +23,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 from typing import Any
 
 import attrs
@@ -39,10 +38,11 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from tests import test_cli
 from tests.support.fixtures import RealXenstoredFixture
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.host import HostSuite, pythonEnv, shortTempDir
+from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
+from tests.test_cli import CLIClientMixin
 from tests.test_datapath import tapRecord
 from tests.test_storagectl import RecordingPauser
 from tests.test_xmlrpc import RPCServerMixin
@@ -57,7 +57,6 @@ from xenddev.xenstore.protocol import ROUND_TRIPS
 from xenddev.xenstore.wire import Op
 from xenddev.xmlrpc import FaultCode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = 5
 
 # twistd from this checkout (the plugin is found through PYTHONPATH).
@@ -76,9 +75,7 @@ STATUS_CALL = (
 
 def _rundir(test: TestCase) -> str:
     """A short temporary run directory (UNIX socket paths are limited to 107 bytes)."""
-    path = tempfile.mkdtemp(prefix="xd-")
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
+    return shortTempDir(test, "xd-")
 
 
 def _image(directory: str, name: str = "disk.img", size: int = 1 << 20) -> str:
@@ -517,7 +514,7 @@ class DaemonProcessMixin:
     async def startDaemon(self, *args: str) -> _Daemon:
         """Start the daemon; wait for its ready line; SIGKILL it at cleanup if alive."""
         proto = _Daemon()
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = pythonEnv()
         env.pop("XENSTORED_PATH", None)
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
             proto,
@@ -569,7 +566,7 @@ class DaemonProcessTests(DaemonProcessMixin, TestCase):
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
             [self.launcher, "-n", "xenddev", "--config", config],
-            env=dict(os.environ, PYTHONPATH=ROOT),
+            env=pythonEnv(),
             path=self.rundir,
         )
         self.assertNotEqual(code, 0)
@@ -586,7 +583,9 @@ class DaemonProcessTests(DaemonProcessMixin, TestCase):
         self.assertFalse(os.path.lexists(os.path.join(run, "xenddev.sock")))
 
 
-class DaemonEndToEndSuite(DaemonProcessMixin, RPCServerMixin, StoreClientMixin):
+class DaemonEndToEndSuite(
+    CLIClientMixin, DaemonProcessMixin, RPCServerMixin, StoreClientMixin, HostSuite
+):
     """
     The daemon as a subprocess on one of the stores, driven through the
     CLI and XML-RPC; mixed with a store and TestCase.
@@ -610,16 +609,6 @@ class DaemonEndToEndSuite(DaemonProcessMixin, RPCServerMixin, StoreClientMixin):
         self.rpcPath = os.path.join(self.run, "xenddev.sock")
         self.xs = await self.storeClient(self.storeSocket(self.run))
         return proto
-
-    def cli(self, *argv: str) -> Deferred[tuple[int, str, str]]:
-        """The command-line client (in a thread) against the daemon."""
-        return deferToThread(test_cli.run, [*argv, "--socket", self.rpcPath])
-
-    async def ok(self, *argv: str) -> str:
-        """A command that must succeed; its stdout."""
-        code, out, err = await self.cli(*argv)
-        self.assertEqual((code, err), (0, ""), argv)
-        return out
 
     async def connected(self, devclass: str, devid: int) -> None:
         """Wait until the simulated guest has connected the device."""
@@ -732,7 +721,7 @@ class DaemonEndToEndSuite(DaemonProcessMixin, RPCServerMixin, StoreClientMixin):
             self.assertTrue(err.startswith(f"xenddev {argv[0]}: "), err)
             self.assertIn(words, err)
             self.assertEqual(err.count("\n"), 1, err)
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+        await self.assertTreeIs(before)
         await self.ok("block-detach", str(GUEST), "xvdb")
         self.assertTrue(await self.stopDaemon(proto))
 

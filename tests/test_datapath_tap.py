@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any, cast
 
 from twisted.internet import reactor
@@ -24,7 +23,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.host import HostSuite, shortTempDir, startDriverDomain
+from tests.support.treedump import dumpTree
 from tests.support.vhd import makeBase, makeChild
 from tests.support.xenstoresuite import deferredTest
 from tests.test_tapctl import events, fakeTapCtl, inject, procState
@@ -59,9 +59,8 @@ HAVE_QEMU_IMG = shutil.which("qemu-img") is not None
 
 
 def _workdir(test: TestCase | SynchronousTestCase) -> str:
-    path = tempfile.mkdtemp(prefix="xdt-")
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
+    """A short temporary directory, removed at cleanup."""
+    return shortTempDir(test, "xdt-")
 
 
 class VhdChainTests(SynchronousTestCase):
@@ -234,19 +233,9 @@ class ServiceWiringTests(TestCase):
         self.assertEqual(await control.find("/nothing"), [])
 
 
-class TapDataPathSuite:
+class TapDataPathSuite(HostSuite):
     """Mixed with a server fixture and TestCase."""
 
-    startServer: Any
-    connect: Any
-    assertEqual: Any
-    assertIn: Any
-    assertNotEqual: Any
-    assertTrue: Any
-    assertFalse: Any
-    addCleanup: Any
-    fail: Any
-    skipTest: Any
     assertFailure: Any
 
     async def _setUp(self) -> None:
@@ -267,14 +256,12 @@ class TapDataPathSuite:
         """An agent for C{dd} with the tap and blkback kinds over dd's own tap-ctl."""
         if dd not in self.taps:
             self.taps[dd] = fakeTapCtl(self)
-        xs = await self.connect()
         kind = TapKind(self.taps[dd][0], host="testhost")
         pausers = {"tap": TapPauser(self.taps[dd][0])}  # pause/resume requests
-        agent = BackendCtrlAgent(xs, dd, [kind, BlkbackKind()], None, pausers)
-        await DriverDomainClient(self.xs, dd).ensureArea()
-        await agent.start()
-        self.addCleanup(agent.stop)
-        self.agents[dd] = agent
+        started = await startDriverDomain(
+            self, self.xs, dd, [kind, BlkbackKind()], pausers=pausers, backendClasses=None
+        )
+        agent = self.agents[dd] = started.agent
         self.clients.setdefault(dd, DriverDomainClient(self.xs, dd, 20.0))
         return agent
 
@@ -338,11 +325,6 @@ class TapDataPathSuite:
             for e in events(state)
             if e["cmd"] == command
         ]
-
-    async def assertTreeIs(self, before: dict[str, Any]) -> None:
-        for agent in self.agents.values():
-            await agent.whenIdle()
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
 
     # Registration by the tap kind
 

@@ -16,7 +16,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.host import HostSuite
+from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient, populateFrontend
@@ -124,19 +125,10 @@ FRONT = f"/local/domain/{GUEST}/device/vbd/51712"
 TARGET = {"type": "file", "params": "/srv/a.img", "mode": "w"}
 
 
-class DriverDomainSuite:
+class DriverDomainSuite(HostSuite):
     """The protocol tests; mixed with a server fixture and TestCase."""
 
-    startServer: Any
-    connect: Any
-    assertEqual: Any
-    assertIn: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertRaises: Any
     assertNoResult: Any
-    fail: Any
-    addCleanup: Any
 
     async def _setUp(self) -> None:
         self.startServer()
@@ -152,16 +144,9 @@ class DriverDomainSuite:
     def setUp(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._setUp())
 
-    async def assertFails(self, d: Any, exc: type[BaseException]) -> Any:
-        try:
-            await d
-        except exc as e:
-            return e
-        self.fail(f"expected {exc.__name__}")
-
     async def assertTreeUnchanged(self, before: dict[str, Any]) -> None:
-        await self.agent.whenIdle()
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+        """The tree is C{before} once the agent of the moment is idle."""
+        await self.assertTreeIs(before, self.agent)
 
     def paths(self, name: str = "disk0") -> ControlPaths:
         return ControlPaths(VDI, DD, name)

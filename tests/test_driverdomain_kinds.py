@@ -15,12 +15,18 @@ import os
 import stat
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
+from tests.support.host import (
+    HostSuite,
+    attachByProtocol,
+    detachByProtocol,
+    pollUntil,
+    startDriverDomain,
+    startFrontend,
+)
 from tests.support.loopdev import (
     acquireLoopTestLock,
     loopDevicesFor,
@@ -28,16 +34,15 @@ from tests.support.loopdev import (
     requireLoopDevices,
 )
 from tests.support.netns import NetNamespace, requireNetns
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populateFrontend
+from xenddev.driverdomain.client import DriverDomainClient, PlugResult
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
 from xenddev.driverdomain.protocol import VIF, ObjectClass
 from xenddev.driverdomain.restart import moveDriverDomain
-from xenddev.hotplug import HotplugRunner
-from xenddev.simulator import BackendSimulator, FrontendSimulator
+from xenddev.simulator import BackendSimulator
 from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
 
 GUEST = 5
@@ -46,44 +51,22 @@ VIF_FRONT = f"/local/domain/{GUEST}/device/vif/0"
 TIMEOUT = 20.0
 
 
-async def pollUntil(condition: Any, timeout: float) -> None:
-    """Poll a condition on the host (not in XenStore, so no watch can help)."""
-    waited = 0.0
-    while not condition():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
-
-
-class KindsSuite:
+class KindsSuite(HostSuite):
     """Mixed with a server fixture and TestCase."""
-
-    startServer: Any
-    connect: Any
-    socketPath: str
-    assertEqual: Any
-    assertIn: Any
-    assertTrue: Any
-    assertFalse: Any
-    addCleanup: Any
-    mktemp: Any
-    fail: Any
 
     async def startDriverDomain(
         self, domid: int = 0, scriptDir: str = "/etc/xen/scripts", **runnerArgs: Any
     ) -> tuple[BackendCtrlAgent, BackendSimulator]:
         """An agent with the real kinds and hotplug runner, plus the simulated backend."""
-        xs = await self.connect()
-        runner = HotplugRunner(scriptDir, xenstore=xs, xenstoredPath=self.socketPath, **runnerArgs)
-        agent = BackendCtrlAgent(xs, domid, [BlkbackKind(), NetbackKind()], runner)
-        backend = BackendSimulator(xs, domid)
-        await DriverDomainClient(self.xs, domid).ensureArea()
-        await backend.start()
-        await agent.start()
-        self.addCleanup(backend.stop)
-        self.addCleanup(agent.stop)
-        return agent, backend
+        dd = await startDriverDomain(
+            self,
+            self.xs,
+            domid,
+            [BlkbackKind(), NetbackKind()],
+            hotplug={"scriptDir": scriptDir, **runnerArgs},
+        )
+        assert dd.backend is not None
+        return dd.agent, dd.backend
 
     async def _setUp(self) -> None:
         if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
@@ -93,9 +76,7 @@ class KindsSuite:
         # The guest's home exists before any device, as a toolstack makes it.
         await self.xs.mkdir(f"/local/domain/{GUEST}/device/vbd")
         await self.xs.mkdir(f"/local/domain/{GUEST}/device/vif")
-        self.frontend = FrontendSimulator(await self.connect(), GUEST)
-        await self.frontend.start()
-        self.addCleanup(self.frontend.stop)
+        self.frontend = await startFrontend(self, GUEST)
 
     def setUp(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._setUp())
@@ -108,33 +89,14 @@ class KindsSuite:
         front: str,
         objectClass: ObjectClass,
     ) -> PlugResult:
-        """The toolstack's attach: prepare, plug, frontend, activate, wait for hotplug."""
-        await client.prepare(name, target, objectClass)
-        plug = await client.plug(name, "p0", front, objectClass)
-        await self.xs.transact(lambda tx: populateFrontend(tx, plug, GUEST, {"state": "1"}))
-        await client.activate(name, objectClass)
-        return plug
+        """The toolstack's attach: prepare, plug, frontend, activate."""
+        return await attachByProtocol(self.xs, client, name, target, front, objectClass, GUEST)
 
     async def detach(
         self, client: DriverDomainClient, name: str, plug: PlugResult, objectClass: ObjectClass
     ) -> None:
         """The toolstack's detach: close, wait for Closed, drop the frontend, unplug, unprepare."""
-
-        async def close(tx: Any) -> None:
-            await tx.write(f"{plug.backendPath}/online", "0")
-            await tx.write(f"{plug.backendPath}/state", "5")
-
-        await self.xs.transact(close)
-        await waitForState(self.xs, plug.backendPath, 6, TIMEOUT)
-        await self.xs.rm(plug.frontendPath)
-        await client.unplug(name, "p0", objectClass)
-        await client.deactivate(name, objectClass)
-        await client.unprepare(name, objectClass)
-
-    async def assertTreeIs(self, before: dict[str, Any], *agents: BackendCtrlAgent) -> None:
-        for agent in agents:
-            await agent.whenIdle()
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+        await detachByProtocol(self.xs, client, name, plug, objectClass, TIMEOUT)
 
     def image(self) -> str:
         """An 8 MiB image file; its loop devices are detached at cleanup."""

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.support.host import pythonEnv, shortTempDir
 from tests.support.loopdev import (
     acquireLoopTestLock,
     detachLoopsFor,
@@ -31,8 +31,6 @@ from tests.support.loopdev import (
 )
 from tests.support.xenstoresuite import deferredTest
 from xenddev.embed import EmbedError, OperationTimeout, ReactorThread
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
 import json, os, sys, threading, time
@@ -85,29 +83,37 @@ sys.stdout.flush()
 """
 
 
-class TwentyThreadsTests(TestCase):
+class ScriptRunner(TestCase):
+    """Runs a script of a test as a process of its own: a toolstack embedding xenddev."""
+
+    async def runScript(self, rundir: str, name: str, source: str, *args: str) -> Any:
+        """
+        Write C{source} as C{name} in C{rundir} and run it there with this
+        interpreter (the checkout on C{PYTHONPATH}); it must exit 0. Its last
+        line of output, parsed as JSON.
+        """
+        script = os.path.join(rundir, name)
+        with open(script, "w") as f:
+            f.write(source)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, [script, *args], env=pythonEnv(), path=rundir
+        )
+        self.assertEqual(code, 0, err.decode(errors="replace")[-3000:])
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+
+class TwentyThreadsTests(ScriptRunner):
     """20 threads attaching and detaching at once through the blocking API."""
 
     @deferredTest
     async def test_twentyThreads(self) -> None:
         """Every attach and detach succeeds; nothing is left; atexit cleans up."""
-        rundir = tempfile.mkdtemp(prefix="xe-")
-        self.addCleanup(shutil.rmtree, rundir, True)
+        rundir = shortTempDir(self, "xe-")
         image = os.path.join(rundir, "disk.img")
         with open(image, "wb") as f:
             f.truncate(1 << 20)
-        script = os.path.join(rundir, "embed20.py")
-        with open(script, "w") as f:
-            f.write(SCRIPT)
         run = os.path.join(rundir, "run")
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable,
-            [script, run, image],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=rundir,
-        )
-        self.assertEqual(code, 0, err.decode(errors="replace")[-3000:])
-        result = json.loads(out.decode().strip().splitlines()[-1])
+        result = await self.runScript(rundir, "embed20.py", SCRIPT, run, image)
         self.assertEqual(result["errors"], [])
         self.assertEqual(result["attached"], 60)
         self.assertEqual(result["left"], {"5": 0, "6": 0})
@@ -192,7 +198,7 @@ xd.close()
 """
 
 
-class HotplugInEmbeddingTests(TestCase):
+class HotplugInEmbeddingTests(ScriptRunner):
     """
     Hotplug scripts inside an embedding process, where the reactor runs in
     a background thread and no SIGCHLD handler exists.
@@ -218,8 +224,7 @@ class HotplugInEmbeddingTests(TestCase):
         os.makedirs("/var/log/xen", exist_ok=True)
         lock = acquireLoopTestLock()
         self.addCleanup(os.close, lock)
-        rundir = tempfile.mkdtemp(prefix="xh-")
-        self.addCleanup(shutil.rmtree, rundir, True)
+        rundir = shortTempDir(self, "xh-")
         image = makeImage(os.path.join(rundir, "disk.img"))
         quiet = makeImage(os.path.join(rundir, "quiet.img"))
         for path in (image, quiet):
@@ -233,17 +238,15 @@ class HotplugInEmbeddingTests(TestCase):
                 '#!/bin/sh\nexec >/dev/null 2>&1\nsleep 0.2\nexec "$(dirname "$0")/block" "$@"\n'
             )
         os.chmod(os.path.join(scripts, "block-quiet"), 0o755)
-        script = os.path.join(rundir, "embedhotplug.py")
-        with open(script, "w") as f:
-            f.write(HOTPLUG_SCRIPT)
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable,
-            [script, os.path.join(rundir, "run"), scripts, image, quiet],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=rundir,
+        result = await self.runScript(
+            rundir,
+            "embedhotplug.py",
+            HOTPLUG_SCRIPT,
+            os.path.join(rundir, "run"),
+            scripts,
+            image,
+            quiet,
         )
-        self.assertEqual(code, 0, err.decode(errors="replace")[-3000:])
-        result = json.loads(out.decode().strip().splitlines()[-1])
         self.assertEqual(result["devids"], [51728, 51744])
         self.assertEqual(result["statuses"], ["connected", "connected"])
         self.assertEqual([len(found) for found in result["attachedLoops"]], [1, 1])

@@ -13,25 +13,31 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.host import (
+    HostSuite,
+    attachByProtocol,
+    closeBackend,
+    detachByProtocol,
+    shortTempDir,
+    startDriverDomain,
+    startFrontend,
+)
+from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from xenddev.datapath.coalesce import coalesceQemu
 from xenddev.datapath.registry import readRecord, registryDir, scanRegistry
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populateFrontend
+from xenddev.driverdomain.client import DriverDomainClient, PlugResult
 from xenddev.driverdomain.errors import DriverDomainError
 from xenddev.driverdomain.kinds.qemu import QemuKind, nbdURI
 from xenddev.driverdomain.protocol import ObjectClass
-from xenddev.simulator import BackendSimulator, FrontendSimulator
 from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
 
 GUEST = 5
@@ -72,28 +78,8 @@ def pidAlive(pid: int) -> bool:
         return False
 
 
-async def pollUntil(condition: Any, timeout: float = TIMEOUT) -> None:
-    """Poll a host condition (no watch can help)."""
-    waited = 0.0
-    while not condition():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
-
-
-class QemuFixtureMixin:
+class QemuFixtureMixin(HostSuite):
     """Set-up and helpers (no tests): a store, a guest, a runtime directory."""
-
-    startServer: Any
-    connect: Any
-    assertEqual: Any
-    assertIn: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertRaises: Any
-    addCleanup: Any
-    skipTest: Any
 
     async def _setUp(self) -> None:
         if QSD is None or QEMU_IMG is None or QEMU_IO is None:
@@ -101,12 +87,9 @@ class QemuFixtureMixin:
         self.startServer()
         self.xs = await self.connect()
         await self.xs.mkdir(f"/local/domain/{GUEST}/device/vbd")
-        self.frontend = FrontendSimulator(await self.connect(), GUEST)
-        await self.frontend.start()
-        self.addCleanup(self.frontend.stop)
+        self.frontend = await startFrontend(self, GUEST)
         # Short: UNIX socket paths must fit in 107 bytes.
-        self.workdir = tempfile.mkdtemp(prefix="xq-")
-        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.workdir = shortTempDir(self, "xq-")
         self.runtime = os.path.join(self.workdir, "run")
 
     def setUp(self) -> Any:
@@ -129,16 +112,8 @@ class QemuFixtureMixin:
     ) -> tuple[BackendCtrlAgent, QemuKind]:
         """An agent serving with the qemu kind, and the simulated kernel backend."""
         kind = kind or self.kind()
-        xs = await self.connect()
-        agent = BackendCtrlAgent(xs, domid, [kind])
-        backend = BackendSimulator(xs, domid)
-        await DriverDomainClient(self.xs, domid).ensureArea()
-        await self.xs.mkdir(registryDir(domid))
-        await backend.start()
-        await agent.start()
-        self.addCleanup(backend.stop)
-        self.addCleanup(agent.stop)
-        return agent, kind
+        dd = await startDriverDomain(self, self.xs, domid, [kind], mkdirs=[registryDir(domid)])
+        return dd.agent, kind
 
     def chain(self, name: str = "leaf", base: str | None = None) -> tuple[str, str]:
         """A qcow2 base with a 1 MiB 0x11 pattern, and a qcow2 overlay on it."""
@@ -152,10 +127,8 @@ class QemuFixtureMixin:
 
     async def attach(self, client: DriverDomainClient, name: str, image: str) -> PlugResult:
         """prepare, plug, frontend, activate, and wait until connected."""
-        await client.prepare(name, {"type": "file", "format": "qcow2", "params": image}, VDI)
-        plug = await client.plug(name, "p0", VBD_FRONT, VDI)
-        await self.xs.transact(lambda tx: populateFrontend(tx, plug, GUEST, {"state": "1"}))
-        await client.activate(name, VDI)
+        target = {"type": "file", "format": "qcow2", "params": image}
+        plug = await attachByProtocol(self.xs, client, name, target, VBD_FRONT, VDI, GUEST)
         status = await waitForHotplugStatus(self.xs, plug.backendPath, TIMEOUT)
         self.assertEqual(status.status, HotplugStatus.Connected)
         await waitForState(self.xs, plug.backendPath, 4, TIMEOUT)
@@ -163,22 +136,7 @@ class QemuFixtureMixin:
 
     async def detach(self, client: DriverDomainClient, name: str, plug: PlugResult) -> None:
         """Close, wait for Closed, drop the frontend, unplug, deactivate, unprepare."""
-
-        async def close(tx: Any) -> None:
-            await tx.write(f"{plug.backendPath}/online", "0")
-            await tx.write(f"{plug.backendPath}/state", "5")
-
-        await self.xs.transact(close)
-        await waitForState(self.xs, plug.backendPath, 6, TIMEOUT)
-        await self.xs.rm(plug.frontendPath)
-        await client.unplug(name, "p0", VDI)
-        await client.deactivate(name, VDI)
-        await client.unprepare(name, VDI)
-
-    async def assertTreeIs(self, before: dict[str, Any], *agents: BackendCtrlAgent) -> None:
-        for agent in agents:
-            await agent.whenIdle()
-        self.assertEqual(diffTrees(before, await dumpTree(self.xs)), [])
+        await detachByProtocol(self.xs, client, name, plug, VDI, TIMEOUT)
 
 
 class QemuKindSuite(QemuFixtureMixin):
@@ -300,13 +258,7 @@ class QemuKindSuite(QemuFixtureMixin):
             await client.activate("k1", VDI)
         self.assertEqual(cm.exception.errname, "EIO")
         self.assertIn("died", cm.exception.message)
-
-        async def close(tx: Any) -> None:
-            await tx.write(f"{plug.backendPath}/online", "0")
-            await tx.write(f"{plug.backendPath}/state", "5")
-
-        await self.xs.transact(close)
-        await waitForState(self.xs, plug.backendPath, 6, TIMEOUT)
+        await closeBackend(self.xs, plug, TIMEOUT)
         await self.xs.rm(plug.frontendPath)
         await client.unplug("k1", "p0", VDI)
         await client.unprepare("k1", VDI)

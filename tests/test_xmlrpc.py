@@ -9,8 +9,6 @@ frontends, over the C xenstored and the embedded one.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import xmlrpc.client
 from typing import Any
 
@@ -23,7 +21,8 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.treedump import diffTrees, dumpTree
+from tests.support.host import HostSuite, shortTempDir, startDriverDomain
+from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from tests.test_qemu_kind import QemuFixtureMixin, qemuIO
 from xenddev.cli import serverProxy
@@ -39,7 +38,6 @@ from xenddev.datapath import DataPathControl, QemuPauser
 from xenddev.datapath.coalesce import CoalesceError
 from xenddev.datapath.quiesce import NoPauserError, QuiesceError
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.errors import (
     DriverDomainError,
     DriverDomainTimeout,
@@ -49,9 +47,7 @@ from xenddev.driverdomain.errors import (
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
 from xenddev.driverdomain.kinds.qemu import nbdURI
-from xenddev.hotplug import HotplugRunner
 from xenddev.qmp import QMPTimeout
-from xenddev.simulator import BackendSimulator, FrontendSimulator
 from xenddev.storagectl import (
     NoCoalesceError,
     NoSuchDataPathError,
@@ -124,9 +120,7 @@ class RPCServerMixin:
 
     def serveRPC(self, manager: Any, storage: Any = None) -> str:
         """Listen on a fresh socket; stop and drop every connection at cleanup."""
-        workdir = tempfile.mkdtemp(prefix="rpc-")
-        self.addCleanup(shutil.rmtree, workdir, True)
-        self.rpcPath = os.path.join(workdir, "xenddev.sock")
+        self.rpcPath = os.path.join(shortTempDir(self, "rpc-"), "xenddev.sock")
         self.wrapper = WrappingFactory(rpcSite(manager, storage=storage))
         port = reactor.listenUNIX(self.rpcPath, self.wrapper)  # type: ignore[attr-defined]
         self.addCleanup(self._stopServing, port)
@@ -159,19 +153,12 @@ class RPCServerMixin:
         raise AssertionError("unreachable")
 
 
-class DeviceServiceFixture(RPCServerMixin):
+class DeviceServiceFixture(RPCServerMixin, HostSuite):
     """
     A DeviceManager for guest 5 with a local driver domain, served on a UNIX
     socket; mixed with a server fixture and TestCase (also by test_cli).
     """
 
-    startServer: Any
-    connect: Any
-    socketPath: str
-    mktemp: Any
-    assertIn: Any
-    assertTrue: Any
-    assertIsInstance: Any
     flushLoggedErrors: Any
 
     async def _setUp(self) -> None:
@@ -185,21 +172,22 @@ class DeviceServiceFixture(RPCServerMixin):
     def setUp(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._setUp())
 
-    async def startDriverDomain(self, domid: int, runner: Any = None) -> BackendCtrlAgent:
-        """The agent (blkback, netback), simulated backends and guest frontends."""
-        xs = await self.connect()
-        agent = BackendCtrlAgent(xs, domid, [BlkbackKind(), NetbackKind()], runner)
-        await DriverDomainClient(self.xs, domid).ensureArea()
-        sims: list[Any] = [BackendSimulator(xs, domid)]
-        if domid == 0:
-            sims.append(FrontendSimulator(await self.connect(), GUEST))
-        for sim in sims:
-            await sim.start()
-            self.addCleanup(sim.stop)
-        await agent.start()
-        self.addCleanup(agent.stop)
-        self.agents = [*getattr(self, "agents", []), agent]
-        return agent
+    async def startDriverDomain(
+        self, domid: int, hotplug: dict[str, Any] | None = None
+    ) -> BackendCtrlAgent:
+        """
+        The agent (blkback, netback; hotplug as in L{startDriverDomain}),
+        simulated backends and, for domain 0, the guest's frontends.
+        """
+        dd = await startDriverDomain(
+            self,
+            self.xs,
+            domid,
+            [BlkbackKind(), NetbackKind()],
+            hotplug=hotplug,
+            guests=[GUEST] if domid == 0 else [],
+        )
+        return dd.agent
 
     def image(self) -> str:
         """A 1 MiB image file."""
@@ -208,19 +196,9 @@ class DeviceServiceFixture(RPCServerMixin):
             f.truncate(1 << 20)
         return path
 
-    async def tree(self) -> dict[str, Any]:
-        """The whole store, once the agents are idle."""
-        for agent in self.agents:
-            await agent.whenIdle()
-        return await dumpTree(self.xs)
-
     async def connected(self, devclass: str, devid: int) -> None:
         """Wait until the simulated guest has connected the device."""
         await waitForState(self.xs, f"/local/domain/{GUEST}/device/{devclass}/{devid}", 4, 10)
-
-    async def assertTreeIs(self, before: dict[str, Any]) -> None:
-        """Nothing changed in XenStore."""
-        self.assertEqual(diffTrees(before, await self.tree()), [])
 
 
 class XMLRPCSuite(DeviceServiceFixture):
@@ -447,9 +425,7 @@ class XMLRPCSuite(DeviceServiceFixture):
         with open(os.path.join(scripts, "hang"), "w") as f:
             f.write("#!/bin/sh\nexec sleep 600\n")
         os.chmod(os.path.join(scripts, "hang"), 0o755)
-        xs = await self.connect()
-        runner = HotplugRunner(scripts, xenstore=xs, xenstoredPath=self.socketPath, timeout=1.0)
-        await self.startDriverDomain(4, runner)
+        await self.startDriverDomain(4, {"scriptDir": scripts, "timeout": 1.0})
         self.manager.controllerArgs["createTimeout"] = 0.5
         before = await self.tree()
         img = self.image()

@@ -12,10 +12,13 @@ from twisted.internet.defer import Deferred, gatherResults
 #: Nodes a store writes by itself and that change without any client action.
 VOLATILE_PREFIXES = ("/tool/xenstored",)
 
+#: A snapshot: path -> (value, permissions as strings).
+Tree = dict[str, tuple[str, tuple[str, ...]]]
 
-async def dumpTree(xs: Any, root: str = "/") -> dict[str, tuple[str, tuple[str, ...]]]:
+
+async def dumpTree(xs: Any, root: str = "/") -> Tree:
     """Every node under C{root}: path -> (value, permissions as strings)."""
-    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    out: Tree = {}
 
     async def visit(path: str) -> None:
         if path.startswith(VOLATILE_PREFIXES):
@@ -31,9 +34,7 @@ async def dumpTree(xs: Any, root: str = "/") -> dict[str, tuple[str, tuple[str, 
     return out
 
 
-def diffTrees(
-    before: dict[str, tuple[str, tuple[str, ...]]], after: dict[str, tuple[str, tuple[str, ...]]]
-) -> list[str]:
+def diffTrees(before: Tree, after: Tree) -> list[str]:
     """Human-readable differences (empty when the trees are equal)."""
     lines = []
     for path in sorted(set(before) | set(after)):

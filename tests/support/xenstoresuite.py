@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import shutil
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
@@ -28,6 +28,8 @@ from xenddev.xenstore import (
 )
 from xenddev.xenstore.errors import QuotaError, XenStoreError
 from xenddev.xenstore.wire import Op
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 def deferredTest(
@@ -76,7 +78,22 @@ def settle(seconds: float = 0.05) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
 
-class XenStoreClientSuite:
+class FailureAssertions:
+    """C{assertFails} for suites of C{async def} tests; mixed with TestCase."""
+
+    fail: Callable[..., None]
+
+    async def assertFails(self, d: Awaitable[object], exc: type[_E]) -> _E:
+        """Await C{d} and check it fails with C{exc} (a subclass will do); the exception."""
+        try:
+            result = await d
+        except exc as e:
+            return e
+        self.fail(f"expected {exc.__name__}, got result {result!r}")
+        raise AssertionError("unreachable")
+
+
+class XenStoreClientSuite(FailureAssertions):
     """Protocol-level tests; needs C{startServer}, C{connect}, C{cliEnv}."""
 
     # Provided by the fixture and TestCase mixed in.
@@ -88,7 +105,6 @@ class XenStoreClientSuite:
     assertFalse: Callable[..., None]
     assertIn: Callable[..., None]
     assertIsInstance: Callable[..., None]
-    fail: Callable[..., None]
 
     def setUp(self) -> Deferred[Any]:  # type: ignore[override]
         self.startServer()
@@ -98,15 +114,6 @@ class XenStoreClientSuite:
             self.client = client
 
         return d.addCallback(got)
-
-    async def assertFails(self, d: Deferred[Any], exc: type[BaseException]) -> BaseException:
-        """Await C{d} and check it fails with C{exc}; return the exception."""
-        try:
-            result = await d
-        except exc as e:
-            return e
-        self.fail(f"expected {exc.__name__}, got result {result!r}")
-        raise AssertionError("unreachable")
 
     async def cli(self, *argv: str) -> str:
         """
