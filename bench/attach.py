@@ -72,11 +72,7 @@ import collections
 import json
 import os
 import re
-import resource
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,8 +85,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import ConnectError
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -102,14 +96,25 @@ from bench._attach_floor import (
     diskTarget,
     recordConfig,
 )
-from tests.support.realxenstored import RealXenstored, rawRequest, unavailableReason
+from bench._common import (
+    EmbeddedStore,
+    RealStore,
+    Stats,
+    Store,
+    awaited,
+    benchEnv,
+    chooseStores,
+    connect,
+    cpuSeconds,
+    runReactor,
+    selfCpuSeconds,
+    sleep,
+)
 from xenddev.xenstore.client import XenStoreClient
-from xenddev.xenstore.connection import connectXenStore
 from xenddev.xenstore.errors import ConflictError
 from xenddev.xenstore.protocol import XenStoreProtocol
 from xenddev.xenstore.wire import Op
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_RATIO = 1.5
 TARGET_FLATNESS = 0.20
 IMPLS = ("framework", "floor")
@@ -123,157 +128,6 @@ log = Logger()
 
 #: A dump of (part of) the tree: path -> (value, permissions).
 Tree = dict[str, tuple[str, tuple[str, ...]]]
-
-
-# Statistics
-
-
-@attrs.frozen
-class Stats:
-    """Latencies (seconds) of one kind of operation."""
-
-    samples: tuple[float, ...]
-
-    @property
-    def meanMs(self) -> float:
-        return statistics.fmean(self.samples) * 1e3 if self.samples else 0.0
-
-    def percentileMs(self, p: float) -> float:
-        if not self.samples:
-            return 0.0
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1e3
-
-    @property
-    def p50Ms(self) -> float:
-        return self.percentileMs(0.50)
-
-    @property
-    def p99Ms(self) -> float:
-        return self.percentileMs(0.99)
-
-
-def cpuSeconds(pid: int | None) -> float:
-    """User + system CPU time of a live process (Linux /proc); 0 if unknown."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def selfCpuSeconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    from twisted.internet import reactor
-
-    return deferLater(reactor, seconds, lambda: None)
-
-
-# The stores
-
-
-class Store:
-    """A XenStore server in its own process."""
-
-    name = "abstract"
-    socketPath: str
-
-    @property
-    def pid(self) -> int | None:
-        raise NotImplementedError()
-
-    def stop(self) -> None:
-        raise NotImplementedError()
-
-
-class RealStore(Store):
-    """The C xenstored (Xen 4.17) under the test shim; domains 0-127 exist."""
-
-    name = "C xenstored 4.17 (shim)"
-
-    def __init__(self, workdir: str) -> None:
-        self.daemon = RealXenstored(os.path.join(workdir, "xenstored"), domains=range(128))
-        self.daemon.start()
-        self.socketPath = self.daemon.socketPath
-
-    @property
-    def pid(self) -> int | None:
-        return self.daemon.pid
-
-    def stop(self) -> None:
-        self.daemon.stop()
-
-
-class EmbeddedStore(Store):
-    """The embedded xenstored as a process (C{python -m twisted xenstored})."""
-
-    name = "embedded xenstored (python -m twisted xenstored)"
-
-    def __init__(self, workdir: str, timeout: float = 30.0) -> None:
-        self.rundir = tempfile.mkdtemp(prefix="xsd-attach-")  # short: AF_UNIX paths
-        self.socketPath = os.path.join(self.rundir, "socket")
-        logPath = os.path.join(workdir, "embedded-xenstored.log")
-        with open(logPath, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "twisted", "xenstored", "--rundir", self.rundir],
-                env=dict(os.environ, PYTHONPATH=REPO),
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while not _answers(self.socketPath):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"embedded xenstored did not start; see {logPath}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc.poll() is None else None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-def _answers(socketPath: str) -> bool:
-    try:
-        reply, _ = rawRequest(socketPath, Op.DIRECTORY, b"/\0", timeout=0.5)
-    except OSError:
-        return False
-    return bool(reply == Op.DIRECTORY)
-
-
-async def connect(socketPath: str, attempts: int = 100) -> XenStoreClient:
-    """
-    Connect to the store. The C xenstored listens with a backlog of 1, so a
-    non-blocking connect made while an earlier one waits to be accepted can
-    fail (ConnectError): try again shortly.
-    """
-    for attempt in range(attempts):
-        try:
-            client: XenStoreClient = await connectXenStore(None, f"unix:{socketPath}")
-            return client
-        except ConnectError:
-            if attempt + 1 == attempts:
-                raise
-            await sleep(0.02)
-    raise AssertionError("unreachable")
 
 
 # Counting a process's XenStore requests
@@ -381,7 +235,7 @@ async def startParty(kind: str, socketPath: str, logPath: str, *args: str) -> Pa
             party,
             sys.executable,
             [sys.executable, os.path.abspath(__file__), "--party", kind, socketPath, *args],
-            env=dict(os.environ, PYTHONPATH=REPO),
+            env=benchEnv(),
             childFDs={0: "w", 1: "r", 2: out.fileno()},
         )
     line = await party.ready
@@ -607,14 +461,18 @@ class Bench:
         self.vmPaths = {info.domid: info.vmPath for info in infos}
         await DriverDomainClient(xs, DRIVER_DOMID).ensureArea()
         await xs.disconnect()
+        await self.startSimulators()
+        self.framework = FrameworkImpl(self.store.socketPath)
+        self.floor = FloorImpl(self.store.socketPath, self.vmPaths)
+
+    async def startSimulators(self) -> None:
+        """The simulators' process: the backend of domain 0 and every guest's frontends."""
         self.sims = await startParty(
             "sims",
             self.store.socketPath,
             self.logPath("simulators"),
             ",".join(str(g) for g in self.guests),
         )
-        self.framework = FrameworkImpl(self.store.socketPath)
-        self.floor = FloorImpl(self.store.socketPath, self.vmPaths)
 
     async def tearDown(self) -> None:
         await self.use(None)
@@ -856,7 +714,7 @@ async def runPool(
         for disk in work:
             t = clock()
             try:
-                d: Deferred[object] = Deferred.fromCoroutine(_awaited(op(disk)))
+                d: Deferred[object] = Deferred.fromCoroutine(awaited(op(disk)))
                 await d.addTimeout(OP_TIMEOUT, reactor)
             except Exception as e:
                 failures[type(e).__name__] += 1
@@ -1139,12 +997,7 @@ async def clonePopulate(bench: Bench, template: Template, disks: Sequence[Disk])
                     )
     finally:
         await xs.disconnect()
-    bench.sims = await startParty(
-        "sims",
-        bench.store.socketPath,
-        bench.logPath("simulators"),
-        ",".join(str(g) for g in bench.guests),
-    )
+    await bench.startSimulators()
     await bench.idle()
     return problems
 
@@ -1398,29 +1251,6 @@ def printLatency(part: LatencyPart, args: argparse.Namespace) -> list[str]:
 # Main
 
 
-async def _awaited(awaitable: Awaitable[object]) -> object:
-    return await awaitable
-
-
-def runReactor(main: Callable[[], Awaitable[object]]) -> Any:
-    """Run C{main()} under the global reactor; return its result or raise."""
-    from twisted.internet import reactor
-
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        d: Deferred[object] = Deferred.fromCoroutine(_awaited(main()))
-        d.addCallbacks(lambda r: outcome.update(result=r), lambda f: outcome.update(error=f))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(run)
-    reactor.run()
-    if "error" in outcome:
-        failure: Failure = outcome["error"]
-        failure.raiseException()
-    return outcome.get("result")
-
-
 @attrs.define
 class Results:
     store: str
@@ -1531,15 +1361,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices > args.guests * 200:
         parser.error("at most 200 devices per guest")
 
-    stores: list[Callable[[str], Store]] = []
-    if args.store in ("real", "both"):
-        reason = unavailableReason()
-        if reason is not None:
-            print(f"cannot run the real xenstored here: {reason}", file=sys.stderr)
-            return 2
-        stores.append(RealStore)
-    if args.store in ("embedded", "both"):
-        stores.append(EmbeddedStore)
+    stores = chooseStores(
+        args.store, lambda workdir: RealStore(workdir, domains=range(128)), EmbeddedStore
+    )
+    if stores is None:
+        return 2
 
     workdir = tempfile.mkdtemp(prefix="xenddev-bench-attach-")
     allResults: list[Results] = []

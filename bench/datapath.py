@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
+from bench._common import REPO, Stats
 from tests.support.faketapctl import STATE_ENV, killAll
 from tests.support.vhd import makeBase, makeChild
 from xenddev.datapath import DataPath, DataPathControl, QemuPauser, TapPauser, registryDir
@@ -54,14 +54,14 @@ from xenddev.qmp import connectQMP
 from xenddev.tapctl import TapCtl
 from xenddev.xenstore.connection import connectXenStore
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The test suite's STAND-IN tap-ctl (blktap is not packaged for Debian).
-STAND_IN_TAPCTL = os.path.join(ROOT, "tests", "support", "fake-tap-ctl")
+STAND_IN_TAPCTL = os.path.join(REPO, "tests", "support", "fake-tap-ctl")
 
 
 def summary(samples: list[float]) -> str:
-    ms = sorted(s * 1000 for s in samples)
-    return f"{statistics.mean(ms):8.2f} {ms[len(ms) // 2]:8.2f} {ms[-1]:8.2f}"
+    """Mean, median and maximum, in milliseconds."""
+    stats = Stats(tuple(samples))
+    return f"{stats.meanMs:8.2f} {stats.p50Ms:8.2f} {stats.maxMs:8.2f}"
 
 
 async def bench(reactor: Any, args: argparse.Namespace, workdir: str) -> list[tuple[str, ...]]:

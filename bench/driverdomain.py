@@ -42,10 +42,7 @@ import argparse
 import collections
 import json
 import os
-import resource
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,16 +55,28 @@ import attrs
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 
-from tests.support.realxenstored import RealXenstored, rawRequest, unavailableReason
+from bench._common import (
+    EmbeddedStore,
+    RealStore,
+    Stats,
+    Store,
+    benchEnv,
+    chooseStores,
+    cpuSeconds,
+    runReactor,
+    selfCpuSeconds,
+    sleep,
+    spawn,
+    terminate,
+    terminateAll,
+)
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.connection import connectXenStore
 from xenddev.xenstore.errors import ConflictError, NoEntryError
 from xenddev.xenstore.wire import Op, opName
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The request types, in the order the table lists them.
 REQUESTS = ("prepare", "activate", "deactivate", "unprepare", "plug", "unplug")
 #: The order one lifecycle issues them in (unplug needs a plugged vbd, ...).
@@ -81,164 +90,6 @@ GUEST = 20  # the frontends' domain (never created: the no-op kind needs none)
 TARGET = {"type": "file", "params": "/srv/bench.img", "mode": "w"}
 FRONTEND = f"/local/domain/{GUEST}/device/vbd/51712"
 EVENT_TIMEOUT = 30.0
-
-
-# Statistics
-
-
-@attrs.frozen
-class Stats:
-    """Latencies (seconds) of one kind of call."""
-
-    samples: tuple[float, ...]
-
-    @property
-    def meanMs(self) -> float:
-        return statistics.fmean(self.samples) * 1e3 if self.samples else 0.0
-
-    def percentileMs(self, p: float) -> float:
-        if not self.samples:
-            return 0.0
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1e3
-
-    @property
-    def p50Ms(self) -> float:
-        return self.percentileMs(0.50)
-
-    @property
-    def p99Ms(self) -> float:
-        return self.percentileMs(0.99)
-
-    @property
-    def maxMs(self) -> float:
-        return max(self.samples) * 1e3 if self.samples else 0.0
-
-
-def cpuSeconds(pid: int) -> float:
-    """User + system CPU time of a live process (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def selfCpuSeconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    from twisted.internet import reactor
-
-    return deferLater(reactor, seconds, lambda: None)
-
-
-# The stores
-
-
-class Store:
-    """A XenStore server in its own process."""
-
-    name = "abstract"
-    socketPath: str
-
-    @property
-    def pid(self) -> int | None:
-        raise NotImplementedError()
-
-    def stop(self) -> None:
-        raise NotImplementedError()
-
-
-class RealStore(Store):
-    """The C xenstored (Xen 4.17) under the test shim; domains 0-31 exist."""
-
-    name = "C xenstored 4.17 (shim)"
-
-    def __init__(self, workdir: str) -> None:
-        self.daemon = RealXenstored(os.path.join(workdir, "xenstored"), domains=range(32))
-        self.daemon.start()
-        self.socketPath = self.daemon.socketPath
-
-    @property
-    def pid(self) -> int | None:
-        return self.daemon.pid
-
-    def stop(self) -> None:
-        self.daemon.stop()
-
-
-class EmbeddedStore(Store):
-    """
-    The embedded xenstored as a process: C{python -m twisted xenstored
-    --rundir DIR} (C{twist} runs in the foreground; it has no C{-n}).
-    """
-
-    name = "embedded xenstored (python -m twisted xenstored)"
-
-    def __init__(self, workdir: str, timeout: float = 20.0) -> None:
-        rundir = tempfile.mkdtemp(prefix="xsd-bench-")  # short: AF_UNIX paths
-        self.rundir = rundir
-        self.socketPath = os.path.join(rundir, "socket")
-        self.logPath = os.path.join(workdir, "embedded-xenstored.log")
-        env = dict(os.environ, PYTHONPATH=REPO)
-        with open(self.logPath, "ab") as log:
-            self.proc = _spawn(
-                [
-                    sys.executable,
-                    *("-m", "twisted", "--log-format", "text"),
-                    *("xenstored", "--rundir", rundir),
-                ],
-                env=env,
-                cwd=workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while not _answers(self.socketPath):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"embedded xenstored did not start; see {self.logPath}")
-            time.sleep(0.02)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc.poll() is None else None
-
-    def stop(self) -> None:
-        _terminate(self.proc)
-        shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-def _answers(socketPath: str) -> bool:
-    try:
-        reply, _ = rawRequest(socketPath, Op.DIRECTORY, b"/\0", timeout=0.5)
-    except OSError:
-        return False
-    return bool(reply == Op.DIRECTORY)
-
-
-#: Every process this benchmark started, so that none outlives it.
-_children: list[subprocess.Popen[bytes]] = []
-
-
-def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, **kwargs)
-    _children.append(proc)
-    return proc
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # Agent processes
@@ -259,13 +110,13 @@ class AgentProcess:
         self.domid = domid
         self.logPath = logPath
         self.countsPath = countsPath
-        env = dict(os.environ, PYTHONPATH=REPO)
+        env = benchEnv()
         factory = "bench._noopkind:NoopKind"
         if countsPath is not None:
             env["XENDDEV_BENCH_COUNTS"] = countsPath
             factory = "bench._noopkind:countingNoopKind"
         with open(logPath, "wb") as log:
-            self.proc = _spawn(
+            self.proc = spawn(
                 [
                     sys.executable,
                     *("-m", "xenddev.driverdomain.run"),
@@ -293,7 +144,7 @@ class AgentProcess:
         return cpuSeconds(self.proc.pid)
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        terminate(self.proc, 5.0)
 
     def counts(self) -> dict[str, int]:
         """After L{stop}: the agent's request and conflict counts (empty if none)."""
@@ -308,9 +159,9 @@ class FloorAgentProcess:
     """This script in C{--floor-agent} mode: the floor's driver-domain side."""
 
     def __init__(self, socketPath: str, domid: int) -> None:
-        self.proc = _spawn(
+        self.proc = spawn(
             [sys.executable, os.path.abspath(__file__), "--floor-agent", socketPath, str(domid)],
-            env=dict(os.environ, PYTHONPATH=REPO),
+            env=benchEnv(),
             stdout=subprocess.PIPE,
         )
         assert self.proc.stdout is not None
@@ -320,7 +171,7 @@ class FloorAgentProcess:
             raise RuntimeError(f"floor agent did not start: {line!r}")
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        terminate(self.proc, 5.0)
 
 
 def floorBase(domid: int) -> str:
@@ -849,30 +700,6 @@ async def benchStore(
     return rt, anatomy, scale
 
 
-async def _awaited(awaitable: Awaitable[object]) -> object:
-    return await awaitable
-
-
-def runReactor(main: Callable[[], Awaitable[object]]) -> Any:
-    """Run C{main()} under the global reactor; return its result or raise."""
-    from twisted.internet import reactor
-    from twisted.python.failure import Failure
-
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        d: Deferred[object] = Deferred.fromCoroutine(_awaited(main()))
-        d.addCallbacks(lambda r: outcome.update(result=r), lambda f: outcome.update(error=f))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(run)
-    reactor.run()
-    if "error" in outcome:
-        failure: Failure = outcome["error"]
-        failure.raiseException()
-    return outcome.get("result")  # None if the reactor was stopped (SIGTERM)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Start each store in turn, run both parts, print the tables."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
@@ -908,15 +735,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.agents <= 10:
         parser.error("--agents must be 1..10 (domids 1..10)")
 
-    kinds: list[Callable[[str], Store]] = []
-    if args.store in ("both", "real"):
-        reason = unavailableReason()
-        if reason is not None:
-            print(f"cannot run the real xenstored here: {reason}", file=sys.stderr)
-            return 2
-        kinds.append(RealStore)
-    if args.store in ("both", "embedded"):
-        kinds.append(EmbeddedStore)
+    kinds = chooseStores(
+        args.store,
+        lambda workdir: RealStore(workdir, domains=range(32)),
+        lambda workdir: EmbeddedStore(workdir, ("--log-format", "text")),
+    )
+    if kinds is None:
+        return 2
 
     workdir = tempfile.mkdtemp(prefix="xenddev-bench-dd-")
     results: list[tuple[str, tuple[RoundTrips | None, Anatomy | None, list[Scale]]]] = []
@@ -935,8 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runReactor(everything)
     finally:
-        for proc in _children:
-            _terminate(proc)
+        terminateAll()
         for store in stores:
             store.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -35,10 +35,8 @@ from twisted.internet.defer import Deferred
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._common import OPS, VALUE, clientWorkload, runReactor
 from tests.support.realxenstored import RealXenstored, unavailableReason
-
-VALUE = b"v" * 32
-OPS = ("read", "write", "directory", "tx empty", "tx rmw")
 
 
 @attrs.frozen
@@ -117,31 +115,14 @@ def benchPyxs(socketPath: str, n: int) -> dict[str, Result]:
 
 
 def xenddevOps(client: Any) -> dict[str, Callable[[int], Deferred[Any]]]:
-    """The five workloads as Deferred factories on a XenStoreClient."""
-
-    async def emptyTransaction() -> None:
-        tx = await client.startTransaction()
-        await tx.commit()
-
-    def txEmpty(i: int) -> Deferred[Any]:
-        return Deferred.fromCoroutine(emptyTransaction())
-
-    async def rmw(tx: Any, path: str) -> None:
-        await tx.write(path, str(int(await tx.read(path)) + 1))
-
-    def txRmw(i: int) -> Deferred[Any]:
-        # Each in-flight slot has its own counter, as xenstored detects
-        # conflicts per node: (c) measures pipelining, not retries.
-        path = f"/bench/ctr/{100 + i % 100}"
-        return client.transact(lambda tx: rmw(tx, path))
-
-    return {
-        "read": lambda i: client.readBytes("/bench/key"),
-        "write": lambda i: client.write(f"/bench/w/{i % 100}", VALUE),
-        "directory": lambda i: client.ls("/bench/dir"),
-        "tx empty": txEmpty,
-        "tx rmw": txRmw,
-    }
+    """
+    The five workloads as Deferred factories on a XenStoreClient (the
+    shared workload; its counters are /bench/ctr/100..199, pyxs uses 0..99).
+    """
+    ops = clientWorkload(client, counterBase=100)
+    txEmpty = ops["tx empty"]
+    ops["tx empty"] = lambda i: Deferred.fromCoroutine(txEmpty(i))
+    return ops
 
 
 def timeAsync(n: int, inflight: int, op: Callable[[int], Deferred[Any]]) -> Deferred[Result]:
@@ -274,23 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         floor = runTestXenstore(daemon.env(), args.floor_iterations)
 
         from twisted.internet import reactor
-        from twisted.internet.defer import Deferred
 
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            d = Deferred.fromCoroutine(
-                benchXenddev(reactor, daemon.socketPath, args.ops, args.inflight)
-            )
-            d.addCallbacks(lambda r: outcome.update(result=r), lambda f: outcome.update(error=f))
-            d.addBoth(lambda _: reactor.stop())
-
-        reactor.callWhenRunning(run)
-        reactor.run()
-        if "error" in outcome:
-            outcome["error"].printTraceback()
-            return 1
-        b, c = outcome["result"]
+        b, c = runReactor(lambda: benchXenddev(reactor, daemon.socketPath, args.ops, args.inflight))
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)

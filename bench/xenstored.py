@@ -45,7 +45,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -57,33 +56,42 @@ import attrs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.support.realxenstored import RealXenstored, rawRequest, unavailableReason
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench._common import (
+    OPS,
+    VALUE,
+    EmbeddedStore,
+    RealStore,
+    Store,
+    clientWorkload,
+    cpuSeconds,
+    runReactor,
+)
+from tests.support.realxenstored import unavailableReason
 
 TEST_XENSTORE = "/usr/lib/xen-4.17/bin/test-xenstore"
-XS_DIRECTORY = 1
-VALUE = b"v" * 32
-OPS = ("read", "write", "directory", "tx empty", "tx rmw")
 #: test-xenstore tests with a target, and the ones shown for information.
 TARGET_TESTS = ("read 1", "write 1", "dir", "ta empty", "ta rmw")
 MAX_TIME_RATIO = 2.0
 MAX_RSS_RATIO = 3.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the two servers ---------------------------------------------------------
 
 
 class Server:
-    """A xenstored process serving a Unix socket."""
+    """A xenstored process serving a Unix socket, under the name the tables give it."""
 
-    name: str
-    socketPath: str
+    def __init__(self, name: str, store: Store) -> None:
+        self.name = name
+        self.store = store
+        self.socketPath = store.socketPath
 
     @property
     def pid(self) -> int:
-        raise NotImplementedError()
+        """The server's process id (it must be running)."""
+        pid = self.store.pid
+        assert pid is not None, f"the {self.name} xenstored is not running"
+        return pid
 
     def env(self) -> dict[str, str]:
         """Environment pointing libxenstore clients at this server."""
@@ -92,7 +100,8 @@ class Server:
         return env
 
     def stop(self) -> None:
-        raise NotImplementedError()
+        """Stop the server."""
+        self.store.stop()
 
     def cpuSeconds(self) -> float:
         """
@@ -111,10 +120,7 @@ class Server:
                 return total
         except OSError:
             pass
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # Fields 14 and 15 (utime, stime) are the 12th and 13th after ")".
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return cpuSeconds(self.pid)
 
     def rssKiB(self) -> int:
         """C{VmRSS} of the server, in KiB."""
@@ -123,75 +129,6 @@ class Server:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise RuntimeError(f"no VmRSS for pid {self.pid}")
-
-
-class CServer(Server):
-    """The C xenstored under the shim."""
-
-    name = "C"
-
-    def __init__(self, workdir: str) -> None:
-        self.daemon = RealXenstored(os.path.join(workdir, "c"))
-        self.daemon.start()
-        self.socketPath = self.daemon.socketPath
-
-    @property
-    def pid(self) -> int:
-        pid = self.daemon.pid
-        assert pid is not None, "the C xenstored is not running"
-        return pid
-
-    def stop(self) -> None:
-        self.daemon.stop()
-
-
-class EmbeddedServer(Server):
-    """The embedded xenstored, in a process of its own."""
-
-    name = "embedded"
-
-    def __init__(self, workdir: str) -> None:
-        rundir = os.path.join(workdir, "embedded")
-        os.makedirs(rundir)
-        self.socketPath = os.path.join(rundir, "socket")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-        self.logPath = os.path.join(rundir, "xenstored.log")
-        with open(self.logPath, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "twisted", "--log-file=-", "xenstored", "--rundir", rundir],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=rundir,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the embedded xenstored exited; see {self.logPath}")
-            try:
-                if rawRequest(self.socketPath, XS_DIRECTORY, b"/\0", timeout=1)[0] == 1:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the embedded xenstored does not answer; see {self.logPath}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # -- measurements ------------------------------------------------------------
@@ -273,31 +210,6 @@ async def timeOps(
     return Cell(n, time.perf_counter() - start, server.cpuSeconds() - cpu)
 
 
-def workloadOps(client: Any) -> dict[str, Callable[[int], Awaitable[object]]]:
-    """Our five operations on a XenStoreClient."""
-
-    async def txEmpty(i: int) -> None:
-        tx = await client.startTransaction()
-        await tx.commit()
-
-    async def rmw(tx: Any, path: str) -> None:
-        await tx.write(path, str(int(await tx.read(path)) + 1))
-
-    def txRmw(i: int) -> Awaitable[object]:
-        # One counter per in-flight slot: xenstored detects conflicts per
-        # node, so this measures transactions, not retries.
-        path = f"/bench/ctr/{i % 100}"
-        return client.transact(lambda tx: rmw(tx, path))
-
-    return {
-        "read": lambda i: client.readBytes("/bench/key"),
-        "write": lambda i: client.write(f"/bench/w/{i % 100}", VALUE),
-        "directory": lambda i: client.ls("/bench/dir"),
-        "tx empty": txEmpty,
-        "tx rmw": txRmw,
-    }
-
-
 async def benchServer(
     reactor: Any, server: Server, n: int, inflight: int, nodes: int
 ) -> tuple[dict[str, Cell], Cell, int, int]:
@@ -310,7 +222,7 @@ async def benchServer(
     await client.write("/bench/key", VALUE)
     await gatherResults([client.write(f"/bench/dir/child-{i}", VALUE) for i in range(10)])
     await gatherResults([client.write(f"/bench/ctr/{i}", "0") for i in range(100)])
-    ops = workloadOps(client)
+    ops = clientWorkload(client)
     cells = {name: await timeOps(server, n, inflight, ops[name]) for name in OPS}
     await client.rm("/bench")
     rssBefore = server.rssKiB()
@@ -443,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
 
     workdir = tempfile.mkdtemp(prefix="xsd-bench-")
     servers: list[Server] = []
@@ -452,10 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     loads: dict[str, Cell] = {}
     rss: dict[str, tuple[int, int]] = {}
     try:
-        servers = [CServer(workdir), EmbeddedServer(workdir)]
+        servers = [
+            Server("C", RealStore(workdir, domains=(0,))),
+            Server("embedded", EmbeddedStore(workdir, ("--log-file=-",))),
+        ]
         tests = bestTestXenstore(servers, args.iterations, args.repeat)
-
-        outcome: dict[str, Any] = {}
 
         async def runAll() -> None:
             for server in servers:
@@ -465,16 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells[server.name], loads[server.name] = c, load
                 rss[server.name] = (before, after)
 
-        def run() -> None:
-            d = Deferred.fromCoroutine(runAll())
-            d.addErrback(lambda f: outcome.update(error=f))
-            d.addBoth(lambda _: reactor.stop())
-
-        reactor.callWhenRunning(run)
-        reactor.run()
-        if "error" in outcome:
-            outcome["error"].printTraceback()
-            return 1
+        runReactor(runAll)
     finally:
         for server in servers:
             server.stop()
