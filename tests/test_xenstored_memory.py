@@ -18,7 +18,7 @@ from tests.test_xenstored_regressions import Client
 from xenddev.xenstore.server.core import XenStoreServer
 from xenddev.xenstore.server.persistence import dumpTree, loadTree
 from xenddev.xenstore.server.quota import Quotas
-from xenddev.xenstore.server.tree import DEFAULT_PERMS, LeafView, Names, Node, Tree
+from xenddev.xenstore.server.tree import DEFAULT_PERMS, UNSEEN, LeafView, Names, Node, Tree
 from xenddev.xenstore.wire import Op
 
 
@@ -109,16 +109,25 @@ class PlainLeafTests(TestCase):
         self.assertIsInstance(entry(self.tree, b"/p/a"), Node)
 
     def test_generations(self) -> None:
-        """A transaction's read gives a plain leaf a node; its commit makes it plain."""
+        """
+        A transaction's read gives a plain leaf a node for its generation;
+        the node stays (a commit updates it in place), unseen again.
+        """
         self.dom0.request(Op.WRITE, raw=b"/c\0" + b"0")
         txId = self.start()
         self.assertEqual(self.inTx(txId, Op.READ, b"/c\0"), b"0")
         node = entry(self.tree, b"/c")
         assert isinstance(node, Node)
-        self.assertNotEqual(node.generation, 0)
+        self.assertNotEqual(node.generation, UNSEEN)
         self.assertEqual(self.inTx(txId, Op.WRITE, b"/c\0" + b"1"), b"OK\0")
         self.assertEqual(self.inTx(txId, Op.TRANSACTION_END, b"T\0"), b"OK\0")
-        self.assertEqual(entry(self.tree, b"/c"), b"1")
+        self.assertIs(entry(self.tree, b"/c"), node)
+        self.assertEqual((node.value, node.generation), (b"1", UNSEEN))
+        # A new leaf committed by a transaction is plain.
+        txId = self.start()
+        self.assertEqual(self.inTx(txId, Op.WRITE, b"/n\0" + b"2"), b"OK\0")
+        self.assertEqual(self.inTx(txId, Op.TRANSACTION_END, b"T\0"), b"OK\0")
+        self.assertEqual(entry(self.tree, b"/n"), b"2")
 
     def test_releaseDomainOwningRoot(self) -> None:
         """Plain leaves below a root a released domain owns go with the domain."""

@@ -526,21 +526,24 @@ class Tree:
         these children, in this order (a transaction's commit, parents
         first): the children it already had stay as they are, a new one is
         an empty placeholder that the transaction's own entry for it fills
-        in later. Return False if the parent is missing.
+        in later. A L{Node} is updated in place (transactions read it, and
+        will again); a new or plain leaf is stored plain if it can be.
+        Return False if the parent is missing.
         """
-        intern = self.names.intern
+        parent: Node | None = None
+        name = b""
         if path == b"/":
-            parent = None
             old: Entry | None = self.root
         else:
             parent = self.nodeAt(parentOf(path))
             if parent is None:
                 return False
-            name = intern(baseName(path))
+            name = baseName(path)
             old = parent.children.get(name) if parent.children else None
-        oldChildren = old.children if isinstance(old, Node) else None
         children: dict[bytes, Entry] | None = None
         if childNames:
+            intern = self.names.intern
+            oldChildren = old.children if isinstance(old, Node) else None
             if oldChildren:
                 assert isinstance(old, Node)
                 if perms is not old.perms:
@@ -548,10 +551,13 @@ class Tree:
                 children = {intern(n): oldChildren.get(n, b"") for n in childNames}
             else:
                 children = {intern(n): b"" for n in childNames}
-        if parent is None:
-            root = self.root
-            root.value, root.perms, root.generation, root.children = value, perms, UNSEEN, children
-        elif children is None and perms is parent.perms:
+        if isinstance(old, Node):
+            old.value, old.perms, old.generation, old.children = value, perms, UNSEEN, children
+            return True
+        assert parent is not None
+        if old is None:
+            name = self.names.intern(name)
+        if children is None and perms is parent.perms:
             self._attach(parent, name, value)
         else:
             self._attach(parent, name, Node(value, perms, UNSEEN, children))
