@@ -9,7 +9,17 @@ shares a CPU or the GIL with the load generator:
     stays in the foreground and so needs no C{-n}; the same plugin as
     C{twistd -n xenstored}; default epoll reactor) with C{PYTHONPATH} set
     to this checkout. A separate process measures the server as deployed,
-    and its RSS is the server's alone.
+    and its RSS is the server's alone. As deployed means with its bytecode
+    compiled, as an installed package has it: this checkout has none when
+    C{PYTHONDONTWRITEBYTECODE} is set (it is on the shared machine), and
+    compiling xenddev at start leaves about 2 MiB of freed memory in the
+    process, which the load then reuses: the RSS before the load is that
+    much higher and the growth lower than they are for an installed
+    server (the RSS after the load, about the same). So the server is
+    first started once with C{PYTHONPYCACHEPREFIX} pointing into the
+    bench's temporary directory, which caches the bytecode of everything
+    it imports, then started again with that cache for the measurement
+    (C{--no-bytecode-cache}: compile at start instead).
 
 Against each it runs, one server after the other:
 
@@ -25,18 +35,20 @@ Against each it runs, one server after the other:
      client is usually the bottleneck, so the wall times of both servers
      are close and the CPU column shows the servers' own difference);
   3. a load of 100 000 nodes of 32 bytes (100 directories of 1000), then
-     the server's C{VmRSS}.
+     the server's C{VmRSS} (C{--memory-only}: only this, 1 and 2 skipped).
 
 It prints the times side by side with the ratio embedded/C, and which
 targets are met: embedded <= 2x C wall time per operation for read, write,
 directory and transactions (both test-xenstore and our workload), and RSS
-after the load <= 3x C. It also prints the RSS before the load and the
-growth: a Python process with Twisted's reactor imported is about 31 MiB
-before it stores anything, more than twice the C daemon's RSS with the
-100 000 nodes loaded, so the absolute ratio is dominated by that floor.
+after the load <= 3x C. It also prints the RSS before the load, the
+growth and the growth per node: a Python process with Twisted's reactor
+imported is about 30 MiB before it stores anything, more than twice the C
+daemon's RSS with the 100 000 nodes loaded, so the absolute ratio is
+dominated by that floor.
 
 Run: C{.venv/bin/python bench/xenstored.py [--ops N] [--iterations N]
-[--repeat N] [--nodes N] [--inflight N]}
+[--repeat N] [--nodes N] [--inflight N] [--memory-only]
+[--no-bytecode-cache]}
 """
 
 from __future__ import annotations
@@ -49,7 +61,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -213,18 +226,23 @@ async def timeOps(
 async def benchServer(
     reactor: Any, server: Server, n: int, inflight: int, nodes: int
 ) -> tuple[dict[str, Cell], Cell, int, int]:
-    """Our workload, then the load of C{nodes} nodes; returns RSS before and after."""
+    """
+    Our workload (C{n} operations per cell; none if 0), then the load of
+    C{nodes} nodes; returns RSS before and after.
+    """
     from twisted.internet.defer import gatherResults
 
     from xenddev.xenstore import connectXenStore
 
     client = await connectXenStore(reactor, f"unix:{server.socketPath}")
-    await client.write("/bench/key", VALUE)
-    await gatherResults([client.write(f"/bench/dir/child-{i}", VALUE) for i in range(10)])
-    await gatherResults([client.write(f"/bench/ctr/{i}", "0") for i in range(100)])
-    ops = clientWorkload(client)
-    cells = {name: await timeOps(server, n, inflight, ops[name]) for name in OPS}
-    await client.rm("/bench")
+    cells = {}
+    if n:
+        await client.write("/bench/key", VALUE)
+        await gatherResults([client.write(f"/bench/dir/child-{i}", VALUE) for i in range(10)])
+        await gatherResults([client.write(f"/bench/ctr/{i}", "0") for i in range(100)])
+        ops = clientWorkload(client)
+        cells = {name: await timeOps(server, n, inflight, ops[name]) for name in OPS}
+        await client.rm("/bench")
     rssBefore = server.rssKiB()
 
     def loadOne(i: int) -> Awaitable[object]:
@@ -299,28 +317,41 @@ def report(
             f"{cc.cpuUs:>7.1f} {ec.cpuUs:>8.1f} {ratioText(ec.cpuUs, cc.cpuUs)}  {target}"
         )
     print()
-    print(f"memory: VmRSS in MiB, before and after loading {args.nodes} nodes of 32 bytes")
+    return misses + reportMemory(args, rss)
+
+
+def reportMemory(args: argparse.Namespace, rss: dict[str, tuple[int, int]]) -> list[str]:
+    """Print the memory table; return the target missed, if it is."""
+    bytecode = "cached" if args.bytecode_cache else "compiled at start"
+    print(
+        f"memory: VmRSS in MiB, before and after loading {args.nodes} nodes of 32 bytes "
+        f"(embedded: bytecode {bytecode})"
+    )
     (cb, ca), (eb, ea) = rss["C"], rss["embedded"]
-    ok = ea <= MAX_RSS_RATIO * ca
-    if not ok:
-        misses.append(f"RSS after load: {ea / ca:.2f}x")
+    limit = MAX_RSS_RATIO * ca
+    ok = ea <= limit
     print(f"  {'':<10} {'C':>8} {'embedded':>9} {'emb/C':>7}  target")
     print(f"  {'before':<10} {cb / 1024:>8.1f} {eb / 1024:>9.1f} {ratioText(eb, cb)}")
     print(
         f"  {'after':<10} {ca / 1024:>8.1f} {ea / 1024:>9.1f} {ratioText(ea, ca)}  "
-        f"{'met' if ok else 'MISSED'}"
+        f"<= {MAX_RSS_RATIO:.0f}x C = {limit / 1024:.1f} MiB: {'met' if ok else 'MISSED'}"
     )
     print(
         f"  {'growth':<10} {(ca - cb) / 1024:>8.1f} {(ea - eb) / 1024:>9.1f} "
         f"{ratioText(ea - eb, ca - cb)}"
     )
+    print(
+        f"  {'B per node':<10} {(ca - cb) * 1024 / args.nodes:>8.0f} "
+        f"{(ea - eb) * 1024 / args.nodes:>9.0f} {ratioText(ea - eb, ca - cb)}"
+    )
     floor = reactorFloorKiB()
     print(
         f"  floor: a Python process that has only imported Twisted's reactor: "
-        f"{floor / 1024:.1f} MiB ({floor / ca:.2f}x the C daemon after the load)"
+        f"{floor / 1024:.1f} MiB ({floor / ca:.2f}x the C daemon after the load); "
+        f"the embedded server starts {(eb - floor) / 1024:.1f} MiB above it"
     )
     print()
-    return misses
+    return [] if ok else [f"RSS after load: {ea / ca:.2f}x"]
 
 
 def reactorFloorKiB() -> int:
@@ -336,6 +367,31 @@ def reactorFloorKiB() -> int:
     return int(out.stdout.strip())
 
 
+@contextmanager
+def environ(**changes: str) -> Iterator[None]:
+    """Set environment variables of this process (for its children) for a while."""
+    saved = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def startEmbedded(workdir: str, bytecodeCache: bool) -> EmbeddedStore:
+    """The embedded server's process; with its bytecode cached first (see the docstring)."""
+    if not bytecodeCache:
+        return EmbeddedStore(workdir, ("--log-file=-",))
+    # An empty PYTHONDONTWRITEBYTECODE counts as unset.
+    with environ(PYTHONDONTWRITEBYTECODE="", PYTHONPYCACHEPREFIX=os.path.join(workdir, "pyc")):
+        EmbeddedStore(workdir, ("--log-file=-",)).stop()
+        return EmbeddedStore(workdir, ("--log-file=-",))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start both servers, run everything against each, print the tables."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
@@ -344,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=2000, help="test-xenstore -i")
     parser.add_argument("--repeat", type=int, default=3, help="test-xenstore runs per server")
     parser.add_argument("--nodes", type=int, default=100_000, help="nodes loaded for RSS")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the load and the RSS (no timings)"
+    )
+    parser.add_argument(
+        "--no-bytecode-cache",
+        dest="bytecode_cache",
+        action="store_false",
+        help="the embedded server compiles its modules at start (see the docstring)",
+    )
     args = parser.parse_args(argv)
 
     reason = unavailableReason()
@@ -365,14 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         servers = [
             Server("C", RealStore(workdir, domains=(0,))),
-            Server("embedded", EmbeddedStore(workdir, ("--log-file=-",))),
+            Server("embedded", startEmbedded(workdir, args.bytecode_cache)),
         ]
-        tests = bestTestXenstore(servers, args.iterations, args.repeat)
+        if not args.memory_only:
+            tests = bestTestXenstore(servers, args.iterations, args.repeat)
+        ops = 0 if args.memory_only else args.ops
 
         async def runAll() -> None:
             for server in servers:
                 c, load, before, after = await benchServer(
-                    reactor, server, args.ops, args.inflight, args.nodes
+                    reactor, server, ops, args.inflight, args.nodes
                 )
                 cells[server.name], loads[server.name] = c, load
                 rss[server.name] = (before, after)
@@ -383,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    misses = report(args, tests, cells, loads, rss)
+    if args.memory_only:
+        misses = reportMemory(args, rss)
+    else:
+        misses = report(args, tests, cells, loads, rss)
     print("targets: " + ("all met" if not misses else "MISSED: " + "; ".join(misses)))
     return 0
 
