@@ -1494,3 +1494,155 @@ class DeferredTypeTests(ClientTestMixin, SynchronousTestCase):
         fake.pump()
         for d in calls:
             self.successResultOf(d)
+
+
+class FastPathTests(ClientTestMixin, SynchronousTestCase):
+    """
+    Results converted inside the protocol (no callbacks added per request)
+    and error replies that are answers: the same results as before.
+    """
+
+    def test_readOrNone(self):
+        """ENOENT is None; any other error still fails."""
+        client, fake, _ = self.makeClient()
+        fake.setNode("/a", b"\xff1")
+        fake.denied.add("/d")
+        fake.setNode("/d", b"x")
+        self.assertEqual(self.call(fake, client.readOrNone("/a")), "\udcff1")
+        self.assertIsNone(self.call(fake, client.readOrNone("/missing")))
+        self.callFails(fake, client.readOrNone("/d"), AccessDeniedError)
+
+    def test_exists(self):
+        """Present or unreadable is True, missing is False, other errors fail."""
+        client, fake, _ = self.makeClient()
+        fake.setNode("/a", b"")
+        fake.setNode("/d", b"x")
+        fake.denied.add("/d")
+        self.assertIs(self.call(fake, client.exists("/a")), True)
+        self.assertIs(self.call(fake, client.exists("/d")), True)
+        self.assertIs(self.call(fake, client.exists("/missing")), False)
+        fake.failNext(Op.READ, "EINVAL")
+        self.callFails(fake, client.exists("/a"), InvalidRequestError)
+
+    def test_rmMissingOk(self):
+        """With missingOk ENOENT is success, other errors fail; without it ENOENT fails."""
+        client, fake, _ = self.makeClient()
+        fake.failNext(Op.RM, "ENOENT")
+        self.assertIsNone(self.call(fake, client.rm("/x/y", missingOk=True)))
+        fake.failNext(Op.RM, "EACCES")
+        self.callFails(fake, client.rm("/x/y", missingOk=True), AccessDeniedError)
+        fake.failNext(Op.RM, "ENOENT")
+        self.callFails(fake, client.rm("/x/y"), NoEntryError)
+
+    def test_writeValueTypes(self):
+        """Text, bytes and bytes-like values are sent as the same bytes."""
+        client, fake, _ = self.makeClient()
+
+        class Text(str):
+            pass
+
+        for value, raw in [
+            ("t\udcff", b"t\xff"),
+            (Text("sub"), b"sub"),
+            (b"b", b"b"),
+            (bytearray(b"ba"), b"ba"),
+            (memoryview(b"mv"), b"mv"),
+            ("", b""),
+        ]:
+            self.assertIsNone(self.call(fake, client.write("/v", value)))
+            self.assertEqual(fake.received[-1].payload, b"/v\0" + raw)
+        self.assertRaises(InvalidArgumentError, client.write, "/v", 5)
+
+    def test_pathAsBytes(self):
+        """A path given as ASCII bytes works and is named as text in errors."""
+        client, fake, _ = self.makeClient()
+        f = self.callFails(fake, client.read(b"/missing"), NoEntryError)
+        self.assertEqual(f.value.path, "/missing")
+
+    def test_badTransactionId(self):
+        """A TRANSACTION_START reply that is not a number fails the start."""
+        client, fake, _ = self.makeClient()
+        d = client.startTransaction()
+        [packet] = fake.parser.feed(fake.transport.value())
+        fake.transport.clear()
+        client.protocol.dataReceived(Packet(Op.TRANSACTION_START, packet.reqId, 0, b"x\0").encode())
+        self.failureResultOf(d, ValueError)
+
+    def test_endedTransactionNamed(self):
+        """The refusal of an ended transaction names it, for every operation."""
+        client, fake, _ = self.makeClient()
+        tx = self.call(fake, client.startTransaction())
+        self.call(fake, tx.abort())
+        for call in (lambda: tx.write("/a", "v"), lambda: tx.ls("/"), tx.commit):
+            exc = self.assertRaises(InvalidArgumentError, call)
+            self.assertIn(f"transaction {tx.txId} has already ended", str(exc))
+        # A bad path is still reported as such, before the transaction's state.
+        self.assertRaises(InvalidPathError, tx.read, "/a b")
+
+    def test_protocolReplaced(self):
+        """Setting the client's protocol makes its requests go there."""
+        client, fake, _ = self.makeClient()
+        other = XenStoreProtocol()
+        transport = StringTransport()
+        other.makeConnection(transport)
+        client.protocol = other
+        self.assertIs(client.protocol, other)
+        client.read("/a")
+        client.transact(lambda tx: None)
+        self.assertEqual(len(PacketParser().feed(transport.value())), 2)
+        self.assertEqual(fake.transport.value(), b"")
+
+    def test_namesLikeSplitting(self):
+        """Listing names are decoded as splitting then decoding each would."""
+        from xenddev.xenstore.client import _names, _text
+
+        samples = [
+            b"",
+            b"\0",
+            b"a\0",
+            b"a\0b\0",
+            b"a\0b",
+            b"\xc3\0\xa9\0",
+            b"\xc3\xa9\0\xff\xfe\0",
+            b"\0\0",
+            b"x\0\0y\0",
+        ]
+        for raw in samples:
+            self.assertEqual(_names(raw), [_text(n) for n in splitStrings(raw)], raw)
+
+    def test_wrappedRequestSeesEverything(self):
+        """
+        A wrapper of the protocol's request (as the benchmarks install, with
+        request's exact signature) sees every request of the client, and the
+        results are unchanged.
+        """
+        client, fake, _ = self.makeClient()
+        fake.setNode("/a", b"1")
+        proto = client.protocol
+        original = proto.request
+        seen = []
+
+        def request(op, payload, txId=0, context=None):
+            seen.append(op)
+            return original(op, payload, txId, context)
+
+        proto.request = request
+        self.assertEqual(self.call(fake, client.read("/a")), "1")
+        self.assertIsNone(self.call(fake, client.readOrNone("/missing")))
+        self.assertIsNone(self.call(fake, client.write("/b", "2")))
+        self.assertIs(self.call(fake, client.exists("/missing")), False)
+        self.assertEqual(self.call(fake, client.ls("/")), ["a", "b"])
+        self.assertEqual(self.call(fake, client.transact(lambda tx: tx.read("/b"))), "2")
+        self.assertEqual(
+            seen,
+            [
+                Op.READ,
+                Op.READ,
+                Op.WRITE,
+                Op.READ,
+                Op.DIRECTORY,
+                Op.TRANSACTION_START,
+                Op.READ,
+                Op.TRANSACTION_END,
+            ],
+        )

@@ -9,15 +9,18 @@ import pyxs.exceptions
 import pyxs.helpers
 from twisted.trial.unittest import SynchronousTestCase
 
+from xenddev.xenstore import paths
 from xenddev.xenstore.errors import (
     InvalidArgumentError,
     InvalidPathError,
     InvalidPermissionError,
 )
 from xenddev.xenstore.paths import (
+    VALID_PATHS,
     Perm,
     joinPath,
     parsePerms,
+    pathArgument,
     validateDomid,
     validateNodeName,
     validatePath,
@@ -289,6 +292,53 @@ class PermTests(SynchronousTestCase):
     def test_parsePermsBadEntry(self):
         """A bad entry anywhere in the list is refused."""
         self.assertRaises(InvalidPermissionError, parsePerms, ["n0", "q1"])
+
+
+class PathArgumentTests(SynchronousTestCase):
+    """L{pathArgument} and the cache of valid paths (the client's hot path)."""
+
+    def test_argument(self):
+        """A valid path comes back as text and as ASCII bytes with a NUL."""
+        self.assertEqual(pathArgument("/local/domain/7"), ("/local/domain/7", b"/local/domain/7\0"))
+        self.assertEqual(pathArgument(b"rel/path"), ("rel/path", b"rel/path\0"))
+
+    def test_cached(self):
+        """A valid text path is cached with its argument; the same bytes come back."""
+        path = "/cache/test/argument"
+        VALID_PATHS.pop(path, None)
+        _, first = pathArgument(path)
+        self.assertEqual(VALID_PATHS[path], b"/cache/test/argument\0")
+        self.assertIs(pathArgument(path)[1], first)
+        self.assertEqual(validatePath(path), path)
+
+    def test_invalidNotCached(self):
+        """An invalid path raises every time and is never cached."""
+        for _ in range(2):
+            self.assertRaises(InvalidPathError, pathArgument, "/a//b")
+            self.assertRaises(InvalidPathError, validatePath, "/a//b")
+        self.assertNotIn("/a//b", VALID_PATHS)
+
+    def test_bytesAndSubclassesNotKeys(self):
+        """Only exact C{str} keys enter the cache (bytes and str subclasses are checked)."""
+
+        class Text(str):
+            pass
+
+        VALID_PATHS.pop("/sub/class", None)
+        self.assertEqual(pathArgument(Text("/sub/class")), ("/sub/class", b"/sub/class\0"))
+        self.assertNotIn("/sub/class", VALID_PATHS)
+        self.assertRaises(InvalidPathError, pathArgument, Text("/bad path"))
+        self.assertRaises(InvalidPathError, pathArgument, ["/a"])
+
+    def test_bounded(self):
+        """The cache is emptied when full, so it cannot grow without bound."""
+        self.patch(paths, "_VALID_PATHS_MAX", len(VALID_PATHS) + 2)
+        pathArgument("/bounded/1")
+        pathArgument("/bounded/2")
+        self.assertIn("/bounded/2", VALID_PATHS)
+        pathArgument("/bounded/3")
+        self.assertEqual(list(VALID_PATHS), ["/bounded/3"])
+        self.assertEqual(validatePath("/bounded/1"), "/bounded/1")
 
 
 class AllErrorsAreValueErrorsTests(SynchronousTestCase):

@@ -16,11 +16,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from xenddev.xenstore.errors import (
     AccessDeniedError,
     ConflictError,
+    InvalidPayloadError,
     NoEntryError,
     UnexpectedPacket,
     XenStoreConnectionLost,
 )
-from xenddev.xenstore.protocol import XenStoreClientFactory, XenStoreProtocol
+from xenddev.xenstore.protocol import XenStoreClientFactory, XenStoreProtocol, discard
 from xenddev.xenstore.wire import HEADER, UINT32_MAX, Op, Packet, PacketParser
 
 
@@ -510,3 +511,264 @@ class FlowControlTests(SynchronousTestCase):
         results = [self.successResultOf(d) for d in ds]
         self.assertEqual(results, [b"%d" % i for i in range(count)])
         self.assertEqual(proto.pendingCount, 0)
+
+
+class SendTests(SynchronousTestCase):
+    """
+    L{XenStoreProtocol.send}: the reply converted before the Deferred fires,
+    and error replies that are answers.
+    """
+
+    def test_convertNone(self):
+        """Without a conversion the Deferred fires with the payload."""
+        proto, transport, _ = makeProtocol()
+        d = proto.send(Op.READ, b"/a\0", 3, "/a", None, None)
+        [packet] = sentPackets(transport)
+        self.assertEqual(packet, Packet(Op.READ, 1, 3, b"/a\0"))
+        reply(proto, Op.READ, packet.reqId, b"v")
+        self.assertEqual(self.successResultOf(d), b"v")
+
+    def test_discard(self):
+        """L{discard} fires with None."""
+        proto, transport, _ = makeProtocol()
+        d = proto.send(Op.WRITE, b"/a\0v", 0, "/a", discard, None)
+        [packet] = sentPackets(transport)
+        reply(proto, Op.WRITE, packet.reqId, b"OK\0")
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_convertFunction(self):
+        """A conversion function's result is the Deferred's result."""
+        proto, transport, _ = makeProtocol()
+        d = proto.send(Op.READ, b"/a\0", 0, "/a", bytes.upper, None)
+        [packet] = sentPackets(transport)
+        reply(proto, Op.READ, packet.reqId, b"abc")
+        self.assertEqual(self.successResultOf(d), b"ABC")
+
+    def test_convertRaises(self):
+        """
+        A conversion that raises fails that request only; the replies after
+        it in the same chunk are still dispatched.
+        """
+        proto, transport, _ = makeProtocol()
+        d1 = proto.send(Op.TRANSACTION_START, b"\0", 0, None, lambda raw: int(raw), None)
+        d2 = proto.send(Op.READ, b"/b\0", 0, "/b", None, None)
+        p1, p2 = sentPackets(transport)
+        proto.dataReceived(
+            Packet(Op.TRANSACTION_START, p1.reqId, 0, b"junk\0").encode()
+            + Packet(Op.READ, p2.reqId, 0, b"b").encode()
+        )
+        self.failureResultOf(d1, ValueError)
+        self.assertEqual(self.successResultOf(d2), b"b")
+
+    def test_answers(self):
+        """An ERROR reply named in C{answers} is a result; any other still fails."""
+        proto, transport, _ = makeProtocol()
+        d1 = proto.send(Op.READ, b"/a\0", 0, "/a", None, {"ENOENT": None})
+        d2 = proto.send(Op.READ, b"/b\0", 0, "/b", None, {"ENOENT": None})
+        d3 = proto.send(Op.READ, b"/c\0", 0, "/c", bytes.upper, {"ENOENT": False, "EACCES": True})
+        p1, p2, p3 = sentPackets(transport)
+        reply(proto, Op.ERROR, p1.reqId, b"ENOENT\0")
+        reply(proto, Op.ERROR, p2.reqId, b"EACCES\0")
+        reply(proto, Op.ERROR, p3.reqId, b"EACCES\0")
+        self.assertIsNone(self.successResultOf(d1))
+        f = self.failureResultOf(d2, AccessDeniedError)
+        self.assertEqual((f.value.op, f.value.path), ("READ", "/b"))
+        self.assertIs(self.successResultOf(d3), True)
+
+    def test_wrongReplyTypeNotConverted(self):
+        """A reply of the wrong type fails, whatever the conversion."""
+        proto, transport, _ = makeProtocol()
+        d = proto.send(Op.READ, b"/a\0", 0, "/a", discard, {"ENOENT": None})
+        [packet] = sentPackets(transport)
+        reply(proto, Op.WRITE, packet.reqId, b"OK\0")
+        self.failureResultOf(d, UnexpectedPacket)
+
+    def test_cancelledNotConverted(self):
+        """A cancelled request's late reply is neither converted nor delivered."""
+        proto, transport, _ = makeProtocol()
+        calls = []
+        d = proto.send(Op.READ, b"/a\0", 0, "/a", calls.append, None)
+        [packet] = sentPackets(transport)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        reply(proto, Op.READ, packet.reqId, b"late")
+        reply(proto, Op.ERROR, packet.reqId, b"ENOENT\0")  # and nothing more is pending
+        self.assertEqual(calls, [])
+        self.assertEqual(proto.pendingCount, 0)
+        self.assertEqual(proto.unexpectedPackets, 1)
+
+    def test_cancelledErrorReplySwallowed(self):
+        """A cancelled request's late ERROR reply is swallowed too."""
+        proto, transport, _ = makeProtocol()
+        d = proto.send(Op.READ, b"/a\0", 0, "/a", None, None)
+        [packet] = sentPackets(transport)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        reply(proto, Op.ERROR, packet.reqId, b"ENOENT\0")
+        self.assertEqual(proto.unexpectedPackets, 0)
+        self.assertEqual(proto.pendingCount, 0)
+
+    def test_xenbusQuirkConverted(self):
+        """A WATCH ack with req_id 0 (xenbus) goes through the conversion too."""
+        proto, transport, _ = makeProtocol()
+        d = proto.send(Op.WATCH, b"/a\0t\0", 0, "/a", discard, None)
+        sentPackets(transport)
+        reply(proto, Op.WATCH, 0, b"OK\0")
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_counted(self):
+        """send counts requests like request does."""
+        proto, _, _ = makeProtocol()
+        proto.roundTrips = {}
+        proto.send(Op.READ, b"/a\0", 0, "/a", None, None)
+        proto.request(Op.READ, b"/b\0")
+        self.assertEqual(proto.requestsSent, 2)
+        self.assertEqual(proto.roundTrips, {Op.READ: 2})
+
+    def test_tooLarge(self):
+        """A payload over 4096 bytes raises and sends nothing."""
+        proto, transport, _ = makeProtocol()
+        self.assertRaises(
+            InvalidPayloadError, proto.send, Op.WRITE, b"x" * 4097, 0, None, None, None
+        )
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(proto.pendingCount, 0)
+
+    def test_notConnected(self):
+        """send on a closed or never connected protocol fails at once."""
+        proto = XenStoreProtocol()
+        d = proto.send(Op.READ, b"/a\0", 0, "/a", discard, None)
+        self.failureResultOf(d, XenStoreConnectionLost)
+
+
+class ReplacedRequestTests(SynchronousTestCase):
+    """
+    Benchmarks replace C{request} (on an instance or the class) to count or
+    trace requests; L{XenStoreProtocol.send} then goes through the
+    replacement, with the same results.
+    """
+
+    def check(self, proto, transport, seen):
+        d1 = proto.send(Op.READ, b"/a\0", 4, "/a", bytes.upper, None)
+        d2 = proto.send(Op.WRITE, b"/b\0v", 0, "/b", discard, None)
+        d3 = proto.send(Op.READ, b"/c\0", 0, "/c", None, {"ENOENT": "none"})
+        d4 = proto.send(Op.READ, b"/d\0", 0, "/d", None, {"ENOENT": "none"})
+        self.assertEqual(
+            seen,
+            [
+                (Op.READ, b"/a\0", 4, "/a"),
+                (Op.WRITE, b"/b\0v", 0, "/b"),
+                (Op.READ, b"/c\0", 0, "/c"),
+                (Op.READ, b"/d\0", 0, "/d"),
+            ],
+        )
+        p1, p2, p3, p4 = sentPackets(transport)
+        reply(proto, Op.READ, p1.reqId, b"abc")
+        reply(proto, Op.WRITE, p2.reqId, b"OK\0")
+        reply(proto, Op.ERROR, p3.reqId, b"ENOENT\0")
+        reply(proto, Op.ERROR, p4.reqId, b"EACCES\0")
+        self.assertEqual(self.successResultOf(d1), b"ABC")
+        self.assertIsNone(self.successResultOf(d2))
+        self.assertEqual(self.successResultOf(d3), "none")
+        self.failureResultOf(d4, AccessDeniedError)
+
+    def test_instance(self):
+        """A replacement on the instance sees every request."""
+        proto, transport, _ = makeProtocol()
+        original = proto.request
+        seen = []
+
+        def request(op, payload, txId=0, context=None):
+            seen.append((op, payload, txId, context))
+            return original(op, payload, txId, context)
+
+        proto.request = request
+        self.check(proto, transport, seen)
+
+    def test_class(self):
+        """A replacement on the class sees every request."""
+        proto, transport, _ = makeProtocol()
+        original = XenStoreProtocol.request
+        seen = []
+
+        def request(self, op, payload, txId=0, context=None):
+            seen.append((op, payload, txId, context))
+            return original(self, op, payload, txId, context)
+
+        self.patch(XenStoreProtocol, "request", request)
+        self.check(proto, transport, seen)
+
+    def test_restored(self):
+        """Once the original is back, send takes its own path again."""
+        proto, transport, _ = makeProtocol()
+        original = proto.request
+        proto.request = lambda *a: self.fail("replacement called")
+        del proto.request
+        self.assertEqual(proto.request, original)
+        d = proto.send(Op.WRITE, b"/b\0v", 0, "/b", discard, None)
+        [p] = sentPackets(transport)
+        reply(proto, Op.WRITE, p.reqId, b"OK\0")
+        self.assertIsNone(self.successResultOf(d))
+
+
+class BatchTests(SynchronousTestCase):
+    """Requests made while replies are dispatched go out in one write, in order."""
+
+    def test_oneWrite(self):
+        """Requests made by reply callbacks are written once, after the chunk."""
+        proto, transport, _ = makeProtocol()
+        writes = []
+        transport.write = writes.append
+        ds = [proto.request(Op.READ, b"/%d\0" % i) for i in range(3)]
+        first = PacketParser().feed(b"".join(writes))
+        writes.clear()
+        for i, d in enumerate(ds):
+            d.addCallback(lambda _, i=i: proto.request(Op.READ, b"/next%d\0" % i))
+        proto.dataReceived(b"".join(Packet(Op.READ, p.reqId, 0, b"v").encode() for p in first))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(
+            [p.payload for p in PacketParser().feed(writes[0])],
+            [b"/next0\0", b"/next1\0", b"/next2\0"],
+        )
+
+    def test_nestedDataReceivedKeepsOrder(self):
+        """
+        A callback that feeds the protocol synchronously (a loopback
+        transport) does not reorder requests: the outer call writes them all.
+        """
+        proto, transport, _ = makeProtocol()
+        writes = []
+        transport.write = writes.append
+        a = proto.request(Op.READ, b"/a\0")
+        b = proto.request(Op.READ, b"/b\0")
+        pa, pb = PacketParser().feed(b"".join(writes))
+        writes.clear()
+
+        def first(_):
+            proto.request(Op.WRITE, b"/first\0x")
+            proto.dataReceived(Packet(Op.READ, pb.reqId, 0, b"b").encode())
+
+        a.addCallback(first)
+        b.addCallback(lambda _: proto.request(Op.WRITE, b"/second\0y"))
+        proto.dataReceived(Packet(Op.READ, pa.reqId, 0, b"a").encode())
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(
+            [p.payload for p in PacketParser().feed(writes[0])], [b"/first\0x", b"/second\0y"]
+        )
+
+    def test_queueDrainedIntoBatch(self):
+        """With maxInFlight, a reply's freed slot sends a queued request in the same write."""
+        proto, transport, _ = makeProtocol(maxInFlight=1)
+        writes = []
+        transport.write = writes.append
+        d1 = proto.request(Op.READ, b"/1\0")
+        d2 = proto.request(Op.READ, b"/2\0")
+        [p1] = PacketParser().feed(b"".join(writes))
+        writes.clear()
+        d1.addCallback(lambda _: proto.request(Op.READ, b"/3\0"))
+        proto.dataReceived(Packet(Op.READ, p1.reqId, 0, b"one").encode())
+        self.assertEqual(len(writes), 1)
+        [p2] = PacketParser().feed(writes[0])
+        self.assertEqual(p2.payload, b"/2\0")
+        self.assertEqual(proto.pendingCount, 2)
+        self.assertNoResult(d2)

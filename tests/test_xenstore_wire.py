@@ -205,6 +205,58 @@ class PacketParserTests(SynchronousTestCase):
         self.assertEqual(parser.pending(), 0)
 
 
+class FeedRawTests(SynchronousTestCase):
+    """L{PacketParser.feedRaw}: the client's receive path, tuples instead of Packets."""
+
+    def test_tuples(self):
+        """Each packet comes out as C{(op, reqId, txId, payload)} with a bytes payload."""
+        ps = [Packet(Op.READ, 1, 0, b"value"), Packet(Op.WRITE, 2, 5, b"OK\0")]
+        raw = PacketParser().feedRaw(b"".join(p.encode() for p in ps))
+        self.assertEqual(raw, [(Op.READ, 1, 0, b"value"), (Op.WRITE, 2, 5, b"OK\0")])
+        self.assertEqual([Packet(*t) for t in raw], ps)
+
+    def test_bufferedThenInPlace(self):
+        """
+        A partial packet is kept; the next chunk completes it; a chunk after
+        that (buffer empty again) parses in place. The parser keeps no
+        reference to a chunk it has fully consumed.
+        """
+        first = Packet(Op.READ, 1, 0, b"abc").encode()
+        second = Packet(Op.READ, 2, 0, b"defg").encode()
+        parser = PacketParser()
+        self.assertEqual(parser.feedRaw(first[:7]), [])
+        self.assertEqual(parser.pending(), 7)
+        self.assertEqual(parser.feedRaw(first[7:]), [(Op.READ, 1, 0, b"abc")])
+        self.assertEqual(parser.pending(), 0)
+        self.assertEqual(parser.feedRaw(second), [(Op.READ, 2, 0, b"defg")])
+        self.assertEqual(parser._buffer, b"")
+
+    def test_bytesLikeInput(self):
+        """A bytearray or memoryview chunk still gives bytes payloads."""
+        data = Packet(Op.READ, 1, 0, b"xy").encode()
+        for chunk in (bytearray(data), memoryview(data)):
+            [(_, _, _, payload)] = PacketParser().feedRaw(chunk)
+            self.assertIs(type(payload), bytes)
+            self.assertEqual(payload, b"xy")
+
+    def test_malformedCarriesTuples(self):
+        """
+        L{MalformedPacket} from feedRaw carries the complete packets before
+        the bad header as tuples; from feed, as L{Packet}s.
+        """
+        good = Packet(Op.READ, 1, 0, b"v")
+        data = good.encode() + rawHeader(Op.READ, 2, 0, 4097)
+        exc = self.assertRaises(MalformedPacket, PacketParser().feedRaw, data)
+        self.assertEqual(exc.packets, [(Op.READ, 1, 0, b"v")])
+        exc = self.assertRaises(MalformedPacket, PacketParser().feed, data)
+        self.assertEqual(exc.packets, [good])
+
+    def test_zeroLengthPayloads(self):
+        """Packets without a payload, back to back, each come out."""
+        data = Packet(Op.RESET_WATCHES, 1, 0, b"").encode() * 3
+        self.assertEqual(PacketParser().feedRaw(data), [(Op.RESET_WATCHES, 1, 0, b"")] * 3)
+
+
 class OpTests(SynchronousTestCase):
     """L{Op} numbering against xs_wire.h and pyxs."""
 

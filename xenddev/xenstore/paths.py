@@ -49,9 +49,11 @@ def _ascii(path: object, what: str = "path") -> str:
     return path
 
 
-#: Paths already found valid (a toolstack uses the same few thousand paths
-#: over and over; checking them is a measurable share of a request's cost).
-_VALID_PATH_CACHE: dict[str, str] = {}
+#: Paths already found valid, each with its request argument (ASCII then a
+#: NUL). A toolstack uses the same few thousand paths over and over;
+#: checking and encoding them was a measurable share of a request's cost.
+#: Read by the client's hot path; only this module writes it.
+VALID_PATHS: dict[str, bytes] = {}
 _VALID_PATHS_MAX = 8192
 
 
@@ -61,15 +63,31 @@ def validatePath(path: object) -> str:
 
     @raise InvalidPathError: naming the broken rule.
     """
+    if type(path) is str and path in VALID_PATHS:
+        return path
+    return pathArgument(path)[0]
+
+
+def pathArgument(path: object) -> tuple[str, bytes]:
+    """
+    Check a path (as L{validatePath}) and return it both as C{str} and as a
+    request argument: its ASCII bytes followed by a NUL. Both are cached in
+    L{VALID_PATHS}.
+
+    @raise InvalidPathError: naming the broken rule.
+    """
     if type(path) is str:
-        known = _VALID_PATH_CACHE.get(path)
+        known = VALID_PATHS.get(path)
         if known is not None:
-            return known
+            return path, known
     p = _checkPath(path)
-    if len(_VALID_PATH_CACHE) >= _VALID_PATHS_MAX:
-        _VALID_PATH_CACHE.clear()
-    _VALID_PATH_CACHE[p] = p
-    return p
+    encoded = p.encode("ascii") + b"\0"
+    if len(VALID_PATHS) >= _VALID_PATHS_MAX:
+        VALID_PATHS.clear()
+    # Only exact str keys: a str subclass may hash or compare differently.
+    if type(p) is str:
+        VALID_PATHS[p] = encoded
+    return p, encoded
 
 
 def _checkPath(path: object) -> str:

@@ -13,7 +13,8 @@ Deferred fails with L{XenStoreConnectionLost}.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
@@ -22,44 +23,72 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xenddev.xenstore.errors import (
+    InvalidPayloadError,
     MalformedPacket,
     UnexpectedPacket,
     XenStoreConnectionLost,
+    XenStoreError,
     errorFromReply,
 )
 from xenddev.xenstore.wire import (
+    HEADER,
+    PAYLOAD_MAX,
     UINT32_MAX,
     Op,
-    Packet,
     PacketParser,
+    RawPacket,
     decodeError,
-    encodePacket,
     opName,
     splitStrings,
 )
 
 EventHandler = Callable[[bytes, bytes], None]
 
+#: What L{XenStoreProtocol.send} does with a reply's payload before firing:
+#: C{None} keeps the bytes, L{discard} fires with C{None}, any other callable
+#: is applied to the payload.
+Convert = Callable[[bytes], Any] | None
+
+#: Error replies that answer a request rather than fail it: errno name ->
+#: the result to fire with (e.g. C{{"ENOENT": None}} for "read or None").
+Answers = Mapping[str, Any] | None
+
 #: XenStore round trips of this process: operation number -> requests sent,
 #: over every connection (the metrics endpoint exports it). One dict
 #: increment per request; a protocol may be given a dict of its own.
 ROUND_TRIPS: dict[int, int] = {}
 
+_WATCH_EVENT = int(Op.WATCH_EVENT)
+_ERROR = int(Op.ERROR)
+_PACK_HEADER = HEADER.pack
 
-class _Pending:
-    """A request sent (or queued) and not yet answered."""
 
-    __slots__ = ("context", "deferred", "op")
+def discard(payload: bytes) -> None:
+    """The L{Convert} of requests whose reply says only "OK": fire with None."""
+    return None
 
-    def __init__(self, op: int, deferred: Deferred[bytes] | None, context: str | None) -> None:
-        self.op = op
-        self.deferred = deferred
-        self.context = context
 
-    def cancel(self, d: Deferred[bytes]) -> None:
-        # Keep the id reserved until the reply comes, so a late reply cannot
-        # be matched to a newer request reusing the id.
-        self.deferred = None
+#: A request sent (or queued) and not yet answered: its Deferred, operation,
+#: context (for messages), L{Convert} and L{Answers}. A tuple, not an
+#: object: it is built once per request. A cancelled request keeps its entry
+#: (so its id stays reserved) and is recognised by its Deferred having fired.
+_Entry = tuple[Deferred[Any], int, "str | None", Convert, Answers]
+
+
+def _convertLater(d: Deferred[bytes], convert: Convert, answers: Answers) -> Deferred[Any]:
+    # What send() does inside the protocol, as callbacks, for a request that
+    # went through a replaced request() method.
+    if convert is not None:
+        d.addCallback(convert)
+    if answers is not None:
+        d.addErrback(_answerError, answers)
+    return d
+
+
+def _answerError(f: Failure, answers: Mapping[str, Any]) -> Any:
+    if isinstance(f.value, XenStoreError) and f.value.errname in answers:
+        return answers[f.value.errname]
+    return f
 
 
 class XenStoreProtocol(Protocol):
@@ -77,9 +106,10 @@ class XenStoreProtocol(Protocol):
 
     def __init__(self, maxInFlight: int | None = None) -> None:
         self._parser = PacketParser()
-        self._pending: dict[int, _Pending] = {}
+        # Requests sent or queued, by req_id. Those on the wire number
+        # len(_pending) - len(_queue).
+        self._pending: dict[int, _Entry] = {}
         self._queue: deque[bytes] = deque()
-        self._onWire = 0
         self._nextReqId = 1
         self._closed: Failure | None = None
         self._lostWaiters: list[Deferred[None]] = []
@@ -104,10 +134,9 @@ class XenStoreProtocol(Protocol):
         self._closed = Failure(XenStoreConnectionLost(f"connection to xenstored lost: {why}"))
         pending, self._pending = self._pending, {}
         self._queue.clear()
-        for entry in pending.values():
-            d, entry.deferred = entry.deferred, None
-            if d is not None:
-                d.errback(self._lostError(entry))
+        for d, op, context, _, _ in pending.values():
+            if not d.called:  # else cancelled by its caller
+                d.errback(self._lostError(op, context))
         waiters, self._lostWaiters = self._lostWaiters, []
         for w in waiters:
             w.callback(None)
@@ -122,10 +151,10 @@ class XenStoreProtocol(Protocol):
         self._lostWaiters.append(d)
         return d
 
-    def _lostError(self, entry: _Pending) -> XenStoreConnectionLost:
+    def _lostError(self, op: int, context: str | None) -> XenStoreConnectionLost:
         assert self._closed is not None
         base = self._closed.getErrorMessage()
-        what = opName(entry.op) + (f" {entry.context}" if entry.context else "")
+        what = opName(op) + (f" {context}" if context else "")
         return XenStoreConnectionLost(f"{base} (pending {what})")
 
     # Requests
@@ -134,6 +163,7 @@ class XenStoreProtocol(Protocol):
         # Per-connection ids, wrapping inside uint32 (pyxs used one global
         # counter that overflowed struct packing at 2**32) and skipping 0,
         # which xenstored uses for WATCH_EVENTs, and ids still in flight.
+        # send() inlines the common case (the next id is free).
         rid = self._nextReqId
         while True:
             nxt = rid + 1 if rid < UINT32_MAX else 1
@@ -153,27 +183,91 @@ class XenStoreProtocol(Protocol):
         L{UnexpectedPacket} if the reply has the wrong type. Cancelling it
         forgets the reply when it arrives (the request may still be executed).
 
+        Every request of L{XenStoreClient} comes through here when this
+        method has been replaced (on the instance or the class), so a
+        wrapper sees them all; see L{send}.
+
         @param context: a path or other detail for error messages.
+        @raise InvalidPayloadError: if C{payload} exceeds L{PAYLOAD_MAX}.
         """
-        if self._closed is not None:
-            return fail(XenStoreConnectionLost(self._closed.getErrorMessage()))
-        if not self.connected:
-            return fail(XenStoreConnectionLost("not connected to xenstored"))
-        rid = self._allocateReqId()
-        data = encodePacket(op, rid, txId, payload)
-        entry = _Pending(op, None, context)
-        d: Deferred[bytes] = Deferred(entry.cancel)
-        entry.deferred = d
-        self._pending[rid] = entry
+        return self._send(op, payload, txId, context, None, None)
+
+    def send(
+        self,
+        op: int,
+        payload: bytes,
+        txId: int,
+        context: str | None,
+        convert: Convert,
+        answers: Answers,
+    ) -> Deferred[Any]:
+        """
+        L{request}, with the reply's conversion done before the Deferred
+        fires instead of by callbacks added to it (each costs about as much
+        as the rest of the request).
+
+        @param convert: C{None} (fire with the payload), L{discard} (fire
+            with C{None}) or a function of the payload; if it raises, the
+            Deferred fails with its exception.
+        @param answers: error replies that are results: errno name -> value.
+
+        If L{request} has been replaced (benchmarks wrap it on the instance
+        or the class to count or trace requests), the request goes through
+        the replacement and the conversion is added as callbacks, so the
+        wrapper still sees every request.
+        """
+        if "request" in self.__dict__ or type(self).request is not _REQUEST:
+            return _convertLater(self.request(op, payload, txId, context), convert, answers)
+        return self._send(op, payload, txId, context, convert, answers)
+
+    def _send(
+        self,
+        op: int,
+        payload: bytes,
+        txId: int,
+        context: str | None,
+        convert: Convert,
+        answers: Answers,
+    ) -> Deferred[Any]:
+        if self._closed is not None or not self.connected:
+            return self._refuse()
+        size = len(payload)
+        if size > PAYLOAD_MAX:
+            raise InvalidPayloadError(
+                f"payload of {size} bytes exceeds XENSTORE_PAYLOAD_MAX ({PAYLOAD_MAX})"
+            )
+        pending = self._pending
+        rid = self._nextReqId
+        if rid in pending:
+            rid = self._allocateReqId()
+        else:
+            self._nextReqId = rid + 1 if rid < UINT32_MAX else 1
+        # No canceller: a cancelled Deferred has fired (CancelledError),
+        # which is how a late reply is recognised and dropped, while the
+        # entry keeps the id reserved until that reply comes.
+        d: Deferred[Any] = Deferred()
+        pending[rid] = (d, op, context, convert, answers)
         self.requestsSent += 1
         trips = self.roundTrips
         trips[op] = trips.get(op, 0) + 1
-        if self.maxInFlight is not None and self._onWire >= self.maxInFlight:
+        data = _PACK_HEADER(op, rid, txId, size) + payload
+        limit = self.maxInFlight
+        if limit is not None and len(pending) - len(self._queue) > limit:
             self._queue.append(data)
         else:
-            self._onWire += 1
-            self._write(data)
+            batch = self._batch
+            if batch is not None:
+                batch.append(data)
+            else:
+                transport = self.transport
+                assert transport is not None
+                transport.write(data)
         return d
+
+    def _refuse(self) -> Deferred[Any]:
+        if self._closed is not None:
+            return fail(XenStoreConnectionLost(self._closed.getErrorMessage()))
+        return fail(XenStoreConnectionLost("not connected to xenstored"))
 
     def _write(self, data: bytes) -> None:
         if self._batch is not None:
@@ -187,76 +281,122 @@ class XenStoreProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         """Parse replies and events, dispatching each as it completes."""
         try:
-            packets = self._parser.feed(data)
+            packets = self._parser.feedRaw(data)
         except MalformedPacket as e:
             self.log.error("Dropping XenStore connection: {error}", error=e)
             self._closed = Failure(e)
-            for packet in e.packets:  # complete replies before the bad header
-                self._dispatch(packet)
+            for op, reqId, _, payload in e.packets:  # complete replies before the bad header
+                self._dispatch(op, reqId, payload, None)
             assert self.transport is not None
             self.transport.loseConnection()
             return
+        if not packets:
+            return
         # Requests made by the callbacks of these replies (the pipelined
-        # case) go out in one write instead of one each.
-        batch: list[bytes] = []
+        # case) go out in one write instead of one each. A nested call (a
+        # callback feeding this protocol synchronously) adds to the outer
+        # batch, so requests still go out in the order they were made.
+        outer = self._batch
+        batch: list[bytes] = [] if outer is None else outer
         self._batch = batch
         try:
-            for packet in packets:
-                self._dispatch(packet)
+            self._dispatchAll(packets, batch)
         finally:
-            self._batch = None
-            if batch and self.transport is not None:
-                self.transport.write(b"".join(batch))
+            if outer is None:
+                self._batch = None
+                if batch and self.transport is not None:
+                    self.transport.write(b"".join(batch))
 
-    def _dispatch(self, packet: Packet) -> None:
-        if packet.op == Op.WATCH_EVENT:
-            parts = splitStrings(packet.payload)
+    def _dispatchAll(self, packets: list[RawPacket], batch: list[bytes]) -> None:
+        # The common reply (the expected type, not an error, to a request
+        # not cancelled) completes here; everything else goes to _dispatch.
+        pending = self._pending
+        queue = self._queue
+        for op, reqId, _, payload in packets:
+            entry = pending.pop(reqId, None) if op != _WATCH_EVENT else None
+            if entry is None or entry[1] != op:
+                self._dispatch(op, reqId, payload, entry)
+                continue
+            if queue:
+                batch.append(queue.popleft())
+            d, _, _, convert, _ = entry
+            if d.called:
+                continue  # cancelled by its caller
+            if convert is None:
+                d.callback(payload)
+            elif convert is discard:
+                d.callback(None)
+            else:
+                try:
+                    result = convert(payload)
+                except Exception:
+                    d.errback()
+                else:
+                    d.callback(result)
+
+    def _dispatch(self, op: int, reqId: int, payload: bytes, entry: _Entry | None) -> None:
+        """
+        Dispatch one packet: a watch event, an ERROR or unexpected reply, or
+        (from a malformed chunk) any reply. C{entry} is the pending request
+        already taken for C{reqId}, if any.
+        """
+        if op == _WATCH_EVENT:
+            parts = splitStrings(payload)
             if len(parts) < 2:
                 self.unexpectedPackets += 1
-                self.log.warn("Ignoring malformed WATCH_EVENT {payload!r}", payload=packet.payload)
+                self.log.warn("Ignoring malformed WATCH_EVENT {payload!r}", payload=payload)
                 return
             try:
                 self.eventReceived(parts[0], parts[1])
             except Exception:
                 self.log.failure("Watch event handler failed for {path!r}", path=parts[0])
             return
-        entry = self._pending.pop(packet.reqId, None)
-        if entry is None and packet.reqId == 0 and packet.op in (Op.WATCH, Op.UNWATCH, Op.ERROR):
+        if entry is None:
+            entry = self._pending.pop(reqId, None)
+        if entry is None and reqId == 0 and op in (Op.WATCH, Op.UNWATCH, Op.ERROR):
             # The Linux xenbus device answers WATCH/UNWATCH itself, with
             # req_id 0 (pyxs issue #18), errors included: match the oldest
             # pending request of that op (of either op, for an ERROR).
-            wanted = (Op.WATCH, Op.UNWATCH) if packet.op == Op.ERROR else (packet.op,)
+            wanted = (Op.WATCH, Op.UNWATCH) if op == Op.ERROR else (op,)
             for rid, candidate in self._pending.items():
-                if candidate.op in wanted:
+                if candidate[1] in wanted:
                     entry = self._pending.pop(rid)
                     break
         if entry is None:
             self.unexpectedPackets += 1
             self.log.warn(
                 "Ignoring unexpected XenStore packet {op} req_id={reqId} ({size} bytes)",
-                op=opName(packet.op),
-                reqId=packet.reqId,
-                size=len(packet.payload),
+                op=opName(op),
+                reqId=reqId,
+                size=len(payload),
             )
             return
-        self._onWire -= 1
         if self._queue:
-            self._onWire += 1
             self._write(self._queue.popleft())
-        d, entry.deferred = entry.deferred, None
-        if d is None:
+        d, requestOp, context, convert, answers = entry
+        if d.called:
             return  # cancelled by its caller
-        if packet.op == Op.ERROR:
-            d.errback(errorFromReply(decodeError(packet.payload), opName(entry.op), entry.context))
-        elif packet.op != entry.op:
+        if op == _ERROR:
+            errname = decodeError(payload)
+            if answers is not None and errname in answers:
+                d.callback(answers[errname])
+            else:
+                d.errback(errorFromReply(errname, opName(requestOp), context))
+        elif op != requestOp:
             d.errback(
                 UnexpectedPacket(
-                    f"reply type {opName(packet.op)} to a {opName(entry.op)} request "
-                    f"(req_id {packet.reqId})"
+                    f"reply type {opName(op)} to a {opName(requestOp)} request (req_id {reqId})"
                 )
             )
+        elif convert is None:
+            d.callback(payload)
         else:
-            d.callback(packet.payload)
+            try:
+                result = convert(payload)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
 
     def _dropEvent(self, path: bytes, token: bytes) -> None:
         self.log.debug("Watch event {path!r} {token!r} with no handler", path=path, token=token)
@@ -265,6 +405,10 @@ class XenStoreProtocol(Protocol):
     def pendingCount(self) -> int:
         """Requests sent or queued and not yet answered."""
         return len(self._pending)
+
+
+#: The class's own request(): send() goes through any other.
+_REQUEST = XenStoreProtocol.request
 
 
 class XenStoreClientFactory(Factory):

@@ -108,6 +108,15 @@ class Packet:
         return HEADER.pack(self.op, self.reqId, self.txId, len(self.payload)) + self.payload
 
 
+#: Bound once: the hot send path packs a header per request.
+_PACK_HEADER = HEADER.pack
+_UNPACK_HEADER = HEADER.unpack_from
+
+#: One parsed packet without the L{Packet} object: C{(op, reqId, txId,
+#: payload)}, what L{PacketParser.feedRaw} returns.
+RawPacket = tuple[int, int, int, bytes]
+
+
 def encodePacket(op: int, reqId: int, txId: int, payload: bytes) -> bytes:
     """
     Serialise one packet without building a L{Packet} (the hot send path).
@@ -118,7 +127,7 @@ def encodePacket(op: int, reqId: int, txId: int, payload: bytes) -> bytes:
         raise InvalidPayloadError(
             f"payload of {len(payload)} bytes exceeds XENSTORE_PAYLOAD_MAX ({PAYLOAD_MAX})"
         )
-    return HEADER.pack(op, reqId, txId, len(payload)) + payload
+    return _PACK_HEADER(op, reqId, txId, len(payload)) + payload
 
 
 class PacketParser:
@@ -132,33 +141,54 @@ class PacketParser:
     """
 
     def __init__(self, maxPayload: int = PAYLOAD_MAX) -> None:
-        self._buffer = bytearray()
+        # The bytes of an incomplete packet. Usually empty: a chunk then
+        # parses in place, each payload one slice of it (no copy of the
+        # chunk into a buffer and out again).
+        self._buffer = b""
         self._maxPayload = maxPayload
 
     def feed(self, data: bytes) -> list[Packet]:
         """Add C{data} to the buffer and return every packet now complete."""
-        buf = self._buffer
-        buf += data
-        packets: list[Packet] = []
+        try:
+            raw = self.feedRaw(data)
+        except MalformedPacket as e:
+            e.packets = [Packet(*p) for p in e.packets]
+            raise
+        return [Packet(*p) for p in raw]
+
+    def feedRaw(self, data: bytes) -> list[RawPacket]:
+        """
+        Like L{feed}, but each packet is a plain C{(op, reqId, txId,
+        payload)} tuple (the client's receive path: a L{Packet} costs more
+        to build than the rest of a reply's parsing). The L{MalformedPacket}
+        it raises carries such tuples too.
+        """
+        if type(data) is not bytes:
+            data = bytes(data)  # slices must be bytes, not bytearray/memoryview
+        if self._buffer:
+            data = self._buffer + data
+        packets: list[RawPacket] = []
+        append = packets.append
+        unpack = _UNPACK_HEADER
+        maxPayload = self._maxPayload
         offset = 0
-        end = len(buf)
-        unpack = HEADER.unpack_from
+        end = len(data)
         while end - offset >= HEADER_SIZE:
-            op, reqId, txId, length = unpack(buf, offset)
-            if length > self._maxPayload:
-                del buf[:offset]
+            op, reqId, txId, length = unpack(data, offset)
+            if length > maxPayload:
+                self._buffer = data[offset:]
                 raise MalformedPacket(
                     f"packet announces a payload of {length} bytes "
-                    f"(more than {self._maxPayload}); stream is unusable",
+                    f"(more than {maxPayload}); stream is unusable",
                     packets,
                 )
-            stop = offset + HEADER_SIZE + length
+            start = offset + HEADER_SIZE
+            stop = start + length
             if stop > end:
                 break
-            packets.append(Packet(op, reqId, txId, bytes(buf[offset + HEADER_SIZE : stop])))
+            append((op, reqId, txId, data[start:stop]))
             offset = stop
-        if offset:
-            del buf[:offset]
+        self._buffer = data[offset:] if offset < end else b""
         return packets
 
     def pending(self) -> int:
