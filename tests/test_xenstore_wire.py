@@ -373,6 +373,19 @@ class ErrorFromReplyTests(SynchronousTestCase):
         self.assertEqual(exc.strerror, "EWEIRD")
         self.assertIn("EWEIRD", str(exc))
 
+    def test_errnoTextCached(self):
+        """
+        Errno numbers and texts are computed once per known name; names the
+        errno module does not know are never kept (a peer cannot grow the
+        cache), and every error gets the same values either way.
+        """
+        for _ in range(2):
+            exc = errorFromReply("EAGAIN")
+            self.assertEqual(exc.args, (errno.EAGAIN, os.strerror(errno.EAGAIN)))
+            self.assertEqual(errorFromReply("EBOGUS-1").args, (0, "EBOGUS-1"))
+        self.assertIn("EAGAIN", errors._ERRNOS)
+        self.assertNotIn("EBOGUS-1", errors._ERRNOS)
+
     def test_strMentionsOpAndPath(self):
         """str() names the errno, the operation and the path."""
         text = str(errorFromReply("ENOENT", "READ", "/local/domain/7/name"))

@@ -36,6 +36,17 @@ XSD_ERRORS: tuple[str, ...] = (
 )
 
 
+def _errnoOf(errname: str) -> tuple[int, str]:
+    number = getattr(_errno, errname, 0)
+    return number, (os.strerror(number) if number else errname)
+
+
+#: errno name -> (number, text): an ERROR reply builds an exception, and
+#: os.strerror was a quarter of that. Only names the errno module knows are
+#: kept, so whatever a peer sends, this stays small.
+_ERRNOS: dict[str, tuple[int, str]] = {}
+
+
 class XenStoreError(_pyxs.PyXSError):
     """
     xenstored answered a request with an ERROR reply.
@@ -48,13 +59,18 @@ class XenStoreError(_pyxs.PyXSError):
     """
 
     def __init__(self, errname: str, op: str | None = None, path: str | None = None) -> None:
-        number = getattr(_errno, errname, 0)
+        known = _ERRNOS.get(errname)
+        if known is None:
+            known = _errnoOf(errname)
+            if known[0]:
+                _ERRNOS[errname] = known
+        number, strerror = known
         self.errname = errname
         self.op = op
         self.path = path
         self.errno = number
-        self.strerror = os.strerror(number) if number else errname
-        super().__init__(number, self.strerror)
+        self.strerror = strerror
+        super().__init__(number, strerror)
 
     def __str__(self) -> str:
         where = ""

@@ -75,12 +75,15 @@ class Op(IntEnum):
 DEBUG = Op.CONTROL
 
 
+#: Operation names by number (error replies and metrics name operations;
+#: calling the enum costs several times this lookup).
+_OP_NAMES: dict[int, str] = {int(op): op.name for op in Op}
+
+
 def opName(op: int) -> str:
     """Return the name of operation number C{op}, or C{"OP<n>"} if unknown."""
-    try:
-        return Op(op).name
-    except ValueError:
-        return f"OP{op}"
+    name = _OP_NAMES.get(op)
+    return name if name is not None else f"OP{op}"
 
 
 @attrs.frozen
