@@ -106,6 +106,11 @@ Deliberate differences, kept out of the generated requests:
     ignores all entries naming a domain from its release on (fixed here,
     it ignored none: see above). When the test introduces a guest again it
     first runs an empty transaction as dom0, which advances C's count.
+    Likewise a transaction started before the guest is released and
+    introduced again, committed after: C honours the entries naming the
+    guest for it (the transaction's nodes keep their old generation), the
+    embedded server does not; so no re-introduction is run once an example
+    has started a transaction.
 
 Not covered: quota limits (guests use the C defaults and rarely reach
 them here; the unit tests cover them), SET_TARGET variations (5 has target
@@ -677,6 +682,8 @@ class Differential:
         for r in requests:
             self.log.append(r.describe())
             if r.op == REINTRODUCE:
+                if any(c.txIds.values()):
+                    continue  # a known difference (module docstring): not generated
                 self.servers.reintroduce(int(r.client[1:]))
                 watchers.discard(r.client)
                 self.ping(sorted(watchers))
