@@ -390,7 +390,7 @@ class XenStoreClient(_Operations):
     @property
     def connected(self) -> bool:
         """Whether the underlying connection is open."""
-        return bool(self.protocol.connected)
+        return bool(self._protocol.connected)
 
     def disconnect(self) -> Deferred[None]:
         """Close the connection; pending requests fail with connection lost."""
