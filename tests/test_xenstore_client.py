@@ -6,7 +6,7 @@ in-memory xenstored answering on the far side of a L{StringTransport}.
 
 from __future__ import annotations
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -1644,5 +1644,49 @@ class FastPathTests(ClientTestMixin, SynchronousTestCase):
                 Op.TRANSACTION_START,
                 Op.READ,
                 Op.TRANSACTION_END,
+            ],
+        )
+
+    def test_standInProtocol(self):
+        """
+        Any object with XenStoreProtocol.request's signature still serves as
+        the protocol (test doubles do this): requests go through its
+        request, with the same results.
+        """
+        seen = []
+
+        class StandIn:
+            connected = 1
+            transport = None
+            eventReceived = None
+
+            def request(self, op, payload, txId, context):
+                seen.append((op, txId, context))
+                if op == Op.READ and payload == b"/there\0":
+                    return succeed(b"v")
+                if op == Op.READ:
+                    return fail(NoEntryError("ENOENT", "READ", context))
+                if op == Op.TRANSACTION_START:
+                    return succeed(b"9\0")
+                return succeed(b"OK\0")
+
+        client = XenStoreClient(StandIn(), reactor=Clock())
+        self.assertEqual(self.successResultOf(client.read("/there")), "v")
+        self.assertIsNone(self.successResultOf(client.readOrNone("/gone")))
+        self.assertIs(self.successResultOf(client.exists("/gone")), False)
+        self.assertIsNone(self.successResultOf(client.write("/w", "x")))
+        self.failureResultOf(client.read("/gone"), NoEntryError)
+        self.assertEqual(self.successResultOf(client.transact(lambda tx: tx.read("/there"))), "v")
+        self.assertEqual(
+            seen,
+            [
+                (Op.READ, 0, "/there"),
+                (Op.READ, 0, "/gone"),
+                (Op.READ, 0, "/gone"),
+                (Op.WRITE, 0, "/w"),
+                (Op.READ, 0, "/gone"),
+                (Op.TRANSACTION_START, 0, None),
+                (Op.READ, 9, "/there"),
+                (Op.TRANSACTION_END, 9, "tx 9"),
             ],
         )

@@ -44,7 +44,13 @@ from xenddev.xenstore.paths import (
     validateToken,
     validateWatchPath,
 )
-from xenddev.xenstore.protocol import Answers, Convert, XenStoreProtocol, discard
+from xenddev.xenstore.protocol import (
+    Answers,
+    Convert,
+    XenStoreProtocol,
+    addConversion,
+    discard,
+)
 from xenddev.xenstore.wire import PAYLOAD_MAX, Op, joinStrings, splitStrings
 
 T = TypeVar("T")
@@ -130,6 +136,29 @@ class _Sender(Protocol):
         convert: Convert,
         answers: Answers,
     ) -> Deferred[Any]: ...
+
+
+class _RequestSender:
+    """
+    The sender for a protocol that is not a L{XenStoreProtocol} (a test
+    double, a wrapper): every request goes through its C{request(op,
+    payload, txId, context)}, as it always did, and the conversion is added
+    as callbacks.
+    """
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def send(
+        self,
+        op: int,
+        payload: bytes,
+        txId: int,
+        context: str | None,
+        convert: Convert,
+        answers: Answers,
+    ) -> Deferred[Any]:
+        return addConversion(self._protocol.request(op, payload, txId, context), convert, answers)
 
 
 class _NoSender:
@@ -356,8 +385,7 @@ class XenStoreClient(_Operations):
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
-        self._sender = protocol
-        self._protocol = protocol
+        self.protocol = protocol
         self.reactor: IReactorTime = reactor
         self.maxAttempts = maxAttempts
         self.backoffBase = backoffBase
@@ -375,7 +403,10 @@ class XenStoreClient(_Operations):
 
     @protocol.setter
     def protocol(self, protocol: XenStoreProtocol) -> None:
-        self._protocol = self._sender = protocol
+        self._protocol = protocol
+        self._sender = (
+            protocol if isinstance(protocol, XenStoreProtocol) else _RequestSender(protocol)
+        )
 
     def _send(
         self,

@@ -75,9 +75,12 @@ def discard(payload: bytes) -> None:
 _Entry = tuple[Deferred[Any], int, "str | None", Convert, Answers]
 
 
-def _convertLater(d: Deferred[bytes], convert: Convert, answers: Answers) -> Deferred[Any]:
-    # What send() does inside the protocol, as callbacks, for a request that
-    # went through a replaced request() method.
+def addConversion(d: Deferred[bytes], convert: Convert, answers: Answers) -> Deferred[Any]:
+    """
+    Add to C{d}, a Deferred from a C{request()}, the callbacks doing what
+    L{XenStoreProtocol.send} does before firing (for requests that cannot
+    go through it: a replaced C{request}, or a stand-in protocol).
+    """
     if convert is not None:
         d.addCallback(convert)
     if answers is not None:
@@ -217,7 +220,7 @@ class XenStoreProtocol(Protocol):
         wrapper still sees every request.
         """
         if "request" in self.__dict__ or type(self).request is not _REQUEST:
-            return _convertLater(self.request(op, payload, txId, context), convert, answers)
+            return addConversion(self.request(op, payload, txId, context), convert, answers)
         return self._send(op, payload, txId, context, convert, answers)
 
     def _send(
