@@ -43,4 +43,4 @@ bench: venv system-deps shim
 	$(PY) bench/xenstore_client.py
 
 clean:
-	rm -rf _trial_temp* .coverage htmlcov tests/support/shim/build
+	rm -rf _trial_temp* .coverage .coverage.* htmlcov tests/support/shim/build

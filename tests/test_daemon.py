@@ -39,7 +39,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from tests.support.fixtures import RealXenstoredFixture
-from tests.support.host import HostSuite, pythonEnv, shortTempDir
+from tests.support.host import TWISTD_LAUNCHER, HostSuite, pythonEnv, shortTempDir, stopSpawned
 from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from tests.test_cli import CLIClientMixin
@@ -58,14 +58,6 @@ from xenddev.xenstore.wire import Op
 from xenddev.xmlrpc import FaultCode
 
 GUEST = 5
-
-# twistd from this checkout (the plugin is found through PYTHONPATH).
-LAUNCHER = """
-import sys
-from twisted.scripts.twistd import run
-sys.argv[0] = "twistd"
-run()
-"""
 
 STATUS_CALL = (
     b"<?xml version='1.0'?><methodCall><methodName>daemon.status</methodName>"
@@ -509,10 +501,10 @@ class DaemonProcessMixin:
         self.rundir = _rundir(self)  # type: ignore[arg-type]
         self.launcher = os.path.join(self.rundir, "launch.py")
         with open(self.launcher, "w") as f:
-            f.write(LAUNCHER)
+            f.write(TWISTD_LAUNCHER)
 
     async def startDaemon(self, *args: str) -> _Daemon:
-        """Start the daemon; wait for its ready line; SIGKILL it at cleanup if alive."""
+        """Start the daemon; wait for its ready line; stop it at cleanup if alive."""
         proto = _Daemon()
         env = pythonEnv()
         env.pop("XENSTORED_PATH", None)
@@ -524,14 +516,7 @@ class DaemonProcessMixin:
             path=self.rundir,
         )
         self.process = process
-
-        def kill() -> Deferred[Any] | None:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
+        self.addCleanup(stopSpawned, process, proto.ended)
         await proto.ready
         return proto
 

@@ -17,11 +17,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
+from tests.support.host import pythonEnv, stopProcess
 from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.protocol import VDI, ControlPaths
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class AgentProcessSuite:
@@ -35,8 +34,11 @@ class AgentProcessSuite:
     mktemp: Any
 
     def spawnAgent(self, log: str) -> subprocess.Popen[bytes]:
-        """Start the agent process with the slow kind; it is killed at cleanup."""
-        env = dict(os.environ, PYTHONPATH=REPO, XENDDEV_SLOWKIND_LOG=log)
+        """
+        Start the agent process with the slow kind; at cleanup it is stopped
+        (SIGTERM, as an operator would, then SIGKILL if need be).
+        """
+        env = pythonEnv(XENDDEV_SLOWKIND_LOG=log)
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -57,13 +59,7 @@ class AgentProcessSuite:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-
-        def reap() -> None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-        self.addCleanup(reap)
+        self.addCleanup(stopProcess, proc)
         return proc
 
     async def waitForLines(self, log: str, count: int, timeout: float = 20.0) -> list[str]:

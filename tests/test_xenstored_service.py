@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -18,10 +17,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.support.host import TWISTD_LAUNCHER, pythonEnv, shortTempDir, stopSpawned
 from tests.support.xenstoresuite import deferredTest
 from xenddev.xenstore.tap import Options
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Twistd(ProcessProtocol):
@@ -51,23 +49,16 @@ class TwistdTests(TestCase):
     def setUp(self) -> None:
         if shutil.which("xenstore-read") is None:
             raise SkipTest("the xenstore-* tools are not installed")
-        self.rundir = tempfile.mkdtemp(prefix="xsd-")
-        self.addCleanup(shutil.rmtree, self.rundir, True)
+        self.rundir = shortTempDir(self, "xsd-")
 
     def startTwistd(self, *extra: str) -> _Twistd:
         proto = _Twistd()
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        args = [sys.executable, "-c", TWISTD_LAUNCHER]
         args += ["-n", "--pidfile=", "xenstored", "--rundir", self.rundir, *extra]
-        transport = reactor.spawnProcess(proto, sys.executable, args, env=env, path=self.rundir)
-
-        def cleanup() -> Deferred[int] | None:
-            if not proto.ended.called:
-                transport.signalProcess("KILL")
-                return proto.ended
-            return None
-
-        self.addCleanup(cleanup)
+        transport = reactor.spawnProcess(
+            proto, sys.executable, args, env=pythonEnv(), path=self.rundir
+        )
+        self.addCleanup(stopSpawned, transport, proto.ended)
         return proto
 
     def tool(self, *argv: str) -> Deferred[tuple[bytes, bytes, int]]:

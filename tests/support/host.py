@@ -27,6 +27,9 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.task import deferLater
 
 from tests.support.treedump import Tree, diffTrees, dumpTree
@@ -311,3 +314,56 @@ async def stopProcess(proc: subprocess.Popen[bytes], grace: float = 10.0) -> Non
         if proc.poll() is None:
             proc.kill()
     proc.wait()
+
+
+#: Python code that runs C{twistd} from this checkout (C{sys.executable -c
+#: TWISTD_LAUNCHER ARGS...}, or written to a file; the plugins are found
+#: through C{PYTHONPATH}, see L{pythonEnv}). twistd ends a process that a
+#: signal stopped by sending itself that signal again, with the default
+#: handler, so no C{atexit} handler runs: this saves the data of a coverage
+#: measurement (C{make test}) first.
+TWISTD_LAUNCHER = """
+import sys
+from twisted.application import app
+from twisted.scripts.twistd import run
+
+_exitWithSignal = app._exitWithSignal
+
+
+def exitWithSignal(sig):
+    coverage = sys.modules.get("coverage")
+    current = coverage.Coverage.current() if coverage is not None else None
+    if current is not None:
+        current.stop()
+        current.save()
+    _exitWithSignal(sig)
+
+
+app._exitWithSignal = exitWithSignal
+sys.argv[0] = "twistd"
+run()
+"""
+
+
+async def stopSpawned(
+    transport: IProcessTransport, ended: Deferred[Any], grace: float = 10.0
+) -> None:
+    """
+    Stop a process started with C{reactor.spawnProcess} unless C{ended}
+    (fired by its protocol's C{processEnded}) says it has ended: SIGTERM,
+    then SIGKILL if it still runs after C{grace} seconds; wait for its end.
+    Ended by SIGTERM, a Python process saves its coverage data (see
+    L{stopProcess}).
+    """
+    for sig in ("TERM", "KILL"):
+        if ended.called:
+            break
+        try:
+            transport.signalProcess(sig)
+        except ProcessExitedAlready:
+            pass
+        waited = 0.0
+        while not ended.called and waited < grace:
+            await deferLater(reactor, 0.02, lambda: None)
+            waited += 0.02
+    await ended

@@ -15,11 +15,19 @@ echo "== mypy"
 "$bin/mypy" || status=1
 
 echo "== trial"
+# Coverage of trial and of every Python process the tests start that runs
+# our code (tests/support/subprocesscoverage.py, .coveragerc): each writes
+# its own data file beside COVERAGE_FILE; they are combined after the run.
+root=$(pwd)
+"$py" tests/support/subprocesscoverage.py >/dev/null || status=1
+rm -f "$root"/.coverage "$root"/.coverage.*
 out=$(mktemp)
-"$py" -m coverage run --branch --source=xenddev,controllers -m twisted.trial "${tests[@]}" 2>&1 | tee "$out"
+XENDDEV_COVERAGE_RC="$root/.coveragerc" COVERAGE_FILE="$root/.coverage" \
+    "$py" -m twisted.trial "${tests[@]}" 2>&1 | tee "$out"
 trial_status=$?
 echo "== coverage"
-"$py" -m coverage report --skip-covered --sort=cover
+"$py" -m coverage combine --quiet
+"$py" -m coverage report
 
 "$py" tests/support/summarize.py "$out"
 sum_status=$?
