@@ -698,6 +698,26 @@ class ReplacedRequestTests(SynchronousTestCase):
         self.patch(XenStoreProtocol, "request", request)
         self.check(proto, transport, seen)
 
+    def test_callableObject(self):
+        """A callable object or another object's method also counts as a replacement."""
+        proto, transport, _ = makeProtocol()
+        original = proto.request
+        seen = []
+
+        class Counter:
+            def __call__(self, op, payload, txId=0, context=None):
+                seen.append((op, payload, txId, context))
+                return original(op, payload, txId, context)
+
+            def method(self, op, payload, txId=0, context=None):
+                return self(op, payload, txId, context)
+
+        proto.request = Counter()
+        self.check(proto, transport, seen)
+        seen.clear()
+        proto.request = Counter().method
+        self.check(proto, transport, seen)
+
     def test_restored(self):
         """Once the original is back, send takes its own path again."""
         proto, transport, _ = makeProtocol()

@@ -219,7 +219,14 @@ class XenStoreProtocol(Protocol):
         the replacement and the conversion is added as callbacks, so the
         wrapper still sees every request.
         """
-        if "request" in self.__dict__ or type(self).request is not _REQUEST:
+        # Looked up through the bound method: reading self.__dict__ instead
+        # would make Python 3.11 build this instance's dict, after which
+        # every attribute access on it is slower (it cost 10% of a request).
+        try:
+            replaced = self.request.__func__ is not _REQUEST  # type: ignore[attr-defined]
+        except AttributeError:  # a plain function set on the instance
+            replaced = True
+        if replaced:
             return addConversion(self.request(op, payload, txId, context), convert, answers)
         return self._send(op, payload, txId, context, convert, answers)
 
