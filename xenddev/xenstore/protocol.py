@@ -166,7 +166,7 @@ class XenStoreProtocol(Protocol):
         # Per-connection ids, wrapping inside uint32 (pyxs used one global
         # counter that overflowed struct packing at 2**32) and skipping 0,
         # which xenstored uses for WATCH_EVENTs, and ids still in flight.
-        # send() inlines the common case (the next id is free).
+        # _send() inlines the common case (the next id is free).
         rid = self._nextReqId
         while True:
             nxt = rid + 1 if rid < UINT32_MAX else 1
