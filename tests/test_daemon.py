@@ -29,17 +29,22 @@ import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from tests.support.fixtures import RealXenstoredFixture
-from tests.support.host import TWISTD_LAUNCHER, HostSuite, pythonEnv, shortTempDir, stopSpawned
+from tests.support.host import (
+    TWISTD_LAUNCHER,
+    HostSuite,
+    WatchedProcess,
+    pythonEnv,
+    shortTempDir,
+    stopSpawned,
+)
 from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from tests.test_cli import CLIClientMixin
@@ -463,31 +468,17 @@ class RealXenstoredServiceTests(ServiceStoreSuite, RealStore, TestCase):  # type
 # twistd -n xenddev as a subprocess
 
 
-class _Daemon(ProcessProtocol):
+class _Daemon(WatchedProcess):
     """Collects the daemon's output; fires C{ready} on its ready line."""
 
-    def __init__(self) -> None:
-        self.ready: Deferred[None] = Deferred()
-        self.ended: Deferred[bool] = Deferred()
-        self.output = b""
+    readyLine = b"xenddev ready"
 
-    def outReceived(self, data: bytes) -> None:
-        """Collect output and watch for the ready line."""
-        self.output += data
-        if b"xenddev ready" in self.output and not self.ready.called:
-            self.ready.callback(None)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
+    def endedWith(self, end: Any) -> bool:
         """
-        Fire C{ended} with whether the exit was clean: status 0, or (as
-        twistd does after a clean shutdown on a signal) killed by SIGTERM.
+        Whether the exit was clean: status 0, or (as twistd does after a
+        clean shutdown on a signal) killed by SIGTERM.
         """
-        if not self.ready.called:
-            self.ready.errback(RuntimeError(self.output.decode(errors="replace")))
-        value: Any = reason.value
-        self.ended.callback(value.exitCode == 0 or value.signal == signal.SIGTERM)
+        return bool(end.exitCode == 0 or end.signal == signal.SIGTERM)
 
 
 class DaemonProcessMixin:

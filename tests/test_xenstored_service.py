@@ -12,35 +12,24 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support.host import TWISTD_LAUNCHER, pythonEnv, shortTempDir, stopSpawned
+from tests.support.host import (
+    TWISTD_LAUNCHER,
+    WatchedProcess,
+    pythonEnv,
+    shortTempDir,
+    stopSpawned,
+)
 from tests.support.xenstoresuite import deferredTest
 from xenddev.xenstore.tap import Options
 
 
-class _Twistd(ProcessProtocol):
-    """Watches the daemon's log for the line saying it serves its socket."""
+class _Twistd(WatchedProcess):
+    """Watches the daemon's log for the line saying it serves its socket (C{ready})."""
 
-    def __init__(self) -> None:
-        self.serving: Deferred[None] = Deferred()
-        self.ended: Deferred[int] = Deferred()
-        self.output = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        if b"Serving XenStore for domain 0" in self.output and not self.serving.called:
-            self.serving.callback(None)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self.serving.called:
-            self.serving.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback(reason.value.exitCode)
+    readyLine = b"Serving XenStore for domain 0"
 
 
 class TwistdTests(TestCase):
@@ -72,7 +61,7 @@ class TwistdTests(TestCase):
     async def test_serveRundirSocket(self) -> None:
         """XENSTORED_RUNDIR=DIR xenstore-ls / works; the socket is mode 0600."""
         proto = self.startTwistd()
-        await proto.serving
+        await proto.ready
         mode = os.stat(os.path.join(self.rundir, "socket")).st_mode & 0o777
         self.assertEqual(mode, 0o600)
         _, err, code = await self.tool("xenstore-write", "/svc/a", "1")
@@ -86,14 +75,14 @@ class TwistdTests(TestCase):
         """With --state, a clean stop saves the tree and the next start loads it."""
         state = os.path.join(self.rundir, "state")
         proto = self.startTwistd("--state", state)
-        await proto.serving
+        await proto.ready
         await self.tool("xenstore-write", "/dev/vbd/51712", "backend")
         await self.tool("xenstore-chmod", "/dev/vbd/51712", "n5", "r0")
         os.kill(self._pid(proto), signal.SIGTERM)
         await proto.ended
         self.assertTrue(os.path.exists(state))
         proto = self.startTwistd("--state", state)
-        await proto.serving
+        await proto.ready
         out, _, _ = await self.tool("xenstore-read", "/dev/vbd/51712")
         self.assertEqual(out, b"backend\n")
         out, _, _ = await self.tool("xenstore-ls", "-p", "/dev")

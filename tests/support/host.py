@@ -30,7 +30,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from tests.support.treedump import Tree, diffTrees, dumpTree
 from tests.support.xenstoresuite import FailureAssertions
@@ -343,6 +345,41 @@ app._exitWithSignal = exitWithSignal
 sys.argv[0] = "twistd"
 run()
 """
+
+
+class WatchedProcess(ProcessProtocol):
+    """
+    The protocol of a process a test starts with C{reactor.spawnProcess}:
+    its output (stdout and stderr together) is collected in C{output};
+    C{ready} fires once C{readyLine} appears in it (and fails with the
+    output if the process ends first); C{ended} fires with
+    L{endedWith}C{(reason.value)} when it ends.
+    """
+
+    readyLine = b""
+
+    def __init__(self) -> None:
+        self.ready: Deferred[None] = Deferred()
+        self.ended: Deferred[Any] = Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        """Collect output and watch for the ready line."""
+        self.output += data
+        if self.readyLine in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        """Fail C{ready} if it has not fired; fire C{ended}."""
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(self.endedWith(reason.value))
+
+    def endedWith(self, end: Any) -> Any:
+        """What C{ended} fires with, from C{ProcessDone}/C{ProcessTerminated}: the exit code."""
+        return end.exitCode
 
 
 async def stopSpawned(
