@@ -718,7 +718,9 @@ class DaemonEndToEndSuite(
         self.assertEqual(await self.call("datapath.list"), [])
         self.assertEqual(await self.call("datapath.find", image), [])
         held = await self.call("datapath.quiesce", image)
-        self.assertEqual((held["paused"], held["expires-in"]), ([], 60.0))
+        self.assertEqual(held["paused"], [])
+        # A real clock in a real daemon: counted down from 60 s at the reply.
+        self.assertTrue(59.0 < held["expires-in"] <= 60.0, held["expires-in"])
         self.assertTrue(await self.call("datapath.resume", held["handle"], False))
         await self.assertFault(FaultCode.WRONG_STATE, "vdi.activate", 0, "op1")
         self.assertEqual((await self.call("vdi.deactivate", 0, "op1"))["state"], "inactive")
