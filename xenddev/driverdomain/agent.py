@@ -394,11 +394,12 @@ class BackendCtrlAgent:
                 self._pokeDevice(dev.deviceClass, dev.frontendDomid, dev.devid)
             elif request.op == UNPLUG and plugSpec is not None:
                 self._owners.pop(self._hotplugRef(plugSpec), None)
-            elif request.op in (ACTIVATE, CHANGE):
+            elif request.op == ACTIVATE:
                 # Not awaited here, so the object's next request need not
-                # wait for it; tracked, so whenIdle() still covers it. After
-                # a change the devices' add scripts run for the new medium.
+                # wait for it; tracked, so whenIdle() still covers it.
                 self._devices.poke(("plugs", *key), lambda: self._reconsiderPlugs(paths), self.log)
+            elif request.op == CHANGE:
+                self._devices.poke(("plugs", *key), lambda: self._readd(paths), self.log)
 
     async def _gather(
         self, paths: ControlPaths, request: Request, state: str | None
@@ -726,6 +727,26 @@ class BackendCtrlAgent:
             if backend is not None:
                 ref = backendRef(paths.absolute(backend))
                 self._pokeDevice(ref.deviceClass, ref.frontendDomid, ref.devid)
+
+    async def _readd(self, paths: ControlPaths) -> None:
+        """
+        After a change, the add script for the new medium on each plugged
+        device of an active object, whatever the backend's state (a backend
+        that raced back to Connected would otherwise never get one); an
+        inactive object's devices get theirs at activation.
+        """
+        key = (paths.objectClass.name, paths.name)
+        state = self._states.get(key) or await self.xs.readOrNone(paths.state)
+        if state != ACTIVE:
+            return
+        kind = await self._recordedKind(paths)
+        ctx = self._context(paths, await self._readTarget(paths))
+        for plug in await self._plugged(paths):
+            relative = await self.xs.readOrNone(paths.plug(plug).backend)
+            if relative is not None:
+                backend = paths.absolute(relative)
+                spec = PlugSpec(plug, "", backendRef(backend), False, backend)
+                await self._addHotplug(kind, ctx, spec)
 
     @staticmethod
     def _hotplugRef(spec: PlugSpec) -> DeviceRef:
