@@ -535,15 +535,7 @@ class BackendCtrlAgent:
             target = validateTarget(dict(zip(keys, values, strict=True)))
         except ValueError as e:
             raise KindError("EINVAL", f"the new target (n/*): {e}") from None
-        plugs = []
-        for name in await self._plugged(paths):
-            pp = paths.plug(name)
-            frontend, backend = await gatherResults(
-                [self.xs.readOrNone(pp.frontend), self.xs.readOrNone(pp.backend)]
-            )
-            if frontend is not None and backend is not None:
-                ref = DeviceRef.fromFrontendPath(frontend)
-                plugs.append(PlugSpec(name, frontend, ref, False, paths.absolute(backend)))
+        plugs = await self._pluggedSpecs(paths)
         outcome: Outcome = await kind.change(ctx, target, plugs)
         resets: list[str] = []
         for spec in plugs:
@@ -721,12 +713,26 @@ class BackendCtrlAgent:
                     if domu.isdigit() and devid.isdigit():
                         self._pokeDevice(devclass, int(domu), int(devid))
 
+    async def _pluggedSpecs(self, paths: ControlPaths) -> list[PlugSpec]:
+        """
+        The object's plugs in state C{ok} that have a backend, each with its
+        device keyed by the backend directory (as hotplug jobs are).
+        """
+        specs = []
+        for name in await self._plugged(paths):
+            pp = paths.plug(name)
+            frontend, relative = await gatherResults(
+                [self.xs.readOrNone(pp.frontend), self.xs.readOrNone(pp.backend)]
+            )
+            if relative is not None:
+                backend = paths.absolute(relative)
+                specs.append(PlugSpec(name, frontend or "", backendRef(backend), False, backend))
+        return specs
+
     async def _reconsiderPlugs(self, paths: ControlPaths) -> None:
-        for plug in await self._plugged(paths):
-            backend = await self.xs.readOrNone(paths.plug(plug).backend)
-            if backend is not None:
-                ref = backendRef(paths.absolute(backend))
-                self._pokeDevice(ref.deviceClass, ref.frontendDomid, ref.devid)
+        for spec in await self._pluggedSpecs(paths):
+            ref = spec.device
+            self._pokeDevice(ref.deviceClass, ref.frontendDomid, ref.devid)
 
     async def _readd(self, paths: ControlPaths) -> None:
         """
@@ -741,12 +747,8 @@ class BackendCtrlAgent:
             return
         kind = await self._recordedKind(paths)
         ctx = self._context(paths, await self._readTarget(paths))
-        for plug in await self._plugged(paths):
-            relative = await self.xs.readOrNone(paths.plug(plug).backend)
-            if relative is not None:
-                backend = paths.absolute(relative)
-                spec = PlugSpec(plug, "", backendRef(backend), False, backend)
-                await self._addHotplug(kind, ctx, spec)
+        for spec in await self._pluggedSpecs(paths):
+            await self._addHotplug(kind, ctx, spec)
 
     @staticmethod
     def _hotplugRef(spec: PlugSpec) -> DeviceRef:

@@ -112,31 +112,9 @@ class BlkbackKind(KernelBackendKind):
 
     def plug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
         """Create C{backend/vbd/<domu>/<devid>} for the frontend."""
-        target = ctx.target
-        dd, domu = ctx.driverDomid, plug.device.frontendDomid
-        rel, backend = self._backendFor(ctx, plug, "vbd")
-        mode = target.get("mode", "w")
-        values = {
-            "frontend": plug.frontend,
-            "frontend-id": str(domu),
-            "online": "1",
-            "state": "1",
-            "removable": "1" if target.get("devtype") == "cdrom" else "0",
-            "bootable": "1",
-            **_medium(target),
-            # "w!" reaches the block script, whose canonicalise_mode turns it
-            # into "skip the sharing check" (xend's forced shared write).
-            "mode": mode,
-            "device-type": target.get("devtype", "disk"),
-            "script": target.get("script", "block"),
-        }
-        return done(
-            Outcome(
-                backend=rel,
-                mkdirs={backend: [Perm("n", dd), Perm("r", domu)]},
-                writes={f"{backend}/{k}": v for k, v in values.items()},
-            )
-        )
+        rel, _ = self._backendFor(ctx, plug, "vbd")
+        extra = {**_medium(ctx.target), "script": ctx.target.get("script", "block")}
+        return done(blockBackend(ctx, plug, rel, extra))
 
     def change(
         self, ctx: KindContext, target: Mapping[str, str], plugs: Sequence[PlugSpec]
@@ -177,6 +155,38 @@ class BlkbackKind(KernelBackendKind):
         script = ctx.target.get("script", "block")
         args, env = blockEnvironment(action, plug.backend, script)
         return script, args, env
+
+
+def blockBackend(
+    ctx: KindContext, plug: PlugSpec, relative: str, extra: Mapping[str, str]
+) -> Outcome:
+    """
+    A blkback backend directory for C{plug} (blkback's own, or tap's on a
+    tapdisk node): owned by the driver domain, readable by the guest, with
+    the keys xend and libxl write for every vbd, and C{extra} (C{type},
+    C{params}, ...).
+    """
+    target = ctx.target
+    dd, domu = ctx.driverDomid, plug.device.frontendDomid
+    backend = ctx.paths.absolute(relative)
+    values = {
+        "frontend": plug.frontend,
+        "frontend-id": str(domu),
+        "online": "1",
+        "state": "1",
+        "removable": "1" if target.get("devtype") == "cdrom" else "0",
+        "bootable": "1",
+        # "w!" reaches the block script, whose canonicalise_mode turns it
+        # into "skip the sharing check" (xend's forced shared write).
+        "mode": target.get("mode", "w"),
+        "device-type": target.get("devtype", "disk"),
+        **extra,
+    }
+    return Outcome(
+        backend=relative,
+        mkdirs={backend: [Perm("n", dd), Perm("r", domu)]},
+        writes={f"{backend}/{k}": v for k, v in values.items()},
+    )
 
 
 def _medium(target: Mapping[str, str]) -> dict[str, str]:

@@ -57,6 +57,7 @@ from zope.interface import implementer
 from xenddev.datapath.images import ImageError, vhdChain
 from xenddev.datapath.registry import DataPath, holdPath, recordPath, thisHost
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
+from xenddev.driverdomain.kinds.blkback import blockBackend
 from xenddev.interfaces import IDriverDomainKind, ITapCtl
 from xenddev.tapctl import TapCtl, TapCtlError, TapdiskInfo, minorOfDevice, pidAlive
 
@@ -340,42 +341,21 @@ class TapKind:
         return Deferred.fromCoroutine(self._plug(ctx, plug))
 
     async def _plug(self, ctx: KindContext, plug: PlugSpec) -> Outcome:
-        from xenddev.xenstore.paths import Perm
-
         target = ctx.target
-        dd, domu = ctx.driverDomid, plug.device.frontendDomid
         blktap1 = self._driver(target) == "blktap1"
         rel = plug.device.backendRelative("tap" if blktap1 else "vbd")
-        backend = ctx.paths.absolute(rel)
-        values = {
-            "frontend": plug.frontend,
-            "frontend-id": str(domu),
-            "online": "1",
-            "state": "1",
-            "removable": "1" if target.get("devtype") == "cdrom" else "0",
-            "bootable": "1",
-            "mode": target.get("mode", "w"),
-            "device-type": target.get("devtype", "disk"),
-        }
         if blktap1:
-            values.update({"type": "tap", "params": tapdiskParams(target)})
-        else:
-            rec = await self._records(ctx)
-            if "device" not in rec:
-                raise KindError("EIO", f"no tapdisk recorded for {ctx.paths.base}")
-            values.update(
-                {
-                    "type": "phy",
-                    "params": rec["device"],
-                    "tapdisk-params": tapdiskParams(target),
-                    "script": target.get("script", "block"),
-                }
-            )
-        return Outcome(
-            backend=rel,
-            mkdirs={backend: [Perm("n", dd), Perm("r", domu)]},
-            writes={f"{backend}/{k}": v for k, v in values.items()},
-        )
+            return blockBackend(ctx, plug, rel, {"type": "tap", "params": tapdiskParams(target)})
+        rec = await self._records(ctx)
+        if "device" not in rec:
+            raise KindError("EIO", f"no tapdisk recorded for {ctx.paths.base}")
+        extra = {
+            "type": "phy",
+            "params": rec["device"],
+            "tapdisk-params": tapdiskParams(target),
+            "script": target.get("script", "block"),
+        }
+        return blockBackend(ctx, plug, rel, extra)
 
     def unplug(self, ctx: KindContext, plug: PlugSpec) -> Deferred[Outcome]:
         """The agent removes the backend directory after the remove script."""
