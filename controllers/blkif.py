@@ -93,20 +93,9 @@ class BlkifController(DevController):
         }
         if spec.script:
             target["script"] = spec.script
-        frontend = {
-            "virtual-device": str(devid),
-            "device-type": spec.devtype,
-            "trusted": "0" if spec.trusted is False else "1",
-        }
-        recorded = {
-            "dev": spec.vdev + (":cdrom" if spec.isCdrom else ""),
-            "uname": f"{'phy' if kind == 'phy' else 'file'}:{spec.target or ''}",
-            "mode": mode,
-            "format": spec.format,
-            "backend": str(backend),
-            "backend-kind": choice.kind,
-        }
-        return DeviceDetails(devid, target, frontend, backend, config=recorded)
+        uname = f"{'phy' if kind == 'phy' else 'file'}:{spec.target or ''}"
+        recorded = recordedConfig(spec, uname, mode, backend, choice.kind)
+        return DeviceDetails(devid, target, frontendKeys(spec, devid), backend, config=recorded)
 
     def checkReconfigure(
         self, devid: int, recorded: Mapping[str, str], details: DeviceDetails
@@ -139,6 +128,29 @@ class BlkifController(DevController):
             d.callback(number)
             return d
         return super().convertToDeviceNumber(devid)
+
+
+def frontendKeys(spec: DiskSpec, devid: int) -> dict[str, str]:
+    """The frontend keys of a disk (besides backend, backend-id, state)."""
+    return {
+        "virtual-device": str(devid),
+        "device-type": spec.devtype,
+        "trusted": "0" if spec.trusted is False else "1",
+    }
+
+
+def recordedConfig(
+    spec: DiskSpec, uname: str, mode: str, backend: int, backendKind: str
+) -> dict[str, str]:
+    """What a disk's record keeps of its configuration (xend's dev/uname/mode)."""
+    return {
+        "dev": spec.vdev + (":cdrom" if spec.isCdrom else ""),
+        "uname": uname,
+        "mode": mode,
+        "format": spec.format,
+        "backend": str(backend),
+        "backend-kind": backendKind,
+    }
 
 
 def _backendDomid(config: Mapping[str, Any], spec: DiskSpec) -> int:

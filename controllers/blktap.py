@@ -50,7 +50,13 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from controllers.blkif import BlkifController, _backendDomid, diskSpecFromConfig
+from controllers.blkif import (
+    BlkifController,
+    _backendDomid,
+    diskSpecFromConfig,
+    frontendKeys,
+    recordedConfig,
+)
 from xenddev.controller import DeviceConfigError, DeviceDetails, DeviceError
 from xenddev.diskspec import (
     BLKTAP2_TYPES,
@@ -163,21 +169,11 @@ class BlktapController(BlkifController):
             "mode": mode,
             "devtype": spec.devtype,
         }
-        frontend = {
-            "virtual-device": str(devid),
-            "device-type": spec.devtype,
-            "trusted": "0" if spec.trusted is False else "1",
-        }
         recorded = {
-            "dev": spec.vdev + (":cdrom" if spec.isCdrom else ""),
-            "uname": f"tap:{typ}:{path}",
-            "mode": mode,
-            "format": spec.format,
-            "backend": str(backend),
-            "backend-kind": self.driver,
+            **recordedConfig(spec, f"tap:{typ}:{path}", mode, backend, self.driver),
             "tapdisk-params": f"{typ}:{path}",
         }
-        return DeviceDetails(devid, target, frontend, backend, config=recorded)
+        return DeviceDetails(devid, target, frontendKeys(spec, devid), backend, config=recorded)
 
 
 class Blktap2Controller(BlktapController):
