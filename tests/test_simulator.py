@@ -53,9 +53,13 @@ def view(
     state: S | None = S.Initialising,
     other: S | None = None,
     seen: bool = False,
+    exists: bool | None = None,
     **values: str,
 ) -> DeviceView:
-    """A L{DeviceView} for the pure state-machine tests."""
+    """
+    A L{DeviceView} for the pure state-machine tests; the other end exists
+    if it has a state (unless C{exists} says otherwise).
+    """
     vals: dict[str, str | None] = {k.replace("_", "-"): v for k, v in values.items()}
     if state is not None:
         vals["state"] = str(int(state))
@@ -67,6 +71,7 @@ def view(
         otherendPath="/y" if other is not None or seen else None,
         otherendState=other,
         otherendSeen=seen,
+        otherendExists=other is not None if exists is None else exists,
     )
 
 
@@ -80,12 +85,31 @@ class DecideBackendTests(SynchronousTestCase):
         return t
 
     def test_initialising(self) -> None:
-        """online=1 in Initialising publishes the features and goes to InitWait."""
-        t = self.assertGoes(view("vbd", S.Initialising, S.Initialising, online="1"), S.InitWait)
+        """
+        Initialising with frontend-id set and an existing frontend is bound
+        (probed): the features are published and the backend goes to
+        InitWait, whatever C{online} says (Linux's probe ignores it).
+        """
+        t = self.assertGoes(
+            view("vbd", S.Initialising, S.Initialising, frontend_id="5"), S.InitWait
+        )
         assert t is not None
         self.assertEqual(dict(t.writes), dict(BACKEND_FEATURES["vbd"]))
+        self.assertGoes(
+            view("vbd", S.Initialising, S.Initialising, frontend_id="5", online="0"), S.InitWait
+        )
+        # A frontend directory without a state yet exists all the same.
+        self.assertGoes(view("vbd", S.Initialising, None, True, True, frontend_id="5"), S.InitWait)
+
+    def test_initialisingWithoutFrontend(self) -> None:
+        """
+        No probe while the frontend directory does not exist, C{frontend}
+        is unset or C{frontend-id} is missing: the backend stays
+        Initialising (Linux ignores such a directory without a word).
+        """
+        self.assertGoes(view("vbd", S.Initialising, None, True, False, frontend_id="5"), None)
+        self.assertGoes(view("vbd", S.Initialising, None, frontend_id="5"), None)
         self.assertGoes(view("vbd", S.Initialising, S.Initialising), None)
-        self.assertGoes(view("vbd", S.Initialising, None, online="1"), S.InitWait)
 
     def test_connect(self) -> None:
         """InitWait connects only with hotplug-status=connected and an initialised frontend."""
@@ -137,7 +161,8 @@ class DecideBackendTests(SynchronousTestCase):
         self.assertGoes(view("vbd", S.InitWait, None, seen=True, online="1"), S.Closed)
         # Not written yet (seed 000: backend first, frontend later).
         self.assertGoes(view("vbd", S.InitWait, None, online="1"), None)
-        self.assertGoes(view("vbd", S.Initialising, None, seen=True, online="1"), S.InitWait)
+        # Initialising with the frontend directory gone: never bound.
+        self.assertGoes(view("vbd", S.Initialising, None, seen=True, online="1"), None)
 
     def test_noTransitions(self) -> None:
         """Closed, absent, unknown and reconfiguring states are left alone."""
@@ -450,22 +475,28 @@ class HandshakeTests(SimulatorTestBase):
     @run
     async def test_backendFirstFrontendLater(self) -> None:
         """
-        A backend written before its frontend (seed 000: plug, then the
-        frontend) waits in InitWait instead of taking the missing frontend
-        for a vanished one.
+        A backend made complete before its frontend exists is not bound,
+        and the frontend's creation does not bind it either (as on real
+        Xen: Linux looks at a backend only when its own directory changes);
+        the next change in the backend directory does.
         """
         await self.backend()
         await self.frontend()
         be = backendPath(0, "vbd", 5, VBD)
         fe = frontendPath(5, "vbd", VBD)
-        for key, value in {"frontend": fe, "online": "1", "state": "1"}.items():
+        for key, value in {"frontend": fe, "frontend-id": "5", "online": "1", "state": "1"}.items():
             await self.tool.write(joinPath(be, key), value)
-        await self.waitState(be, S.InitWait)
         await self.settle()
-        self.assertEqual(await self.state(be), S.InitWait)
-        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
+        self.assertEqual(await self.state(be), S.Initialising)
         for key, value in {"backend": be, "state": "1"}.items():
             await self.tool.write(joinPath(fe, key), value)
+        await self.settle()
+        self.assertEqual(await self.state(be), S.Initialising)
+        self.assertEqual(await self.state(fe), S.Initialising)
+        # The toolstack's write of <backend>/frontend (docs/protocol.md).
+        await self.tool.write(joinPath(be, "frontend"), fe)
+        await self.waitState(be, S.InitWait)
+        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
         await self.waitState(be, S.Connected)
         await self.waitState(fe, S.Connected)
 

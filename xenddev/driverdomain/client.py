@@ -634,8 +634,10 @@ async def populateFrontend(
 async def backendReady(xs: IXenStore, plug: PlugResult) -> bool:
     """
     Whether the driver domain created the plug's backend complete, with
-    C{frontend} set (our kinds do, atomically with the plug's result), read
-    outside any transaction: that key is never removed while plugged.
+    C{frontend} set, read outside any transaction: that key is never
+    removed while plugged. Our kinds leave C{frontend} to L{populateFrontend}
+    (a Linux backend completed before its frontend exists is never bound),
+    so this is for driver domains of other makes.
     """
     if plug.bcopy:
         return False

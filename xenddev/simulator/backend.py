@@ -8,9 +8,19 @@ back to Closed. L{BackendSimulator} plays that part in XenStore, following
 the xenbus conventions (Xen's C{io/xenbus.h}, C{io/blkif.h}, C{io/netif.h})
 and the sequence of seed 004:
 
-  1. the toolstack writes the backend directory with C{state=1} and
-     C{online=1} → the backend publishes its features and goes to
-     InitWait (2), in one transaction;
+  1. probing, as Linux's xenbus backend bus does it: on a change anywhere
+     in a backend directory the driver is not yet bound to, if C{state} is
+     Initialising (1), C{frontend-id} is set and C{frontend} names a
+     directory that exists at that moment, the backend publishes its
+     features and goes to InitWait (2), in one transaction. Otherwise the
+     change is ignored, silently: a backend directory completed before its
+     frontend exists waits for the next change of the backend directory
+     (the frontend's own creation is not one). Seed 000 warns of this
+     ("backends that cannot cope with the backend directory coming into
+     existence before the corresponding frontend directory"); the real-Xen
+     lane showed it is Linux's behaviour, so the toolstack writes the
+     backend's C{frontend} key in the transaction that creates the frontend
+     (docs/protocol.md). C{online} plays no part in probing;
   2. the hotplug script writes C{hotplug-status=connected} and the
      frontend reaches Initialised (3) or Connected (4) → for a vbd the
      backend publishes C{sectors}, C{sector-size} and C{info}; it goes to
@@ -32,7 +42,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from zope.interface import implementer
 
@@ -76,7 +86,7 @@ BACKEND_FEATURES: Mapping[str, Mapping[str, str]] = {
 
 SECTOR_SIZE = 512
 
-_BASE_KEYS = ("state", "online", "hotplug-status", "frontend")
+_BASE_KEYS = ("state", "online", "hotplug-status", "frontend", "frontend-id")
 _VBD_KEYS = ("mode", "params", "physical-device-path", "device-type")
 
 #: Frontend states in which the guest driver is engaged with the device:
@@ -190,10 +200,10 @@ def decideBackend(view: DeviceView) -> Transition | None:
             return Transition(S.Closed, "detached by the toolstack (online=0, state=5)")
         return None  # a connected frontend must close first
     if state is S.Initialising:
-        if online:
+        if view.otherendPath is not None and view.otherendExists and view.get("frontend-id"):
             return Transition(
                 S.InitWait,
-                "online=1: features published",
+                "probed (frontend exists): features published",
                 dict(BACKEND_FEATURES.get(view.devclass, {})),
             )
         return None
@@ -258,3 +268,17 @@ class BackendSimulator(XenbusEndSimulator):
     def decide(self, view: DeviceView) -> Transition | None:
         """See L{decideBackend}."""
         return decideBackend(view)
+
+    def reactsTo(self, lastState: XenbusState | None, key: Sequence[str]) -> bool:
+        """
+        A device not yet bound (never stepped, or still Initialising) is
+        probed again on any change in its directory, as Linux's backend bus
+        does; a bound one reacts to its trigger keys only.
+        """
+        if lastState in (None, S.Initialising):
+            return True
+        return super().reactsTo(lastState, key)
+
+    def watchesOtherend(self, lastState: XenbusState | None) -> bool:
+        """Only a bound device watches its frontend (Linux sets the watch at probe)."""
+        return lastState not in (None, S.Initialising)

@@ -27,7 +27,7 @@ module holds what both ends do alike:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -64,6 +64,8 @@ class DeviceView:
     @ivar otherendSeen: whether this simulator has seen the other end's
         C{state} exist since the device was (re)initialised; lets "absent"
         be told apart from "not written yet".
+    @ivar otherendExists: whether the other end's directory exists (read in
+        the same transaction).
     """
 
     path: str
@@ -73,6 +75,7 @@ class DeviceView:
     otherendPath: str | None
     otherendState: XenbusState | None
     otherendSeen: bool = False
+    otherendExists: bool = False
 
     def get(self, key: str) -> str | None:
         """The value of one of the device's own keys, or C{None}."""
@@ -110,6 +113,8 @@ class _Device:
         self.otherendSeen = False
         self.watch: IWatchHandle | None = None
         self.watchPath: str | None = None
+        #: The device's own state at its last step (C{None}: no step yet).
+        self.lastState: XenbusState | None = None
 
 
 class XenbusEndSimulator:
@@ -173,6 +178,22 @@ class XenbusEndSimulator:
     def decide(self, view: DeviceView) -> Transition | None:
         """The transition to make now, or C{None}. Must not touch the store."""
         raise NotImplementedError()
+
+    def reactsTo(self, lastState: XenbusState | None, key: Sequence[str]) -> bool:
+        """
+        Whether a change of C{key} (path components below the device
+        directory; empty for the directory itself) makes a device whose last
+        step saw C{lastState} take a step. By default: the directory itself
+        and the L{triggerKeys}.
+        """
+        return not key or (len(key) == 1 and key[0] in self.triggerKeys)
+
+    def watchesOtherend(self, lastState: XenbusState | None) -> bool:
+        """
+        Whether a device whose last step saw C{lastState} watches its other
+        end's C{state} (a real driver does once it is bound to the device).
+        """
+        return True
 
     # Life cycle
 
@@ -282,7 +303,8 @@ class XenbusEndSimulator:
         if devclass is None:
             return
         key = rel[self.depth :]
-        if not key or (len(key) == 1 and key[0] in self.triggerKeys):
+        known = self._devices.get(devPath)
+        if self.reactsTo(known.lastState if known is not None else None, key):
             self.poke(devPath, devclass)
 
     def poke(self, path: str, devclass: str) -> None:
@@ -343,8 +365,11 @@ class XenbusEndSimulator:
         values = dict(zip(keys, raw, strict=True))
         otherend = _validAbsolutePath(values.get(self.otherendKey))
         otherState: XenbusState | None = None
+        otherExists = False
         if otherend is not None:
-            otherState = XenbusState.parse(await tx.readOrNone(joinPath(otherend, "state")))
+            rawState = await tx.readOrNone(joinPath(otherend, "state"))
+            otherState = XenbusState.parse(rawState)
+            otherExists = rawState is not None or await tx.exists(otherend)
         view = DeviceView(
             path=dev.path,
             devclass=dev.devclass,
@@ -353,6 +378,7 @@ class XenbusEndSimulator:
             otherendPath=otherend,
             otherendState=otherState,
             otherendSeen=dev.otherendSeen and otherend == dev.otherendPath,
+            otherendExists=otherExists,
         )
         transition = self.decide(view)
         if transition is not None:
@@ -388,12 +414,15 @@ class XenbusEndSimulator:
         dev.otherendPath = view.otherendPath
         if view.otherendState is not None:
             dev.otherendSeen = True
+        dev.lastState = result.transition.state if result.transition else view.state
         self._ensureOtherendWatch(dev)
 
     # Other-end watches
 
     def _ensureOtherendWatch(self, dev: _Device) -> None:
-        want = joinPath(dev.otherendPath, "state") if dev.otherendPath else None
+        want = None
+        if dev.otherendPath and self.watchesOtherend(dev.lastState):
+            want = joinPath(dev.otherendPath, "state")
         if want == dev.watchPath:
             return
         self._dropWatch(dev)

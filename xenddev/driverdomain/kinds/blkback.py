@@ -165,12 +165,17 @@ def blockBackend(
     tapdisk node): owned by the driver domain, readable by the guest, with
     the keys xend and libxl write for every vbd, and C{extra} (C{type},
     C{params}, ...).
+
+    C{frontend} is left to the toolstack, which writes it in the
+    transaction that creates the frontend (seed 000's "<backend>/frontend =
+    <frontend> unless already set"): Linux binds a backend only on a change
+    of its directory made while the frontend exists, so a backend complete
+    before its frontend would never be probed (docs/protocol.md).
     """
     target = ctx.target
     dd, domu = ctx.driverDomid, plug.device.frontendDomid
     backend = ctx.paths.absolute(relative)
     values = {
-        "frontend": plug.frontend,
         "frontend-id": str(domu),
         "online": "1",
         "state": "1",

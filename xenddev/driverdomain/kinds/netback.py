@@ -71,7 +71,6 @@ class NetbackKind(KernelBackendKind):
         dd, domu = ctx.driverDomid, plug.device.frontendDomid
         rel, backend = self._backendFor(ctx, plug, "vif")
         values = {
-            "frontend": plug.frontend,
             "frontend-id": str(domu),
             "online": "1",
             "state": "1",

@@ -552,7 +552,6 @@ class QemuKind:
             backend = ctx.paths.absolute(rel)
             mode = ctx.target.get("mode", "w")
             values = {
-                "frontend": plug.frontend,
                 "frontend-id": str(domu),
                 "online": "1",
                 "state": "1",
