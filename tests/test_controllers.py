@@ -75,8 +75,12 @@ class GatedBlkback(BlkbackKind):
         return self._gated("activate", super().activate(ctx))
 
 
-class ControllerSuite(HostSuite):
-    """Mixed with a server fixture and TestCase."""
+class ControllerFixture(HostSuite):
+    """
+    A DeviceManager with a registered guest, and a driver domain on demand;
+    mixed with a server fixture and TestCase (no tests of its own, so other
+    modules can build on it).
+    """
 
     async def _setUp(self) -> None:
         if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
@@ -117,6 +121,10 @@ class ControllerSuite(HostSuite):
         with open(path, "wb") as f:
             f.truncate(size)
         return path
+
+
+class ControllerSuite(ControllerFixture):
+    """Mixed with a server fixture and TestCase."""
 
     # Interfaces
 

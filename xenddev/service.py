@@ -383,6 +383,7 @@ class XenddevService(MultiService):
         self._exists = exists
         self.ready: Deferred[None] = Deferred()
         self.manager: ServiceDeviceManager | None = None
+        self.reaper: Any = None
         self.dataPaths: Any = None
         #: The L{xenddev.storagectl.StorageControl} over L{dataPaths}
         #: (C{datapath.*}: quiesce handles with their deadline).
@@ -486,6 +487,7 @@ class XenddevService(MultiService):
         )
         if self.guests is not None:
             self.guests.manager = self.manager
+        await self._startReaper(xs, self.manager)
         from xenddev.datapath import DataPathControl
         from xenddev.datapath.remote import protocolPausers
 
@@ -502,6 +504,16 @@ class XenddevService(MultiService):
             embedded=" (embedded xenstored)" if self.embedded else "",
             sim=" — SIMULATED backends and frontends" if self.simulated else "",
         )
+
+    async def _startReaper(self, xs: Any, manager: DeviceManager) -> None:
+        """Release the devices of guests that die without a detach (xenddev.reaper)."""
+        from xenddev.reaper import DeadDomainReaper
+
+        local = [self.config.driver_domain.domid] if self.config.driver_domain.enabled else []
+        self.reaper = DeadDomainReaper(
+            xs, lambda: [*local, *manager.knownDriverDomains()], manager.driverDomain
+        )
+        await self.reaper.start()
 
     async def _chooseXenStore(self) -> str:
         from xenddev.xenstore.endpoints import parseAddress
@@ -743,6 +755,8 @@ class XenddevService(MultiService):
         self.log.info("xenddev stopping")
         ports, self.ports = self.ports, []
         await DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        if self.reaper is not None:
+            await _quietly(self.reaper.stop())
         if self.manager is not None:
             await self.manager.drain(self.config.timeouts.shutdown)
         if self.storage is not None:

@@ -163,6 +163,10 @@ class DeviceManager:
             client = self._driverDomains[domid] = DriverDomainClient(self.xs, domid, timeout)
         return client
 
+    def knownDriverDomains(self) -> list[int]:
+        """The driver domains this manager has a protocol client for."""
+        return sorted(self._driverDomains)
+
     def _serialised(self, key: tuple[int, str, int], fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
         lock = self._locks.get(key)
         if lock is None:
