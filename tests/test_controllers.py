@@ -175,6 +175,34 @@ class ControllerSuite(ControllerFixture):
         self.assertEqual(await self.manager.getBlockDeviceClass(GUEST, "xvdb"), None)
 
     @deferredTest
+    async def test_listShowsXlDevices(self) -> None:
+        """
+        Devices made by xl (libxl's records under /libxl/<dom>/device) are
+        listed beside ours, marked libxl, with their frontend's state (the
+        simulated guest plays with it); a guest-written frontend without a
+        libxl record is not listed.
+        """
+        await self.startDriverDomain()
+        devid = await self.manager.createDevice(
+            GUEST, "vbd", {"spec": f"{self.image()},raw,xvdb,w"}
+        )
+        xlBackend = f"/local/domain/0/backend/vbd/{GUEST}/51760"
+        await self.xs.write(f"/libxl/{GUEST}/device/vbd/51760/backend", xlBackend)
+        await self.xs.write(f"/libxl/{GUEST}/device/vbd/51760/frontend", "x")
+        await self.xs.write(f"/local/domain/{GUEST}/device/vbd/51760/state", "4")
+        await self.xs.write(f"/local/domain/{GUEST}/device/vbd/51776/state", "4")
+        rows = await self.manager.listDevices(GUEST, "vbd")
+        self.assertEqual(
+            [(r.devid, r.toolstack, r.backendId, r.backendPath) for r in rows],
+            [
+                (devid, "xenddev", 0, f"/local/domain/0/backend/vbd/{GUEST}/{devid}"),
+                (51760, "libxl", 0, xlBackend),
+            ],
+        )
+        self.assertIsNotNone(rows[1].state)
+        self.assertEqual(await self.manager.listDevices(GUEST, "vif"), [])
+
+    @deferredTest
     async def test_xendUname(self) -> None:
         """xend's uname/dev/mode form works and is reported back by getDeviceConfiguration."""
         img = self.image()

@@ -12,6 +12,7 @@ and C{xl network-list}.
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from xenddev.controller import (
 )
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.xenstore.errors import NoEntryError
 from xenddev.xenstore.paths import Perm, validateDomid
 
 T = TypeVar("T")
@@ -52,6 +54,11 @@ def defaultControllers() -> dict[str, type[DevController]]:
     }
 
 
+#: libxl's device kinds (its record directories) that are a device class's.
+_LIBXL_KINDS: Mapping[str, tuple[str, ...]] = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}
+_DOMAIN_PATH = re.compile(r"/local/domain/([0-9]+)/")
+
+
 @attrs.frozen
 class DeviceRow:
     """One line of a device listing (xl block-list / network-list)."""
@@ -65,6 +72,9 @@ class DeviceRow:
     ringRef: str | None
     backendPath: str | None
     mac: str | None = None
+    #: Which toolstack made the device: C{xenddev}, or C{libxl} for one
+    #: made by C{xl} (listed from libxl's records, as C{xl} lists it).
+    toolstack: str = "xenddev"
 
 
 class DeviceManager:
@@ -267,29 +277,62 @@ class DeviceManager:
         async def rows() -> list[DeviceRow]:
             ctrl = await self.controller(domid, devclass)
             out = []
-            for devid in await ctrl.deviceIDs():
+            ours = await ctrl.deviceIDs()
+            for devid in ours:
                 backendId, backend = await ctrl.readVm(devid, "backend-id", "backend")
-                front = ctrl.frontendPath(devid)
-                keys = ("state", "event-channel", "ring-ref", "tx-ring-ref", "mac")
-                state, evtchn, ring, txRing, mac = await gatherResults(
-                    [self.xs.readOrNone(f"{front}/{k}") for k in keys]
-                )
-                out.append(
-                    DeviceRow(
-                        devclass,
-                        devid,
-                        int(backendId) if backendId is not None else None,
-                        devid,
-                        int(state) if state is not None and state.isdigit() else None,
-                        evtchn,
-                        ring if ring is not None else txRing,
-                        backend,
-                        mac,
-                    )
-                )
-            return out
+                out.append(await self._row(ctrl, devid, backendId, backend, "xenddev"))
+            for devid, backend in await self._libxlDevices(domid, devclass):
+                if devid not in ours:
+                    m = _DOMAIN_PATH.match(backend or "")
+                    backendId = m.group(1) if m else None
+                    out.append(await self._row(ctrl, devid, backendId, backend, "libxl"))
+            return sorted(out, key=lambda r: r.devid)
 
         return Deferred.fromCoroutine(rows())
+
+    async def _row(
+        self,
+        ctrl: DevController,
+        devid: int,
+        backendId: str | None,
+        backend: str | None,
+        toolstack: str,
+    ) -> DeviceRow:
+        front = ctrl.frontendPath(devid)
+        keys = ("state", "event-channel", "ring-ref", "tx-ring-ref", "mac")
+        state, evtchn, ring, txRing, mac = await gatherResults(
+            [self.xs.readOrNone(f"{front}/{k}") for k in keys]
+        )
+        return DeviceRow(
+            ctrl.deviceClass,
+            devid,
+            int(backendId) if backendId is not None and backendId.isdigit() else None,
+            devid,
+            int(state) if state is not None and state.isdigit() else None,
+            evtchn,
+            ring if ring is not None else txRing,
+            backend,
+            mac,
+            toolstack,
+        )
+
+    async def _libxlDevices(self, domid: int, devclass: str) -> list[tuple[int, str | None]]:
+        """
+        (devid, backend path) of the devices C{xl} made for a domain, from
+        libxl's own records (C{/libxl/<domid>/device/<kind>/<devid>}:
+        writable by dom0 only, unlike the guest's frontend directories).
+        """
+        found = []
+        for kind in _LIBXL_KINDS.get(devclass, (devclass,)):
+            root = f"/libxl/{int(domid)}/device/{kind}"
+            try:
+                names = await self.xs.ls(root)
+            except NoEntryError:
+                continue
+            for name in names:
+                if name.isdigit():
+                    found.append((int(name), await self.xs.readOrNone(f"{root}/{name}/backend")))
+        return found
 
     def waitForDevices(self, domid: int) -> Deferred[None]:
         """Wait until every device of the domain is connected."""

@@ -996,6 +996,7 @@ class DeviceRPC(XMLRPC):
             "ring-ref": _intOrText(row.ringRef),
             "backend-path": row.backendPath,
             "mac": row.mac,
+            "toolstack": row.toolstack,
         }
         if row.devclass in ("vbd", "tap", "tap2"):
             try:
