@@ -20,6 +20,7 @@ from xenddev.config import (
     parseConfig,
 )
 from xenddev.daemon import Options
+from xenddev.driverdomain.kinds import availableKinds, resolveKinds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ class DefaultsTests(TestCase):
         self.assertEqual(config.xenstore, "auto")
         self.assertTrue(config.driver_domain.enabled)
         self.assertEqual(config.driver_domain.domid, 0)
-        self.assertEqual(config.driver_domain.kinds, ("blkback", "netback"))
+        self.assertEqual(config.driver_domain.kinds, ("auto",))
         self.assertEqual(config.xmlrpc.socket_mode, 0o600)
         self.assertIsNone(config.xmlrpc.tcp)
         self.assertEqual(config.xmlrpc.interface, "127.0.0.1")
@@ -100,6 +101,32 @@ class DefaultsTests(TestCase):
             if isinstance(values, dict):
                 for key in values:
                     self.assertIn(f"`{section}.{key}`", doc)
+
+
+class KindsTests(TestCase):
+    """C{driver_domain.kinds: auto}: every kind whose tools are present."""
+
+    def test_autoParses(self) -> None:
+        """C{auto} as a string or a one-item list; not mixed with names."""
+        for text in ("auto", "[auto]"):
+            config = parseConfig(f"driver_domain:\n  kinds: {text}\n", "f.yaml", cwd="/srv")
+            self.assertEqual(config.driver_domain.kinds, ("auto",))
+        with self.assertRaises(ConfigError):
+            parseConfig("driver_domain:\n  kinds: [auto, blkback]\n", "f.yaml", cwd="/srv")
+
+    def test_availableKinds(self) -> None:
+        """Kernel backends always; qemu and tap only with their programs, reasons given."""
+        present = {"qemu-storage-daemon": "/usr/bin/qemu-storage-daemon"}
+        names, missing = availableKinds(lambda tool: present.get(tool))
+        self.assertEqual(names, ["blkback", "netback"])
+        self.assertEqual(missing, {"qemu": "no qemu-img", "tap": "no tap-ctl"})
+        present["qemu-img"] = "/usr/bin/qemu-img"
+        names, missing = availableKinds(lambda tool: present.get(tool))
+        self.assertEqual(names, ["blkback", "netback", "qemu"])
+        self.assertEqual(missing, {"tap": "no tap-ctl"})
+        names, missing = resolveKinds(["netback"], lambda tool: None)
+        self.assertEqual((names, missing), (["netback"], {}))
+        self.assertEqual(resolveKinds(["auto"], lambda tool: None)[0], ["blkback", "netback"])
 
 
 class RejectionTests(TestCase):

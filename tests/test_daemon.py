@@ -635,6 +635,29 @@ class DaemonEndToEndSuite(
             self.assertFalse(os.path.lexists(store))
 
     @deferredTest
+    async def test_qcow2WithDefaultKinds(self) -> None:
+        """
+        Out of the box (driver_domain.kinds: auto) a qcow2 image attaches
+        through the qemu kind where qemu-storage-daemon is installed, and
+        the start-up log names the kinds chosen.
+        """
+        if shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None:
+            raise SkipTest("qemu-storage-daemon/qemu-img (qemu-system-common, qemu-utils) missing")
+        proto = await self.startStoreDaemon()
+        self.assertIn(b"kinds blkback,netback,qemu", proto.output)
+        image = os.path.join(self.rundir, "disk.qcow2")
+        out, err, code = await getProcessOutputAndValue(
+            "qemu-img", ["create", "-q", "-f", "qcow2", image, "16M"]
+        )
+        self.assertEqual(code, 0, err)
+        await self.ok("block-attach", str(GUEST), "format=qcow2", "vdev=xvdb", f"target={image}")
+        await self.connected("vbd", 51728)
+        kind = await self.xs.read("/local/domain/0/private/xenddev/objects/vdi/vbd-5-51728/kind")
+        self.assertEqual(kind, "qemu")
+        self.assertEqual(await self.ok("block-detach", str(GUEST), "xvdb"), "")
+        self.assertTrue(await self.stopDaemon(proto))
+
+    @deferredTest
     async def test_vifThroughXmlRpc(self) -> None:
         """
         vifs through device.attach and xend's device_create, listed, and

@@ -97,7 +97,8 @@ class DriverDomainConfig:
 
     enabled: bool = True
     domid: int = 0
-    kinds: tuple[str, ...] = ("blkback", "netback")
+    #: C{("auto",)}: every kind whose tools are present (resolved at start).
+    kinds: tuple[str, ...] = ("auto",)
     script_dir: str = "/etc/xen/scripts"
     hotplug: str = "auto"
     hotplug_timeout: float = 40.0
@@ -288,7 +289,9 @@ def _kinds(value: Any, node: yaml.Node) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [k.strip() for k in value.split(",") if k.strip()]
     if not isinstance(value, list) or not value:
-        raise ValueError("must be a non-empty list of driver-domain kinds")
+        raise ValueError("must be auto or a non-empty list of driver-domain kinds")
+    if value == ["auto"]:
+        return ("auto",)
     for kind in value:
         if kind not in KIND_FACTORIES:
             raise ValueError(

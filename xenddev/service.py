@@ -384,6 +384,8 @@ class XenddevService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self.manager: ServiceDeviceManager | None = None
         self.reaper: Any = None
+        #: The local agent's kinds, once started (C{auto} resolved).
+        self.kinds: list[str] = []
         self.dataPaths: Any = None
         #: The L{xenddev.storagectl.StorageControl} over L{dataPaths}
         #: (C{datapath.*}: quiesce handles with their deadline).
@@ -601,7 +603,7 @@ class XenddevService(MultiService):
 
     async def _startAgent(self, address: str) -> None:
         from xenddev.driverdomain.agent import BackendCtrlAgent
-        from xenddev.driverdomain.kinds import kindsByName
+        from xenddev.driverdomain.kinds import kindsByName, resolveKinds
 
         dd = self.config.driver_domain
         xs = await self._connect(address)
@@ -619,14 +621,17 @@ class XenddevService(MultiService):
             )
         from xenddev.datapath import standardPausers
 
+        names, leftOut = resolveKinds(dd.kinds)
+        self.kinds = names
         self.agent = BackendCtrlAgent(
-            xs, dd.domid, kindsByName(dd.kinds), hotplug, standardPausers(self.reactor)
+            xs, dd.domid, kindsByName(names), hotplug, standardPausers(self.reactor)
         )
         await self.agent.start()
         self.log.info(
-            "Driver-domain agent for domain {domid} (kinds {kinds}; hotplug scripts {hp})",
+            "Driver-domain agent for domain {domid} (kinds {kinds}{why}; hotplug scripts {hp})",
             domid=dd.domid,
-            kinds=",".join(dd.kinds),
+            kinds=",".join(names),
+            why="".join(f"; not {k}: {reason}" for k, reason in leftOut.items()),
             hp=dd.script_dir if hotplug is not None else "off",
         )
 
