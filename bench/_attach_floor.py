@@ -44,6 +44,7 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
+from xenddev.diskspec import numberToVdev
 from xenddev.interfaces import ITransaction
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.paths import Perm
@@ -312,6 +313,9 @@ class FloorToolstack:
                     tx.setPerms(front, [Perm("n", disk.domid), Perm("r", DRIVER_DOMID)]),
                     *[tx.write(f"{front}/{k}", v) for k, v in frontValues.items()],
                     tx.write(f"{record}/backend", backend),
+                    # The change that binds a kernel backend, made while the
+                    # frontend exists (docs/protocol.md).
+                    tx.write(f"{backend}/frontend", front),
                 ]
             )
 
@@ -468,8 +472,8 @@ class FloorAgent:
             self._byBackend[backend] = name
             t = obj.target
             values = {
-                "frontend": front,
                 "frontend-id": str(domu),
+                "dev": numberToVdev(devid),
                 "online": "1",
                 "state": "1",
                 "removable": "0",

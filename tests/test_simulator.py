@@ -17,6 +17,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -125,6 +126,28 @@ class DecideBackendTests(SynchronousTestCase):
             self.assertGoes(
                 view("vif", S.InitWait, S.Initialised, online="1", hotplug_status=status), None
             )
+
+    def test_vbdWithoutDevServesNothing(self) -> None:
+        """
+        A vbd backend without C{dev} connects but leaves blkback's error
+        node, as Linux's does ("get blkback dev name"); with C{dev}, none.
+        """
+        v = attrs.evolve(
+            view("vbd", S.InitWait, S.Initialised, hotplug_status="connected"),
+            path="/local/domain/0/backend/vbd/5/51712",
+        )
+        t = self.assertGoes(v, S.Connected)
+        assert t is not None
+        self.assertEqual(
+            dict(t.elsewhere),
+            {"/local/domain/0/error/backend/vbd/5/51712/error": "2 get blkback dev name"},
+        )
+        t = self.assertGoes(
+            view("vbd", S.InitWait, S.Initialised, hotplug_status="connected", dev="xvda"),
+            S.Connected,
+        )
+        assert t is not None
+        self.assertEqual(dict(t.elsewhere), {})
 
     def test_vbdConnectKeys(self) -> None:
         """A read-only vbd gets info=4; sectors are 0 without an image."""
@@ -285,6 +308,8 @@ class SimulatorTestBase(TestCase):
         be = backendPath(backdom, devclass, domu, devid)
         fe = frontendPath(domu, devclass, devid)
         backend = {"frontend": fe, "frontend-id": str(domu), "online": "1", "state": "1"}
+        if devclass == "vbd":
+            backend["dev"] = "xvda"  # blkback needs it to serve I/O
         backend.update(back or {})
         frontend = {"backend": be, "backend-id": str(backdom), "state": "1"}
         frontend.update(front or {})

@@ -24,8 +24,11 @@ and the sequence of seed 004:
   2. the hotplug script writes C{hotplug-status=connected} and the
      frontend reaches Initialised (3) or Connected (4) → for a vbd the
      backend publishes C{sectors}, C{sector-size} and C{info}; it goes to
-     Connected (4). With C{hotplug-status=error} (or C{busy}) it stays in
-     InitWait, as a real backend would never connect;
+     Connected (4). A vbd backend without C{dev} connects but, like
+     blkback, serves nothing and leaves an error node
+     (C{<dd>/error/backend/vbd/.../error = "2 get blkback dev name"}).
+     With C{hotplug-status=error} (or C{busy}) it stays in InitWait, as a
+     real backend would never connect;
   3. the frontend goes to Closing (5) or Closed (6), or its directory
      vanishes → Closed (6);
   4. the toolstack's detach writes C{online=0} and C{state=5} in one
@@ -87,7 +90,7 @@ BACKEND_FEATURES: Mapping[str, Mapping[str, str]] = {
 SECTOR_SIZE = 512
 
 _BASE_KEYS = ("state", "online", "hotplug-status", "frontend", "frontend-id")
-_VBD_KEYS = ("mode", "params", "physical-device-path", "device-type")
+_VBD_KEYS = ("mode", "params", "physical-device-path", "device-type", "dev")
 
 #: Frontend states in which the guest driver is engaged with the device:
 #: the backend must wait for it to close.
@@ -209,12 +212,29 @@ def decideBackend(view: DeviceView) -> Transition | None:
         return None
     if state in (S.InitWait, S.Initialised):
         if view.get("hotplug-status") == "connected" and fe in (S.Initialised, S.Connected):
+            if view.devclass == "vbd" and not view.get("dev"):
+                # Linux's blkback connects, then fails to name its I/O
+                # threads after "dev": no request is ever served, and all
+                # it says is an error node (xenbus_dev_error).
+                return Transition(
+                    S.Connected,
+                    "connected WITHOUT I/O: no dev key (blkback: get blkback dev name)",
+                    _connectWrites(view),
+                    {_errorNode(view.path): "2 get blkback dev name"},
+                )
             return Transition(
                 S.Connected,
                 f"hotplug-status=connected, frontend {fe.name}",
                 _connectWrites(view),
             )
     return None
+
+
+def _errorNode(path: str) -> str:
+    """Where Linux's C{xenbus_dev_error} reports on a backend device."""
+    # /local/domain/<dd>/backend/... -> /local/domain/<dd>/error/backend/.../error
+    parts = path.split("/")
+    return "/".join([*parts[:4], "error", *parts[4:], "error"])
 
 
 @implementer(IXenbusSimulator)

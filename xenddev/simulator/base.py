@@ -86,12 +86,15 @@ class DeviceView:
 class Transition:
     """
     A decision to move a device to C{state}, writing C{writes} (keys of the
-    device directory) in the same transaction.
+    device directory) and C{elsewhere} (absolute paths: what a kernel
+    driver writes outside its device, e.g. C{xenbus_dev_error}'s error
+    node) in the same transaction.
     """
 
     state: XenbusState
     reason: str
     writes: Mapping[str, str] = attrs.field(factory=dict)
+    elsewhere: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -394,6 +397,8 @@ class XenbusEndSimulator:
         """
         for key, value in transition.writes.items():
             await tx.write(joinPath(view.path, key), value)
+        for path, value in transition.elsewhere.items():
+            await tx.write(path, value)
         await tx.write(joinPath(view.path, "state"), str(int(transition.state)))
         self.log.info(
             "Simulated {role} {path}: {old} -> {new} ({reason})",

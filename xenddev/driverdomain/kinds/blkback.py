@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from xenddev.diskspec import numberToVdev
 from xenddev.driverdomain.kinds.base import (
     KernelBackendKind,
     KindContext,
@@ -185,6 +186,10 @@ def blockBackend(
         # into "skip the sharing check" (xend's forced shared write).
         "mode": target.get("mode", "w"),
         "device-type": target.get("devtype", "disk"),
+        # blkback names its I/O threads after "dev" once connected; without
+        # it the backend says Connected but never serves a request (seen on
+        # real Xen: "get blkback dev name", error 2, and a hung guest).
+        "dev": numberToVdev(plug.device.devid),
         **extra,
     }
     return Outcome(

@@ -67,6 +67,7 @@ from zope.interface import implementer
 from xenddev.datapath import qemu as graph
 from xenddev.datapath.images import ImageError, imageChain
 from xenddev.datapath.registry import DataPath, recordPath, registryDir, thisHost
+from xenddev.diskspec import numberToVdev
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
 from xenddev.interfaces import IDriverDomainKind
 from xenddev.qmp import QMPClient, QMPError, connectQMP
@@ -561,6 +562,7 @@ class QemuKind:
                 "params": nbdURI(ctx.paths.name, daemon.nbdPath),
                 "mode": "r" if mode == "r" else "w",
                 "device-type": ctx.target.get("devtype", "disk"),
+                "dev": numberToVdev(plug.device.devid),
             }
             daemon.backends[backend] = ctx.xs
             return Outcome(
