@@ -563,7 +563,7 @@ class DevController:
         async def clean(tx: ITransaction) -> None:
             await _rmPruned(tx, self.frontendPath(devid))
             await tx.rm(self._driverDomain(ddId).paths(vdi, self.objectClass).base, missingOk=True)
-            await _rmPruned(tx, self.devicePath(devid))
+            await _rmPruned(tx, self.devicePath(devid), 2)
 
         await self.xs.transact(clean, self.transactAttempts)
 
@@ -573,8 +573,10 @@ class DevController:
         )
 
     def _removeRecord(self, devid: int) -> Deferred[None]:
+        # <vm>/device goes too once empty: a domain another toolstack made
+        # (xl writes no such directory) ends as it was before our devices.
         return self.xs.transact(
-            lambda tx: _rmPruned(tx, self.devicePath(devid)), self.transactAttempts
+            lambda tx: _rmPruned(tx, self.devicePath(devid), 2), self.transactAttempts
         )
 
     # Reading
@@ -710,10 +712,11 @@ def _plainDevid(devid: object) -> int:
     raise DeviceConfigError(f"invalid device id {devid!r}")
 
 
-async def _rmPruned(tx: ITransaction, path: str) -> None:
+async def _rmPruned(tx: ITransaction, path: str, ancestors: int = 1) -> None:
     """
-    Remove a device directory, and its class directory (C{.../device/<class>})
-    if that is left empty, so a failed or finished device leaves no trace.
+    Remove a device directory, and up to C{ancestors} of its parents (its
+    class directory C{.../device/<class>}, then C{device}) that are left
+    empty, so a failed or finished device leaves no trace.
     """
     removed = tx.rm(path, missingOk=True)
     parent = path.rsplit("/", 1)[0]
@@ -722,7 +725,10 @@ async def _rmPruned(tx: ITransaction, path: str) -> None:
     left.addErrback(lambda f: f.trap(NoEntryError) and None)
     await removed
     if await left == []:
-        await tx.rm(parent)
+        if ancestors > 1:
+            await _rmPruned(tx, parent, ancestors - 1)
+        else:
+            await tx.rm(parent)
 
 
 def guestPerms(domid: int, backend: int) -> list[Perm]:

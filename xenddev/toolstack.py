@@ -110,7 +110,8 @@ class DeviceManager:
         """
         Make sure a guest's XenStore skeleton exists (as the domain builder
         writes it): C{/local/domain/<domid>/{domid,name,vm,device}} and
-        C{/vm/<uuid>}, the guest owning its home and reading its vm dir.
+        C{/vm/<uuid>}, the guest owning its home and reading its vm dir
+        (C{/vm/<uuid>/device} comes and goes with the device records).
         A no-op for a domain that already has one.
         """
         domid = validateDomid(domid)
@@ -128,7 +129,7 @@ class DeviceManager:
             await tx.write(f"{home}/vm", vmPath)
             await tx.mkdir(f"{home}/device")
             await tx.setPerms(f"{home}/device", [Perm("n", domid)])
-            await tx.mkdir(f"{vmPath}/device")
+            await tx.mkdir(vmPath)
             await tx.setPerms(vmPath, [Perm("n", 0), Perm("r", domid)])
             return DomainInfo(domid, vmPath)
 
