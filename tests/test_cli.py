@@ -218,7 +218,7 @@ class CLISuite(CLIClientMixin, DeviceServiceFixture):
         await self.connected("vbd", 51712)
         table = (await self.ok("block-list", str(GUEST))).splitlines()
         self.assertEqual(table[0], "Vdev  BE  handle state evt-ch ring-ref BE-path")
-        self.assertEqual(table[1].split()[:4], ["51712", "0", "51712", "4"])
+        self.assertEqual(table[1].split()[:4], ["51712", "0", str(GUEST), "4"])
         self.assertTrue(table[1].endswith(f"/local/domain/0/backend/vbd/{GUEST}/51712"))
         (row,) = json.loads(await self.ok("block-list", "guest", "--json"))
         self.assertEqual((row["vdev"], row["state"]), ("xvda", 4))

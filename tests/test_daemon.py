@@ -611,7 +611,7 @@ class DaemonEndToEndSuite(
         await self.ok("block-attach", str(GUEST), "format=raw", "vdev=xvda", f"target={image}")
         await self.connected("vbd", 51712)
         table = (await self.ok("block-list", str(GUEST))).splitlines()
-        self.assertEqual(table[1].split()[:4], ["51712", "0", "51712", "4"])
+        self.assertEqual(table[1].split()[:4], ["51712", "0", str(GUEST), "4"])
         store = self.storeSocket(self.run)
         out, err, code = await getProcessOutputAndValue(
             "xenstore-ls",

@@ -308,7 +308,9 @@ class DeviceManager:
             ctrl.deviceClass,
             devid,
             int(backendId) if backendId is not None and backendId.isdigit() else None,
-            devid,
+            # xl block-list's "handle" column is the frontend's domain, xl
+            # network-list's the device id.
+            devid if ctrl.deviceClass == "vif" else ctrl.domid,
             int(state) if state is not None and state.isdigit() else None,
             evtchn,
             ring if ring is not None else txRing,
