@@ -20,9 +20,12 @@ def summarize(text: str) -> tuple[int, int, int]:
 
 
 def main() -> int:
-    """Read trial's output file and print the summary line."""
-    with open(sys.argv[1], encoding="utf-8", errors="replace") as f:
-        passed, failed, skipped = summarize(f.read())
+    """Read trial's output files (one per trial run), print one summary line."""
+    passed = failed = skipped = 0
+    for path in sys.argv[1:]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            p, f_, s = summarize(f.read())
+        passed, failed, skipped = passed + p, failed + f_, skipped + s
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 
