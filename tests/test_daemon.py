@@ -646,7 +646,7 @@ class DaemonEndToEndSuite(
         proto = await self.startStoreDaemon()
         self.assertIn(b"kinds blkback,netback,qemu", proto.output)
         image = os.path.join(self.rundir, "disk.qcow2")
-        out, err, code = await getProcessOutputAndValue(
+        _out, err, code = await getProcessOutputAndValue(
             "qemu-img", ["create", "-q", "-f", "qcow2", image, "16M"]
         )
         self.assertEqual(code, 0, err)
