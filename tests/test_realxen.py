@@ -155,13 +155,25 @@ class LaneTestCase(TestCase):
         return result.stdout.splitlines()
 
     async def attachDisk(self, spec: str, vdev: str) -> None:
-        """block-attach to g1 and wait for the guest to see the disk."""
+        """
+        block-attach to g1 and wait for the guest to see the disk; a test
+        that fails before L{detachDisk} leaves no disk to the next ones.
+        """
+        attached = getattr(self, "_attached", set())
+        self._attached = attached
+        self.addCleanup(self._forceDetach, vdev)
         await self.ok("block-attach", self.guest.name, spec)
+        attached.add(vdev)
         await self.guest.waitConsole(rf"GUEST: disk {vdev} appeared", timeout=120)
+
+    async def _forceDetach(self, vdev: str) -> None:
+        if vdev in self._attached:
+            await self.xenddev("block-detach", "--force", self.guest.name, vdev)
 
     async def detachDisk(self, vdev: str) -> None:
         """block-detach from g1 and wait for the guest to see it go."""
         self.assertEqual(await self.ok("block-detach", self.guest.name, vdev), "")
+        self._attached.discard(vdev)
         await self.guest.waitConsole(rf"GUEST: disk {vdev} disappeared", timeout=120)
 
 
@@ -196,7 +208,7 @@ class BlockDeviceTests(LaneTestCase):
         row = _row(await self.ok("block-list", self.guest.name), 51744)
         self.assertIsNotNone(row)
         assert row is not None
-        self.assertEqual(row[1:4], ["0", "51744", "4"])
+        self.assertEqual(row[1:4], ["0", str(self.guest.domid), "4"])
         self.assertEqual(len(await self.loopsFor(path)), 1)
         await self.detachDisk("xvdc")
         self.assertEqual(await self.sector(path, 1), "XENDDEV-GUEST-xvdc")
@@ -426,6 +438,7 @@ class GuestLifecycleTests(LaneTestCase):
         xlImage = await self.image("xl.img", 8)
         ours = await self.image("ours.img", 8)
         name = self.guest.name
+        self.addCleanup(self.host.run, ["xl", "block-detach", name, "xvdh"], timeout=180)
         await self.host.check(
             ["xl", "block-attach", name, f"format=raw,vdev=xvdh,access=rw,target={xlImage}"],
             timeout=180,
