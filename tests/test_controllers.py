@@ -441,6 +441,10 @@ class ControllerSuite(ControllerFixture):
             DeviceError,
         )
         self.assertIn("ENOENT", str(e))
+        # The refused medium cost the guest a blip: its drive was unplugged
+        # and plugged again with the old medium (see _replug).
+        await waitForState(self.xs, f"/local/domain/{GUEST}/device/vbd/51744", 4, 10)
+        await waitForState(self.xs, f"/local/domain/3/backend/vbd/{GUEST}/51744", 4, 10)
         await self.assertTreeIs(before)
 
     @deferredTest

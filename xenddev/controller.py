@@ -303,11 +303,9 @@ class DevController:
         dd = self._driverDomain(details.backendDomid)
         old = await dd.describe(vdi, self.objectClass)
         try:
-            await dd.change(vdi, details.target, self.objectClass)
+            await self._replug(devid, details, dd, vdi, backend)
         except (DriverDomainError, DriverDomainTimeout) as e:
             raise DeviceError(f"{refusal}: {e}") from e
-        try:
-            await self._waitConnected(devid, backend)
         except HotplugFailedError:
             self.log.warn(
                 "New medium of {cls} {devid} of domain {domid} failed; putting the old one back",
@@ -316,8 +314,8 @@ class DevController:
                 domid=self.domid,
             )
             try:
-                await dd.change(vdi, old.target, self.objectClass)
-                await self._waitConnected(devid, backend)
+                # The frontend's keys are the drive's, the same for both media.
+                await self._replug(devid, details, dd, vdi, backend, old.target)
             except Exception:
                 self.log.failure("Could not put the old medium of {vdi} back", vdi=vdi)
             raise
@@ -328,6 +326,58 @@ class DevController:
 
         await self.xs.transact(record, self.transactAttempts)
         return devid
+
+    async def _replug(
+        self,
+        devid: int,
+        details: DeviceDetails,
+        dd: DriverDomainClient,
+        vdi: str,
+        backend: str,
+        target: Mapping[str, str] | None = None,
+    ) -> None:
+        """
+        A new medium for a drive: the vbd is closed and unplugged, the
+        object's target changed, and the vbd plugged again with a new
+        frontend, which the guest sees as the disk leaving and coming back.
+        Linux's blkback cannot do it in place: it keeps serving the device
+        it opened ("changing physical device ... not supported", seen on
+        real Xen), and its frontend does not reconnect to a backend that
+        was closed under it.
+        """
+        await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
+        try:
+            await waitForState(
+                self._waits(backend), backend, XenbusState.Closed, self.destroyTimeout
+            )
+        except XenStoreTimeout:
+            self.log.warn(
+                "Guest {domid} did not close {cls} {devid} for a medium change; forcing it",
+                domid=self.domid,
+                cls=self.deviceClass,
+                devid=devid,
+            )
+        await self._removeFrontend(devid)
+        await dd.unplug(vdi, self.plugName, self.objectClass)
+        try:
+            await dd.change(vdi, details.target if target is None else target, self.objectClass)
+        except (DriverDomainError, DriverDomainTimeout):
+            # Refused (the medium is not there...): the old one is still
+            # the target; give the guest its drive back.
+            await self._plugAgain(devid, details, dd, vdi)
+            raise
+        await self._plugAgain(devid, details, dd, vdi)
+
+    async def _plugAgain(
+        self, devid: int, details: DeviceDetails, dd: DriverDomainClient, vdi: str
+    ) -> None:
+        """Plug an active object's vbd again with a new frontend; wait until connected."""
+        plug = await dd.plug(vdi, self.plugName, self.frontendPath(devid), self.objectClass)
+        ready = await backendReady(self.xs, plug)
+        await self.xs.transact(
+            lambda tx: self._writeFrontend(tx, details, plug, ready), self.transactAttempts
+        )
+        await self._waitConnected(devid, plug.backendPath)
 
     async def _writeConfig(self, tx: ITransaction, devid: int, config: Mapping[str, str]) -> None:
         base = f"{self.devicePath(devid)}/config"
