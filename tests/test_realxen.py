@@ -252,6 +252,32 @@ class BlockDeviceTests(LaneTestCase):
         self.assertEqual(await self.sector(loop, 1), "XENDDEV-GUEST-xvde")
         self.assertEqual(await self.loopsFor(path), [loop])
 
+    @deferredTest
+    async def test_cdromMedia(self) -> None:
+        """
+        A cdrom drive: cd-insert of another medium, cd-eject and cd-insert
+        again, each seen by the guest (the disk leaves and comes back with
+        the new medium's bytes, none while empty); after detach no loop
+        device is left for either medium.
+        """
+        await self.setUpLane()
+        first = await self.image("cd-one.iso", 8, "MEDIUM-ONE")
+        second = await self.image("cd-two.iso", 8, "MEDIUM-TWO")
+        name = self.guest.name
+        await self.attachDisk(f"{first},raw,xvdl:cdrom,r", "xvdl")
+        await self.guest.waitConsole(r"GUEST: disk xvdl appeared .* ro=1 .*head='MEDIUM-ONE'")
+        self.assertEqual(await self.ok("cd-insert", name, "xvdl", f"raw:{second}"), "")
+        await self.guest.waitConsole(r"GUEST: disk xvdl appeared .*head='MEDIUM-TWO'")
+        self.assertEqual(await self.loopsFor(first), [])
+        self.assertEqual(len(await self.loopsFor(second)), 1)
+        self.assertEqual(await self.ok("cd-eject", name, "xvdl"), "")
+        await self.guest.waitConsole(r"MEDIUM-TWO'\n(.*\n)*GUEST: disk xvdl disappeared")
+        self.assertEqual(await self.loopsFor(second), [])
+        self.assertEqual(await self.ok("cd-insert", name, "xvdl", f"raw:{first}"), "")
+        await self.guest.waitConsole(r"GUEST: disk xvdl disappeared(.*\n)*.*appeared .*MEDIUM-ONE")
+        await self.detachDisk("xvdl")
+        self.assertEqual(await self.loopsFor(first) + await self.loopsFor(second), [])
+
 
 class NetworkTests(LaneTestCase):
     """vifs through netback and the real C{vif-bridge} script."""
