@@ -38,9 +38,10 @@ from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient, PlugResult
+from xenddev.driverdomain.errors import DriverDomainError
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
-from xenddev.driverdomain.protocol import VIF, ObjectClass
+from xenddev.driverdomain.protocol import VDI, VIF, ObjectClass
 from xenddev.driverdomain.restart import moveDriverDomain
 from xenddev.simulator import BackendSimulator
 from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
@@ -108,6 +109,34 @@ class KindsSuite(HostSuite):
         return path
 
     # blkback + block
+
+    @deferredTest
+    async def test_pluggedMediumNotChangedInPlace(self) -> None:
+        """
+        A change of a plugged cdrom holding a medium is refused with EBUSY
+        (blkback cannot swap the device it opened; the toolstack replugs),
+        leaving the medium in use and the tree as it was.
+        """
+        img = self.image()
+        await self.startDriverDomain()
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        front = f"/local/domain/{GUEST}/device/vbd/51744"
+        target = {"type": "file", "params": img, "mode": "r", "devtype": "cdrom"}
+        plug = await self.attach(client, "cd", target, front, VDI)
+        await waitForHotplugStatus(self.xs, plug.backendPath, TIMEOUT)
+        await waitForState(self.xs, front, 4, TIMEOUT)
+        await self.agentsIdle()
+        before = await dumpTree(self.xs)
+        other = os.path.abspath(self.mktemp())
+        makeImage(other)
+        e = await self.assertFails(
+            client.change("cd", {**target, "params": other}), DriverDomainError
+        )
+        self.assertEqual(e.errname, "EBUSY")
+        self.assertIn("in place", str(e))
+        await self.assertTreeIs(before)
+        self.assertEqual(len(loopDevicesFor(img)), 1)
+        await self.detach(client, "cd", plug, VDI)
 
     @deferredTest
     async def test_blockOnLoopDevice(self) -> None:

@@ -19,15 +19,18 @@ Preparation checks that the target exists in this (the driver) domain; the
 backend directory is created at plug, with the keys xend and libxl write,
 owned by the driver domain and readable by the guest.
 
-A cdrom's medium can be changed in place (the C{change} request): the agent
-runs the C{block} script's remove for the old medium; the completion
-rewrites the backend's C{type} and C{params} (what xend's media change
-wrote, and what an HVM guest's device model watches), removes what the
-script wrote for the old medium (C{physical-device}, C{physical-device-path},
-C{node}: the script's add does nothing while C{physical-device} exists) and
-puts a connected backend back to InitWait (the script's add refuses any
-other state), so the add script attaches the new medium and the backend
-reconnects. An empty drive runs no script.
+A cdrom's medium can be changed (the C{change} request) while the drive is
+unplugged, or plugged but empty: the completion rewrites the backend's
+C{type} and C{params} (what xend's media change wrote, and what an HVM
+guest's device model watches) and removes what the script wrote for an old
+medium (C{physical-device}, C{physical-device-path}, C{node}: the script's
+add does nothing while C{physical-device} exists), and the add script
+attaches the new medium. A plugged drive holding a medium is refused
+(C{EBUSY}): Linux's blkback serves the device it opened until it is unbound
+("changing physical device (from 7:0 to 7:1) not supported" on real Xen), so
+the toolstack unplugs the drive, changes the target and plugs it again
+(L{xenddev.controller.DevController.reconfigureDevice}). An empty drive
+runs no script.
 """
 
 from __future__ import annotations
@@ -138,6 +141,14 @@ class BlkbackKind(KernelBackendKind):
         for plug in plugs:
             backend = plug.backend
             assert backend is not None
+            if await ctx.xs.readOrNone(f"{backend}/physical-device") is not None:
+                # blkback keeps serving the device it opened for as long as
+                # it is bound ("changing physical device ... not
+                # supported", real Xen): the toolstack unplugs the drive,
+                # changes the target and plugs it again.
+                raise KindError(
+                    "EBUSY", "blkback cannot change the medium of a plugged drive in place"
+                )
             writes.update({f"{backend}/{k}": v for k, v in _medium(target).items()})
             removes += [f"{backend}/{k}" for k in SCRIPT_OUTPUTS]
             if await ctx.xs.readOrNone(f"{backend}/state") in CONNECTING:
