@@ -22,7 +22,6 @@ every xenstored agrees on (the embedded one has no hypervisor to ask).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
@@ -31,14 +30,15 @@ from twisted.logger import Logger
 from xenddev.driverdomain.client import DriverDomainClient, ObjectInfo
 from xenddev.driverdomain.protocol import OBJECT_CLASSES
 from xenddev.interfaces import IWatchHandle, IXenStore
-
-_FRONTEND_DOMAIN = re.compile(r"/local/domain/([0-9]+)/device/")
+from xenddev.xenbus import XenbusPathError, parseFrontendPath
 
 
 def frontendDomain(path: str | None) -> int | None:
     """The guest of a frontend path, or C{None} if it is not one."""
-    m = _FRONTEND_DOMAIN.match(path or "")
-    return int(m.group(1)) if m else None
+    try:
+        return parseFrontendPath(path or "").domid
+    except XenbusPathError:
+        return None
 
 
 class DeadDomainReaper:

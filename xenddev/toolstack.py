@@ -12,7 +12,6 @@ and C{xl network-list}.
 
 from __future__ import annotations
 
-import re
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from xenddev.controller import (
 )
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.xenbus import XenbusPathError, parseBackendPath
 from xenddev.xenstore.errors import NoEntryError
 from xenddev.xenstore.paths import Perm, validateDomid
 
@@ -56,7 +56,6 @@ def defaultControllers() -> dict[str, type[DevController]]:
 
 #: libxl's device kinds (its record directories) that are a device class's.
 _LIBXL_KINDS: Mapping[str, tuple[str, ...]] = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}
-_DOMAIN_PATH = re.compile(r"/local/domain/([0-9]+)/")
 
 
 @attrs.frozen
@@ -284,8 +283,10 @@ class DeviceManager:
                 out.append(await self._row(ctrl, devid, backendId, backend, "xenddev"))
             for devid, backend in await self._libxlDevices(domid, devclass):
                 if devid not in ours:
-                    m = _DOMAIN_PATH.match(backend or "")
-                    backendId = m.group(1) if m else None
+                    try:
+                        backendId = str(parseBackendPath(backend or "").backendDomid)
+                    except XenbusPathError:
+                        backendId = None
                     out.append(await self._row(ctrl, devid, backendId, backend, "libxl"))
             return sorted(out, key=lambda r: r.devid)
 
