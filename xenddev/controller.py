@@ -345,12 +345,7 @@ class DevController:
         real Xen), and its frontend does not reconnect to a backend that
         was closed under it.
         """
-        await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
-        try:
-            await waitForState(
-                self._waits(backend), backend, XenbusState.Closed, self.destroyTimeout
-            )
-        except XenStoreTimeout:
+        if not await self._closeBackend(backend):
             self.log.warn(
                 "Guest {domid} did not close {cls} {devid} for a medium change; forcing it",
                 domid=self.domid,
@@ -566,17 +561,12 @@ class DevController:
             await self._cleanToolstackSide(devid, ddId, vdi, "driver domain is gone")
             return
         if backend is not None and mode is not DestroyMode.FORCE:
-            await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
-            try:
-                await waitForState(
-                    self._waits(backend), backend, XenbusState.Closed, self.destroyTimeout
-                )
-            except XenStoreTimeout:
+            if not await self._closeBackend(backend):
                 if mode is DestroyMode.SAFE:
                     raise DeviceError(
                         f"Device {devid} ({self.deviceClass}) could not be disconnected: "
                         "the guest did not close it"
-                    ) from None
+                    )
                 self.log.warn(
                     "Guest {domid} did not close {cls} {devid}; detaching forcibly",
                     domid=self.domid,
@@ -591,6 +581,20 @@ class DevController:
             return
         await self._removeRecord(devid)
         await self.finishDeviceCleanup(backend or self.backendPath(ddId, devid), front)
+
+    async def _closeBackend(self, backend: str) -> bool:
+        """
+        Ask for a vbd/vif to close (C{online=0}, C{state=5}) and wait up to
+        C{destroyTimeout} for Closed; whether it closed.
+        """
+        await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
+        try:
+            await waitForState(
+                self._waits(backend), backend, XenbusState.Closed, self.destroyTimeout
+            )
+        except XenStoreTimeout:
+            return False
+        return True
 
     async def _close(self, tx: ITransaction, backend: str) -> None:
         state = await tx.readOrNone(f"{backend}/state")
