@@ -384,8 +384,6 @@ class XenddevService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self.manager: ServiceDeviceManager | None = None
         self.reaper: Any = None
-        #: The local agent's kinds, once started (C{auto} resolved).
-        self.kinds: list[str] = []
         self.dataPaths: Any = None
         #: The L{xenddev.storagectl.StorageControl} over L{dataPaths}
         #: (C{datapath.*}: quiesce handles with their deadline).
@@ -622,7 +620,6 @@ class XenddevService(MultiService):
         from xenddev.datapath import standardPausers
 
         names, leftOut = resolveKinds(dd.kinds)
-        self.kinds = names
         self.agent = BackendCtrlAgent(
             xs, dd.domid, kindsByName(names), hotplug, standardPausers(self.reactor)
         )
