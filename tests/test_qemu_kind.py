@@ -13,14 +13,17 @@ import os
 import shutil
 import signal
 import subprocess
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import (
+    DEFAULT_BACKEND_CLASSES,
     HostSuite,
     attachByProtocol,
     closeBackend,
@@ -36,8 +39,11 @@ from xenddev.datapath.registry import readRecord, registryDir, scanRegistry
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient, PlugResult
 from xenddev.driverdomain.errors import DriverDomainError
+from xenddev.driverdomain.kinds.base import PlugSpec
 from xenddev.driverdomain.kinds.qemu import QemuKind, nbdURI
 from xenddev.driverdomain.protocol import ObjectClass
+from xenddev.hotplug import blockEnvironment
+from xenddev.interfaces import INbdAttacher
 from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
 
 GUEST = 5
@@ -108,11 +114,18 @@ class QemuFixtureMixin(HostSuite):
         return kind
 
     async def startDriverDomain(
-        self, domid: int = 0, kind: QemuKind | None = None
+        self, domid: int = 0, kind: QemuKind | None = None, simulated: bool = True
     ) -> tuple[BackendCtrlAgent, QemuKind]:
-        """An agent serving with the qemu kind, and the simulated kernel backend."""
+        """An agent serving with the qemu kind, and (C{simulated}) the simulated kernel end."""
         kind = kind or self.kind()
-        dd = await startDriverDomain(self, self.xs, domid, [kind], mkdirs=[registryDir(domid)])
+        dd = await startDriverDomain(
+            self,
+            self.xs,
+            domid,
+            [kind],
+            mkdirs=[registryDir(domid)],
+            backendClasses=DEFAULT_BACKEND_CLASSES if simulated else None,
+        )
         return dd.agent, kind
 
     def chain(self, name: str = "leaf", base: str | None = None) -> tuple[str, str]:
@@ -291,6 +304,83 @@ class QemuKindSuite(QemuFixtureMixin):
         await self.detach(client, "r1", plug)
         self.assertFalse(pidAlive(pid))
         await self.assertTreeIs(before, agent2)
+
+    @deferredTest
+    async def test_servedThroughKernel(self) -> None:
+        """
+        With a kernel NBD attacher (a Linux driver domain): prepare exports
+        the image and has a device connected to the export (the export
+        answers at that moment), recorded as C{nbd-device}; plug makes a
+        blkback backend on that device run by the C{block} script; activate
+        registers the device with the data path; deactivate leaves the
+        export up (the kernel holds it); unprepare disconnects the device
+        while the daemon still runs, then quits it. Tree as before.
+        """
+        _, leaf = self.chain()
+        attacher = _ExportCheckingAttacher()
+        verifyObject(INbdAttacher, attacher)
+        kind = self.kind()
+        kind.nbd = attacher
+        agent, _ = await self.startDriverDomain(kind=kind, simulated=False)
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        before = await dumpTree(self.xs)
+        target = {"type": "file", "format": "qcow2", "params": leaf, "mode": "w"}
+        await client.prepare("n1", target, VDI)
+        daemon = kind.daemonFor(0, "n1")
+        assert daemon is not None
+        uri = nbdURI("n1", daemon.nbdPath)
+        self.assertEqual(attacher.calls, [("attach", daemon.nbdPath, "n1", False, True)])
+        plug = await client.plug("n1", "p0", VBD_FRONT, VDI)
+        backend = plug.backendPath
+        values = {k: await self.xs.read(f"{backend}/{k}") for k in ("type", "params", "mode")}
+        self.assertEqual(values, {"type": "phy", "params": "/dev/nbd7", "mode": "w"})
+        self.assertEqual(await self.xs.read(f"{backend}/script"), "block")
+        # Only the backend path matters to the command in this mode.
+        spec = PlugSpec("p0", VBD_FRONT, cast(Any, None), backend=backend)
+        command = kind.hotplugCommand(cast(Any, None), spec, "add")
+        self.assertEqual(command, ("block", *blockEnvironment("add", backend)))
+        await client.activate("n1", VDI)
+        record = await readRecord(self.xs, 0, "n1")
+        assert record is not None
+        self.assertEqual(record.extra.get("nbd-device"), "/dev/nbd7")
+        await client.deactivate("n1", VDI)
+        qemuIO(uri, "read -P 0x11 0 1M")
+        await client.unplug("n1", "p0", VDI)
+        await client.unprepare("n1", VDI)
+        self.assertEqual(attacher.calls[-1], ("detach", "/dev/nbd7", True))
+        self.assertFalse(pidAlive(daemon.pid))
+        await self.assertTreeIs(before, agent)
+
+
+@implementer(INbdAttacher)
+class _ExportCheckingAttacher:
+    """
+    Stands for the kernel's NBD client, which this host does not have (the
+    real one runs in the real-Xen lane): records its calls, with whether
+    the export answered (attach) or the daemon still ran (detach).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.connected: dict[str, str] = {}
+
+    def attach(self, socketPath: str, export: str, readOnly: bool) -> Deferred[str]:
+        answered = True
+        try:
+            qemuIO(nbdURI(export, socketPath), "read 0 512")
+        except AssertionError:
+            answered = False
+        self.calls.append(("attach", socketPath, export, readOnly, answered))
+        self.connected["/dev/nbd7"] = socketPath
+        return succeed("/dev/nbd7")
+
+    def detach(self, device: str) -> Deferred[None]:
+        socketPath = self.connected.pop(device)
+        self.calls.append(("detach", device, os.path.exists(socketPath)))
+        return succeed(None)
+
+    def attached(self, device: str) -> bool:
+        return device in self.connected
 
 
 class RealXenstoredQemuKindTests(QemuKindSuite, RealXenstoredFixture, TestCase):

@@ -321,3 +321,22 @@ class ITapCtl(Interface):
 
     def stats(pid, minor):
         """Fire with the tapdisk's statistics (text)."""
+
+
+class INbdAttacher(Interface):
+    """Connects kernel block devices to NBD exports on UNIX sockets."""
+
+    def attach(socketPath, export, readOnly):
+        """
+        Connect a free device to export C{export} of the server on
+        C{socketPath}; fire with its path (C{/dev/nbdN}).
+
+        @raise xenddev.driverdomain.nbd.NbdError: (in the Deferred) naming
+            what failed.
+        """
+
+    def detach(device):
+        """Disconnect C{device}; nothing if it is not connected."""
+
+    def attached(device):
+        """Whether C{device} is connected to a server."""

@@ -619,9 +619,13 @@ class XenddevService(MultiService):
             )
         from xenddev.datapath import standardPausers
 
-        names, leftOut = resolveKinds(dd.kinds)
+        names, leftOut = resolveKinds(dd.kinds, kernel=not self.simulated)
         self.agent = BackendCtrlAgent(
-            xs, dd.domid, kindsByName(names), hotplug, standardPausers(self.reactor)
+            xs,
+            dd.domid,
+            kindsByName(names, kernel=not self.simulated),
+            hotplug,
+            standardPausers(self.reactor),
         )
         await self.agent.start()
         self.log.info(

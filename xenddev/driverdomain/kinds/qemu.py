@@ -33,6 +33,19 @@ Life cycle:
   - plug creates C{backend/vbd/<domu>/<devid>} with qdisk-like keys,
     C{params} being the NBD URI C{nbd+unix:///<vdi>?socket=<rundir>/nbd}.
 
+Served by the kernel (C{nbd} given: what a Linux driver domain needs, whose
+only block backend is blkback — nothing there serves a C{qdisk} backend):
+
+  - prepare also starts the NBD server and the export, and connects a
+    kernel C{/dev/nbdN} to it (L{xenddev.driverdomain.nbd}), recorded as
+    C{nbd-device}: blkback needs the block device when the backend is
+    plugged, which comes before activate;
+  - activate and deactivate only register and unregister the data path (the
+    kernel's connection holds the export);
+  - plug creates a blkback backend (C{type=phy}, C{params=/dev/nbdN}) run
+    by the C{block} hotplug script, like the C{blkback} kind's;
+  - unprepare disconnects the device before the daemon quits.
+
 After an agent crash (C{recovering}, or simply a new kind instance), the
 daemon is found from the records (or the pid file in its runtime
 directory): if the pid is alive and its command line names our QMP socket
@@ -69,7 +82,9 @@ from xenddev.datapath.images import ImageError, imageChain
 from xenddev.datapath.registry import DataPath, recordPath, registryDir, thisHost
 from xenddev.diskspec import numberToVdev
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
-from xenddev.interfaces import IDriverDomainKind
+from xenddev.driverdomain.kinds.blkback import blockBackend
+from xenddev.driverdomain.nbd import NbdError
+from xenddev.interfaces import IDriverDomainKind, INbdAttacher
 from xenddev.qmp import QMPClient, QMPError, connectQMP
 from xenddev.xenstore.paths import Perm
 
@@ -166,6 +181,9 @@ class QemuKind:
         short (UNIX socket paths are limited to 107 bytes).
     @param host: the host name recorded in the data-path registry.
     @param timeout: seconds allowed for the daemon to start, answer, quit.
+    @param nbd: serve through the kernel's NBD client and blkback (see the
+        module docstring); C{None}: write C{qdisk} backends (the simulator,
+        or a userspace qdisk backend, serves them).
     """
 
     name = "qemu"
@@ -180,6 +198,7 @@ class QemuKind:
         qemuImg: str = "qemu-img",
         host: str | None = None,
         timeout: float = 30.0,
+        nbd: INbdAttacher | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as installed
@@ -191,6 +210,7 @@ class QemuKind:
         self.qemuImg = qemuImg
         self.host = host or thisHost()
         self.timeout = timeout
+        self.nbd = nbd
         self._daemons: dict[tuple[int, str], _Daemon] = {}
 
     # Target
@@ -246,16 +266,33 @@ class QemuKind:
                 )
             daemon = await self._start(ctx, image, fmt, readOnly)
         self._daemons[key] = daemon
-        return Outcome(
-            writes={
-                f"{ctx.records}/pid": str(daemon.pid),
-                f"{ctx.records}/qmp": daemon.qmpPath,
-                f"{ctx.records}/ctl": daemon.ctlPath,
-                f"{ctx.records}/rundir": daemon.rundir,
-                f"{ctx.records}/image": image,
-                f"{ctx.records}/format": fmt,
-            }
-        )
+        writes = {
+            f"{ctx.records}/pid": str(daemon.pid),
+            f"{ctx.records}/qmp": daemon.qmpPath,
+            f"{ctx.records}/ctl": daemon.ctlPath,
+            f"{ctx.records}/rundir": daemon.rundir,
+            f"{ctx.records}/image": image,
+            f"{ctx.records}/format": fmt,
+        }
+        if self.nbd is not None:
+            writes[f"{ctx.records}/nbd-device"] = await self._kernelDevice(
+                ctx, daemon, image, fmt, readOnly
+            )
+        return Outcome(writes=writes)
+
+    async def _kernelDevice(
+        self, ctx: KindContext, daemon: _Daemon, image: str, fmt: str, readOnly: bool
+    ) -> str:
+        """The kernel device connected to the export (exported and connected if need be)."""
+        assert self.nbd is not None
+        device = await ctx.xs.readOrNone(f"{ctx.records}/nbd-device")
+        await self._export(ctx, daemon, image, fmt, readOnly)
+        if device is not None and self.nbd.attached(device):
+            return device  # a restarted agent finds it connected
+        try:
+            return await self.nbd.attach(daemon.nbdPath, ctx.paths.name, readOnly)
+        except NbdError as e:
+            raise KindError("EIO", str(e)) from None
 
     def prepare(self, ctx: KindContext) -> Deferred[Outcome]:
         """Check the image, start (or find again) its daemon."""
@@ -407,13 +444,15 @@ class QemuKind:
                 lambda f, b=backend: self.log.failure("Cannot report on {b}", f, b=b)
             )
 
-    async def _activate(self, ctx: KindContext) -> Outcome:
-        daemon = await self._daemon(ctx)
+    async def _export(
+        self, ctx: KindContext, daemon: _Daemon, image: str, fmt: str, readOnly: bool
+    ) -> tuple[str, str]:
+        """
+        Start the NBD server and the VDI's export unless they run; the image
+        and format served (the chain may have been committed meanwhile).
+        """
         qmp = daemon.qmp
         assert qmp is not None
-        image = await ctx.xs.read(f"{ctx.records}/image")
-        fmt = await ctx.xs.read(f"{ctx.records}/format")
-        readOnly = ctx.target.get("mode", "w") == "r"
         try:
             await graph.ensureNbdServer(qmp, daemon.nbdPath)
             node = await graph.exportedNode(qmp)
@@ -425,13 +464,22 @@ class QemuKind:
             served = await graph.nodeImage(qmp, node)
         except QMPError as e:
             raise KindError("EIO", f"qemu-storage-daemon refused to export: {e}") from None
-        if served is not None:
-            image, fmt = served
+        os.chmod(daemon.nbdPath, 0o600)
+        return served if served is not None else (image, fmt)
+
+    async def _activate(self, ctx: KindContext) -> Outcome:
+        daemon = await self._daemon(ctx)
+        image = await ctx.xs.read(f"{ctx.records}/image")
+        fmt = await ctx.xs.read(f"{ctx.records}/format")
+        readOnly = ctx.target.get("mode", "w") == "r"
+        image, fmt = await self._export(ctx, daemon, image, fmt, readOnly)
         try:
             chain = await imageChain(self.reactor, image, fmt, self.qemuImg)
         except ImageError as e:
             raise KindError("EIO", f"qemu-img cannot read {image}: {e}") from None
-        os.chmod(daemon.nbdPath, 0o600)
+        kernel = {}
+        if self.nbd is not None:
+            kernel["nbd-device"] = await ctx.xs.read(f"{ctx.records}/nbd-device")
         dp = DataPath(
             ctx.driverDomid,
             ctx.paths.name,
@@ -448,6 +496,7 @@ class QemuKind:
                 "nbd": daemon.nbdPath,
                 "uri": nbdURI(ctx.paths.name, daemon.nbdPath),
                 "writable": "0" if readOnly else "1",
+                **kernel,
             },
         )
         # The registry's directory is a fixed skeleton (like the agent's own
@@ -469,6 +518,9 @@ class QemuKind:
         qmp = daemon.qmp
         assert qmp is not None
         writes: dict[str, str] = {}
+        if self.nbd is not None:
+            # The kernel's device holds the export until unprepare.
+            return Outcome(removes=(record,))
         try:
             node = await graph.exportedNode(qmp)
             if node is not None and node != graph.ROOT_NODE:
@@ -494,6 +546,14 @@ class QemuKind:
         daemon = self._daemons.pop(key, None)
         if daemon is None:
             daemon = await self._recover(ctx)
+        device = await ctx.xs.readOrNone(f"{ctx.records}/nbd-device")
+        if self.nbd is not None and device is not None:
+            try:
+                await self.nbd.detach(device)
+            except NbdError as e:
+                if daemon is not None:
+                    self._daemons[key] = daemon
+                raise KindError("EBUSY", str(e)) from None
         if daemon is not None and daemon.dead is None:
             await self._quit(daemon)
         shutil.rmtree(self._rundir(ctx), ignore_errors=True)
@@ -552,6 +612,11 @@ class QemuKind:
             rel = plug.device.backendRelative("vbd")
             backend = ctx.paths.absolute(rel)
             mode = ctx.target.get("mode", "w")
+            if self.nbd is not None:
+                device = await ctx.xs.read(f"{ctx.records}/nbd-device")
+                daemon.backends[backend] = ctx.xs
+                medium = {"type": "phy", "params": device, "script": "block"}
+                return blockBackend(ctx, plug, rel, {**medium, "mode": "r" if mode == "r" else "w"})
             values = {
                 "frontend-id": str(domu),
                 "online": "1",
@@ -583,8 +648,17 @@ class QemuKind:
     def hotplugCommand(
         self, ctx: KindContext, plug: PlugSpec, action: str
     ) -> tuple[str, list[str], dict[str, str]] | None:
-        """No script: the daemon is the backend's data path already."""
-        return None
+        """
+        Served by the kernel: the C{block} script (C{phy} on the nbd
+        device); otherwise none (the daemon is the data path already).
+        """
+        if self.nbd is None:
+            return None
+        from xenddev.hotplug import blockEnvironment
+
+        assert plug.backend is not None
+        args, env = blockEnvironment(action, plug.backend, "block")
+        return "block", args, env
 
     def disconnectAll(self) -> Deferred[None]:
         """
