@@ -39,6 +39,7 @@ from xenddev.simulator import (
     decideFrontend,
     settleSimulators,
 )
+from xenddev.simulator.backend import BackendDriver, adoptBackend, netbackPath
 from xenddev.xenbus import XenbusState, backendPath, frontendPath, waitForState
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.connection import connectXenStore
@@ -47,6 +48,7 @@ from xenddev.xenstore.paths import joinPath
 S = XenbusState
 VBD = 51712  # xvda
 WAIT = 10.0  # seconds; only reached if a test is about to fail
+ERROR_NODE = "/local/domain/0/error/backend/vbd/5/51712/error"
 
 
 def view(
@@ -76,82 +78,182 @@ def view(
     )
 
 
+def driveBackend(
+    v: DeviceView, driver: BackendDriver | None = None
+) -> tuple[list[S | None], BackendDriver, list[Transition]]:
+    """
+    Run L{decideBackend} on C{v} step after step, as the engine does (the
+    store updated with what each step writes), until it rests; return the
+    states written (in order), the driver's memory, and the transitions.
+    """
+    memory = driver if driver is not None else BackendDriver()
+    written: list[S | None] = []
+    transitions: list[Transition] = []
+    for _ in range(20):
+        t, after = decideBackend(v, memory)
+        if t is None and after == memory:
+            return written, memory, transitions
+        if t is not None:
+            transitions.append(t)
+            values = {k: v2 for k, v2 in v.values.items() if k not in t.removes}
+            values.update(t.writes)
+            if t.state is not None:
+                written.append(t.state)
+                values["state"] = str(int(t.state))
+            v = attrs.evolve(v, values=values, state=S.parse(values.get("state")))
+        memory = after
+    raise AssertionError("decideBackend never rests")
+
+
+def bound(devclass: str, state: S, **kw: Any) -> BackendDriver:
+    """A driver bound to a device, in C{state}, its frontend state handed over already."""
+    net = {"netState": state} if devclass == "vif" else {}
+    return BackendDriver(bound=True, state=state, **{**net, **kw})
+
+
 class DecideBackendTests(SynchronousTestCase):
-    """L{decideBackend}, the simulated backend's rules, without a store."""
+    """
+    L{decideBackend}, the simulated backend's rules, without a store; each
+    test names the Linux 6.1 function whose behaviour it checks.
+    """
 
-    def assertGoes(self, v: DeviceView, state: S | None) -> Transition | None:
-        """C{v} leads to C{state} (None: no transition)."""
-        t = decideBackend(v)
-        self.assertEqual(t.state if t is not None else None, state)
-        return t
-
-    def test_initialising(self) -> None:
+    def test_probe(self) -> None:
         """
-        Initialising with frontend-id set and an existing frontend is bound
-        (probed): the features are published and the backend goes to
-        InitWait, whatever C{online} says (Linux's probe ignores it).
+        xenbus_probe_node + xen_blkbk_probe: a device whose node says
+        Initialising, with frontend-id set and an existing frontend, is
+        bound: blkback publishes its features and goes to InitWait,
+        whatever C{online} says; netback_probe publishes its features and
+        stays Initialising until frontend_changed (its watch fires at once)
+        takes it to InitWait.
         """
-        t = self.assertGoes(
-            view("vbd", S.Initialising, S.Initialising, frontend_id="5"), S.InitWait
+        for online in ("1", "0"):
+            t, driver = decideBackend(
+                view("vbd", S.Initialising, S.Initialising, frontend_id="5", online=online),
+                BackendDriver(),
+            )
+            assert t is not None
+            self.assertEqual((t.state, dict(t.writes)), (S.InitWait, dict(BACKEND_FEATURES["vbd"])))
+            self.assertEqual((driver.bound, driver.state), (True, S.InitWait))
+        # A frontend directory without a state yet exists all the same.
+        t, driver = decideBackend(
+            view("vbd", S.Initialising, None, True, True, frontend_id="5"), BackendDriver()
+        )
+        self.assertTrue(driver.bound)
+        t, driver = decideBackend(
+            view("vif", S.Initialising, S.Initialising, frontend_id="5"), BackendDriver()
         )
         assert t is not None
-        self.assertEqual(dict(t.writes), dict(BACKEND_FEATURES["vbd"]))
-        self.assertGoes(
-            view("vbd", S.Initialising, S.Initialising, frontend_id="5", online="0"), S.InitWait
+        self.assertEqual((t.state, dict(t.writes)), (None, dict(BACKEND_FEATURES["vif"])))
+        self.assertEqual((driver.bound, driver.state), (True, S.Initialising))
+        written, driver, _ = driveBackend(
+            view("vif", S.Initialising, S.Initialising, frontend_id="5")
         )
-        # A frontend directory without a state yet exists all the same.
-        self.assertGoes(view("vbd", S.Initialising, None, True, True, frontend_id="5"), S.InitWait)
+        self.assertEqual(written, [S.InitWait])
 
-    def test_initialisingWithoutFrontend(self) -> None:
+    def test_noProbe(self) -> None:
         """
-        No probe while the frontend directory does not exist, C{frontend}
-        is unset or C{frontend-id} is missing: the backend stays
-        Initialising (Linux ignores such a directory without a word).
+        xenbus_probe_node / xenbus_read_otherend_details: no binding while
+        the frontend directory does not exist, C{frontend} is unset or
+        C{frontend-id} missing, nor when the node does not say Initialising
+        (a device going away, or unregistered): nothing is written.
         """
-        self.assertGoes(view("vbd", S.Initialising, None, True, False, frontend_id="5"), None)
-        self.assertGoes(view("vbd", S.Initialising, None, frontend_id="5"), None)
-        self.assertGoes(view("vbd", S.Initialising, S.Initialising), None)
+        for v in (
+            view("vbd", S.Initialising, None, True, False, frontend_id="5"),
+            view("vbd", S.Initialising, None, frontend_id="5"),
+            view("vbd", S.Initialising, S.Initialising),
+            view("vbd", S.InitWait, S.Initialising, frontend_id="5"),
+            view("vbd", S.Closing, S.Connected, frontend_id="5"),
+            view("vbd", S.Closed, S.Initialising, frontend_id="5"),
+        ):
+            self.assertEqual(decideBackend(v, BackendDriver()), (None, BackendDriver()), v)
 
-    def test_connect(self) -> None:
-        """InitWait connects only with hotplug-status=connected and an initialised frontend."""
+    def test_switchStateSkipsTheDriversOwnState(self) -> None:
+        """
+        xenbus_switch_state compares with the driver's own state (dev->state),
+        never with the node: a node the toolstack set to Closing (5) is
+        left alone when the driver, Connected, sees its frontend Connected
+        (no switch), and rewritten with 5 when the frontend's Closing makes
+        the driver switch to Closing.
+        """
+        written, driver, _ = driveBackend(
+            view("vbd", S.Closing, S.Connected, online="0"), bound("vbd", S.Connected)
+        )
+        self.assertEqual((written, driver.state), ([], S.Connected))
+        written, driver, _ = driveBackend(
+            view("vbd", S.Closing, S.Closing, online="0"), bound("vbd", S.Connected)
+        )
+        self.assertEqual((written, driver.state), ([S.Closing], S.Closing))
+
+    def test_switchStateNodeGone(self) -> None:
+        """
+        xenbus_switch_state: no write when the C{state} node is gone (no
+        resurrection); the driver's state changes all the same.
+        """
+        v = view("vbd", None, S.Closing, online="1")
+        written, driver, _ = driveBackend(v, bound("vbd", S.Connected))
+        self.assertEqual((written, driver.state), ([], S.Closing))
+
+    def test_blkbackConnect(self) -> None:
+        """
+        blkback frontend_changed (Initialised/Connected: connect_ring) and
+        backend_changed (the vbd, here hotplug-status=connected), each
+        calling xen_update_blkif_status: Connected once both happened, in
+        either order; never with hotplug-status error or busy.
+        """
         for fe in (S.Initialised, S.Connected):
-            self.assertGoes(
-                view("vif", S.InitWait, fe, online="1", hotplug_status="connected"), S.Connected
+            written, driver, _ = driveBackend(
+                view("vbd", S.InitWait, fe, hotplug_status="connected", dev="xvda"),
+                bound("vbd", S.InitWait),
             )
-        for notReady in (None, S.Initialising, S.InitWait):
-            self.assertGoes(
-                view("vif", S.InitWait, notReady, online="1", hotplug_status="connected"), None
+            self.assertEqual(written, [S.Connected])
+            self.assertTrue(driver.rings and driver.vbd)
+        for fe in (S.Initialising, S.Unknown):
+            written, driver, _ = driveBackend(
+                view("vbd", S.InitWait, fe, seen=True, hotplug_status="connected"),
+                bound("vbd", S.InitWait),
             )
+            self.assertNotIn(S.Connected, written)
         for status in ("error", "busy", ""):
-            self.assertGoes(
-                view("vif", S.InitWait, S.Initialised, online="1", hotplug_status=status), None
+            written, _, _ = driveBackend(
+                view("vbd", S.InitWait, S.Initialised, hotplug_status=status),
+                bound("vbd", S.InitWait),
             )
+            self.assertEqual(written, [])
+        # Rings first, the vbd later.
+        _, driver, _ = driveBackend(
+            view("vbd", S.InitWait, S.Initialised, dev="xvda"), bound("vbd", S.InitWait)
+        )
+        self.assertEqual((driver.rings, driver.vbd, driver.state), (True, False, S.InitWait))
+        written, driver, _ = driveBackend(
+            view("vbd", S.InitWait, S.Initialised, hotplug_status="connected", dev="xvda"), driver
+        )
+        self.assertEqual(written, [S.Connected])
 
     def test_vbdWithoutDevServesNothing(self) -> None:
         """
-        A vbd backend without C{dev} connects but leaves blkback's error
-        node, as Linux's does ("get blkback dev name"); with C{dev}, none.
+        xen_update_blkif_status: a vbd backend without C{dev} connects but
+        leaves blkback's error node ("get blkback dev name"); with C{dev},
+        none.
         """
         v = attrs.evolve(
             view("vbd", S.InitWait, S.Initialised, hotplug_status="connected"),
             path="/local/domain/0/backend/vbd/5/51712",
         )
-        t = self.assertGoes(v, S.Connected)
-        assert t is not None
+        written, _, transitions = driveBackend(v, bound("vbd", S.InitWait))
+        self.assertEqual(written, [S.Connected])
         self.assertEqual(
-            dict(t.elsewhere),
+            dict(transitions[-1].elsewhere),
             {"/local/domain/0/error/backend/vbd/5/51712/error": "2 get blkback dev name"},
         )
-        t = self.assertGoes(
+        _, _, transitions = driveBackend(
             view("vbd", S.InitWait, S.Initialised, hotplug_status="connected", dev="xvda"),
-            S.Connected,
+            bound("vbd", S.InitWait),
         )
-        assert t is not None
-        self.assertEqual(dict(t.elsewhere), {})
+        self.assertEqual([dict(t.elsewhere) for t in transitions], [{}])
 
     def test_vbdConnectKeys(self) -> None:
-        """A read-only vbd gets info=4; sectors are 0 without an image."""
-        t = self.assertGoes(
+        """connect(): a read-only vbd gets info=4; sectors are 0 without an image."""
+        _, _, transitions = driveBackend(
             view(
                 "vbd",
                 S.InitWait,
@@ -159,38 +261,163 @@ class DecideBackendTests(SynchronousTestCase):
                 hotplug_status="connected",
                 mode="r",
                 params="/nonexistent",
+                dev="xvda",
             ),
-            S.Connected,
+            bound("vbd", S.InitWait),
         )
-        assert t is not None
         self.assertEqual(
-            dict(t.writes),
+            dict(transitions[-1].writes),
             {"sectors": "0", "sector-size": "512", "physical-sector-size": "512", "info": "4"},
         )
 
-    def test_closing(self) -> None:
-        """A detach closes at once unless a frontend is engaged."""
-        for fe in (None, S.Unknown, S.Initialising, S.Closing, S.Closed):
-            self.assertGoes(view("vbd", S.Closing, fe, online="0"), S.Closed)
-        for fe in (S.InitWait, S.Initialised, S.Connected):
-            self.assertGoes(view("vbd", S.Closing, fe, online="0"), None)
-        self.assertGoes(view("vbd", S.Closing, S.Connected, online="1"), None)
+    def test_blkbackFrontendClosing(self) -> None:
+        """
+        blkback frontend_changed, XenbusStateClosing: the driver switches to
+        Closing, not Closed, whatever C{online} says.
+        """
+        for online in ("0", "1"):
+            written, driver, _ = driveBackend(
+                view("vbd", S.Connected, S.Closing, online=online), bound("vbd", S.Connected)
+            )
+            self.assertEqual((written, driver.bound), ([S.Closing], True))
 
-    def test_frontendClosedOrGone(self) -> None:
-        """A closed frontend closes the backend; a vanished one too, once it mattered."""
-        for state in (S.Initialising, S.InitWait, S.Connected):
-            self.assertGoes(view("vbd", state, S.Closed, online="1"), S.Closed)
-        self.assertGoes(view("vbd", S.Connected, None, online="1"), S.Closed)
-        self.assertGoes(view("vbd", S.InitWait, None, seen=True, online="1"), S.Closed)
-        # Not written yet (seed 000: backend first, frontend later).
-        self.assertGoes(view("vbd", S.InitWait, None, online="1"), None)
-        # Initialising with the frontend directory gone: never bound.
-        self.assertGoes(view("vbd", S.Initialising, None, seen=True, online="1"), None)
+    def test_blkbackFrontendClosed(self) -> None:
+        """
+        blkback frontend_changed, XenbusStateClosed: disconnect and switch to
+        Closed; with C{online=1} the device stays bound (and a frontend
+        Initialising again makes it InitWait: "prepare for reconnect");
+        with C{online=0} (xenbus_dev_is_online false) it is unregistered.
+        """
+        written, driver, _ = driveBackend(
+            view("vbd", S.Closing, S.Closed, online="1"), bound("vbd", S.Closing, rings=True)
+        )
+        self.assertEqual((written, driver.bound, driver.rings), ([S.Closed], True, False))
+        written, driver, _ = driveBackend(view("vbd", S.Closed, S.Initialising, online="1"), driver)
+        self.assertEqual((written, driver.state), ([S.InitWait], S.InitWait))
+        written, driver, _ = driveBackend(
+            view("vbd", S.Closing, S.Closed, online="0"), bound("vbd", S.Connected)
+        )
+        self.assertEqual((written, driver), ([S.Closed], BackendDriver()))
 
-    def test_noTransitions(self) -> None:
-        """Closed, absent, unknown and reconfiguring states are left alone."""
-        for state in (None, S.Unknown, S.Closed, S.Reconfiguring, S.Reconfigured):
-            self.assertGoes(view("vbd", state, S.Closed, online="0"), None)
+    def test_blkbackFrontendGone(self) -> None:
+        """
+        blkback frontend_changed, XenbusStateUnknown (the frontend's node is
+        gone): device_unregister, without a switch of its own; then
+        xenbus_dev_remove writes Closed only because the node says Closing
+        (blkback allows rebinding): a toolstack's C{state=5} gets its
+        Closed, a Connected node stays Connected.
+        """
+        for seen in (S.Connected, S.Closing, S.Closed):
+            written, driver, _ = driveBackend(
+                view("vbd", S.Connected, None, seen=True, online="1"),
+                bound("vbd", S.Connected, frontendSeen=seen),
+            )
+            self.assertEqual((written, driver), ([], BackendDriver()))
+        written, driver, _ = driveBackend(
+            view("vbd", S.Closing, None, seen=True, online="0"), bound("vbd", S.Connected)
+        )
+        self.assertEqual((written, driver), ([S.Closed], BackendDriver()))
+        # Closed already (dev->state): xenbus_switch_state writes nothing.
+        written, _, _ = driveBackend(
+            view("vbd", S.Closing, None, seen=True, online="1"), bound("vbd", S.Closed)
+        )
+        self.assertEqual(written, [])
+
+    def test_blkbackFrontendOddState(self) -> None:
+        """
+        blkback frontend_changed, default case: xenbus_dev_fatal ("saw state
+        N at frontend"): the error node, then Closing.
+        """
+        for fe in (S.InitWait, S.Reconfiguring, S.Reconfigured):
+            v = attrs.evolve(
+                view("vbd", S.Connected, fe), path="/local/domain/0/backend/vbd/5/51712"
+            )
+            written, _, transitions = driveBackend(v, bound("vbd", S.Connected))
+            self.assertEqual(written, [S.Closing])
+            self.assertEqual(
+                dict(transitions[0].elsewhere),
+                {ERROR_NODE: f"22 saw state {int(fe)} at frontend"},
+            )
+
+    def test_netbackPath(self) -> None:
+        """set_backend_state: the shortest path of netback's state diagram."""
+        self.assertEqual(netbackPath(S.Initialising, S.Connected), (S.InitWait, S.Connected))
+        self.assertEqual(netbackPath(S.Initialising, S.Closed), (S.Closed,))
+        self.assertEqual(netbackPath(S.Connected, S.Closed), (S.Closing, S.Closed))
+        self.assertEqual(netbackPath(S.Connected, S.InitWait), (S.Closing, S.Closed, S.InitWait))
+        self.assertEqual(netbackPath(S.Closed, S.Connected), (S.InitWait, S.Connected))
+        self.assertEqual(netbackPath(S.InitWait, S.Closed), (S.Closing, S.Closed))
+        self.assertEqual(netbackPath(S.Closing, S.Closing), ())
+
+    def test_netbackConnect(self) -> None:
+        """
+        netback frontend_changed: Initialised is ignored; Connected connects,
+        the switch deferred (have_hotplug_status_watch) until
+        hotplug_status_changed sees C{connected}.
+        """
+        written, driver, _ = driveBackend(
+            view("vif", S.InitWait, S.Initialised, hotplug_status="connected"),
+            bound("vif", S.InitWait),
+        )
+        self.assertEqual((written, driver.state), ([], S.InitWait))
+        written, driver, _ = driveBackend(view("vif", S.InitWait, S.Connected), driver)
+        self.assertEqual((written, driver.netState, driver.deferred), ([], S.Connected, True))
+        written, driver, _ = driveBackend(
+            view("vif", S.InitWait, S.Connected, hotplug_status="connected"), driver
+        )
+        self.assertEqual(
+            (written, driver.state, driver.deferred), ([S.Connected], S.Connected, False)
+        )
+
+    def test_netbackFrontendClosing(self) -> None:
+        """netback frontend_changed, XenbusStateClosing: set_backend_state(Closing)."""
+        written, driver, _ = driveBackend(
+            view("vif", S.Connected, S.Closing, online="0"), bound("vif", S.Connected)
+        )
+        self.assertEqual((written, driver.bound), ([S.Closing], True))
+
+    def test_netbackFrontendClosedOrGone(self) -> None:
+        """
+        netback frontend_changed, XenbusStateClosed: set_backend_state(Closed)
+        through Closing, each state written; with C{online=0}, or for
+        XenbusStateUnknown, device_unregister too: netback_remove removes
+        C{hotplug-status}.
+        """
+        written, driver, _ = driveBackend(
+            view("vif", S.Connected, S.Closed, online="1", hotplug_status="connected"),
+            bound("vif", S.Connected),
+        )
+        self.assertEqual((written, driver.bound), ([S.Closing, S.Closed], True))
+        for v in (
+            view("vif", S.Connected, S.Closed, online="0", hotplug_status="connected"),
+            view("vif", S.Connected, None, seen=True, online="1", hotplug_status="connected"),
+        ):
+            written, driver, transitions = driveBackend(v, bound("vif", S.Connected))
+            self.assertEqual((written, driver), ([S.Closing, S.Closed], BackendDriver()))
+            self.assertEqual(transitions[-1].removes, ("hotplug-status",))
+
+    def test_netbackDeferredThenGone(self) -> None:
+        """
+        backend_switch_state while a hotplug script is awaited writes
+        nothing; xenbus_dev_remove (netback does not allow rebinding) then
+        writes Closed.
+        """
+        driver = bound("vif", S.InitWait, netState=S.Connected, deferred=True)
+        written, driver, _ = driveBackend(view("vif", S.InitWait, None, seen=True), driver)
+        self.assertEqual((written, driver), ([S.Closed], BackendDriver()))
+
+    def test_adopt(self) -> None:
+        """
+        A restarted simulator adopts a device bound in the state its node
+        shows; Initialising, or Closed with C{online=0}, stays unbound.
+        """
+        driver = adoptBackend(view("vbd", S.InitWait, S.Initialised, hotplug_status="connected"))
+        self.assertEqual(
+            (driver.bound, driver.state, driver.rings, driver.vbd), (True, S.InitWait, True, True)
+        )
+        self.assertFalse(adoptBackend(view("vbd", S.Initialising, S.Initialising)).bound)
+        self.assertFalse(adoptBackend(view("vbd", S.Closed, S.Closed, online="0")).bound)
+        self.assertTrue(adoptBackend(view("vbd", S.Closed, S.Closed, online="1")).bound)
 
 
 class DecideFrontendTests(SynchronousTestCase):
@@ -214,9 +441,12 @@ class DecideFrontendTests(SynchronousTestCase):
         )
         assert t is not None
         self.assertNotIn("protocol", t.writes)
-        t = self.assertGoes(view("vif", S.Initialising, S.InitWait), S.Initialised)
+        # netfront: straight to Connected on the backend's InitWait
+        # (netback_changed); nothing on the backend's Connected.
+        t = self.assertGoes(view("vif", S.Initialising, S.InitWait), S.Connected)
         assert t is not None
         self.assertEqual(dict(t.writes), dict(FRONTEND_RINGS["vif"]))
+        self.assertGoes(view("vif", S.Initialising, S.Connected), None)
         self.assertGoes(view("vbd", S.Initialising, S.Initialising), None)
         self.assertGoes(view("vbd", S.Initialising, None), None)
         self.assertGoes(view("vbd", S.Initialised, S.InitWait), None)
@@ -360,6 +590,21 @@ class SimulatorTestBase(TestCase):
 
         await walk(path)
         return result
+
+    def recordStates(self, sim: XenbusEndSimulator) -> list[S | None]:
+        """
+        The states C{sim} writes from now on (C{None}: a transition that
+        writes no state), as a list that grows.
+        """
+        seen: list[S | None] = []
+        apply = sim.applyTransition
+
+        async def recording(tx: ITransaction, view: DeviceView, transition: Transition) -> None:
+            await apply(tx, view, transition)
+            seen.append(transition.state)
+
+        sim.applyTransition = recording  # type: ignore[method-assign]
+        return seen
 
     async def connected(self, devclass: str = "vbd", **kw: Any) -> tuple[str, str]:
         """Attach a device and take it through the handshake to Connected."""
@@ -604,13 +849,24 @@ class ClosingTests(SimulatorTestBase):
 
     @run
     async def test_detachWithoutGuestDriver(self) -> None:
-        """With the frontend still Initialising (no guest driver), the backend closes at once."""
-        await self.backend()
+        """
+        With no guest driver, nothing answers the toolstack's C{state=5}: it
+        is a message to the frontend, and the backend driver (still
+        InitWait) ignores it. Removing the frontend (the toolstack's
+        forced detach) unregisters the device, and xenbus_dev_remove then
+        writes Closed because the node says Closing.
+        """
+        back = await self.backend()
         be, fe = await self.attach()
         await self.waitState(be, S.InitWait)
         await self.detach(be)
-        await self.waitState(be, S.Closed)
+        await self.settle()
+        self.assertEqual(await self.state(be), S.Closing)
         self.assertEqual(await self.state(fe), S.Initialising)
+        await self.remove(fe)
+        await self.waitState(be, S.Closed)
+        await self.settle()
+        self.assertEqual(watches(back), 1)  # unregistered: no frontend watch
 
     @run
     async def test_guestCloses(self) -> None:
@@ -634,13 +890,153 @@ class ClosingTests(SimulatorTestBase):
 
     @run
     async def test_frontendVanishes(self) -> None:
-        """A connected backend whose frontend directory is removed goes to Closed."""
-        await self.backend()
+        """
+        blkback frontend_changed, XenbusStateUnknown: a connected vbd whose
+        frontend directory is removed is unregistered without a switch of
+        its own, and xenbus_dev_remove leaves a node that does not say
+        Closing as it is: Connected.
+        """
+        back = await self.backend()
         await self.frontend()
         be, fe = await self.connected()
         await self.tool.rm(fe)
-        await self.waitState(be, S.Closed)
+        await self.settle()
+        self.assertEqual(await self.state(be), S.Connected)
+        self.assertEqual(watches(back), 1)  # unregistered: no frontend watch
         self.assertFalse(await self.tool.exists(fe))
+
+    @run
+    async def test_vifFrontendVanishes(self) -> None:
+        """
+        netback frontend_changed, XenbusStateUnknown: set_backend_state(Closed)
+        through Closing, then device_unregister (netback_remove removes
+        C{hotplug-status}).
+        """
+        back = await self.backend()
+        await self.frontend()
+        be, fe = await self.connected("vif", devid=0)
+        seen = self.recordStates(back)
+        await self.tool.rm(fe)
+        await self.waitState(be, S.Closed)
+        await self.settle()
+        # A transaction retried on a conflict applies its transition again.
+        states = [state for state in seen if state is not None]
+        distinct = [state for i, state in enumerate(states) if i == 0 or states[i - 1] != state]
+        self.assertEqual(distinct[-2:], [S.Closing, S.Closed])
+        self.assertIsNone(seen[-1])  # device_unregister: no state of its own
+        self.assertIsNone(await self.tool.readOrNone(joinPath(be, "hotplug-status")))
+        self.assertEqual(watches(back), 1)
+
+    @run
+    async def test_blkbackClosingThenClosed(self) -> None:
+        """
+        blkback frontend_changed, step by step (the test plays the guest):
+        the frontend's Closing makes the backend Closing (not Closed); its
+        Closed with online=1 makes it Closed and still bound, so the
+        frontend Initialising again makes it InitWait ("prepare for
+        reconnect"); Closed with online=0 unregisters it.
+        """
+        back = await self.backend()
+        be, fe = await self.attach()
+        await self.waitState(be, S.InitWait)
+        await self.tool.write(joinPath(fe, "state"), "3")
+        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
+        await self.waitState(be, S.Connected)
+        await self.tool.write(joinPath(fe, "state"), "5")
+        await self.waitState(be, S.Closing)
+        await self.settle()
+        self.assertEqual(await self.state(be), S.Closing)
+        await self.tool.write(joinPath(fe, "state"), "6")
+        await self.waitState(be, S.Closed)
+        await self.tool.write(joinPath(fe, "state"), "1")
+        await self.waitState(be, S.InitWait)
+        await self.tool.write(joinPath(fe, "state"), "3")
+        await self.waitState(be, S.Connected)
+        await self.tool.write(joinPath(be, "online"), "0")
+        await self.settle()
+        self.assertEqual(watches(back), 2)  # online alone is no event for the driver
+        await self.tool.write(joinPath(fe, "state"), "6")
+        await self.waitState(be, S.Closed)
+        await self.settle()
+        self.assertEqual(watches(back), 1)  # unregistered
+        await self.tool.write(joinPath(fe, "state"), "1")
+        await self.settle()
+        self.assertEqual(await self.state(be), S.Closed)
+
+    @run
+    async def test_netbackStates(self) -> None:
+        """
+        netback frontend_changed and set_backend_state (the test plays the
+        guest): InitWait for an Initialising frontend, nothing for
+        Initialised, Connected only for a Connected frontend and once the
+        hotplug script said so, Closing, then Closed and unregistered.
+        """
+        back = await self.backend()
+        be, fe = await self.attach("vif", devid=0)
+        await self.waitState(be, S.InitWait)
+        await self.tool.write(joinPath(fe, "state"), "3")
+        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
+        await self.settle()
+        self.assertEqual(await self.state(be), S.InitWait)
+        await self.tool.write(joinPath(be, "hotplug-status"), "")
+        await self.tool.write(joinPath(fe, "state"), "4")
+        await self.settle()
+        self.assertEqual(await self.state(be), S.InitWait)  # deferred
+        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
+        await self.waitState(be, S.Connected)
+        await self.tool.write(joinPath(fe, "state"), "5")
+        await self.waitState(be, S.Closing)
+        await self.tool.write(joinPath(be, "online"), "0")
+        await self.tool.write(joinPath(fe, "state"), "6")
+        await self.waitState(be, S.Closed)
+        await self.settle()
+        self.assertEqual(watches(back), 1)
+        self.assertIsNone(await self.tool.readOrNone(joinPath(be, "hotplug-status")))
+
+    @run
+    async def test_toolstackStateIsAMessage(self) -> None:
+        """
+        xenbus_switch_state compares with the driver's own state: a value
+        the toolstack writes into a bound backend's node changes nothing in
+        the driver. A Connected backend whose node the toolstack set to
+        InitWait does not rewrite Connected when its frontend says
+        Connected again, and goes to Closing when the frontend closes.
+        """
+        await self.backend()
+        be, fe = await self.attach()
+        await self.waitState(be, S.InitWait)
+        await self.tool.write(joinPath(fe, "state"), "4")
+        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
+        await self.waitState(be, S.Connected)
+        await self.tool.write(joinPath(be, "state"), "2")
+        await self.tool.write(joinPath(fe, "state"), "4")
+        await self.settle()
+        self.assertEqual(await self.state(be), S.InitWait)
+        await self.tool.write(joinPath(fe, "state"), "5")
+        await self.waitState(be, S.Closing)
+
+    @run
+    async def test_unregisteredUntilInitialising(self) -> None:
+        """
+        xenbus_dev_changed/xenbus_probe_node: an unregistered device is
+        probed again only when its node says Initialising.
+        """
+        await self.backend()
+        be, fe = await self.attach()
+        await self.waitState(be, S.InitWait)
+        await self.tool.write(joinPath(fe, "state"), "3")
+        await self.tool.write(joinPath(be, "hotplug-status"), "connected")
+        await self.waitState(be, S.Connected)
+        await self.detach(be)
+        await self.tool.write(joinPath(fe, "state"), "6")
+        await self.waitState(be, S.Closed)
+        await self.tool.write(joinPath(fe, "state"), "1")
+        await self.tool.write(joinPath(be, "online"), "1")
+        await self.tool.write(joinPath(fe, "state"), "3")
+        await self.settle()
+        self.assertEqual(await self.state(be), S.Closed)
+        await self.tool.write(joinPath(be, "state"), "1")
+        await self.waitState(be, S.Connected)
 
     @run
     async def test_backendVanishes(self) -> None:

@@ -10,11 +10,15 @@ module holds what both ends do alike:
   - one watch on the tree of device directories of one domain, plus, per
     device, one watch on the other end's C{state} node (as a real driver
     watches its "otherend");
-  - level-triggered steps: every event only I{pokes} a device; a step reads
-    the device and the other end's state in one transaction, lets the
-    subclass decide on at most one state transition, and writes it in the
-    same transaction. At most one step per device runs at a time; a poke
-    during a step makes exactly one more step follow;
+  - steps: every event only I{pokes} a device; a step reads the device and
+    the other end's state in one transaction, lets the subclass decide on
+    at most one transition from what it read and from what the driver
+    remembers of the device (its I{memory}: a kernel driver keeps its own
+    state in C{struct xenbus_device}), and writes it in the same
+    transaction; the memory is kept only once the transaction committed.
+    At most one step per device runs at a time; a poke during a step makes
+    exactly one more step follow, and so does a step that changed
+    something;
   - no resurrection: a step first checks that the device directory exists,
     inside the transaction. If the directory is removed before the commit,
     xenstored refuses the commit (EAGAIN), the step is retried, finds the
@@ -85,16 +89,18 @@ class DeviceView:
 @attrs.frozen
 class Transition:
     """
-    A decision to move a device to C{state}, writing C{writes} (keys of the
-    device directory) and C{elsewhere} (absolute paths: what a kernel
-    driver writes outside its device, e.g. C{xenbus_dev_error}'s error
-    node) in the same transaction.
+    A decision to write C{state} into the device's C{state} node (C{None}:
+    leave it alone), writing C{writes} (keys of the device directory) and
+    C{elsewhere} (absolute paths: what a kernel driver writes outside its
+    device, e.g. C{xenbus_dev_error}'s error node) and removing C{removes}
+    (keys of the device directory) in the same transaction.
     """
 
-    state: XenbusState
+    state: XenbusState | None
     reason: str
     writes: Mapping[str, str] = attrs.field(factory=dict)
     elsewhere: Mapping[str, str] = attrs.field(factory=dict)
+    removes: Sequence[str] = ()
 
 
 @attrs.frozen
@@ -102,6 +108,7 @@ class _StepResult:
     gone: bool
     view: DeviceView | None = None
     transition: Transition | None = None
+    memory: Any = None
 
 
 class _Device:
@@ -116,8 +123,12 @@ class _Device:
         self.otherendSeen = False
         self.watch: IWatchHandle | None = None
         self.watchPath: str | None = None
-        #: The device's own state at its last step (C{None}: no step yet).
-        self.lastState: XenbusState | None = None
+        #: What the driver remembers of the device after its last step
+        #: (C{None}: no step yet); see L{XenbusEndSimulator.decideStep}.
+        self.memory: Any = None
+        #: Whether the scan at start found it (a restarted simulator
+        #: adopts such devices: see L{XenbusEndSimulator.freshMemory}).
+        self.adopt = False
 
 
 class XenbusEndSimulator:
@@ -127,7 +138,9 @@ class XenbusEndSimulator:
     module docstring).
 
     Subclasses set L{role}, L{otherendKey}, L{depth}, L{triggerKeys}, and
-    implement L{deviceClassOf}, L{readKeys}, L{decide} and L{banner}.
+    implement L{deviceClassOf}, L{readKeys}, L{banner} and either L{decide}
+    (a driver whose only memory is the state it saw last) or
+    L{decideStep} and L{freshMemory}.
 
     @ivar xs: the XenStore connection.
     @ivar root: the watched directory holding the device tree.
@@ -159,6 +172,8 @@ class XenbusEndSimulator:
         self._pending: set[Deferred[Any]] = set()
         self._rescanning: Deferred[None] | None = None
         self._rescanAgain = False
+        # Whether the next scan is the first since start() (see freshMemory).
+        self._adopting = False
         # Work done (steps, scans, watch changes), and how much of it the
         # last settle() had seen: see settle().
         self._work = 0
@@ -182,19 +197,41 @@ class XenbusEndSimulator:
         """The transition to make now, or C{None}. Must not touch the store."""
         raise NotImplementedError()
 
-    def reactsTo(self, lastState: XenbusState | None, key: Sequence[str]) -> bool:
+    def freshMemory(self, view: DeviceView, adopt: bool) -> Any:
+        """
+        The memory of a device before its first step. C{adopt}: the device
+        was found by the scan at start, so a driver may have been serving
+        it already (a restarted simulator carries on from XenStore). By
+        default C{None}.
+        """
+        return None
+
+    def decideStep(self, view: DeviceView, memory: Any) -> tuple[Transition | None, Any]:
+        """
+        The transition to make now (or C{None}) and the memory to keep if
+        it commits, from C{view} and the device's C{memory} (as returned
+        by the previous step, or L{freshMemory}). Must not touch the store.
+
+        By default L{decide}, remembering the device's resulting state.
+        """
+        transition = self.decide(view)
+        if transition is not None and transition.state is not None:
+            return transition, transition.state
+        return transition, view.state
+
+    def reactsTo(self, memory: Any, key: Sequence[str]) -> bool:
         """
         Whether a change of C{key} (path components below the device
-        directory; empty for the directory itself) makes a device whose last
-        step saw C{lastState} take a step. By default: the directory itself
-        and the L{triggerKeys}.
+        directory; empty for the directory itself) makes a device whose
+        memory is C{memory} (C{None}: never stepped) take a step. By
+        default: the directory itself and the L{triggerKeys}.
         """
         return not key or (len(key) == 1 and key[0] in self.triggerKeys)
 
-    def watchesOtherend(self, lastState: XenbusState | None) -> bool:
+    def watchesOtherend(self, memory: Any) -> bool:
         """
-        Whether a device whose last step saw C{lastState} watches its other
-        end's C{state} (a real driver does once it is bound to the device).
+        Whether a device whose memory is C{memory} watches its other end's
+        C{state} (a real driver does once it is bound to the device).
         """
         return True
 
@@ -233,6 +270,7 @@ class XenbusEndSimulator:
             await handle.stop()
             return
         self._watch = handle
+        self._adopting = True
         self._requestRescan()
         if self._rescanning is not None:
             await self._rescanning
@@ -307,7 +345,7 @@ class XenbusEndSimulator:
             return
         key = rel[self.depth :]
         known = self._devices.get(devPath)
-        if self.reactsTo(known.lastState if known is not None else None, key):
+        if self.reactsTo(known.memory if known is not None else None, key):
             self.poke(devPath, devclass)
 
     def poke(self, path: str, devclass: str) -> None:
@@ -347,8 +385,9 @@ class XenbusEndSimulator:
                         continue
                     self._forget(dev)
                     return
+                changed = result.memory != dev.memory
                 self._observe(dev, result)
-                if result.transition is not None:
+                if result.transition is not None or changed:
                     # Take the next step at once instead of relying on the
                     # event of our own write: chains of skipped states then
                     # do not depend on event timing.
@@ -383,10 +422,11 @@ class XenbusEndSimulator:
             otherendSeen=dev.otherendSeen and otherend == dev.otherendPath,
             otherendExists=otherExists,
         )
-        transition = self.decide(view)
+        memory = dev.memory if dev.memory is not None else self.freshMemory(view, dev.adopt)
+        transition, memory = self.decideStep(view, memory)
         if transition is not None:
             await self.applyTransition(tx, view, transition)
-        return _StepResult(gone=False, view=view, transition=transition)
+        return _StepResult(gone=False, view=view, transition=transition, memory=memory)
 
     async def applyTransition(
         self, tx: ITransaction, view: DeviceView, transition: Transition
@@ -399,6 +439,16 @@ class XenbusEndSimulator:
             await tx.write(joinPath(view.path, key), value)
         for path, value in transition.elsewhere.items():
             await tx.write(path, value)
+        for key in transition.removes:
+            await tx.rm(joinPath(view.path, key), missingOk=True)
+        if transition.state is None:
+            self.log.info(
+                "Simulated {role} {path}: {reason}",
+                role=self.role,
+                path=view.path,
+                reason=transition.reason,
+            )
+            return
         await tx.write(joinPath(view.path, "state"), str(int(transition.state)))
         self.log.info(
             "Simulated {role} {path}: {old} -> {new} ({reason})",
@@ -419,14 +469,14 @@ class XenbusEndSimulator:
         dev.otherendPath = view.otherendPath
         if view.otherendState is not None:
             dev.otherendSeen = True
-        dev.lastState = result.transition.state if result.transition else view.state
+        dev.memory = result.memory
         self._ensureOtherendWatch(dev)
 
     # Other-end watches
 
     def _ensureOtherendWatch(self, dev: _Device) -> None:
         want = None
-        if dev.otherendPath and self.watchesOtherend(dev.lastState):
+        if dev.otherendPath and self.watchesOtherend(dev.memory):
             want = joinPath(dev.otherendPath, "state")
         if want == dev.watchPath:
             return
@@ -475,6 +525,12 @@ class XenbusEndSimulator:
             while self._rescanAgain and self._active:
                 self._rescanAgain = False
                 found = await self._listDevices()
+                if self._adopting:
+                    self._adopting = False
+                    for path, devclass in found.items():
+                        if path not in self._devices:
+                            self._devices[path] = _Device(path, devclass)
+                            self._devices[path].adopt = True
                 # Known devices too: those that vanished find out and are
                 # forgotten by their next step.
                 targets = dict(found)

@@ -8,10 +8,13 @@ no guest whose drivers would answer the backend. L{FrontendSimulator} plays
 the guest's part in XenStore:
 
   1. its device is in Initialising (1) and the backend reached InitWait (2)
-     or Connected (4) → it publishes ring references and an event channel
-     (made-up numbers: there is no shared memory) and goes to Initialised
-     (3);
-  2. the backend reaches Connected (4) → Connected (4);
+     (for a vbd, also Connected (4)) → it publishes ring references and an
+     event channel (made-up numbers: there is no shared memory); a vbd
+     goes to Initialised (3) (blkfront's C{talk_to_blkback}), a vif
+     straight to Connected (4) (netfront's C{netback_changed} on InitWait:
+     C{xennet_connect}, then Connected; netback ignores an Initialised
+     frontend and connects when it sees Connected);
+  2. a vbd: the backend reaches Connected (4) → Connected (4);
   3. the backend goes to Closing (5) or Closed (6), or vanishes → Closing
      (5), then Closed (6) in a second transaction, so that watchers may see
      both;
@@ -109,6 +112,13 @@ def decideFrontend(view: DeviceView, refuseToClose: bool = False) -> Transition 
         if refuseToClose:
             return None
         return Transition(S.Closing, "backend " + (be.name if be is not None else "gone"))
+    if view.devclass == "vif":
+        # netfront's netback_changed(): only the backend's InitWait starts it.
+        if state is S.Initialising and be is S.InitWait:
+            return Transition(
+                S.Connected, "backend InitWait: rings published, connected", _ringWrites(view)
+            )
+        return None
     if state in (S.Initialising, S.InitWait) and be in (S.InitWait, S.Connected):
         return Transition(S.Initialised, f"backend {be.name}: rings published", _ringWrites(view))
     if state is S.Initialised and be is S.Connected:
