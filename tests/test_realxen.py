@@ -266,6 +266,43 @@ class BlockDeviceTests(LaneTestCase):
         self.assertEqual(await self.loopsFor(path), [loop])
 
     @deferredTest
+    async def test_qcow2(self) -> None:
+        """
+        A qcow2 image with the default configuration (kinds C{auto}: the
+        start-up log names qemu): served by C{qemu-storage-daemon} through
+        the kernel's NBD client and blkback. The guest sees the virtual
+        size and the image's first bytes, its write is read back; after
+        detach its bytes are in the qcow2 image, no nbd device is
+        connected, no daemon runs, no XenStore node is left.
+        """
+        await self.setUpLane()
+        path = f"{IMAGE_DIR}/disk.qcow2"
+        await self.sh(
+            f"rm -f {path} && qemu-img create -q -f qcow2 {path} 24M && "
+            f"qemu-io -f qcow2 -c 'write -P 0x51 0 512' {path} >/dev/null"
+        )
+        self.assertRegex(self.lane.daemon.log(400), r"kinds [a-z,]*qemu")
+        before = await self.tree()
+        await self.attachDisk(f"format=qcow2,vdev=xvdf,access=rw,target={path}", "xvdf")
+        line = await self.guest.waitConsole(r"GUEST: disk xvdf appeared (.*)$")
+        self.assertIn(f"sectors={24 * 2048} ro=0", line.group(1))
+        self.assertIn("head='QQQQQQQQ", line.group(1))
+        await self.guest.waitConsole(r"GUEST: disk xvdf wrote\+readback 'XENDDEV-GUEST-xvdf'")
+        (kind, params) = await self.backendValues(51792, "type", "params")
+        self.assertEqual(kind, "phy")
+        self.assertRegex(params, r"^/dev/nbd[0-9]+$")
+        await self.sh(f"test -e /sys/block/{params[5:]}/pid")
+        await self.detachDisk("xvdf")
+        raw = f"{IMAGE_DIR}/disk-qcow2.raw"
+        await self.sh(f"qemu-img convert -O raw {path} {raw}")
+        self.addCleanup(self.host.run, ["rm", "-f", raw])
+        self.assertEqual(await self.sector(raw, 1), "XENDDEV-GUEST-xvdf")
+        self.assertEqual(await self.sh("ls /sys/block/nbd*/pid 2>/dev/null || true"), "")
+        running = await self.host.run(["pidof", "qemu-storage-daemon"])
+        self.assertNotEqual(running.rc, 0, running)
+        self.assertSameTree(before, await self.tree())
+
+    @deferredTest
     async def test_cdromMedia(self) -> None:
         """
         A cdrom drive: cd-insert of another medium, cd-eject and cd-insert
