@@ -2,9 +2,16 @@
 """
 C{xenddev}: the command-line client (xl's and xm's device commands).
 
-It talks XML-RPC to the daemon over its UNIX socket with the standard
-library only (no Twisted is imported in this process): L{UnixTransport}
-opens an C{AF_UNIX} connection for C{xmlrpc.client}.
+It talks XML-RPC to the daemon over its UNIX socket through
+L{xenddev.rpcclient}, which needs only C extension modules of the standard
+library: no Twisted, no C{xmlrpc.client}/C{http.client} and no attrs are
+imported in this process.  Start-up matters: the client runs once per
+command, and in a dom0 emulated by QEMU every module costs file look-ups
+over 9p and interpreted bytecode.  So this module imports only C{os} and
+C{sys} at first, and each command imports what it needs: the daemon checks
+a disk spec (the same parser, before anything is written) so a plain
+C{block-attach} never loads L{xenddev.diskspec}; only C{--dry-run} does.
+C{tests/test_cli.py} checks which modules a command loads.
 
 Exit codes (see C{docs/cli.md}): L{EXIT_CODES} maps each fault code of
 L{xenddev.xmlrpc} to one; 2 is a usage error; 10 means the daemon could not
@@ -13,23 +20,31 @@ be reached.
 
 from __future__ import annotations
 
-import argparse
-import http.client
-import json
 import os
-import socket
 import sys
 import time
-import xmlrpc.client
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
 
 from xenddev import __version__
-from xenddev.diskspec import DiskError, DiskSpec, VdevError, parseDiskSpec, parseXendDisk
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    import xmlrpc.client
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any, TextIO
+
+    from xenddev.diskspec import DiskSpec
 
 ROOT_SOCKET = "/var/run/xenddev/xenddev.sock"
 USER_SOCKET = "./run/xenddev.sock"
 DEFAULT_TIMEOUT = 300.0
+#: The longest --timeout and status --wait accepted (about 11.6 days).
+MAX_SECONDS = 1e6
+#: The highest guest domain id, as the daemon's C{xenddev.xmlrpc.DOMID_MAX}
+#: (DOMID_FIRST_RESERVED - 1; a test checks that they agree).
+DOMID_MAX = 0x7FEF
+#: The largest device number (libxl's INT_MAX, the daemon's limit).
+DEVID_MAX = 2**31 - 1
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the operation failed (fault 2), or an unknown fault
@@ -70,45 +85,15 @@ def defaultSocket(env: Mapping[str, str] | None = None) -> str:
     return ROOT_SOCKET if os.geteuid() == 0 else USER_SOCKET
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost")
-        self.unixPath = path
-        self.unixTimeout = timeout
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.unixTimeout)
-            sock.connect(self.unixPath)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class UnixTransport(xmlrpc.client.Transport):
-    """An C{xmlrpc.client} transport over a UNIX socket."""
-
-    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        super().__init__()
-        self.unixPath = path
-        self.timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        """One connection to the socket, kept for the proxy's lifetime."""
-        if self._connection and self._connection[1] is not None:
-            return self._connection[1]
-        conn = _UnixHTTPConnection(self.unixPath, self.timeout)
-        self._connection = host, conn
-        return conn
-
-
 def serverProxy(path: str, timeout: float | None = DEFAULT_TIMEOUT) -> xmlrpc.client.ServerProxy:
-    """A proxy for the daemon on socket C{path} (close it with C{proxy("close")()})."""
-    return xmlrpc.client.ServerProxy(
-        "http://xenddev/RPC2", transport=UnixTransport(path, timeout), allow_none=True
-    )
+    """
+    The standard library's C{ServerProxy} for the daemon on socket C{path},
+    for scripts and tests (see L{xenddev.rpcclient.serverProxy}); close it
+    with C{proxy("close")()}.
+    """
+    from xenddev import rpcclient
+
+    return rpcclient.serverProxy(path, timeout)
 
 
 class CommandError(Exception):
@@ -157,23 +142,106 @@ def diskJson(spec: DiskSpec) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def blockConfig(args: Sequence[str]) -> dict[str, Any]:
+    """
+    The C{device.attach} config for C{block-attach}'s arguments, in either
+    form, unparsed: the daemon parses it with L{xenddev.diskspec} and refuses
+    a bad one (fault 10, xl's message) before writing anything.
+    """
+    if isXmForm(args):
+        config: dict[str, Any] = {"uname": args[0], "dev": args[1], "mode": args[2]}
+        if len(args) == 4:
+            config["backend"] = args[3]
+        return config
+    return {"spec": ",".join(args)}
+
+
 def parseBlockArgs(args: Sequence[str]) -> tuple[DiskSpec, dict[str, Any]]:
-    """Both forms of C{block-attach} arguments → (spec, the config to send)."""
+    """
+    Both forms of C{block-attach} arguments → (spec, the config to send),
+    parsed here as the daemon would (for C{--dry-run}).
+    """
+    from xenddev.diskspec import DiskError, VdevError, parseDiskSpec, parseXendDisk
+
+    config = blockConfig(args)
     try:
-        if isXmForm(args):
-            uname, dev, mode = args[0], args[1], args[2]
-            backdom = args[3] if len(args) == 4 else None
-            spec = parseXendDisk(uname or None, dev, mode, backend=backdom)
-            config: dict[str, Any] = {"uname": uname, "dev": dev, "mode": mode}
-            if backdom is not None:
-                config["backend"] = backdom
-            return spec, config
-        text = ",".join(args)
-        spec = parseDiskSpec(text)
-        spec.devid  # noqa: B018 -- validates the vdev number
-        return spec, {"spec": text}
+        if "spec" in config:
+            spec = parseDiskSpec(config["spec"])
+            spec.devid  # noqa: B018 -- validates the vdev number
+        else:
+            spec = parseXendDisk(
+                config["uname"] or None,
+                config["dev"],
+                config["mode"],
+                backend=config.get("backend"),
+            )
     except (DiskError, VdevError) as e:
         raise CommandError(str(e), EXIT_BAD_CONFIG) from None
+    return spec, config
+
+
+def domainArgument(text: str) -> int | str:
+    """
+    The domain argument: a domain id (0..L{DOMID_MAX}), or a name the daemon
+    resolves.
+
+    @raise CommandError: an id beyond the range (exit 3, as the daemon's
+        fault for it).
+    """
+    if not (text.isascii() and text.isdigit()):
+        return text
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(DOMID_MAX)) or int(digits) > DOMID_MAX:
+        raise CommandError(f"invalid domain id {text}: must be 0..{DOMID_MAX}", EXIT_NO_DOMAIN)
+    return int(digits)
+
+
+def deviceArgument(text: str) -> int | str:
+    """
+    A device argument: a device number (0..L{DEVID_MAX}), or a name the
+    daemon resolves (xvdb, /dev/xvdb, a MAC).
+
+    @raise CommandError: a number beyond the range (exit 4, as the daemon's
+        fault for it).
+    """
+    if not (text.isascii() and text.isdigit()):
+        return text
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(DEVID_MAX)) or int(digits) > DEVID_MAX:
+        raise CommandError(
+            f"invalid device {text}: a device number is at most {DEVID_MAX}", EXIT_BAD_CONFIG
+        )
+    return int(digits)
+
+
+def _socketPath(text: str) -> str:
+    """An argparse type: a socket path (not empty, no NUL)."""
+    import argparse
+
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected the path of a UNIX socket, not {text!r}")
+    return text
+
+
+def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from C{minimum} to L{MAX_SECONDS}."""
+    import argparse
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        below = value < minimum if inclusive else value <= minimum
+        if not value == value or below or value > MAX_SECONDS:  # NaN compares unequal
+            relation = "at least" if inclusive else "more than"
+            raise argparse.ArgumentTypeError(
+                f"expected seconds, {relation} {minimum:g} and at most {MAX_SECONDS:g}, "
+                f"not {text!r}"
+            )
+        return value
+
+    return seconds
 
 
 # Output
@@ -229,11 +297,12 @@ class Client:
 
     def call(self, method: str, *args: Any) -> Any:
         """One XML-RPC call; failures become L{CommandError}s."""
+        from xenddev import rpcclient
+
         path = self.opts.socket
-        proxy = serverProxy(path, self.opts.timeout)
         try:
-            return getattr(proxy, method)(*args)
-        except xmlrpc.client.Fault as f:
+            return rpcclient.call(path, method, args, self.opts.timeout)
+        except rpcclient.Fault as f:
             raise CommandError(
                 str(f.faultString), EXIT_CODES.get(f.faultCode, EXIT_FAILED)
             ) from None
@@ -252,37 +321,43 @@ class Client:
             raise CommandError(
                 f"the daemon did not answer within {self.opts.timeout:g} s", EXIT_TIMEOUT
             ) from None
-        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as e:
+        except (OSError, rpcclient.ProtocolError) as e:
             raise CommandError(
                 f"talking to the daemon at {path} failed: {e}", EXIT_UNREACHABLE
             ) from None
-        finally:
-            proxy("close")()
+        except (ValueError, TypeError) as e:  # checkArguments lets nothing through
+            raise CommandError(f"cannot send the request: {e}", EXIT_USAGE) from None
 
     def emit(self, data: Any, text: str | None) -> None:
         """JSON with --json, else the text (if any)."""
         if self.opts.json:
+            import json
+
             self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         elif text:
             self.out.write(text if text.endswith("\n") else text + "\n")
 
     def dom(self) -> int | str:
         """The domain argument: a number, or a name the daemon resolves."""
-        dom: str = self.opts.dom
-        return int(dom) if dom.isascii() and dom.isdigit() else dom
+        return domainArgument(self.opts.dom)
 
     def blockAttach(self) -> None:
         """block-attach."""
-        spec, config = parseBlockArgs(self.opts.disk)
+        dom = self.dom()
         if self.opts.dry_run:
-            self.emit(diskJson(spec), json.dumps(diskJson(spec), indent=2, sort_keys=True))
+            import json
+
+            disk = diskJson(parseBlockArgs(self.opts.disk)[0])
+            self.emit(disk, json.dumps(disk, indent=2, sort_keys=True))
             return
-        result = self.call("device.attach", self.dom(), "vbd", config)
+        result = self.call("device.attach", dom, "vbd", blockConfig(self.opts.disk))
         self.emit(result, None)
 
     def blockDetach(self) -> None:
         """block-detach."""
-        self.call("device.detach", self.dom(), "vbd", _devid(self.opts.dev), self.opts.force)
+        self.call(
+            "device.detach", self.dom(), "vbd", deviceArgument(self.opts.dev), self.opts.force
+        )
         self.emit({"detached": True}, None)
 
     def blockList(self) -> None:
@@ -299,14 +374,12 @@ class Client:
         self._changeMedium("")
 
     def _changeMedium(self, target: str) -> None:
+        # The daemon parses the spec (and refuses a bad target or vdev, fault
+        # 10) and resolves the drive's name, before it writes anything.
+        dom = self.dom()
         vdev = self.opts.vdev.removeprefix("/dev/")
-        text = f"{target},{vdev}:cdrom,r"
-        try:
-            spec = parseDiskSpec(text)
-            number = spec.devid
-        except (DiskError, VdevError) as e:
-            raise CommandError(str(e), EXIT_BAD_CONFIG) from None
-        result = self.call("device.configure", self.dom(), "vbd", number, {"spec": text})
+        spec = f"{target},{vdev}:cdrom,r"
+        result = self.call("device.configure", dom, "vbd", deviceArgument(vdev), {"spec": spec})
         self.emit(result, None)
 
     def networkAttach(self) -> None:
@@ -315,16 +388,18 @@ class Client:
         for item in self.opts.settings:
             key, eq, value = item.partition("=")
             if not eq or not key:
-                raise CommandError(f"network-attach: expected key=value, not {item!r}", EXIT_USAGE)
+                raise CommandError(f"expected key=value, not {item!r}", EXIT_USAGE)
             if key in config:
-                raise CommandError(f"network-attach: {key} given twice", EXIT_USAGE)
+                raise CommandError(f"{key} given twice", EXIT_USAGE)
             config[key] = value
         result = self.call("device.attach", self.dom(), "vif", config)
         self.emit(result, None)
 
     def networkDetach(self) -> None:
         """network-detach."""
-        self.call("device.detach", self.dom(), "vif", _devid(self.opts.dev), self.opts.force)
+        self.call(
+            "device.detach", self.dom(), "vif", deviceArgument(self.opts.dev), self.opts.force
+        )
         self.emit({"detached": True}, None)
 
     def networkList(self) -> None:
@@ -352,14 +427,38 @@ class Client:
         self.emit({**info, "socket": self.opts.socket}, text)
 
 
-def _devid(text: str) -> int | str:
-    return int(text) if text.isascii() and text.isdigit() else text
+def _terminalColumns() -> int:
+    """The terminal's width as C{shutil.get_terminal_size} finds it (C{COLUMNS}, stdout, 80)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isascii() and columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    stdout = sys.__stdout__
+    try:
+        return (stdout and os.get_terminal_size(stdout.fileno()).columns) or 80
+    except (ValueError, OSError):  # closed, detached, not a terminal
+        return 80
 
 
 def buildParser(
     stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> argparse.ArgumentParser:
     """The argument parser (every command has --help); it prints to the given streams."""
+    import argparse
+
+    class Formatter(argparse.HelpFormatter):
+        # argparse makes a formatter even to add an argument, and without a
+        # width it imports shutil (and with it bz2, lzma, zlib) to ask the
+        # terminal: ask it here, by shutil.get_terminal_size's rules.
+        def __init__(
+            self,
+            prog: str,
+            indent_increment: int = 2,
+            max_help_position: int = 24,
+            width: int | None = None,
+        ) -> None:
+            if width is None:
+                width = _terminalColumns() - 2
+            super().__init__(prog, indent_increment, max_help_position, width)
 
     class Parser(argparse.ArgumentParser):
         def _print_message(self, message: str, file: Any = None) -> None:
@@ -367,9 +466,10 @@ def buildParser(
                 stream = (stderr or sys.stderr) if file is sys.stderr else (stdout or sys.stdout)
                 stream.write(message)
 
-    common = Parser(add_help=False)
+    common = Parser(add_help=False, formatter_class=Formatter)
     common.add_argument(
         "--socket",
+        type=_socketPath,
         default=argparse.SUPPRESS,
         help="the daemon's socket (default: $XENDDEV_SOCKET, else "
         f"{ROOT_SOCKET} as root, {USER_SOCKET} otherwise)",
@@ -379,7 +479,7 @@ def buildParser(
     )
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds(0, inclusive=False),
         default=argparse.SUPPRESS,
         help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT:g})",
     )
@@ -390,12 +490,15 @@ def buildParser(
         "5 no such device, 6 device exists, 7 timeout, 8 permission denied, "
         "9 hotplug failed, 10 daemon unreachable, 11 internal error.",
         parents=[common],
+        formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"xenddev {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description, parents=[common])
+        return sub.add_parser(
+            name, help=help, description=description, parents=[common], formatter_class=Formatter
+        )
 
     p = command(
         "block-attach",
@@ -465,7 +568,7 @@ def buildParser(
     p = command("status", "show the daemon's status", "Show whether the daemon runs, and how.")
     p.add_argument(
         "--wait",
-        type=float,
+        type=_seconds(0, inclusive=True),
         default=0.0,
         metavar="SECONDS",
         help="wait up to SECONDS for the daemon to come up (scripts starting it)",
@@ -494,6 +597,7 @@ def main(
     opts.timeout = getattr(opts, "timeout", DEFAULT_TIMEOUT)
     run: Callable[[Client], None] = opts.run
     try:
+        checkArguments(opts)
         run(Client(opts, out))
     except CommandError as e:
         err.write(f"xenddev {opts.command}: {_oneLine(e.message)}\n")
@@ -502,6 +606,35 @@ def main(
         err.write(f"xenddev {opts.command}: interrupted\n")
         return 130
     return EXIT_OK
+
+
+#: The arguments that are sent to the daemon as text, with their names in --help.
+_TEXT_ARGUMENTS = (
+    ("dom", "DOM"),
+    ("disk", "SPEC"),
+    ("dev", "DEV"),
+    ("vdev", "VDEV"),
+    ("target", "TARGET"),
+    ("settings", "KEY=VALUE"),
+)
+
+
+def checkArguments(opts: argparse.Namespace) -> None:
+    """
+    Refuse, naming the argument, text that cannot reach the daemon: bytes
+    that are not UTF-8, control characters XML cannot carry.
+
+    @raise CommandError: a usage error (exit 2).
+    """
+    from xenddev.rpcclient import checkText
+
+    for dest, name in _TEXT_ARGUMENTS:
+        value = getattr(opts, dest, None)
+        for text in [value] if isinstance(value, str) else value or ():
+            try:
+                checkText(text)
+            except ValueError as e:
+                raise CommandError(f"{name}: {e}", EXIT_USAGE) from None
 
 
 def _oneLine(message: str) -> str:
