@@ -399,7 +399,11 @@ class ControllerSuite(ControllerFixture):
         )
         await self.manager.createDevice(GUEST, "vif", {"bridge": "br0"})
         for front in ("vbd/51728", "vbd/51744", "vif/0"):
-            await waitForState(self.xs, f"/local/domain/{GUEST}/device/{front}", 4, 10)
+            path = f"/local/domain/{GUEST}/device/{front}"
+            await waitForState(self.xs, path, 4, 10)
+            # netfront is Connected before netback, which waits for the
+            # hotplug script (as on real Xen).
+            await waitForState(self.xs, await self.xs.read(f"{path}/backend"), 4, 10)
         await self.agentsIdle()
         before = await dumpTree(self.xs)
         e = await self.assertFails(
@@ -489,6 +493,8 @@ class ControllerSuite(ControllerFixture):
         self.assertEqual(str(e), f"Device {devid} (vbd) could not be connected. cannot read {bad}")
         (backend,) = await ctrl.readVm(devid, "backend")
         await waitForState(self.xs, backend, 4, 10)
+        # The frontend connects after its backend.
+        await waitForState(self.xs, ctrl.frontendPath(devid), 4, 10)
         await self.assertTreeIs(before)
 
     # Destroy paths

@@ -445,7 +445,7 @@ def _blkbackUpdateStatus(e: _Effects) -> None:
         return
     view = e.view
     e.writes.update(_connectWrites(view))
-    if not view.get("dev"):
+    if view.devclass == "vbd" and not view.get("dev"):
         # Linux's blkback connects, then fails to name its I/O threads
         # after "dev": no request is ever served, and all it says is an
         # error node (xenbus_dev_error).
