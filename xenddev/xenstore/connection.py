@@ -314,6 +314,10 @@ class ReconnectingXenStore:
         """See L{XenStoreClient.releaseDomain}."""
         return self._call("releaseDomain", domid)
 
+    def resumeDomain(self, domid: int) -> Deferred[None]:
+        """See L{XenStoreClient.resumeDomain}."""
+        return self._call("resumeDomain", domid)
+
     def isDomainIntroduced(self, domid: int) -> Deferred[bool]:
         """See L{XenStoreClient.isDomainIntroduced}."""
         return self._call("isDomainIntroduced", domid)

@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_reconnect -*-
+"""
+Make a guest's frontends follow backends that moved (driver-domain restart).
+
+Linux's blkfront and netfront read C{<frontend>/backend} only when they
+probe and when they resume (C{xenbus_dev_resume}); a frontend whose backend
+died just stalls. So after L{xenddev.driverdomain.restart} has repointed a
+guest's frontends, the toolstack takes the guest through a suspend and a
+*slow* resume, the path a restore takes: the guest's kernel is asked to
+suspend (C{control/shutdown = suspend}, as C{xl save} does), Xen reports
+the domain shut down for a suspend, and the toolstack resumes it without
+cancelling the suspend. On that path xenbus re-reads each frontend's
+C{backend}, blkfront requeues the requests in flight, and both reconnect to
+the new backends. No guest cooperation is needed beyond what any Linux PV
+guest does on save/restore.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from xenddev.xenctrl import IDomainControl
+from xenddev.xenstore.paths import validateDomid
+
+__all__ = ["GuestReconnectError", "ResumingXenStore", "reconnectGuest"]
+
+log = Logger()
+
+#: Seconds between two looks at the domain while it suspends.
+POLL_SECONDS = 0.1
+
+
+class ResumingXenStore(Protocol):
+    """The XenStore calls a reconnection makes (a privileged connection)."""
+
+    def write(self, path: str, value: str | bytes) -> Deferred[None]:
+        """Write a node."""
+
+    def readOrNone(self, path: str) -> Deferred[str | None]:
+        """Read a node, L{None} if missing."""
+
+    def rm(self, path: str, missingOk: bool = False) -> Deferred[None]:
+        """Remove a node."""
+
+    def resumeDomain(self, domid: int) -> Deferred[None]:
+        """XS_RESUME: xenstored re-arms C{@releaseDomain} for the domain."""
+
+
+class GuestReconnectError(RuntimeError):
+    """The guest did not suspend in time, or could not be resumed."""
+
+
+async def reconnectGuest(
+    xs: ResumingXenStore,
+    control: IDomainControl,
+    domid: int,
+    reactor: Any,
+    timeout: float = 60.0,
+) -> float:
+    """
+    Suspend guest C{domid} and resume it the slow way, so that its frontends
+    reconnect to the backends C{<frontend>/backend} names now.
+
+    @param xs: a privileged XenStore connection.
+    @param control: the hypervisor (L{xenddev.xenctrl.XenControl}).
+    @param reactor: the clock to poll on.
+    @param timeout: seconds for the guest to suspend.
+    @return: the seconds the guest was away (suspend request to resume).
+    @raise GuestReconnectError: the guest does not exist, did not suspend
+        within C{timeout} (the request is withdrawn), or is shut down for
+        another reason.
+    """
+    domid = validateDomid(domid)
+    state = await control.domainState(domid)
+    if state is None or state.dying:
+        raise GuestReconnectError(f"domain {domid} does not exist")
+    request = f"/local/domain/{domid}/control/shutdown"
+    started = reactor.seconds()
+    wall = time.monotonic()
+    if not state.suspended:
+        await xs.write(request, "suspend")
+        while True:
+            await deferLater(reactor, POLL_SECONDS, lambda: None)
+            state = await control.domainState(domid)
+            if state is None:
+                raise GuestReconnectError(f"domain {domid} went away while suspending")
+            if state.suspended:
+                break
+            if state.shutdown:
+                raise GuestReconnectError(
+                    f"domain {domid} shut down (reason {state.shutdownReason}), not suspended"
+                )
+            if reactor.seconds() - started > timeout:
+                # Withdraw the request unless the guest took it already.
+                if await xs.readOrNone(request) == "suspend":
+                    await xs.rm(request, missingOk=True)
+                raise GuestReconnectError(f"domain {domid} did not suspend within {timeout:.0f}s")
+    await control.resume(domid)
+    # xenstored re-arms @releaseDomain for the domain (as libxl does).
+    await xs.resumeDomain(domid)
+    away = time.monotonic() - wall
+    log.info("Guest {domid} suspended and resumed in {away:.2f}s", domid=domid, away=away)
+    return away
