@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import _socket
 import errno
-import time
+from time import monotonic, sleep
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ BACKLOG_FIRST_DELAY = 0.005
 BACKLOG_MAX_DELAY = 0.1
 
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
-_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+#: A literal CR would reach the server as LF (XML's end-of-line handling).
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
 
 
 class Fault(Exception):
@@ -289,7 +290,7 @@ def _connect(path: str, deadline: float | None) -> Any:
                 raise TimeoutError(
                     errno.ETIMEDOUT, "the daemon did not accept the connection (backlog full)"
                 ) from None
-            time.sleep(delay)
+            sleep(delay)
             delay = min(delay * 2, BACKLOG_MAX_DELAY)
         except BaseException:
             sock.close()
@@ -300,7 +301,7 @@ def _remaining(deadline: float | None) -> float | None:
     """Seconds left until C{deadline} (L{None}: no deadline)."""
     if deadline is None:
         return None
-    left = deadline - time.monotonic()
+    left = deadline - monotonic()
     if left <= 0:
         raise TimeoutError(errno.ETIMEDOUT, "timed out")
     return left
@@ -314,7 +315,7 @@ def exchange(path: str, body: bytes, timeout: float | None, handler: str = "/RPC
     @raise OSError: the connection failed (C{TimeoutError} past the timeout).
     @raise ProtocolError: the answer is not a complete HTTP 200 answer.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None else monotonic() + timeout
     head = (
         f"POST {handler} HTTP/1.0\r\nHost: xenddev\r\nUser-Agent: xenddev-cli\r\n"
         f"Content-Type: text/xml\r\nContent-Length: {len(body)}\r\n\r\n"
