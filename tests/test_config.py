@@ -173,6 +173,17 @@ class RejectionTests(TestCase):
             "blkback, netback",
         )
 
+    def test_builtinScripts(self) -> None:
+        """C{builtin_scripts}: a list (or comma list) of scripts with a built-in; others refused."""
+        for text in ("[block]", "block"):
+            config = parseConfig(f"driver_domain:\n  builtin_scripts: {text}\n", "f.yaml")
+            self.assertEqual(config.driver_domain.builtin_scripts, ("block",))
+        self.assertEqual(parseConfig("").driver_domain.builtin_scripts, ())
+        with self.assertRaises(ConfigError) as cm:
+            parseConfig("driver_domain:\n  builtin_scripts: [vif-bridge]\n", "f.yaml")
+        self.assertIn("vif-bridge", str(cm.exception))
+        self.assertIn("builtin_scripts", str(cm.exception))
+
     def test_badDomid(self) -> None:
         """A domid out of range is refused."""
         self.assertRejected("driver_domain: {domid: 70000}\n", "driver_domain.domid", "70000")

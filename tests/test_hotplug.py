@@ -893,6 +893,37 @@ class BlockScriptSuite(RealScriptSuite):
         self.assertEqual(await self.node(f"{BLOCK_BACKEND}/hotplug-status"), "busy")
         self.assertEqual(loopDevicesFor(self.image), [])
 
+    async def shareWithSecondGuest(self, mode: str) -> tuple[str, str]:
+        """
+        Guest 5's backend connected read-write on the image (one loop
+        device), and a backend for guest 6 (another VM) on the same image
+        in C{mode}, not yet added; return the loop device and that backend.
+        """
+        await self.writeBackend()
+        await self.writeNodes("/local/domain/5", {"vm": "/vm/five"})
+        await self.writeNodes("/local/domain/6", {"vm": "/vm/six"})
+        await self.runner.run("block", *blockEnvironment("add", BLOCK_BACKEND_REL))
+        (loop,) = loopDevicesFor(self.image)
+        other = "/local/domain/0/backend/vbd/6/51712"
+        await self.writeNodes(
+            other, {"frontend-id": "6", "state": "2", "mode": mode, "params": self.image}
+        )
+        return loop, other
+
+    async def test_sharedWrite(self) -> None:
+        """
+        A file guest 5 uses read-write, asked read-write for guest 6: the
+        real script (Xen 4.17) lets it through with a second loop device.
+        Its sharing check compares the file's device number as C{losetup
+        -a} prints it (decimal, util-linux 2.38) with C{stat -c %D}'s (hex)
+        and so never finds the first loop device. (The built-in script
+        refuses: L{tests.test_hotplugblock}.)
+        """
+        _, other = await self.shareWithSecondGuest("w")
+        await self.runner.run("block", *blockEnvironment("add", "backend/vbd/6/51712"))
+        self.assertEqual(await self.node(f"{other}/hotplug-status"), "connected")
+        self.assertEqual(len(loopDevicesFor(self.image)), 2)
+
     async def test_missingNode(self) -> None:
         """
         A backend without mode: fatal.  The specific message ("xenstore-read

@@ -103,6 +103,8 @@ class DriverDomainConfig:
     hotplug: str = "auto"
     hotplug_timeout: float = 40.0
     simulate: str = "auto"
+    #: Hotplug scripts run in process instead (L{xenddev.hotplugblock}).
+    builtin_scripts: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -283,6 +285,23 @@ def _tristate(value: Any, node: yaml.Node) -> str:
     return validateTristate(text)
 
 
+#: Scripts that have a built-in replacement.
+BUILTIN_SCRIPTS = ("block",)
+
+
+def _builtinScripts(value: Any, node: yaml.Node) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [k.strip() for k in value.split(",") if k.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of script names")
+    for name in value:
+        if name not in BUILTIN_SCRIPTS:
+            raise ValueError(
+                f"no built-in script {name!r} (built in: {', '.join(BUILTIN_SCRIPTS)})"
+            )
+    return tuple(value)
+
+
 def _kinds(value: Any, node: yaml.Node) -> tuple[str, ...]:
     from xenddev.driverdomain.kinds import KIND_FACTORIES
 
@@ -366,6 +385,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
             "hotplug": _tristate,
             "hotplug_timeout": _number(),
             "simulate": _tristate,
+            "builtin_scripts": _builtinScripts,
         },
     ),
     "timeouts": (

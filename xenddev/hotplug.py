@@ -39,13 +39,14 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenddev.interfaces import IHotplugRunner, IXenStore
+from xenddev.interfaces import IBuiltinScript, IHotplugRunner, IXenStore
 from xenddev.xenstore.paths import validatePath
 
 __all__ = [
@@ -410,6 +411,7 @@ class HotplugRunner:
         allowAbsolute: bool = False,
         maxOutput: int = DEFAULT_MAX_OUTPUT,
         setsid: str | None = None,
+        builtins: Mapping[str, IBuiltinScript] | None = None,
     ) -> None:
         """
         @param scriptDir: directory script names are resolved in.
@@ -430,6 +432,9 @@ class HotplugRunner:
         @param maxOutput: bytes of stdout and of stderr kept per run.
         @param setsid: path of util-linux's C{setsid(1)}; default: looked
             up in L{BASE_PATH}.
+        @param builtins: scripts done in process instead (name → an
+            L{IBuiltinScript}), e.g. C{block} (L{xenddev.hotplugblock}):
+            the same arguments, environment, timeout and errors.
         @raise HotplugArgumentError: bad parameters, or no C{setsid} binary.
         """
         if timeout <= 0:
@@ -442,6 +447,7 @@ class HotplugRunner:
         self.allowAbsolute = allowAbsolute
         self.maxOutput = maxOutput
         self.xenstore = xenstore
+        self.builtins = dict(builtins or {})
         self.xenstoredPath = (
             _checkText(xenstoredPath, "xenstoredPath") if xenstoredPath is not None else None
         )
@@ -550,6 +556,9 @@ class HotplugRunner:
             run), or C{OSError} (the spawn failed).  Cancelling it kills the
             process group.
         """
+        builtin = self.builtins.get(script)
+        if builtin is not None:
+            return self._runBuiltin(builtin, script, args, env, timeout)
         try:
             path = self.resolveScript(script)
             if isinstance(args, str | bytes):
@@ -599,6 +608,71 @@ class HotplugRunner:
 
         proto.done.addCallback(completed).addBoth(deliver)
         return result
+
+    def _runBuiltin(
+        self,
+        builtin: IBuiltinScript,
+        script: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None,
+        timeout: float | None,
+    ) -> Deferred[HotplugResult]:
+        """A built-in script's run, with a script's timeout, errors and log line."""
+        try:
+            argList = tuple(_checkText(a, "argument") for a in args)
+            fullEnv = self.environment(env)
+            limit = self.timeout if timeout is None else float(timeout)
+            if limit <= 0:
+                raise HotplugArgumentError(f"timeout must be positive, not {timeout!r}")
+        except HotplugArgumentError:
+            return fail()
+        name = f"builtin:{script}"
+        command = (name, *argList)
+        start = self._reactor.seconds()
+        xenbusPath = fullEnv.get("XENBUS_PATH", "?")
+        action = argList[0] if argList else ""
+
+        def logged(outcome: str, ok: bool) -> None:
+            emit = log.info if ok else log.warn
+            emit(
+                "hotplug {script} {action} {xenbusPath}: {outcome} in {duration:.3f}s",
+                script=name,
+                action=action,
+                xenbusPath=xenbusPath,
+                outcome=outcome,
+                duration=self._reactor.seconds() - start,
+            )
+
+        def done(_: object) -> HotplugResult:
+            logged("done", True)
+            return HotplugResult(name, argList, 0, "", "", self._reactor.seconds() - start)
+
+        def failed(failure: Failure) -> Failure:
+            duration = self._reactor.seconds() - start
+            if failure.check(DeferredTimeout):
+                logged(f"timed out after {limit:g}s", False)
+                return Failure(HotplugTimeout(command, name, argList, limit, "", "", True))
+            message = getattr(failure.value, "message", None) or str(failure.value)
+            status = getattr(failure.value, "status", "error")
+            logged(f"failed: {message}", False)
+            return Failure(
+                HotplugScriptError(
+                    command,
+                    name,
+                    argList,
+                    1,
+                    None,
+                    "",
+                    "",
+                    message,
+                    duration,
+                    hotplugStatus=status,
+                )
+            )
+
+        d = builtin.run(argList, fullEnv)
+        d.addTimeout(limit, self._reactor)
+        return d.addCallbacks(done, failed)
 
     async def _complete(
         self, run: _Run, reason: Failure | None, timedOut: bool, reaped: bool

@@ -340,3 +340,15 @@ class INbdAttacher(Interface):
 
     def attached(device):
         """Whether C{device} is connected to a server."""
+
+
+class IBuiltinScript(Interface):
+    """A hotplug script done in process (see L{xenddev.hotplug.HotplugRunner})."""
+
+    def run(args, env):
+        """
+        Do what the script does for C{args} with environment C{env}; a
+        Deferred firing when done, or failing with an exception whose
+        C{message} (and C{status}: C{error} or C{busy}) it also wrote to
+        C{hotplug-error} (and C{hotplug-status}).
+        """

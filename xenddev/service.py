@@ -610,12 +610,18 @@ class XenddevService(MultiService):
         if useHotplug:
             from xenddev.hotplug import HotplugRunner
 
+            builtins = {}
+            if "block" in dd.builtin_scripts:
+                from xenddev.hotplugblock import BuiltinBlockScript
+
+                builtins["block"] = BuiltinBlockScript(xs, dd.domid, self.reactor)
             hotplug = HotplugRunner(
                 dd.script_dir,
                 xenstore=xs,
                 timeout=dd.hotplug_timeout,
                 xenstoredPath=address.partition(":")[2] if address.startswith("unix:") else None,
                 reactor=self.reactor,
+                builtins=builtins,
             )
         from xenddev.datapath import standardPausers
 
@@ -633,7 +639,9 @@ class XenddevService(MultiService):
             domid=dd.domid,
             kinds=",".join(names),
             why="".join(f"; not {k}: {reason}" for k, reason in leftOut.items()),
-            hp=dd.script_dir if hotplug is not None else "off",
+            hp=(dd.script_dir + "".join(f", {n} built in" for n in dd.builtin_scripts))
+            if hotplug is not None
+            else "off",
         )
 
     async def _startSimulators(self, address: str) -> None:
