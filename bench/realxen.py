@@ -20,7 +20,12 @@ affects every column alike:
 Targets (issue 11): each xenddev operation at most 1.0x xl's; the eight
 concurrent at least 2x faster than xl's serial run.
 
-Usage: python bench/realxen.py [--rounds 5] [--disks 8]
+With C{--hotplug both} (the default) the whole measurement runs twice on
+the same machine and guest: the daemon running the real C{block} script,
+then the daemon with it built in (C{driver_domain.builtin_scripts:
+[block]}, L{xenddev.hotplugblock}); xl always runs the real script.
+
+Usage: python bench/realxen.py [--rounds 5] [--disks 8] [--hotplug script|builtin|both]
 """
 
 from __future__ import annotations
@@ -137,9 +142,8 @@ def table(t: dict[str, Any], rounds: int, disks: int) -> str:
 
 
 async def bench(reactor: Any, args: argparse.Namespace) -> None:
-    """Boot, start the daemon and a guest, run the driver, print the table."""
+    """Boot, start a guest; per hotplug mode start the daemon, run the driver, print the table."""
     host = await realXenHost(reactor)
-    xd = await startXenddev(host, level="info")
     guest = await host.createGuest("bench")
     await guest.waitConsole(r"GUEST: ready", timeout=300)
     images = [f"{IMAGE_DIR}/bench{i}.img" for i in range(args.disks)]
@@ -148,12 +152,20 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
     driver.write_text(DOM0_DRIVER)
     argv = [sys.executable, host.inDom0(driver), guest.name, ",".join(images)]
     argv += [str(args.rounds), str(args.disks), VENV_BIN, SOCKET]
-    result = await host.run(argv, cwd=ROOT, timeout=3600)
-    if result.rc != 0:
-        raise SystemExit(f"driver failed: {result}\n{xd.log()}")
-    timings = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"real Xen 4.17 under QEMU ({host.accel}), run folder {host.runDir}")
-    print(table(timings, args.rounds, args.disks))
+    modes = ("script", "builtin") if args.hotplug == "both" else (args.hotplug,)
+    for mode in modes:
+        builtin = ("block",) if mode == "builtin" else ()
+        xd = await startXenddev(host, level="info", builtinScripts=builtin)
+        result = await host.run(argv, cwd=ROOT, timeout=3600)
+        if result.rc != 0:
+            raise SystemExit(f"driver failed: {result}\n{xd.log()}")
+        timings = json.loads(result.stdout.strip().splitlines()[-1])
+        what = "built in" if builtin else "the real script"
+        print(f"\n== xenddev with the block hotplug script {what} (xl: the real script)")
+        print(table(timings, args.rounds, args.disks))
+        await xd.process.signal()
+        await xd.process.wait(60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="single-disk rounds (median)")
     parser.add_argument("--disks", type=int, default=8, help="disks attached at once")
+    parser.add_argument(
+        "--hotplug",
+        choices=("script", "builtin", "both"),
+        default="both",
+        help="xenddev's block hotplug: the real script, built in, or both in turn",
+    )
     args = parser.parse_args(argv)
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react

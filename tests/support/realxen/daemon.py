@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import attrs
 
@@ -31,7 +31,7 @@ CLI_ENV: Mapping[str, str] = {"XENDDEV_SOCKET": SOCKET}
 CONFIG = """\
 rundir: {rundir}
 timeouts: {{create: 120, destroy: 60, request: 120, shutdown: 30}}
-driver_domain: {{hotplug_timeout: 120}}
+driver_domain: {{hotplug_timeout: 120, builtin_scripts: [{builtin}]}}
 logging: {{file: {log}, level: {level}}}
 """
 
@@ -64,16 +64,23 @@ class XenddevInDom0:
             return f"(no daemon log: {e})"
 
 
-async def startXenddev(host: RealXenHost, level: str = "debug") -> XenddevInDom0:
+async def startXenddev(
+    host: RealXenHost, level: str = "debug", builtinScripts: Sequence[str] = ()
+) -> XenddevInDom0:
     """
     Start C{twistd -n xenddev} in dom0 with the lane's configuration
-    (L{CONFIG}, its log in the share) and wait until it answers.
+    (L{CONFIG}, its log in the share, the hotplug scripts C{builtinScripts}
+    built in) and wait until it answers.
 
     @raise CommandFailed: it did not answer within two minutes.
     """
     log = host.sharePath / "xenddev.log"
     config = host.sharePath / "xenddev.yaml"
-    config.write_text(CONFIG.format(rundir=RUNDIR, log=host.inDom0(log), level=level))
+    config.write_text(
+        CONFIG.format(
+            rundir=RUNDIR, log=host.inDom0(log), level=level, builtin=", ".join(builtinScripts)
+        )
+    )
     process = await host.spawn(
         [f"{VENV_BIN}/twistd", "-n", "--pidfile=", "xenddev", "--config", host.inDom0(config)],
         cwd=ROOT,
