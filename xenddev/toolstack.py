@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_toolstack -*-
+# -*- test-case-name: tests.test_controllers -*-
 """
 The DeviceManager: the toolstack's entry point for devices of any class and
 any domain.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_driverdomain_protocol -*-
+# -*- test-case-name: tests.test_driverdomain -*-
 """
 The vocabulary of the backendctrl protocol: object classes, paths, request
 strings, states, result codes (Xen errno values) and name validation.

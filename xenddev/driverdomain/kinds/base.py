@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_driverdomain_agent -*-
+# -*- test-case-name: tests.test_driverdomain -*-
 """
 Value types shared by the agent and the driver-domain kinds.
 """

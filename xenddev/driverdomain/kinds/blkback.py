@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_driverdomain_agent -*-
+# -*- test-case-name: tests.test_driverdomain_kinds -*-
 """
 The C{blkback} driver-domain kind: a kernel block backend (blkback) fed by
 the C{block} hotplug script, for C{phy} (a block device) and C{file} (an

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_driverdomain_agent -*-
+# -*- test-case-name: tests.test_driverdomain_kinds -*-
 """
 The C{netback} driver-domain kind: a kernel network backend (netback) whose
 host side (C{vif<domu>.<devid>}) is attached by a hotplug script
