@@ -11,9 +11,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from xenddev.xenstore.connection import ReconnectingXenStore
 from xenddev.xenstore.errors import InvalidArgumentError, InvalidPathError
+from xenddev.xenstore.interfaces import IXenStore
 from xenddev.xenstore.wire import Op, Packet, PacketParser
 
 
@@ -64,6 +66,11 @@ class DelegationTests(SynchronousTestCase):
         self.store = ReconnectingXenStore(self.endpoint, Clock())
         self.store.start()
         self.addCleanup(self.store.stop)
+
+    def test_interfaces(self) -> None:
+        """The store provides L{IXenStore}, the attributes callers read included."""
+        self.assertTrue(verifyObject(IXenStore, self.store))
+        self.assertEqual(self.store.connections, 1)
 
     def test_connectedCallSentAtOnce(self) -> None:
         """A call on a connected store sends its request at once and gets the reply."""

@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenddev.interfaces import ITransaction, IWatchHandle, IXenStore
 from xenddev.xenstore.errors import (
     ConflictError,
     InvalidArgumentError,
@@ -34,6 +33,7 @@ from xenddev.xenstore.errors import (
     XenStoreConnectionLost,
     XenStoreTimeout,
 )
+from xenddev.xenstore.interfaces import ITransaction, IWatchHandle, IXenStore
 from xenddev.xenstore.paths import (
     VALID_PATHS,
     Perm,
@@ -371,6 +371,9 @@ class XenStoreClient(_Operations):
     """
 
     log = Logger()
+
+    #: L{IXenStore.connections}: this client has its one connection.
+    connections = 1
 
     def __init__(
         self,

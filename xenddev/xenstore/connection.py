@@ -15,9 +15,9 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xenddev.interfaces import ITransaction, IWatchHandle, IXenStore
 from xenddev.xenstore.client import WatchCallback, XenStoreClient, newToken
 from xenddev.xenstore.endpoints import XenStoreAddress, endpointFor
+from xenddev.xenstore.interfaces import ITransaction, IWatchHandle, IXenStore
 from xenddev.xenstore.paths import (
     Perm,
     parsePerms,

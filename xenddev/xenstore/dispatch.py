@@ -19,8 +19,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from xenddev.interfaces import IWatchHandle, IXenStore
 from xenddev.xenstore.errors import XenStoreTimeout
+from xenddev.xenstore.interfaces import IWatchHandle, IXenStore
 from xenddev.xenstore.paths import validatePath
 
 Predicate = Callable[[str | None], bool]
@@ -168,8 +168,7 @@ class WatchDispatch:
         for ancestor in _ancestors(node, self.root):
             self._below.setdefault(ancestor, []).append(wait)
         if timeout is not None:
-            reactor = self.xs.reactor  # type: ignore[attr-defined]
-            wait.timer = reactor.callLater(timeout, wait.timedOut, timeout)
+            wait.timer = self.xs.reactor.callLater(timeout, wait.timedOut, timeout)
         return wait
 
     def waitFor(
