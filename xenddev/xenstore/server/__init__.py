@@ -18,8 +18,8 @@ rules, permissions, watches, transactions, quotas and errno values. Modules:
 Typical in-process use::
 
     server = XenStoreServer(reactor=reactor)
-    port = reactor.listenUNIX(path, server.factory())
-    guest = reactor.listenUNIX(path5, server.factory(domid=5))
+    port = reactor.listenUNIX(path, XenStoreServerFactory(server))
+    guest = reactor.listenUNIX(path5, XenStoreServerFactory(server, domid=5))
 """
 
 from xenddev.xenstore.server.core import XenStoreServer

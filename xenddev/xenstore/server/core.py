@@ -881,10 +881,6 @@ class XenStoreServer:
 
     # Conveniences
 
-    def factory(self, domid: int = 0) -> Any:
-        """A Twisted factory for clients acting as C{domid} (0: privileged)."""
-        return makeFactory(self, domid)
-
     def introduceDomain(self, domid: int) -> None:
         """Mark C{domid} introduced, firing @introduceDomain, as INTRODUCE does."""
         if domid not in self.introduced:
@@ -923,10 +919,3 @@ _PRIV_OPS = frozenset(
 _NOTID_OPS = frozenset({Op.WATCH, Op.UNWATCH})
 
 __all__ = ["NO_GENERATION", "Connection", "XenStoreServer", "XsError"]
-
-
-def makeFactory(server: XenStoreServer, domid: int = 0) -> Any:
-    """A Twisted factory serving C{server} to clients acting as C{domid}."""
-    from xenddev.xenstore.server.protocol import XenStoreServerFactory
-
-    return XenStoreServerFactory(server, domid)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from xenddev.xenstore.server.core import XenStoreServer
 from xenddev.xenstore.server.persistence import readTree, saveTree
+from xenddev.xenstore.server.protocol import XenStoreServerFactory
 from xenddev.xenstore.server.quota import Quotas
 
 
@@ -76,7 +77,9 @@ class XenstoredService(Service):
             self.server.trace = writeTrace
         for domid, path in [(0, self.socketPath), *self.domainSockets]:
             _removeStaleSocket(path)
-            port = self.reactor.listenUNIX(path, self.server.factory(domid), mode=0o600)
+            port = self.reactor.listenUNIX(
+                path, XenStoreServerFactory(self.server, domid), mode=0o600
+            )
             self._ports.append(port)
             self.log.info("Serving XenStore for domain {domid} on {path}", domid=domid, path=path)
 

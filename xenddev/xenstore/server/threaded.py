@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet.threads import blockingCallFromThread
 
 from xenddev.xenstore.server.core import XenStoreServer
+from xenddev.xenstore.server.protocol import XenStoreServerFactory
 
 
 class ThreadedXenstored:
@@ -63,7 +64,7 @@ class ThreadedXenstored:
     def _listen(self) -> None:
         self.server = self._makeServer(self.reactor)
         for domid, path in [(0, self.socketPath), *self.domainSockets.items()]:
-            factory = self.server.factory(domid)
+            factory = XenStoreServerFactory(self.server, domid)
             self._factories.append(factory)
             self._ports.append(self.reactor.listenUNIX(path, factory, mode=0o600))
 
