@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.profiles import examples
 from xenddev.diskspec import (
     BACKEND_BLKBACK,
     BACKEND_BLKTAP1,
@@ -1006,13 +1007,13 @@ class VdevTests(SynchronousTestCase):
         self.assertEqual(numberToVdev((1 << 28) | (536 << 8) | 37, "d"), "d536p37")
         self.assertEqual(numberToVdev(768, "d"), "hda")
 
-    @settings(max_examples=2000, deadline=None)
+    @settings(max_examples=examples(2000), deadline=None)
     @given(st.integers(min_value=0, max_value=MAX_DEVICE_NUMBER), st.sampled_from(["xvd", "d"]))
     def test_numberRoundTrip(self, number: int, style: str) -> None:
         """number -> name -> number over the whole valid space."""
         self.assertEqual(vdevToNumber(numberToVdev(number, style)), number)
 
-    @settings(max_examples=2000, deadline=None)
+    @settings(max_examples=examples(2000), deadline=None)
     @given(
         st.one_of(
             st.integers(51712 - 4, 51712 + 260),
@@ -1031,7 +1032,7 @@ class VdevTests(SynchronousTestCase):
         if name.isdigit():
             self.assertEqual(name, str(number))
 
-    @settings(max_examples=1000, deadline=None)
+    @settings(max_examples=examples(1000), deadline=None)
     @given(
         st.sampled_from(["xvd", "xvdLong", "hd", "sd"]).flatmap(
             lambda kind: st.tuples(
@@ -1056,7 +1057,7 @@ class VdevTests(SynchronousTestCase):
         self.assertEqual(numberToVdev(expected), name)
         self.assertEqual(decodeVdev(name).disk, disk)
 
-    @settings(max_examples=1000, deadline=None)
+    @settings(max_examples=examples(1000), deadline=None)
     @given(st.integers(0, 2**20 - 1), st.integers(0, 255))
     def test_dFormRoundTrip(self, disk: int, part: int) -> None:
         """d<N>p<M> names the same number as its xvd letters."""
@@ -1064,7 +1065,7 @@ class VdevTests(SynchronousTestCase):
         self.assertEqual(number, xvdNumber(disk, part))
         self.assertEqual(vdevToNumber(numberToVdev(number, "d")), number)
 
-    @settings(max_examples=1000, deadline=None)
+    @settings(max_examples=examples(1000), deadline=None)
     @given(
         st.one_of(
             st.text(),
@@ -1159,25 +1160,25 @@ class FuzzTests(SynchronousTestCase):
             return
         self.assertEqual(parseDiskSpec(rendered), withoutPrefixes(spec))
 
-    @settings(max_examples=1000, deadline=None)
+    @settings(max_examples=examples(1000), deadline=None)
     @given(st.text())
     def test_anyText(self, text: str) -> None:
         """Arbitrary text."""
         self.checkXl(text)
 
-    @settings(max_examples=2000, deadline=None)
+    @settings(max_examples=examples(2000), deadline=None)
     @given(st.text(alphabet=",:= \tabcdhwrxv/0123456789!-", max_size=30))
     def test_punctuationHeavy(self, text: str) -> None:
         """Commas, colons and equals signs among vdev-ish letters."""
         self.checkXl(text)
 
-    @settings(max_examples=3000, deadline=None)
+    @settings(max_examples=examples(3000), deadline=None)
     @given(st.lists(st.sampled_from(FRAGMENTS), max_size=14).map("".join))
     def test_fragments(self, text: str) -> None:
         """Concatenations of keys, prefixes, flags and values."""
         self.checkXl(text)
 
-    @settings(max_examples=1000, deadline=None)
+    @settings(max_examples=examples(1000), deadline=None)
     @given(
         st.lists(st.sampled_from(FRAGMENTS), max_size=5).map("".join),
         st.lists(st.sampled_from([*FRAGMENTS, "ioemu:", ":cdrom"]), max_size=4).map("".join),
@@ -1191,7 +1192,7 @@ class FuzzTests(SynchronousTestCase):
             return
         self.assertIsInstance(spec.devid, int)
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(st.text(), st.text(), st.text())
     def test_xendAnyText(self, uname: str, dev: str, mode: str) -> None:
         """parseXendDisk on arbitrary text raises only DiskSpecError."""
@@ -1281,7 +1282,7 @@ class DiskSpecValueTests(SynchronousTestCase):
         self.assertRaises(ValueError, DiskSpec(vdev="xvda", target="/a", script="s ").toXl)
         self.assertRaises(ValueError, DiskSpec(vdev="xvda", target="/a", script="a,b").toXl)
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(diskSpecs())
     def test_toXlRoundTrip(self, spec: DiskSpec) -> None:
         """parseDiskSpec(spec.toXl()) == spec."""

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.profiles import examples
 from xenddev.sxp import MAX_DEPTH, SxpError, fromConfig, parse, parseAll, show, toConfig
 
 atoms = st.text(
@@ -109,7 +110,7 @@ class ShowTests(SynchronousTestCase):
             self.assertRaises(SxpError, show, bad)
 
     @given(sxprs)
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=examples(300), deadline=None)
     def test_roundTrip(self, expr: Any) -> None:
         """parse(show(x)) == x for every list expression; parseAll for atoms."""
         text = show(expr)
@@ -119,7 +120,7 @@ class ShowTests(SynchronousTestCase):
         self.assertNotIn("\n", text)
 
     @given(st.text(max_size=60))
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     def test_fuzzParse(self, text: str) -> None:
         """Any text either parses (and then round-trips) or raises SxpError."""
         try:
@@ -132,7 +133,7 @@ class ShowTests(SynchronousTestCase):
             self.assertEqual(parse(show(expr)), expr)
 
     @given(st.text(alphabet="()\"'\\ abx0u\n", max_size=40))
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     def test_fuzzDelimiters(self, text: str) -> None:
         """Inputs dense in delimiters and escapes never raise anything but SxpError."""
         try:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.profiles import examples
 from xenddev.xenstore import errors, wire
 from xenddev.xenstore.errors import (
     XSD_ERRORS,
@@ -184,7 +185,7 @@ class PacketParserTests(SynchronousTestCase):
         )
         self.assertRaises(MalformedPacket, parser.feed, rawHeader(Op.READ, 2, 0, 9))
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=examples(200), deadline=None)
     @given(ps=st.lists(packets, max_size=6), data=st.data())
     def test_anySplitYieldsSamePackets(self, ps, data):
         """

@@ -136,6 +136,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
+from tests.support.profiles import examples
 from tests.support.realxenstored import RealXenstored, requireRealXenstored
 from xenddev.xenstore.server.core import XenStoreServer
 from xenddev.xenstore.server.threaded import ThreadedXenstored
@@ -720,8 +721,9 @@ class Differential:
 
 
 HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
-#: Examples per property; raise it for a soak run (e.g. 5000).
-EXAMPLES = int(os.environ.get("XENDDEV_DIFF_EXAMPLES", "400"))
+#: Examples per property (400 in the thorough Hypothesis profile, CI's; see
+#: tests.support.profiles); XENDDEV_DIFF_EXAMPLES overrides it for a soak run (e.g. 5000).
+EXAMPLES = int(os.environ.get("XENDDEV_DIFF_EXAMPLES") or examples(400))
 
 
 class DifferentialTests(TestCase):
