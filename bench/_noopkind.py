@@ -15,7 +15,6 @@ its XenStore requests and transaction conflicts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -64,41 +63,22 @@ def countingNoopKind() -> NoopKind:
 
     The counts are written as JSON to C{$XENDDEV_BENCH_COUNTS} when the
     reactor shuts down (the agent's SIGTERM). Benchmark instrumentation only:
-    it wraps L{XenStoreProtocol.request} for the whole process.
+    it taps every XenStore connection of the process (L{bench._wiretap}).
     """
     import json
     import os
 
     from twisted.internet import reactor
 
-    from xenddev.xenstore.errors import ConflictError
-    from xenddev.xenstore.protocol import XenStoreProtocol
-    from xenddev.xenstore.wire import Op
+    from bench._wiretap import Counts, RequestCounter, tapEveryConnection
 
-    counts = {"requests": 0, "conflicts": 0}
-    original = XenStoreProtocol.request
-
-    def request(
-        self: XenStoreProtocol, op: int, payload: bytes, txId: int = 0, context: str | None = None
-    ) -> Deferred[bytes]:
-        counts["requests"] += 1
-        d = original(self, op, payload, txId, context)
-        if op == Op.TRANSACTION_END:
-
-            def conflict(f: Any) -> Any:
-                if f.check(ConflictError):
-                    counts["conflicts"] += 1
-                return f
-
-            d.addErrback(conflict)
-        return d
-
-    XenStoreProtocol.request = request  # type: ignore[method-assign]
+    counts = Counts()
+    tapEveryConnection(lambda: RequestCounter(counts))
     path = os.environ["XENDDEV_BENCH_COUNTS"]
 
     def dump() -> None:
         with open(path, "w") as f:
-            json.dump(counts, f)
+            json.dump({"requests": counts.requests, "conflicts": counts.conflicts}, f)
 
     reactor.addSystemEventTrigger("after", "shutdown", dump)
     return NoopKind()

@@ -77,7 +77,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import attrs
 
@@ -110,10 +109,9 @@ from bench._common import (
     selfCpuSeconds,
     sleep,
 )
+from bench._wiretap import Counts, RequestCounter, RoundCounter, tapEveryConnection
 from xenddev.xenstore.client import XenStoreClient
-from xenddev.xenstore.errors import ConflictError
 from xenddev.xenstore.protocol import XenStoreProtocol
-from xenddev.xenstore.wire import Op
 
 TARGET_RATIO = 1.5
 TARGET_FLATNESS = 0.20
@@ -133,39 +131,21 @@ Tree = dict[str, tuple[str, tuple[str, ...]]]
 # Counting a process's XenStore requests
 
 
-@attrs.define
-class Counts:
-    requests: int = 0
-    conflicts: int = 0
+def _settleRequest(op: int, payload: bytes) -> bool:
+    # The simulators' settle() round trips (C{exists("/")}), which the
+    # benchmark causes; nothing else reads or lists "/".
+    return payload == b"/\0"
 
 
-def countRequests(target: Any, counts: Counts) -> None:
+def countRequests(protocol: XenStoreProtocol | None, counts: Counts) -> None:
     """
-    Count the requests sent through C{target}'s C{request} (a
-    L{XenStoreProtocol} instance, or the class for a whole process) and the
-    commits that failed with EAGAIN.
+    Count the requests C{protocol} sends (every connection of this process
+    if C{None}) and its commits that failed with EAGAIN, at the transport.
     """
-    original = target.request
-
-    def request(*args: Any, **kwargs: Any) -> Deferred[bytes]:
-        d: Deferred[bytes] = original(*args, **kwargs)
-        op, payload = args[1:3] if target is XenStoreProtocol else args[0:2]
-        if payload == b"/\0":
-            # The simulators' settle() round trips (C{exists("/")}), which
-            # the benchmark causes; nothing else reads or lists "/".
-            return d
-        counts.requests += 1
-        if op == Op.TRANSACTION_END:
-
-            def conflict(f: Failure) -> Failure:
-                if f.check(ConflictError):
-                    counts.conflicts += 1
-                return f
-
-            d.addErrback(conflict)
-        return d
-
-    target.request = request
+    if protocol is None:
+        tapEveryConnection(lambda: RequestCounter(counts, _settleRequest))
+    else:
+        RequestCounter(counts, _settleRequest).tap(protocol)
 
 
 # Party processes: the agent (framework or floor) and the simulators
@@ -266,7 +246,7 @@ async def partyMain(kind: str, socketPath: str, args: Sequence[str]) -> None:
         )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     counts = Counts()
-    countRequests(XenStoreProtocol, counts)
+    countRequests(None, counts)
     idle: Callable[[], Awaitable[object]]
     stop: Callable[[], Awaitable[object]]
     if kind == "sims":
@@ -661,32 +641,15 @@ async def measureAnatomy(bench: Bench) -> Anatomy:
 class TraceRounds:
     """
     Count a connection's sequential rounds: a round starts with a request
-    sent when no earlier one is awaiting its reply.
+    sent when no earlier one is awaiting its reply (seen at its transport).
     """
 
     def __init__(self, xs: XenStoreClient) -> None:
-        self.proto = xs.protocol
-        self.original = self.proto.request
-        self.rounds = 0
-        self.outstanding = 0
-
-        def request(*args: Any, **kwargs: Any) -> Deferred[bytes]:
-            if self.outstanding == 0:
-                self.rounds += 1
-            self.outstanding += 1
-            d: Deferred[bytes] = self.original(*args, **kwargs)
-
-            def answered(result: object) -> object:
-                self.outstanding -= 1
-                return result
-
-            return d.addBoth(answered)
-
-        self.proto.request = request  # type: ignore[method-assign]
+        self.counter = RoundCounter().tap(xs.protocol)
 
     def stop(self) -> int:
-        self.proto.request = self.original  # type: ignore[method-assign]
-        return self.rounds
+        self.counter.untap()
+        return self.counter.rounds
 
 
 # Part 1: throughput

@@ -71,11 +71,11 @@ from bench._common import (
     terminate,
     terminateAll,
 )
+from bench._wiretap import Counts, RequestCounter, Traced, Tracer
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.connection import connectXenStore
-from xenddev.xenstore.errors import ConflictError, NoEntryError
-from xenddev.xenstore.wire import Op, opName
+from xenddev.xenstore.errors import NoEntryError
 
 #: The request types, in the order the table lists them.
 REQUESTS = ("prepare", "activate", "deactivate", "unprepare", "plug", "unplug")
@@ -326,24 +326,12 @@ class Sent:
 
 
 def traceConnection(xs: XenStoreClient, side: str, log: list[Sent]) -> None:
-    """Record every request C{xs} sends (and when its reply arrives)."""
-    proto = xs.protocol
-    original = proto.request
-    clock = time.perf_counter
+    """Record every request C{xs} sends (and when its reply arrives), at its transport."""
 
-    def request(
-        op: int, payload: bytes, txId: int = 0, context: str | None = None
-    ) -> Deferred[bytes]:
-        sent = clock()
-        d = original(op, payload, txId, context)
+    def record(t: Traced) -> None:
+        log.append(Sent(side, t.op, t.path, t.sent, t.answered))
 
-        def answered(result: object) -> object:
-            log.append(Sent(side, opName(op), context or "", sent, clock()))
-            return result
-
-        return d.addBoth(answered)
-
-    proto.request = request  # type: ignore[method-assign]
+    Tracer(record).tap(xs.protocol)
 
 
 def rounds(sent: Iterable[Sent]) -> list[list[Sent]]:
@@ -495,24 +483,8 @@ async def measureScale(
         for d in domids
     ]
     xs = await connectXenStore(None, f"unix:{store.socketPath}")
-    conflicts = [0]
-    original = xs.protocol.request
-
-    def countingRequest(
-        op: int, payload: bytes, txId: int = 0, context: str | None = None
-    ) -> Deferred[bytes]:
-        d = original(op, payload, txId, context)
-        if op == Op.TRANSACTION_END:
-
-            def conflict(f: Any) -> Any:
-                if f.check(ConflictError):
-                    conflicts[0] += 1
-                return f
-
-            d.addErrback(conflict)
-        return d
-
-    xs.protocol.request = countingRequest  # type: ignore[method-assign]
+    toolstack = Counts()
+    RequestCounter(toolstack).tap(xs.protocol)
     stopped = False
     try:
         clients = {d: DriverDomainClient(xs, d, timeout=120.0) for d in domids}
@@ -567,7 +539,7 @@ async def measureScale(
             Stats(tuple(latencies["prepare"])),
             Stats(tuple(latencies["activate"])),
             failures,
-            conflicts[0],
+            toolstack.conflicts,
             sum(c.get("conflicts", 0) for c in agentCounts),
             toolstackRequests,
             sum(c.get("requests", 0) for c in agentCounts),

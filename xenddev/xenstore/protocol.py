@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
+from types import MethodType
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -94,7 +95,75 @@ def _answerError(f: Failure, answers: Mapping[str, Any]) -> Any:
     return f
 
 
-class XenStoreProtocol(Protocol):
+def _request(
+    self: XenStoreProtocol, op: int, payload: bytes, txId: int = 0, context: str | None = None
+) -> Deferred[bytes]:
+    return self._send(op, payload, txId, context, None, None)
+
+
+class _ReplaceableRequest:
+    """
+    L{XenStoreProtocol.request}: send one request and return a Deferred
+    firing with the reply payload.
+
+    The Deferred fails with a L{XenStoreError} subclass for an ERROR reply,
+    L{XenStoreConnectionLost} if the connection closes first, or
+    L{UnexpectedPacket} if the reply has the wrong type. Cancelling it
+    forgets the reply when it arrives (the request may still be executed).
+    Arguments: C{(op, payload, txId=0, context=None)}; C{context} is a path
+    or other detail for error messages. Raises L{InvalidPayloadError} if
+    C{payload} exceeds L{PAYLOAD_MAX}.
+
+    A wrapper may replace it on an instance (assign, then C{del} to
+    restore) or on the class: every request of L{XenStoreClient} then goes
+    through the wrapper. The replacement reroutes C{send} when it is made
+    (on the instance here, on the class in L{_RoutingType}), so C{send}
+    checks nothing per request.
+    """
+
+    def __get__(
+        self, obj: XenStoreProtocol | None, owner: type | None = None
+    ) -> Callable[..., Deferred[bytes]]:
+        if obj is None:
+            return self  # what patching the class saves and puts back
+        replacement = obj._requestReplacement
+        return replacement if replacement is not None else MethodType(_request, obj)
+
+    def __set__(self, obj: XenStoreProtocol, value: Callable[..., Deferred[bytes]]) -> None:
+        obj._requestReplacement = value
+        obj.send = obj._sendThroughRequest  # type: ignore[method-assign]
+
+    def __delete__(self, obj: XenStoreProtocol) -> None:
+        obj._requestReplacement = None
+        del obj.send
+
+    def __call__(
+        self,
+        protocol: XenStoreProtocol,
+        op: int,
+        payload: bytes,
+        txId: int = 0,
+        context: str | None = None,
+    ) -> Deferred[bytes]:
+        return _request(protocol, op, payload, txId, context)
+
+
+class _RoutingType(type):
+    """
+    The type of L{XenStoreProtocol}: replacing C{request} on the class
+    points the class's C{send} through it, and putting the original back
+    points C{send} back at the direct path.
+    """
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "request":
+            direct = isinstance(value, _ReplaceableRequest)
+            routed = cls._send if direct else cls._sendThroughRequest  # type: ignore[attr-defined]
+            super().__setattr__("send", routed)
+
+
+class XenStoreProtocol(Protocol, metaclass=_RoutingType):
     """
     Multiplexes XenStore requests over one connection.
 
@@ -126,6 +195,7 @@ class XenStoreProtocol(Protocol):
         #: Requests by operation number (default: the process-wide L{ROUND_TRIPS}).
         self.roundTrips = ROUND_TRIPS
         self.unexpectedPackets = 0
+        self._requestReplacement: Callable[..., Deferred[bytes]] | None = None
 
     # Connection lifecycle
 
@@ -175,27 +245,24 @@ class XenStoreProtocol(Protocol):
                 return rid
             rid = nxt
 
-    def request(
-        self, op: int, payload: bytes, txId: int = 0, context: str | None = None
-    ) -> Deferred[bytes]:
-        """
-        Send one request and return a Deferred firing with the reply payload.
+    #: Every request of L{XenStoreClient} goes through C{request} once it
+    #: has been replaced (see L{_ReplaceableRequest}).
+    request = _ReplaceableRequest()
 
-        The Deferred fails with a L{XenStoreError} subclass for an ERROR reply,
-        L{XenStoreConnectionLost} if the connection closes first, or
-        L{UnexpectedPacket} if the reply has the wrong type. Cancelling it
-        forgets the reply when it arrives (the request may still be executed).
+    def _sendThroughRequest(
+        self,
+        op: int,
+        payload: bytes,
+        txId: int,
+        context: str | None,
+        convert: Convert,
+        answers: Answers,
+    ) -> Deferred[Any]:
+        # send() while request is replaced: through the replacement, with
+        # the conversion added as callbacks.
+        return addConversion(self.request(op, payload, txId, context), convert, answers)
 
-        Every request of L{XenStoreClient} comes through here when this
-        method has been replaced (on the instance or the class), so a
-        wrapper sees them all; see L{send}.
-
-        @param context: a path or other detail for error messages.
-        @raise InvalidPayloadError: if C{payload} exceeds L{PAYLOAD_MAX}.
-        """
-        return self._send(op, payload, txId, context, None, None)
-
-    def send(
+    def _send(
         self,
         op: int,
         payload: bytes,
@@ -213,32 +280,7 @@ class XenStoreProtocol(Protocol):
             with C{None}) or a function of the payload; if it raises, the
             Deferred fails with its exception.
         @param answers: error replies that are results: errno name -> value.
-
-        If L{request} has been replaced (benchmarks wrap it on the instance
-        or the class to count or trace requests), the request goes through
-        the replacement and the conversion is added as callbacks, so the
-        wrapper still sees every request.
         """
-        # Looked up through the bound method: reading self.__dict__ instead
-        # would make Python 3.11 build this instance's dict, after which
-        # every attribute access on it is slower (it cost 10% of a request).
-        try:
-            replaced = self.request.__func__ is not _REQUEST  # type: ignore[attr-defined]
-        except AttributeError:  # a plain function set on the instance
-            replaced = True
-        if replaced:
-            return addConversion(self.request(op, payload, txId, context), convert, answers)
-        return self._send(op, payload, txId, context, convert, answers)
-
-    def _send(
-        self,
-        op: int,
-        payload: bytes,
-        txId: int,
-        context: str | None,
-        convert: Convert,
-        answers: Answers,
-    ) -> Deferred[Any]:
         if self._closed is not None or not self.connected:
             return self._refuse()
         size = len(payload)
@@ -273,6 +315,10 @@ class XenStoreProtocol(Protocol):
                 assert transport is not None
                 transport.write(data)
         return d
+
+    #: The request path: the client calls C{send} (no check per request;
+    #: replacing L{request} reroutes it, see L{_ReplaceableRequest}).
+    send = _send
 
     def _refuse(self) -> Deferred[Any]:
         if self._closed is not None:
@@ -415,10 +461,6 @@ class XenStoreProtocol(Protocol):
     def pendingCount(self) -> int:
         """Requests sent or queued and not yet answered."""
         return len(self._pending)
-
-
-#: The class's own request(): send() goes through any other.
-_REQUEST = XenStoreProtocol.request
 
 
 class XenStoreClientFactory(Factory):
