@@ -1,0 +1,210 @@
+"""
+The import rules of the tree, checked on the source with C{ast}.
+
+Every import counts: at module level, inside functions, and under
+C{if TYPE_CHECKING:}. L{RULES} is the table of allowed arrows: each layer
+(a package prefix) lists the layers of C{xenddev} it may import; a layer
+missing from the table is not checked yet. Cycles are looked for among the
+modules of each layer in L{ACYCLIC}.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections.abc import Iterator
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: layer -> the layers under C{xenddev} its modules may import (itself
+#: always). Imports from outside C{xenddev} (the standard library, Twisted,
+#: zope, attrs, pyxs) are not limited here.
+RULES: dict[str, tuple[str, ...]] = {
+    "xenddev.xenstore": (),
+}
+
+#: Layers whose modules must not import each other in a cycle.
+ACYCLIC: tuple[str, ...] = ("xenddev.xenstore",)
+
+
+def moduleName(path: str) -> str:
+    """C{xenddev/xenstore/client.py} -> C{xenddev.xenstore.client}; a package: its name."""
+    relative = os.path.relpath(path, ROOT)[: -len(".py")]
+    parts = relative.split(os.sep)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modulesOf(layer: str) -> dict[str, str]:
+    """The modules of a layer: dotted name -> file path."""
+    top = os.path.join(ROOT, *layer.split("."))
+    found = {}
+    for directory, _, files in os.walk(top):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                found[moduleName(path)] = path
+    return found
+
+
+def importsOf(module: str, path: str) -> Iterator[tuple[str, int]]:
+    """
+    Every module C{module} imports, as C{(dotted name, line)}, anywhere in
+    its source. C{from package import name} yields C{package.name} (which
+    may be a module or a name in the package) and relative imports are
+    resolved.
+    """
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    isPackage = path.endswith("__init__.py")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = module.split(".")
+                keep = len(parts) - node.level + (1 if isPackage else 0)
+                base = ".".join(parts[:keep] + ([base] if base else []))
+            for alias in node.names:
+                yield f"{base}.{alias.name}", node.lineno
+
+
+def within(name: str, layer: str) -> bool:
+    """Whether the dotted C{name} is C{layer} or inside it."""
+    return name == layer or name.startswith(layer + ".")
+
+
+def forbiddenArrows(layer: str, allowed: tuple[str, ...]) -> list[str]:
+    """The imports of C{layer}'s modules into C{xenddev} outside C{layer} and C{allowed}."""
+    found = []
+    for module, path in sorted(modulesOf(layer).items()):
+        for name, line in importsOf(module, path):
+            if not within(name, "xenddev") or within(name, layer):
+                continue
+            if not any(within(name, a) for a in allowed):
+                found.append(f"{module} (line {line}) imports {name}")
+    return found
+
+
+def importGraph(layer: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same layer it imports."""
+    modules = modulesOf(layer)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for name, _ in importsOf(module, path):
+            # "from a.b import c" names module a.b.c or a name in a.b.
+            target = name if name in modules else name.rpartition(".")[0]
+            if target in modules and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def findCycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of C{graph} as a path C{[a, b, ..., a]}, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle is not None:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle is not None:
+                return cycle
+    return None
+
+
+class RuleTests(SynchronousTestCase):
+    """The tree follows the table of allowed arrows."""
+
+    def test_allowedArrowsOnly(self) -> None:
+        """No module of a layer in L{RULES} imports a part of xenddev it is not allowed to."""
+        problems = []
+        for layer, allowed in RULES.items():
+            problems += forbiddenArrows(layer, allowed)
+        self.assertEqual(problems, [])
+
+    def test_noCycles(self) -> None:
+        """The modules of each layer in L{ACYCLIC} import each other without a cycle."""
+        cycles = {}
+        for layer in ACYCLIC:
+            cycle = findCycle(importGraph(layer))
+            if cycle is not None:
+                cycles[layer] = " -> ".join(cycle)
+        self.assertEqual(cycles, {})
+
+    def test_layersExist(self) -> None:
+        """Every layer named in the tables has modules (a renamed package fails here)."""
+        for layer in [*RULES, *ACYCLIC]:
+            self.assertTrue(modulesOf(layer), layer)
+
+
+class CheckerTests(SynchronousTestCase):
+    """The checker itself: what it counts as an import, and what as a cycle."""
+
+    def write(self, relative: str, source: str) -> str:
+        """Write C{source} to C{relative} under a fresh directory; its path."""
+        path = os.path.join(self.mktemp(), relative)
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write(source)
+        return path
+
+    def test_everyImportCounts(self) -> None:
+        """Imports inside functions, under TYPE_CHECKING and relative ones are all found."""
+        source = (
+            "from typing import TYPE_CHECKING\n"
+            "import xenddev.config\n"
+            "if TYPE_CHECKING:\n"
+            "    from xenddev.interfaces import IXenStore\n"
+            "def f():\n"
+            "    from ..toolstack import DeviceManager\n"
+            "    from . import wire\n"
+        )
+        path = self.write("m.py", source)
+        found = {name for name, _ in importsOf("xenddev.xenstore.m", path)}
+        self.assertEqual(
+            found,
+            {
+                "typing.TYPE_CHECKING",
+                "xenddev.config",
+                "xenddev.interfaces.IXenStore",
+                "xenddev.toolstack.DeviceManager",
+                "xenddev.xenstore.wire",
+            },
+        )
+
+    def test_relativeInPackage(self) -> None:
+        """A relative import in a package's __init__ resolves against the package itself."""
+        path = self.write("__init__.py", "from .core import X\n")
+        found = [name for name, _ in importsOf("xenddev.xenstore.server", path)]
+        self.assertEqual(found, ["xenddev.xenstore.server.core.X"])
+
+    def test_cycleFound(self) -> None:
+        """A cycle is reported as the path around it; a DAG has none."""
+        self.assertEqual(findCycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}), ["a", "b", "c", "a"])
+        self.assertIsNone(findCycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}))
+
+    def test_upwardArrowFound(self) -> None:
+        """The rule table catches an import above the layer (the one this test was written for)."""
+        self.assertIn("xenddev.xenstore.client", modulesOf("xenddev.xenstore"))
+        self.assertFalse(within("xenddev.interfaces", "xenddev.xenstore"))
+        self.assertTrue(within("xenddev.xenstore.wire", "xenddev.xenstore"))
+        self.assertFalse(within("xenddev.xenstoreish", "xenddev.xenstore"))
