@@ -2,7 +2,10 @@
 The README's five-minute walkthrough, run verbatim, so it cannot rot.
 
 It starts the real daemon (embedded xenstored, simulated backends), so it
-needs nothing from the machine but the project's virtualenv.
+needs nothing from the machine but the project's virtualenv and
+C{xenstore-ls}. Without them it skips, unless
+C{XENDDEV_REQUIRE_REAL_XENSTORED=1} (set by C{.ci/run}, whose machine has
+everything) makes the skip a failure.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import shutil
 import subprocess
 
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from tests.support.realxenstored import REQUIRE_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,19 +38,28 @@ class WalkthroughTests(TestCase):
 
     timeout = 180
 
-    def test_walkthroughRuns(self) -> object:
+    def unavailable(self, reason: str) -> None:
+        """
+        Skip the test for C{reason}, or fail it when the environment
+        requires everything to run (C{REQUIRE_ENV=1}, CI).
+        """
+        if os.environ.get(REQUIRE_ENV) == "1":
+            self.fail(f"walkthrough required ({REQUIRE_ENV}=1): {reason}")
+        raise SkipTest(reason)
+
+    async def test_walkthroughRuns(self) -> None:
         """
         Every line succeeds: the daemon starts, the disk is attached, listed
         (by the CLI and by xenstore-ls), detached, and the daemon stops
         cleanly, removing its sockets.
         """
         if not os.path.exists(os.path.join(REPO, ".venv", "bin", "twistd")):
-            self.skipTest("no project virtualenv (.venv); run make venv")
+            self.unavailable("no project virtualenv (.venv); run make venv")
         if shutil.which("xenstore-ls") is None:
-            self.skipTest("xenstore-ls is not installed (Debian xenstore-utils)")
+            self.unavailable("xenstore-ls is not installed (Debian xenstore-utils)")
         rundir = os.path.join(REPO, "run")
         if os.path.exists(os.path.join(rundir, "xenddev.sock")):
-            self.skipTest(f"a daemon seems to be running on {rundir}")
+            self.unavailable(f"a daemon seems to be running on {rundir}")
         script = "set -e\n" + walkthrough()
 
         def run() -> subprocess.CompletedProcess[str]:
@@ -60,11 +74,29 @@ class WalkthroughTests(TestCase):
                 timeout=150,
             )
 
-        def check(result: subprocess.CompletedProcess[str]) -> None:
-            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-            self.assertIn("xvda", result.stdout)  # block-list's Vdev column
-            self.assertRegex(result.stdout, r"(?m)^5 = \"\"")  # xenstore-ls: the guest
-            self.assertFalse(os.path.exists(os.path.join(rundir, "xenddev.sock")))
-            self.assertFalse(os.path.exists(os.path.join(rundir, "xenstored", "socket")))
+        result = await deferToThread(run)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("xvda", result.stdout)  # block-list's Vdev column
+        self.assertRegex(result.stdout, r"(?m)^5 = \"\"")  # xenstore-ls: the guest
+        self.assertFalse(os.path.exists(os.path.join(rundir, "xenddev.sock")))
+        self.assertFalse(os.path.exists(os.path.join(rundir, "xenstored", "socket")))
 
-        return deferToThread(run).addCallback(check)
+
+class UnavailableTests(SynchronousTestCase):
+    """What the walkthrough does when it cannot run here."""
+
+    def unavailable(self, environ: dict[str, str]) -> None:
+        """Call L{WalkthroughTests.unavailable} with C{environ} as the environment."""
+        self.patch(os, "environ", environ)
+        WalkthroughTests("test_walkthroughRuns").unavailable("no xenstore-ls")
+
+    def test_skipsByDefault(self) -> None:
+        """Without the requirement the test skips, giving the reason."""
+        e = self.assertRaises(SkipTest, self.unavailable, {})
+        self.assertEqual(str(e), "no xenstore-ls")
+
+    def test_failsWhenRequired(self) -> None:
+        """With C{XENDDEV_REQUIRE_REAL_XENSTORED=1} (CI) the skip is a failure."""
+        e = self.assertRaises(self.failureException, self.unavailable, {REQUIRE_ENV: "1"})
+        self.assertIn("no xenstore-ls", str(e))
+        self.assertIn(REQUIRE_ENV, str(e))
