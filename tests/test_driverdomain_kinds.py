@@ -22,6 +22,7 @@ from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixtur
 from tests.support.host import (
     HostSuite,
     attachByProtocol,
+    closeBackend,
     detachByProtocol,
     pollUntil,
     startDriverDomain,
@@ -218,6 +219,46 @@ class KindsSuite(HostSuite):
         self.assertIn("0.5", status.error or "")
         await self.detach(client, "h", plug, ObjectClass("vdi", "vbd", "vbd"))
         await self.assertTreeIs(before, agent)
+
+    @deferredTest
+    async def test_closedBackendGetsRemoveScript(self) -> None:
+        """
+        The agent's hotplug dispatcher runs the remove script as soon as the
+        backend is Closed with online=0, before (and without) any unplug
+        request; the unplug that follows does not run it again.
+        """
+        scripts = os.path.abspath(self.mktemp())
+        os.makedirs(scripts)
+        runs = os.path.join(scripts, "runs")
+        record = os.path.join(scripts, "record")
+        with open(record, "w") as f:
+            f.write(f'#!/bin/sh\necho "$1" >> {runs}\n')
+        os.chmod(record, 0o755)
+
+        def actions() -> list[str]:
+            if not os.path.exists(runs):
+                return []
+            with open(runs) as f:
+                return f.read().split()
+
+        img = os.path.abspath(self.mktemp())
+        with open(img, "wb") as f:
+            f.truncate(1 << 20)
+        agent, _ = await self.startDriverDomain(scriptDir=scripts)
+        client = DriverDomainClient(self.xs, 0, TIMEOUT)
+        vbd = ObjectClass("vdi", "vbd", "vbd")
+        before = await dumpTree(self.xs)
+        target = {"type": "file", "params": img, "script": "record"}
+        plug = await self.attach(client, "rec", target, VBD_FRONT, vbd)
+        await pollUntil(lambda: actions() == ["add"], TIMEOUT)
+        await closeBackend(self.xs, plug, TIMEOUT)
+        await pollUntil(lambda: actions() == ["add", "remove"], TIMEOUT)
+        await self.xs.rm(plug.frontendPath)
+        await client.unplug("rec", "p0", vbd)
+        await client.deactivate("rec", vbd)
+        await client.unprepare("rec", vbd)
+        await self.assertTreeIs(before, agent)
+        self.assertEqual(actions(), ["add", "remove"])
 
     # netback + vif-bridge
 
