@@ -18,6 +18,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -265,77 +266,92 @@ class XenbusEndpointTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(disconnect()))
         return client
 
-    def test_requestAndReply(self):
+    async def test_requestAndReply(self):
         """
         A request goes out as a raw packet on the device; the raw reply
         written back fires the client's Deferred.
         """
+        client = await self.connectClient()
+        self.assertEqual([p for p, _ in self.opened], ["/dev/xen/xenbus"])
+        self.assertTrue(client.connected)
+        self.assertEqual(client.protocol.transport.getPeer(), "xenbus")
+        self.assertEqual(client.protocol.transport.getHost(), "xenbus")
+        d = client.read("/local/domain/0/name")
+        packet = await self.peer.nextPacket()
+        self.assertEqual(packet.op, Op.READ)
+        self.assertEqual(packet.payload, b"/local/domain/0/name\0")
+        self.peer.send(Packet(Op.READ, packet.reqId, 0, b"Domain-0"))
+        self.assertEqual(await d, "Domain-0")
 
-        async def run():
-            client = await self.connectClient()
-            self.assertEqual([p for p, _ in self.opened], ["/dev/xen/xenbus"])
-            self.assertTrue(client.connected)
-            self.assertEqual(client.protocol.transport.getPeer(), "xenbus")
-            self.assertEqual(client.protocol.transport.getHost(), "xenbus")
-            d = client.read("/local/domain/0/name")
-            packet = await self.peer.nextPacket()
-            self.assertEqual(packet.op, Op.READ)
-            self.assertEqual(packet.payload, b"/local/domain/0/name\0")
-            self.peer.send(Packet(Op.READ, packet.reqId, 0, b"Domain-0"))
-            self.assertEqual(await d, "Domain-0")
+        d2 = client.readOrNone("/missing")
+        packet2 = await self.peer.nextPacket()
+        self.peer.send(Packet(Op.ERROR, packet2.reqId, 0, b"ENOENT\0"))
+        self.assertIsNone(await d2)
 
-            d2 = client.readOrNone("/missing")
-            packet2 = await self.peer.nextPacket()
-            self.peer.send(Packet(Op.ERROR, packet2.reqId, 0, b"ENOENT\0"))
-            self.assertIsNone(await d2)
+    async def test_oneMessagePerWrite(self):
+        """
+        Pipelined requests reach the device one message per write(): Linux's
+        xenbus device handles the first message of a write and drops the
+        rest. A SOCK_SEQPACKET pair keeps write boundaries as the device does.
+        """
+        clientSock, deviceSock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(deviceSock.close)
 
-        return Deferred.fromCoroutine(run())
+        def opener(path):
+            fd = os.dup(clientSock.fileno())
+            clientSock.close()
+            return fd
 
-    def test_errorReply(self):
+        ep = XenbusEndpoint(reactor, "/dev/xen/xenbus", opener=opener)
+        client = XenStoreClient(await ep.connect(XenStoreClientFactory()), reactor)
+        reads = [client.read(f"/n{i}") for i in range(3)]
+        deviceSock.setblocking(False)
+        writes: list[bytes] = []
+        for _ in range(200):
+            await deferLater(reactor, 0.01, lambda: None)
+            try:
+                writes.append(deviceSock.recv(65536))
+            except BlockingIOError:
+                if len(writes) == 3:
+                    break
+        self.assertEqual([w[16:] for w in writes], [b"/n0\0", b"/n1\0", b"/n2\0"])
+        for read in reads:
+            read.addErrback(lambda _: None)
+        client.protocol.transport.loseConnection()
+
+    async def test_errorReply(self):
         """An ERROR written on the device fails the request."""
+        client = await self.connectClient()
+        d = client.read("/x")
+        packet = await self.peer.nextPacket()
+        self.peer.send(Packet(Op.ERROR, packet.reqId, 0, b"ENOENT\0"))
+        with self.assertRaises(NoEntryError):
+            await d
 
-        async def run():
-            client = await self.connectClient()
-            d = client.read("/x")
-            packet = await self.peer.nextPacket()
-            self.peer.send(Packet(Op.ERROR, packet.reqId, 0, b"ENOENT\0"))
-            with self.assertRaises(NoEntryError):
-                await d
-
-        return Deferred.fromCoroutine(run())
-
-    def test_deviceClosed(self):
+    async def test_deviceClosed(self):
         """
         When the other end closes, pending requests fail with
         XenStoreConnectionLost and the descriptor is closed.
         """
+        client = await self.connectClient()
+        d = client.read("/x")
+        await self.peer.nextPacket()
+        lost = client.protocol.whenConnectionLost()
+        self.peer.close()
+        await lost
+        with self.assertRaises(XenStoreConnectionLost):
+            await d
+        self.assertFalse(client.connected)
+        [(_, fd)] = self.opened
+        self.assertRaises(OSError, os.fstat, fd)
 
-        async def run():
-            client = await self.connectClient()
-            d = client.read("/x")
-            await self.peer.nextPacket()
-            lost = client.protocol.whenConnectionLost()
-            self.peer.close()
-            await lost
-            with self.assertRaises(XenStoreConnectionLost):
-                await d
-            self.assertFalse(client.connected)
-            [(_, fd)] = self.opened
-            self.assertRaises(OSError, os.fstat, fd)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_disconnectClosesDescriptor(self):
+    async def test_disconnectClosesDescriptor(self):
         """disconnect() closes the device descriptor; the peer sees EOF."""
-
-        async def run():
-            client = await self.connectClient()
-            [(_, fd)] = self.opened
-            await client.disconnect()
-            self.assertRaises(OSError, os.fstat, fd)
-            await self.peer.eof
-
-        return Deferred.fromCoroutine(run())
+        client = await self.connectClient()
+        [(_, fd)] = self.opened
+        await client.disconnect()
+        self.assertRaises(OSError, os.fstat, fd)
+        await self.peer.eof
 
     def test_openerFails(self):
         """An opener raising OSError fails connect with ConnectionLost naming the path."""

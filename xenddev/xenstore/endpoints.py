@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -92,6 +93,12 @@ def parseAddress(
     return XenStoreAddress(kind, path)
 
 
+#: A XenStore message's header (type, req_id, tx_id, len: four uint32s),
+#: and its payload length field, little-endian as on x86.
+_HEADER_SIZE = 16
+_LENGTH = struct.Struct("<I")
+
+
 class _DeviceTransport(abstract.FileDescriptor):
     """A read/write transport over a character device's file descriptor."""
 
@@ -105,6 +112,15 @@ class _DeviceTransport(abstract.FileDescriptor):
         return self._fd
 
     def writeSomeData(self, data: bytes) -> int | Exception:
+        # Linux's xenbus device takes one message per write(): it handles
+        # the first complete message in the bytes written and drops the
+        # rest (xenbus_file_write resets its buffer), so requests pipelined
+        # into one write were lost and their callers waited for ever (real
+        # Xen, the agent in a driver domain). Write whole messages, one at a
+        # time; FileDescriptor keeps the rest for the next call.
+        if len(data) >= _HEADER_SIZE:
+            (length,) = _LENGTH.unpack_from(data, _HEADER_SIZE - 4)
+            data = data[: _HEADER_SIZE + length]
         return fdesc.writeToFD(self._fd, data)
 
     def doRead(self) -> Exception | None:
