@@ -70,7 +70,7 @@ from xenddev.interfaces import (
     ITransaction,
     IXenStore,
 )
-from xenddev.xenstore.errors import NoEntryError
+from xenddev.xenstore.errors import AccessDeniedError, NoEntryError
 from xenddev.xenstore.paths import Perm, validateDomid
 
 HOTPLUG_ADDED = "added"
@@ -188,7 +188,18 @@ class BackendCtrlAgent:
         watches fire once at registration, which scans everything present.
         """
         self.log.info("Driver-domain agent for domain {domid} starting", domid=self.domid)
-        await self.xs.transact(self._createRecordDirs)
+        try:
+            await self.xs.transact(self._createRecordDirs)
+        except AccessDeniedError:
+            # A guest driver domain cannot create nodes in its own home: the
+            # toolstack makes its control area (DriverDomainClient.ensureArea),
+            # at the latest with its first request. Real xenstored.
+            self.log.info(
+                "Driver-domain agent for domain {domid} waiting for its control area",
+                domid=self.domid,
+            )
+            await self.xs.waitFor(f"{self.home}/private", lambda v: v is not None)
+            await self.xs.transact(self._createRecordDirs)
         await self._advertiseKinds()
         self._handles.append(await self.xs.watch(f"{self.home}/backendctrl", self._controlChanged))
         self._handles.append(await self.xs.watch(f"{self.home}/backend", self._backendChanged))

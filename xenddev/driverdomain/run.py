@@ -5,6 +5,9 @@ Run a driver-domain agent as a process of its own:
     python -m xenddev.driverdomain.run --xenstore unix:/var/run/xenstored/socket \\
         --domid 0 --kinds blkback,netback
 
+In a driver domain, C{--xenstore auto --domid auto} finds xenstored through
+C{/dev/xen/xenbus} and the domain's id in its own C{domid} node.
+
 This is what a driver domain runs (and what the tests kill with SIGKILL to
 check that requests survive an agent crash). It keeps its connection across
 xenstored restarts and stops cleanly on SIGTERM/SIGINT.
@@ -32,7 +35,12 @@ class Options(usage.Options):
 
     optParameters = [
         ["xenstore", None, "auto", "XenStore address: auto, unix:PATH or xenbus:PATH."],
-        ["domid", None, "0", "The driver domain this agent serves."],
+        [
+            "domid",
+            None,
+            "0",
+            "The driver domain this agent serves; auto: its own (XenStore's domid).",
+        ],
         ["kinds", None, "blkback,netback", "Driver-domain kinds, in the order to try."],
         ["script-dir", None, "/etc/xen/scripts", "Directory of the hotplug scripts."],
         ["hotplug-timeout", None, "40", "Seconds before a hotplug script is killed."],
@@ -53,7 +61,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Validate numbers and names now, naming the bad option."""
         try:
-            self["domid"] = int(self["domid"])
+            if self["domid"] != "auto":
+                self["domid"] = int(self["domid"])
             self["hotplug-timeout"] = float(self["hotplug-timeout"])
         except ValueError as e:
             raise usage.UsageError(f"--domid/--hotplug-timeout: {e}") from None
@@ -93,6 +102,9 @@ async def runAgent(reactor: Any, options: Options) -> None:
     xs = ReconnectingXenStore(endpoint, reactor)
     xs.start()
     await xs.whenConnected()
+    if options["domid"] == "auto":
+        # A relative path: the connection's own domain's home.
+        options["domid"] = int(await xs.read("domid"))
     hotplug = None
     if not options["no-hotplug"]:
         from xenddev.hotplug import HotplugRunner
