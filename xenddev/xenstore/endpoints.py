@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 from twisted.internet import abstract, fdesc
@@ -106,22 +106,64 @@ class _DeviceTransport(abstract.FileDescriptor):
         super().__init__(reactor)  # type: ignore[arg-type]
         self._fd = fd
         self.protocol = protocol
+        self._outgoing = bytearray()
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
         return self._fd
 
-    def writeSomeData(self, data: bytes) -> int | Exception:
-        # Linux's xenbus device takes one message per write(): it handles
-        # the first complete message in the bytes written and drops the
-        # rest (xenbus_file_write resets its buffer), so requests pipelined
-        # into one write were lost and their callers waited for ever (real
-        # Xen, the agent in a driver domain). Write whole messages, one at a
-        # time; FileDescriptor keeps the rest for the next call.
-        if len(data) >= _HEADER_SIZE:
-            (length,) = _LENGTH.unpack_from(data, _HEADER_SIZE - 4)
-            data = data[: _HEADER_SIZE + length]
-        return fdesc.writeToFD(self._fd, data)
+    def write(self, data: bytes) -> None:
+        """
+        Write whole XenStore messages to the device at once, one per
+        write(2), without FileDescriptor's buffering.
+
+        Linux's xenbus device differs from a socket twice: its poll never
+        reports it writable (so a buffered write waiting for writability
+        was never made: the agent in a real driver domain hung at start),
+        and it takes one message per write, handling the first complete
+        message of a write and dropping the rest (so requests pipelined
+        into one write were lost). A write of one message always completes
+        at once.
+        """
+        if self.disconnected or self.disconnecting or not data:
+            return
+        self._outgoing += data
+        while len(self._outgoing) >= _HEADER_SIZE:
+            (length,) = _LENGTH.unpack_from(self._outgoing, _HEADER_SIZE - 4)
+            size = _HEADER_SIZE + length
+            if len(self._outgoing) < size:
+                return
+            try:
+                os.write(self._fd, self._outgoing[:size])
+            except OSError as e:
+                self._outgoing.clear()
+                reason = Failure(
+                    ConnectionLost(f"xenbus write failed: {os.strerror(e.errno or 0)}")
+                )
+                self.reactor.callLater(0, self.connectionLost, reason)  # type: ignore[attr-defined]
+                return
+            del self._outgoing[:size]
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """See L{write}."""
+        self.write(b"".join(data))
+
+    def writeSomeData(self, data: bytes) -> int:
+        # Nothing is ever buffered in FileDescriptor (see write).
+        return len(data)
+
+    def loseConnection(self, _connDone: Failure | None = None) -> None:
+        """
+        Close at once: nothing is buffered, and waiting for writability (as
+        FileDescriptor does) would wait for ever on the xenbus device.
+        """
+        if self.disconnected or self.disconnecting:
+            return
+        self.stopReading()
+        self.stopWriting()
+        self.disconnecting = True
+        reason = _connDone if _connDone is not None else Failure(ConnectionDone())
+        self.reactor.callLater(0, self.connectionLost, reason)  # type: ignore[attr-defined]
 
     def doRead(self) -> Exception | None:
         return fdesc.readFromFD(self._fd, self.protocol.dataReceived)
