@@ -14,7 +14,6 @@ import os
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -31,7 +30,6 @@ from controllers.vif import VifController
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import HostSuite, startDriverDomain
 from tests.support.treedump import dumpTree
-from tests.support.xenstoresuite import deferredTest
 from tests.test_tapctl import events, fakeTapCtl, inject, procState
 from xenddev.controller import DeviceConfigError, DomainInfo
 from xenddev.datapath import readRecord
@@ -76,7 +74,7 @@ class LogCapture:
 class BlktapSuite(HostSuite):
     """Mixed with a server fixture and TestCase."""
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         self.startServer()
         self.xs = await self.connect()
         self.controllers: dict[str, Any] = {
@@ -93,9 +91,6 @@ class BlktapSuite(HostSuite):
         self.log = LogCapture()
         globalLogPublisher.addObserver(self.log)
         self.addCleanup(globalLogPublisher.removeObserver, self.log)
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
 
     async def startDriverDomain(self, domid: int = 0) -> BackendCtrlAgent:
         """The agent (tap + blkback kinds), simulated backends (vbd, tap) and frontend."""
@@ -134,7 +129,6 @@ class BlktapSuite(HostSuite):
 
     # tap2
 
-    @deferredTest
     async def test_tap2AttachDetach(self) -> None:
         """
         tap:aio on a path with a space → a real tapdisk (spawn, allocate,
@@ -169,7 +163,6 @@ class BlktapSuite(HostSuite):
         self.assertEqual(await self.tapctl.list(), [])
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_vhdThroughVbdClass(self) -> None:
         """A plain vbd in vhd format is served by the tap kind (seed 003: vhd → tapdisk2)."""
         img = self.image("a.vhd")
@@ -184,7 +177,6 @@ class BlktapSuite(HostSuite):
 
     # tap (blktap1) and the fallback
 
-    @deferredTest
     async def test_tap1AttachDetach(self) -> None:
         """
         Class tap: backend/tap with params <type>:<path>, a vbd frontend, a
@@ -207,7 +199,6 @@ class BlktapSuite(HostSuite):
         await self.manager.destroyDevice(GUEST, "tap", devid)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_fallbackToBlktap1(self) -> None:
         """
         tap2 with tap:qcow2 (not a blktap2 type), or with blktap2 missing on
@@ -243,7 +234,6 @@ class BlktapSuite(HostSuite):
         )
         self.assertIn("do not fall back", str(e))
 
-    @deferredTest
     async def test_blktap2DecidedByDriverDomain(self) -> None:
         """
         Each agent advertises its kinds in backendctrl/kinds (with the
@@ -298,7 +288,6 @@ class BlktapSuite(HostSuite):
 
     # Cleanup ordering, pause
 
-    @deferredTest
     async def test_cleanupOrdering(self) -> None:
         """
         The tapdisk is destroyed only after the backend directory is gone:
@@ -323,7 +312,6 @@ class BlktapSuite(HostSuite):
         self.assertEqual(len(gone), 1)
         self.assertTrue(gone[0] < float(str(destroy["t"])), (gone, destroy))
 
-    @deferredTest
     async def test_sysfsRemoveAfterBackendGone(self) -> None:
         """
         With the Xen 4.0 sysfs interface, finishDeviceCleanup writes
@@ -354,7 +342,6 @@ class BlktapSuite(HostSuite):
             self.assertEqual(f.read(), "remove")
         self.assertEqual(ctrl.pendingCleanups, set())
 
-    @deferredTest
     async def test_pauseUnpause(self) -> None:
         """
         Domain pause pauses the tapdisk (process stopped) and its data path
@@ -384,7 +371,6 @@ class BlktapSuite(HostSuite):
 
     # Failures
 
-    @deferredTest
     async def test_tapCtlFailuresAreTyped(self) -> None:
         """
         tap-ctl failing at attach (prepare) or at open (activate): a
@@ -410,7 +396,6 @@ class BlktapSuite(HostSuite):
             with open(os.path.join(self.state, "tapdisks.json")) as f:
                 self.assertEqual(json.load(f)["tapdisks"], {})
 
-    @deferredTest
     async def test_recoveringReusesTapdisk(self) -> None:
         """
         A prepare re-executed after an agent crash (recovering) reuses the

@@ -25,7 +25,6 @@ from tests.support.host import HostSuite, pollUntil, startDriverDomain
 from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import diffTrees, dumpTree
-from tests.support.xenstoresuite import deferredTest
 from xenddev.controller import (
     DestroyMode,
     DeviceConfigError,
@@ -82,7 +81,7 @@ class ControllerFixture(HostSuite):
     modules can build on it).
     """
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
             os.makedirs("/var/log/xen")
         self.startServer()
@@ -90,9 +89,6 @@ class ControllerFixture(HostSuite):
         self.manager = DeviceManager(self.xs, createTimeout=10.0, destroyTimeout=10.0)
         await self.manager.registerDomain(GUEST, name="guest")
         self.kind = GatedBlkback()
-
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]
-        return Deferred.fromCoroutine(self._setUp())
 
     async def startDriverDomain(
         self,
@@ -136,7 +132,6 @@ class ControllerSuite(ControllerFixture):
 
     # Block devices
 
-    @deferredTest
     async def test_fileDiskWithRealBlockScript(self) -> None:
         """
         xl spec → vbd 51728 with the real block script on a loop device; the
@@ -174,7 +169,6 @@ class ControllerSuite(ControllerFixture):
         await self.assertTreeIs(before)
         self.assertEqual(await self.manager.getBlockDeviceClass(GUEST, "xvdb"), None)
 
-    @deferredTest
     async def test_listShowsXlDevices(self) -> None:
         """
         Devices made by xl (libxl's records under /libxl/<dom>/device) are
@@ -202,7 +196,6 @@ class ControllerSuite(ControllerFixture):
         self.assertIsNotNone(rows[1].state)
         self.assertEqual(await self.manager.listDevices(GUEST, "vif"), [])
 
-    @deferredTest
     async def test_xendUname(self) -> None:
         """xend's uname/dev/mode form works and is reported back by getDeviceConfiguration."""
         img = self.image()
@@ -216,7 +209,6 @@ class ControllerSuite(ControllerFixture):
         (mode,) = await ctrl.readBackend(devid, "mode")
         self.assertEqual(mode, "r")
 
-    @deferredTest
     async def test_badSpecWritesNothing(self) -> None:
         """A bad spec raises DeviceConfigError with xl's message; nothing is written."""
         await self.startDriverDomain()
@@ -232,7 +224,6 @@ class ControllerSuite(ControllerFixture):
         )
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_duplicateVdev(self) -> None:
         """A second device on the same vdev is refused; the first is untouched."""
         img = self.image()
@@ -248,7 +239,6 @@ class ControllerSuite(ControllerFixture):
         self.assertEqual(str(e), "Device 51728 is already connected.")
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_unknownDomain(self) -> None:
         """Devices for a domain with no home in XenStore are refused."""
         await self.startDriverDomain()
@@ -258,7 +248,6 @@ class ControllerSuite(ControllerFixture):
         )
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_targetMissing(self) -> None:
         """
         A missing file: refused at once when the driver domain is local (the
@@ -279,7 +268,6 @@ class ControllerSuite(ControllerFixture):
         self.assertIn("ENOENT", str(e))
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_hotplugFailure(self) -> None:
         """
         The real block script refuses (read-only image asked read-write):
@@ -300,7 +288,6 @@ class ControllerSuite(ControllerFixture):
         await self.assertTreeIs(before)
         self.assertEqual(loopDevicesFor(img), [])
 
-    @deferredTest
     async def test_hotplugHang(self) -> None:
         """
         A hotplug script that never finishes: the create times out with
@@ -326,7 +313,6 @@ class ControllerSuite(ControllerFixture):
 
     # cdrom media change (reconfigureDevice → the protocol's change request)
 
-    @deferredTest
     async def test_cdromMediaChangeWithRealBlockScript(self) -> None:
         """
         A cdrom's medium changed, ejected and inserted again through
@@ -366,7 +352,6 @@ class ControllerSuite(ControllerFixture):
         await pollUntil(lambda: loopDevicesFor(first) == [])
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_emptyCdromDrive(self) -> None:
         """An empty cdrom drive attaches without a script and detaches cleanly."""
         await self.startDriverDomain(hotplug=True)
@@ -382,7 +367,6 @@ class ControllerSuite(ControllerFixture):
         await self.manager.destroyDevice(GUEST, "vbd", "hdc")
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_reconfigureRefused(self) -> None:
         """
         What xend refused is refused before anything changes: a disk that is
@@ -451,7 +435,6 @@ class ControllerSuite(ControllerFixture):
         await waitForState(self.xs, f"/local/domain/3/backend/vbd/{GUEST}/51744", 4, 10)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_newMediumFailsOldPutBack(self) -> None:
         """
         The new medium's hotplug script fails: reconfigureDevice fails with
@@ -499,7 +482,6 @@ class ControllerSuite(ControllerFixture):
 
     # Destroy paths
 
-    @deferredTest
     async def test_guestNeverClosesAutoForces(self) -> None:
         """A guest that never closes: after the timeout the default mode detaches anyway."""
         img = self.image()
@@ -510,7 +492,6 @@ class ControllerSuite(ControllerFixture):
         await self.manager.destroyDevice(GUEST, "vbd", 51728)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_guestNeverClosesSafeMode(self) -> None:
         """In safe mode a guest that never closes keeps the device, with an error."""
         img = self.image()
@@ -526,7 +507,6 @@ class ControllerSuite(ControllerFixture):
         await ctrl.destroyDevice(51728, force=True)
         self.assertEqual(await ctrl.deviceIDs(), [])
 
-    @deferredTest
     async def test_driverDomainGone(self) -> None:
         """
         The driver domain vanishes (home removed); destroy cleans the
@@ -543,7 +523,6 @@ class ControllerSuite(ControllerFixture):
         expected = {p: v for p, v in before.items() if not p.startswith("/local/domain/3")}
         self.assertEqual(diffTrees(expected, after), [])
 
-    @deferredTest
     async def test_destroyUnknown(self) -> None:
         """Destroying a device that does not exist: DeviceNotFoundError."""
         await self.startDriverDomain()
@@ -566,22 +545,18 @@ class ControllerSuite(ControllerFixture):
         await self.assertFails(d, CancelledError)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_cancelDuringPrepare(self) -> None:
         """Cancel while the driver domain prepares: everything is undone."""
         await self._cancelAt("prepare")
 
-    @deferredTest
     async def test_cancelDuringPlug(self) -> None:
         """Cancel while the driver domain plugs: everything is undone."""
         await self._cancelAt("plug")
 
-    @deferredTest
     async def test_cancelDuringActivate(self) -> None:
         """Cancel while the driver domain activates: everything is undone."""
         await self._cancelAt("activate")
 
-    @deferredTest
     async def test_cancelWhileWaitingForHotplug(self) -> None:
         """Cancel while waiting for hotplug-status (a hanging script): undone."""
         scripts = os.path.abspath(self.mktemp())
@@ -600,7 +575,6 @@ class ControllerSuite(ControllerFixture):
 
     # Many at once
 
-    @deferredTest
     async def test_manyDevicesAndRelease(self) -> None:
         """Twenty disks attached concurrently; releaseDevices removes all of them."""
         img = self.image()
@@ -619,7 +593,6 @@ class ControllerSuite(ControllerFixture):
 
     # Network interfaces
 
-    @deferredTest
     async def test_vifWithRealVifBridge(self) -> None:
         """
         A vif with the real vif-bridge in a network namespace: it joins the
@@ -651,7 +624,6 @@ class ControllerSuite(ControllerFixture):
         self.assertEqual(link.get("master"), None)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_vifDevidsAllocated(self) -> None:
         """vifs without a devid get the lowest free one; MACs are generated in 00:16:3e."""
         await self.startDriverDomain()

@@ -46,7 +46,6 @@ from tests.support.host import (
     stopSpawned,
 )
 from tests.support.treedump import dumpTree
-from tests.support.xenstoresuite import deferredTest
 from tests.test_cli import CLIClientMixin
 from tests.test_datapath import tapRecord
 from tests.test_storagectl import RecordingPauser
@@ -235,7 +234,6 @@ class ServiceTests(TestCase):
         self.addCleanup(service.stopService)
         await service.ready
 
-    @deferredTest
     async def test_socketsAndCleanStop(self) -> None:
         """Both sockets are mode 600 while running and gone after stop."""
         service = self.makeService()
@@ -252,7 +250,6 @@ class ServiceTests(TestCase):
         self.assertFalse(os.path.exists(config.xenstoredSocketPath))
         self.assertFalse(os.path.lexists(config.socketPath + ".lock"))
 
-    @deferredTest
     async def test_tcpRequiresCredentials(self) -> None:
         """The TCP listener (127.0.0.1) refuses missing and wrong credentials."""
         secrets = os.path.join(_rundir(self), "passwords")
@@ -283,7 +280,6 @@ class ServiceTests(TestCase):
         self.assertIn(b"<methodResponse>", body)
         self.assertIn(b"<name>classes</name>", body)
 
-    @deferredTest
     async def test_readablePasswordFileRefused(self) -> None:
         """A password file readable by others stops the start-up."""
         secrets = os.path.join(_rundir(self), "passwords")
@@ -298,7 +294,6 @@ class ServiceTests(TestCase):
         self.assertIn("readable by others", str(cm.exception))
         self.flushLoggedErrors()
 
-    @deferredTest
     async def test_simulateOnXenHostRefused(self) -> None:
         """simulate: on is refused on a Xen host (a xenbus device exists)."""
         config = Config(
@@ -317,7 +312,6 @@ class ServiceTests(TestCase):
             await service.ready
         self.assertIn("Xen host", str(cm.exception))
 
-    @deferredTest
     async def test_autoFallsBackToEmbedded(self) -> None:
         """C{auto} with no xenstored and no xenbus device starts the embedded store."""
         service = self.makeService()
@@ -331,7 +325,6 @@ class ServiceTests(TestCase):
         self.assertTrue(service.embedded)
         self.assertEqual(service.xenstoreAddress, f"unix:{service.config.xenstoredSocketPath}")
 
-    @deferredTest
     async def test_secondDaemonRefused(self) -> None:
         """A second service on the same run directory cannot take the socket."""
         first = self.makeService()
@@ -370,7 +363,6 @@ class ServiceStoreSuite(StoreClientMixin):
         self.assertEqual(service.embedded, self.storeKind == "embedded")
         return service
 
-    @deferredTest
     async def test_attachDetachThroughManager(self) -> None:
         """
         A vbd and a vif attach to a SIMULATED guest and detach; the XenStore
@@ -400,7 +392,6 @@ class ServiceStoreSuite(StoreClientMixin):
         self.assertIn("xenddev_simulated 1", text)
         self.assertGreater(_roundTrips(text)["WRITE"], writes)
 
-    @deferredTest
     async def test_shutdownCancelsInFlightWithCompensation(self) -> None:
         """
         An attach still waiting at shutdown is cancelled after
@@ -435,7 +426,6 @@ class ServiceStoreSuite(StoreClientMixin):
             for path in (request, "/local/domain/0/backendctrl/vdi/vbd-7-51728"):
                 self.assertIsNone(tree.lookup(path.encode()), path)
 
-    @deferredTest
     async def test_stopResumesQuiesceHandles(self) -> None:
         """
         The service's storage control holds quiesce handles on its own
@@ -523,7 +513,6 @@ class DaemonProcessMixin:
 class DaemonProcessTests(DaemonProcessMixin, TestCase):
     """C{twistd -n xenddev} on its embedded xenstored: start, config, stop."""
 
-    @deferredTest
     async def test_defaultRundirAndConfigFile(self) -> None:
         """With a config file and no flags, its rundir and xenstore are used."""
         config = os.path.join(self.rundir, "xenddev.yaml")
@@ -533,7 +522,6 @@ class DaemonProcessTests(DaemonProcessMixin, TestCase):
         self.assertTrue(os.path.exists(os.path.join(self.rundir, "state", "xenddev.sock")))
         self.assertTrue(await self.stopDaemon(proto))
 
-    @deferredTest
     async def test_badConfigExits(self) -> None:
         """A bad config file stops twistd at once with the config's message."""
         config = os.path.join(self.rundir, "bad.yaml")
@@ -548,7 +536,6 @@ class DaemonProcessTests(DaemonProcessMixin, TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn(f"{config}:2: timeouts.create = 'never'".encode(), out + err)
 
-    @deferredTest
     async def test_sigint(self) -> None:
         """SIGINT (Ctrl-C in the foreground) stops it cleanly too."""
         run = os.path.join(self.rundir, "run")
@@ -594,7 +581,6 @@ class DaemonEndToEndSuite(
         """The metrics endpoint's text."""
         return deferToThread(_httpGetUnix, os.path.join(self.rundir, "metrics.sock"))
 
-    @deferredTest
     async def test_vbdThroughCliAndXenstoreLs(self) -> None:
         """
         block-attach, block-list (table), xenstore-ls on the store, detach;
@@ -634,7 +620,6 @@ class DaemonEndToEndSuite(
         if self.storeKind == "embedded":
             self.assertFalse(os.path.lexists(store))
 
-    @deferredTest
     async def test_qcow2WithDefaultKinds(self) -> None:
         """
         Out of the box (driver_domain.kinds: auto) a qcow2 image attaches
@@ -657,7 +642,6 @@ class DaemonEndToEndSuite(
         self.assertEqual(await self.ok("block-detach", str(GUEST), "xvdb"), "")
         self.assertTrue(await self.stopDaemon(proto))
 
-    @deferredTest
     async def test_vifThroughXmlRpc(self) -> None:
         """
         vifs through device.attach and xend's device_create, listed, and
@@ -682,7 +666,6 @@ class DaemonEndToEndSuite(
         self.assertEqual(await self.call("device.list", GUEST), [])
         self.assertTrue(await self.stopDaemon(proto))
 
-    @deferredTest
     async def test_errorPaths(self) -> None:
         """
         Fault codes over XML-RPC and exit codes of the CLI; none of the
@@ -724,7 +707,6 @@ class DaemonEndToEndSuite(
         await self.ok("block-detach", str(GUEST), "xvdb")
         self.assertTrue(await self.stopDaemon(proto))
 
-    @deferredTest
     async def test_vdiAndDatapathNamespaces(self) -> None:
         """
         An operator's vdi through vdi.* on the daemon's local driver domain

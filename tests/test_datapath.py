@@ -19,7 +19,6 @@ from zope.interface import implementer
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import dumpTree
-from tests.support.xenstoresuite import deferredTest
 from tests.test_qemu_kind import QEMU_IO, QemuFixtureMixin, qemuIO
 from xenddev.datapath import (
     DataPath,
@@ -134,7 +133,6 @@ class DataPathSuite(QemuFixtureMixin):
         ]
         return [*users, tapRecord(3, "other", ("/srv/o.vhd", "/srv/p2.vhd"), 9)]
 
-    @deferredTest
     async def test_findAcrossDomains(self) -> None:
         """
         The registry is rebuilt from XenStore alone: every user of the
@@ -155,7 +153,6 @@ class DataPathSuite(QemuFixtureMixin):
         self.assertEqual([d.vdi for d in await findDataPaths(self.xs, "/srv/t3.vhd")], ["t3"])
         self.assertEqual(await readRecord(self.xs, 3, "nothing"), None)
 
-    @deferredTest
     async def test_qemuUnprepareWhileActiveUnregisters(self) -> None:
         """
         A qemu vdi unprepared while active (no deactivate first) leaves no
@@ -172,7 +169,6 @@ class DataPathSuite(QemuFixtureMixin):
         self.assertEqual(await readRecord(self.xs, 0, "q"), None)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_qemuQuiesceAcrossDomains(self) -> None:
         """
         Two real daemons, in driver domains 0 and 3, serve overlays of one

@@ -26,7 +26,6 @@ from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixtur
 from tests.support.host import HostSuite, shortTempDir, startDriverDomain
 from tests.support.treedump import dumpTree
 from tests.support.vhd import makeBase, makeChild
-from tests.support.xenstoresuite import deferredTest
 from tests.test_tapctl import events, fakeTapCtl, inject, procState
 from xenddev.datapath import (
     DataPath,
@@ -203,7 +202,6 @@ class ControlLogicTests(SynchronousTestCase):
 class ServiceWiringTests(TestCase):
     """The daemon builds its data-path control with the real pausers."""
 
-    @deferredTest
     async def test_daemonRegistersTapAndQemu(self) -> None:
         """
         XenddevService (embedded xenstored, no listeners) has a
@@ -238,7 +236,7 @@ class TapDataPathSuite(HostSuite):
 
     assertFailure: Any
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         if not HAVE_QEMU_IMG:
             self.skipTest("qemu-img (Debian qemu-utils) is not installed")
         self.startServer()
@@ -248,9 +246,6 @@ class TapDataPathSuite(HostSuite):
         self.taps: dict[int, tuple[TapCtl, str]] = {}
         self.agents: dict[int, BackendCtrlAgent] = {}
         self.clients: dict[int, DriverDomainClient] = {}
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
 
     async def startAgent(self, dd: int) -> BackendCtrlAgent:
         """An agent for C{dd} with the tap and blkback kinds over dd's own tap-ctl."""
@@ -328,7 +323,6 @@ class TapDataPathSuite(HostSuite):
 
     # Registration by the tap kind
 
-    @deferredTest
     async def test_registeredWhileActive(self) -> None:
         """
         activate registers pid, minor, image, format, the VHD chain and the
@@ -362,7 +356,6 @@ class TapDataPathSuite(HostSuite):
         self.assertEqual(await self.taps[0][0].list(), [])
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_imageOnlyWhenChainUnknown(self) -> None:
         """
         A "vhd" that is no VHD is registered with just the image; a raw
@@ -383,7 +376,6 @@ class TapDataPathSuite(HostSuite):
         self.assertEqual((f.chain, f.format, f.extra), ((fake,), "vhd", {"type": "vhd"}))
         self.assertEqual((r.chain, r.format, r.extra), ((raw,), "raw", {"type": "aio"}))
 
-    @deferredTest
     async def test_registryAfterAgentRestart(self) -> None:
         """
         The registry lives in XenStore: after both agents are stopped and
@@ -412,7 +404,6 @@ class TapDataPathSuite(HostSuite):
 
     # Quiesce with real tapdisks
 
-    @deferredTest
     async def test_quiesceAcrossTwoDriverDomains(self) -> None:
         """
         quiesce(shared base) finds the five users in domains 0 and 3 (by
@@ -441,7 +432,6 @@ class TapDataPathSuite(HostSuite):
         )
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_reactivationLeavesQuiescedPaused(self) -> None:
         """
         A domain pause and unpause (deactivate, activate: what the tap2
@@ -465,7 +455,6 @@ class TapDataPathSuite(HostSuite):
         self.assertFalse(await self.xs.exists(hold))
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_quiesceThroughTheAgents(self) -> None:
         """
         With the protocol pauser the toolstack runs no tap-ctl: each agent
@@ -490,7 +479,6 @@ class TapDataPathSuite(HostSuite):
         )
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_pauseRequestRefusals(self) -> None:
         """
         pause of an inactive vdi is ENOTCONN (refused locally), in an agent
@@ -513,7 +501,6 @@ class TapDataPathSuite(HostSuite):
         self.assertEqual(e.errname, "ENOENT")
         self.assertFalse((await self.tapdisk(0, busy)).paused)
 
-    @deferredTest
     async def test_failureInTheMiddleResumesEverything(self) -> None:
         """
         The stand-in fails the pause of one tapdisk (b0, in domain 3):
@@ -542,7 +529,6 @@ class TapDataPathSuite(HostSuite):
         self.assertNothingPaused(await self.pausedState())
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_resumeFailureKeepsHandle(self) -> None:
         """
         An unpause that fails leaves that data path (only) in the handle,
@@ -566,7 +552,6 @@ class TapDataPathSuite(HostSuite):
         self.assertEqual(handle.paused, [])
         self.assertNothingPaused(await self.pausedState())
 
-    @deferredTest
     async def test_coalesceWithRealTapdisks(self) -> None:
         """
         coalesceQuiesced: the (stand-in) merge runs while every user of the

@@ -18,7 +18,6 @@ from zope.interface.verify import verifyObject
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import HostSuite
 from tests.support.treedump import dumpTree
-from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient, populateFrontend
 from xenddev.driverdomain.errors import (
@@ -130,7 +129,7 @@ class DriverDomainSuite(HostSuite):
 
     assertNoResult: Any
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         self.startServer()
         self.xs = await self.connect()
         self.agentXs = await self.connect()
@@ -141,9 +140,6 @@ class DriverDomainSuite(HostSuite):
         await self.agent.start()
         self.addCleanup(self.agent.stop)
 
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]
-        return Deferred.fromCoroutine(self._setUp())
-
     async def assertTreeUnchanged(self, before: dict[str, Any]) -> None:
         """The tree is C{before} once the agent of the moment is idle."""
         await self.assertTreeIs(before, self.agent)
@@ -153,7 +149,6 @@ class DriverDomainSuite(HostSuite):
 
     # Object lifecycle
 
-    @deferredTest
     async def test_prepare(self) -> None:
         """prepare writes t/*, the agent answers, the vdi is inactive; result is tidied."""
         await self.client.prepare("disk0", TARGET)
@@ -164,7 +159,6 @@ class DriverDomainSuite(HostSuite):
         self.assertFalse(await self.xs.exists(p.result))
         self.assertEqual(self.kind.calls, [("prepare", "disk0", False)])
 
-    @deferredTest
     async def test_fullLifecycleLeavesNoTrace(self) -> None:
         """prepare, activate, deactivate, unprepare: the tree ends as it began."""
         before = await dumpTree(self.xs)
@@ -179,7 +173,6 @@ class DriverDomainSuite(HostSuite):
             [c[0] for c in self.kind.calls], ["prepare", "activate", "deactivate", "unprepare"]
         )
 
-    @deferredTest
     async def test_unprepareActiveDeactivatesFirst(self) -> None:
         """Unpreparing an active vdi deactivates it in the kind first."""
         await self.client.prepare("disk0", TARGET)
@@ -187,7 +180,6 @@ class DriverDomainSuite(HostSuite):
         await self.client.unprepare("disk0")
         self.assertEqual([c[0] for c in self.kind.calls][-2:], ["deactivate", "unprepare"])
 
-    @deferredTest
     async def test_unprepareActiveAppliesDeactivation(self) -> None:
         """
         The implicit deactivation of an unprepare has its effects applied
@@ -202,7 +194,6 @@ class DriverDomainSuite(HostSuite):
         await self.client.unprepare("disk0")
         self.assertEqual(await self.xs.read(marker), "disk0")
 
-    @deferredTest
     async def test_areaMadeAgainOnANewConnection(self) -> None:
         """
         The control area is made once per connection: a reconnected store
@@ -232,7 +223,6 @@ class DriverDomainSuite(HostSuite):
 
     # Preconditions, checked by the toolstack before writing
 
-    @deferredTest
     async def test_prepareTwice(self) -> None:
         """A second prepare is refused locally with EEXIST; nothing is written."""
         await self.client.prepare("disk0", TARGET)
@@ -241,7 +231,6 @@ class DriverDomainSuite(HostSuite):
         self.assertEqual((e.errname, e.errno), ("EEXIST", 17))
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_activateUnprepared(self) -> None:
         """activate of a vdi that does not exist: ENOENT, nothing written."""
         before = await dumpTree(self.xs)
@@ -249,7 +238,6 @@ class DriverDomainSuite(HostSuite):
         self.assertEqual(e.errname, "ENOENT")
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_activateTwice(self) -> None:
         """activate of an active vdi: EISCONN; deactivate of an inactive one: ENOTCONN."""
         await self.client.prepare("disk0", TARGET)
@@ -259,7 +247,6 @@ class DriverDomainSuite(HostSuite):
         e = await self.assertFails(self.client.activate("disk0"), PreconditionError)
         self.assertEqual(e.errname, "EISCONN")
 
-    @deferredTest
     async def test_invalidNamesRefusedBeforeWriting(self) -> None:
         """Bad vdi/vbd names and targets raise InvalidNameError and write nothing."""
         before = await dumpTree(self.xs)
@@ -274,7 +261,6 @@ class DriverDomainSuite(HostSuite):
 
     # Results from the driver domain
 
-    @deferredTest
     async def test_kindFailureLeavesNoTrace(self) -> None:
         """A failed prepare carries the kind's errno and message; the tree is as before."""
         self.kind.failures["prepare"] = KindError("ENOENT", "/srv/a.img does not exist")
@@ -285,7 +271,6 @@ class DriverDomainSuite(HostSuite):
         self.assertIn("ENOENT", str(e))
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_failedActivateKeepsState(self) -> None:
         """A failed activate leaves the vdi inactive and the tree as before."""
         await self.client.prepare("disk0", TARGET)
@@ -295,7 +280,6 @@ class DriverDomainSuite(HostSuite):
         self.assertEqual(e.errname, "EIO")
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_noKindAccepts(self) -> None:
         """A target no kind serves gets ENODEV."""
         e = await self.assertFails(
@@ -305,7 +289,6 @@ class DriverDomainSuite(HostSuite):
 
     # change (our extension: a target replaced in place)
 
-    @deferredTest
     async def test_changeRefusedByKindWithoutIt(self) -> None:
         """
         A kind that does not provide IMediumChanger answers change with
@@ -319,7 +302,6 @@ class DriverDomainSuite(HostSuite):
         self.assertEqual((e.errname, e.request), ("EOPNOTSUPP", "change"))
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_changeReplacesTarget(self) -> None:
         """
         change on a kind that provides IMediumChanger: the kind sees the old
@@ -340,7 +322,6 @@ class DriverDomainSuite(HostSuite):
         await self.client.activate("disk0")
         self.assertEqual(kind.activatedWith, ["/srv/b.img"])
 
-    @deferredTest
     async def test_changePreconditions(self) -> None:
         """change of an unprepared object is ENOENT locally; a bad target is refused unwritten."""
         before = await dumpTree(self.xs)
@@ -349,7 +330,6 @@ class DriverDomainSuite(HostSuite):
         self.assertRaises(InvalidNameError, self.client.change, "nope", {"k": "a\nb"})
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_agentEnforcesPreconditions(self) -> None:
         """
         A request written past the client (another toolstack) that violates
@@ -362,7 +342,6 @@ class DriverDomainSuite(HostSuite):
         self.assertEqual(await self.xs.read(p.resultMsg), "not prepared")
         self.assertEqual(self.kind.calls, [])
 
-    @deferredTest
     async def test_unknownRequest(self) -> None:
         """A request the protocol does not define gets EBADRQC (56)."""
         p = self.paths("raw")
@@ -370,7 +349,6 @@ class DriverDomainSuite(HostSuite):
         await self.xs.waitFor(p.request, lambda v: v is None, 5)
         self.assertEqual(await self.xs.read(p.result), "56")
 
-    @deferredTest
     async def test_changesWithoutRequestIgnored(self) -> None:
         """Changes to an unprepared vdi that create neither state nor request get no answer."""
         p = self.paths("quiet")
@@ -380,7 +358,6 @@ class DriverDomainSuite(HostSuite):
         self.assertFalse(await self.xs.exists(p.result))
         self.assertEqual(self.kind.calls, [])
 
-    @deferredTest
     async def test_timeoutLeavesRequest(self) -> None:
         """With no agent answering, the call times out and the request stays for later."""
         await self.agent.stop()
@@ -394,7 +371,6 @@ class DriverDomainSuite(HostSuite):
         self.addCleanup(agent.stop)
         await self.xs.waitFor(self.paths("late").state, lambda v: v == "inactive", 5)
 
-    @deferredTest
     async def test_interruptedRequestExecutedOnceOnRestart(self) -> None:
         """
         A journal entry for the pending request (the agent died executing it)
@@ -425,7 +401,6 @@ class DriverDomainSuite(HostSuite):
         result = await self.client.plug("disk0", "xvda", FRONT)
         return result
 
-    @deferredTest
     async def test_plug(self) -> None:
         """plug names an absolute backend path; the vbd is ok; the backend exists."""
         result = await self._plugged()
@@ -438,7 +413,6 @@ class DriverDomainSuite(HostSuite):
             [str(x) for x in await self.xs.getPerms(result.backendPath)], [f"n{DD}", f"r{GUEST}"]
         )
 
-    @deferredTest
     async def test_populateFrontend(self) -> None:
         """The frontend is created owned by the guest, readable by the driver domain."""
         result = await self._plugged()
@@ -452,7 +426,6 @@ class DriverDomainSuite(HostSuite):
         self.assertEqual([str(x) for x in await self.xs.getPerms(FRONT)], [f"n{GUEST}", f"r{DD}"])
         self.assertEqual(await self.xs.read(f"{result.backendPath}/frontend"), FRONT)
 
-    @deferredTest
     async def test_bcopy(self) -> None:
         """b-copy values reach the toolstack and are copied into the backend it creates."""
         self.kind.bcopy = {"params": "/srv/a.img", "mode": "w"}
@@ -466,7 +439,6 @@ class DriverDomainSuite(HostSuite):
             [str(x) for x in await self.xs.getPerms(result.backendPath)], [f"n{DD}", f"r{GUEST}"]
         )
 
-    @deferredTest
     async def test_plugPreconditions(self) -> None:
         """Plug: unprepared vdi ENOENT, existing frontend EEXIST, duplicate vbd EEXIST."""
         e = await self.assertFails(self.client.plug("disk0", "xvda", FRONT), PreconditionError)
@@ -482,7 +454,6 @@ class DriverDomainSuite(HostSuite):
         )
         self.assertEqual(e.errname, "EEXIST")
 
-    @deferredTest
     async def test_unplug(self) -> None:
         """unplug (frontend gone) removes the backend and the vbd; then unprepare restores all."""
         before = await dumpTree(self.xs)
@@ -498,14 +469,12 @@ class DriverDomainSuite(HostSuite):
         await self.xs.rm(f"/local/domain/{GUEST}")
         await self.assertTreeUnchanged(before)
 
-    @deferredTest
     async def test_unprepareWithPlugs(self) -> None:
         """unprepare while a vbd is plugged: EBUSY."""
         await self._plugged()
         e = await self.assertFails(self.client.unprepare("disk0"), PreconditionError)
         self.assertEqual(e.errname, "EBUSY")
 
-    @deferredTest
     async def test_failedPlugLeavesNoTrace(self) -> None:
         """A plug the kind refuses leaves neither the vbd directory nor a backend."""
         await self.client.prepare("disk0", TARGET)
@@ -517,7 +486,6 @@ class DriverDomainSuite(HostSuite):
 
     # Concurrency and listing
 
-    @deferredTest
     async def test_sameVdiQueues(self) -> None:
         """Calls on one vdi issued together run one after another, in order."""
         await gatherResults(
@@ -529,7 +497,6 @@ class DriverDomainSuite(HostSuite):
         )
         self.assertEqual([c[0] for c in self.kind.calls], ["prepare", "activate", "deactivate"])
 
-    @deferredTest
     async def test_differentVdisInParallel(self) -> None:
         """Requests on different vdis are outstanding at the same time."""
         self.kind.gates["slow"] = gate = Deferred()
@@ -540,7 +507,6 @@ class DriverDomainSuite(HostSuite):
         gate.callback(None)
         await first
 
-    @deferredTest
     async def test_list(self) -> None:
         """list() enumerates vdis with state, target and plugs; vifs separately."""
         await self._plugged()

@@ -15,7 +15,6 @@ import os
 import stat
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
@@ -36,7 +35,6 @@ from tests.support.loopdev import (
 )
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import dumpTree
-from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.client import DriverDomainClient, PlugResult
 from xenddev.driverdomain.errors import DriverDomainError
@@ -70,7 +68,7 @@ class KindsSuite(HostSuite):
         assert dd.backend is not None
         return dd.agent, dd.backend
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         if not os.path.isdir("/var/log/xen") and os.geteuid() == 0:
             os.makedirs("/var/log/xen")  # the scripts log there or fail (set -e)
         self.startServer()
@@ -79,9 +77,6 @@ class KindsSuite(HostSuite):
         await self.xs.mkdir(f"/local/domain/{GUEST}/device/vbd")
         await self.xs.mkdir(f"/local/domain/{GUEST}/device/vif")
         self.frontend = await startFrontend(self, GUEST)
-
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]
-        return Deferred.fromCoroutine(self._setUp())
 
     async def attach(
         self,
@@ -111,7 +106,6 @@ class KindsSuite(HostSuite):
 
     # blkback + block
 
-    @deferredTest
     async def test_pluggedMediumNotChangedInPlace(self) -> None:
         """
         A change of a plugged cdrom holding a medium is refused with EBUSY
@@ -139,7 +133,6 @@ class KindsSuite(HostSuite):
         self.assertEqual(len(loopDevicesFor(img)), 1)
         await self.detach(client, "cd", plug, VDI)
 
-    @deferredTest
     async def test_blockOnLoopDevice(self) -> None:
         """
         A file disk: the agent runs the real block script once active, a loop
@@ -166,7 +159,6 @@ class KindsSuite(HostSuite):
         await pollUntil(lambda: loopDevicesFor(img) == [], TIMEOUT)
         await self.assertTreeIs(before, agent)
 
-    @deferredTest
     async def test_blockFailureReported(self) -> None:
         """
         The block script fails (a read-only image asked for read-write):
@@ -193,7 +185,6 @@ class KindsSuite(HostSuite):
         """Detach a device whose backend never connected (the guest closes at once)."""
         await self.detach(client, name, plug, ObjectClass("vdi", "vbd", "vbd"))
 
-    @deferredTest
     async def test_hangingScriptKilled(self) -> None:
         """
         A hotplug script that hangs is killed at the timeout; the agent
@@ -220,7 +211,6 @@ class KindsSuite(HostSuite):
         await self.detach(client, "h", plug, ObjectClass("vdi", "vbd", "vbd"))
         await self.assertTreeIs(before, agent)
 
-    @deferredTest
     async def test_closedBackendGetsRemoveScript(self) -> None:
         """
         The agent's hotplug dispatcher runs the remove script as soon as the
@@ -262,7 +252,6 @@ class KindsSuite(HostSuite):
 
     # netback + vif-bridge
 
-    @deferredTest
     async def test_vifBridge(self) -> None:
         """
         A vif: vif-bridge online (inside a network namespace with a real
@@ -293,7 +282,6 @@ class KindsSuite(HostSuite):
 
     # Driver-domain restart
 
-    @deferredTest
     async def test_driverDomainRestart(self) -> None:
         """
         Driver domain 1 serves a disk and dies; the toolstack moves it to

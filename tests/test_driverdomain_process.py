@@ -18,7 +18,6 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import pythonEnv, stopProcess
-from tests.support.xenstoresuite import deferredTest
 from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.protocol import VDI, ControlPaths
 
@@ -75,7 +74,6 @@ class AgentProcessSuite:
             waited += 0.05
         raise AssertionError(f"{log} never reached {count} lines")
 
-    @deferredTest
     async def test_killedAgentCompletesRequestOnce(self) -> None:
         """
         SIGKILL while the agent executes prepare; the restarted agent runs it

@@ -29,7 +29,6 @@ from tests.support.loopdev import (
     makeImage,
     requireLoopDevices,
 )
-from tests.support.xenstoresuite import deferredTest
 from xenddev.embed import EmbedError, OperationTimeout, ReactorThread
 
 SCRIPT = r"""
@@ -105,7 +104,6 @@ class ScriptRunner(TestCase):
 class TwentyThreadsTests(ScriptRunner):
     """20 threads attaching and detaching at once through the blocking API."""
 
-    @deferredTest
     async def test_twentyThreads(self) -> None:
         """Every attach and detach succeeds; nothing is left; atexit cleans up."""
         rundir = shortTempDir(self, "xe-")
@@ -204,7 +202,6 @@ class HotplugInEmbeddingTests(ScriptRunner):
     a background thread and no SIGCHLD handler exists.
     """
 
-    @deferredTest
     async def test_realBlockScript(self) -> None:
         """
         The embedding API attaches two file vbds with hotplug on: the real

@@ -17,7 +17,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.support.xenstoresuite import deferredTest
 from xenddev.qmp import (
     QMPConnectionLost,
     QMPError,
@@ -84,7 +83,6 @@ class FakeServerMixin:
 class QMPClientFakeServerTests(FakeServerMixin, TestCase):
     """The client's protocol handling, against a scripted server."""
 
-    @deferredTest
     async def test_greetingAndNegotiation(self) -> None:
         """
         The client reads the greeting (version parsed), sends
@@ -96,7 +94,6 @@ class QMPClientFakeServerTests(FakeServerMixin, TestCase):
         self.assertEqual(client.greeting.version, (7, 2, 22))
         self.assertEqual([m["execute"] for m in factory.received], ["qmp_capabilities"])
 
-    @deferredTest
     async def test_repliesMatchedById(self) -> None:
         """
         Two commands in flight answered in reverse order each get their
@@ -120,7 +117,6 @@ class QMPClientFakeServerTests(FakeServerMixin, TestCase):
         self.assertEqual(held[1][1]["arguments"], {"x": 1})
         self.assertNotEqual(held[0][1]["id"], held[1][1]["id"])
 
-    @deferredTest
     async def test_errorIsTyped(self) -> None:
         """An error reply fails the command with QMPError(class, desc, command)."""
 
@@ -138,7 +134,6 @@ class QMPClientFakeServerTests(FakeServerMixin, TestCase):
         self.assertEqual(cm.exception.desc, "no such node")
         self.assertEqual(cm.exception.command, "blockdev-del")
 
-    @deferredTest
     async def test_eventsDelivered(self) -> None:
         """
         Events interleaved with replies reach every subscriber, in order;
@@ -174,7 +169,6 @@ class QMPClientFakeServerTests(FakeServerMixin, TestCase):
         self.assertEqual(event.timestamp, 1.5)
         self.assertEqual(seen, ["running", "ready"])
 
-    @deferredTest
     async def test_connectionLossFailsPending(self) -> None:
         """
         The server closes with two commands and an event wait pending: all
@@ -201,14 +195,12 @@ class QMPClientFakeServerTests(FakeServerMixin, TestCase):
         with self.assertRaises(QMPConnectionLost):
             await client.execute("c")
 
-    @deferredTest
     async def test_notQMP(self) -> None:
         """A server whose first line is not a QMP greeting is refused."""
         path, _ = self.fakeServer(lambda s, m: None, greeting={"hello": 1})
         with self.assertRaises(QMPProtocolError):
             await connectQMP(reactor, path)
 
-    @deferredTest
     async def test_timeout(self) -> None:
         """A command never answered fails with QMPTimeout after its timeout."""
         path, _ = self.fakeServer(lambda s, m: None)
@@ -217,7 +209,6 @@ class QMPClientFakeServerTests(FakeServerMixin, TestCase):
         with self.assertRaises(QMPTimeout):
             await client.execute("query-slow", timeout=0.1)
 
-    @deferredTest
     async def test_noGreeting(self) -> None:
         """A server that never greets: connectQMP fails with QMPTimeout."""
         path, _ = self.fakeServer(lambda s, m: None, greeting=None)
@@ -237,7 +228,6 @@ def requireDaemon(case: TestCase) -> None:
 class QMPClientRealDaemonTests(TestCase):
     """The client against a real qemu-storage-daemon."""
 
-    @deferredTest
     async def test_realDaemon(self) -> None:
         """
         Greeting and negotiation with the real daemon; query-version; the

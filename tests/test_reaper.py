@@ -16,7 +16,6 @@ from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixtur
 from tests.support.host import pollUntil
 from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
 from tests.support.treedump import Tree, dumpTree
-from tests.support.xenstoresuite import deferredTest
 from tests.test_controllers import GUEST, ControllerFixture
 from xenddev.interfaces import ITransaction
 from xenddev.reaper import DeadDomainReaper, frontendDomain
@@ -59,7 +58,6 @@ class ReaperSuite(ControllerFixture):
         await self.xs.transact(rm)
         return [f"/local/domain/{domid}", vm]
 
-    @deferredTest
     async def test_deadGuestReleased(self) -> None:
         """
         A vbd on a loop device (real block script) of a guest destroyed
@@ -89,7 +87,6 @@ class ReaperSuite(ControllerFixture):
         await self.manager.destroyDevice(OTHER, "vbd", other)
         await self.assertTreeIs(_without(before, *gone))
 
-    @deferredTest
     async def test_watchReleases(self) -> None:
         """
         Started, the reaper scans on @releaseDomain by itself (xenstored
@@ -107,7 +104,6 @@ class ReaperSuite(ControllerFixture):
         await pollUntil(lambda: reaper.released == 2)
         await self.assertTreeIs(_without(before, *gone))
 
-    @deferredTest
     async def test_unpluggedObjectsLeftAlone(self) -> None:
         """An object without plugs (vdi.* of its own) is not the reaper's."""
         await self.startDriverDomain()

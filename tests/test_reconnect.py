@@ -175,7 +175,7 @@ class DomainInfoTests(TestCase):
         self.assertEqual(state, DomainState(3))
         self.assertFalse(state.suspended)
 
-    def test_xenControl(self) -> None:
+    async def test_xenControl(self) -> None:
         """
         L{XenControl} opens one handle, reads a domain (another domain's
         answer means "no such domain") and resumes without cancelling the
@@ -209,28 +209,21 @@ class DomainInfoTests(TestCase):
         control = XenControl(reactor, ctrl, guest)
         verifyObject(IDomainControl, control)
 
-        async def run() -> None:
-            state = await control.domainState(GUEST)
-            self.assertEqual(state, DomainState(GUEST, shutdown=True, shutdownReason=2))
-            self.assertIsNone(await control.domainState(99))
-            await control.resume(GUEST)
-            control.close()
-
-        d = Deferred.fromCoroutine(run())
-
-        def check(_: object) -> None:
-            self.assertEqual(
-                calls,
-                [
-                    ("open",),
-                    ("getinfo", 1234, GUEST, 1),
-                    ("getinfo", 1234, 99, 1),
-                    ("resume", 1234, GUEST, 0),
-                    ("close", 1234),
-                ],
-            )
-
-        return d.addCallback(check)  # type: ignore[return-value]
+        state = await control.domainState(GUEST)
+        self.assertEqual(state, DomainState(GUEST, shutdown=True, shutdownReason=2))
+        self.assertIsNone(await control.domainState(99))
+        await control.resume(GUEST)
+        control.close()
+        self.assertEqual(
+            calls,
+            [
+                ("open",),
+                ("getinfo", 1234, GUEST, 1),
+                ("getinfo", 1234, 99, 1),
+                ("resume", 1234, GUEST, 0),
+                ("close", 1234),
+            ],
+        )
 
 
 class HandOverTests(TestCase):

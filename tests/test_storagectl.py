@@ -24,7 +24,6 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.xenstoresuite import deferredTest
 from tests.test_datapath import tapRecord
 from xenddev.datapath import DataPath, DataPathControl, IDataPathPauser, ResumeError
 from xenddev.datapath.registry import registryDir, updateRecord
@@ -82,7 +81,7 @@ class StorageControlSuite:
     assertIn: Any
     addCleanup: Any
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         self.startServer()
         self.xs = await self.connect()
         self.clock = Clock()
@@ -90,9 +89,6 @@ class StorageControlSuite:
             tapRecord(dd, f"t{i}", (f"/srv/t{i}.vhd", PARENT), i) for i, dd in ((0, 0), (1, 3))
         ]
         await self.register(*self.users, tapRecord(3, "other", ("/srv/o.vhd",), 9))
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
 
     async def register(self, *dps: DataPath) -> None:
         """Write registry records as the kinds do when they activate."""
@@ -131,7 +127,6 @@ class StorageControlSuite:
         self.assertTrue(verifyObject(IStorageControl, storage))
         self.assertTrue(verifyObject(IDataPathPauser, pauser))
 
-    @deferredTest
     async def test_quiesceAndResume(self) -> None:
         """
         quiesce pauses every user of the image under one handle with a
@@ -152,7 +147,6 @@ class StorageControlSuite:
         with self.assertRaises(UnknownHandleError):
             await storage.resume(held.id, True)
 
-    @deferredTest
     async def test_autoResumeAfterBound(self) -> None:
         """
         A handle nobody resumes is resumed (with reload) once the bound has
@@ -174,7 +168,6 @@ class StorageControlSuite:
         self.assertEqual(len(warnings), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    @deferredTest
     async def test_failedResumeIsRetried(self) -> None:
         """
         A resume that fails keeps the handle with what is still paused and
@@ -193,7 +186,6 @@ class StorageControlSuite:
         await self.settled(storage)
         self.assertEqual((pauser.paused, storage.handles()), (set(), []))
 
-    @deferredTest
     async def test_busyDataPathRefused(self) -> None:
         """
         A second quiesce reaching a data path already held is refused
@@ -212,7 +204,6 @@ class StorageControlSuite:
         self.assertEqual((pauser.paused, storage.handles()), (set(), []))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    @deferredTest
     async def test_vanishedDataPathDropped(self) -> None:
         """A data path whose record is gone (vdi deactivated) is not resumed."""
         storage, pauser = self.control()
@@ -222,7 +213,6 @@ class StorageControlSuite:
         self.assertEqual([e[2] for e in pauser.log if e[0] == "resume"], ["t1"])
         self.assertEqual(storage.handles(), [])
 
-    @deferredTest
     async def test_findAndGet(self) -> None:
         """find by image; get by (domain, vdi); a missing one raises."""
         storage, _ = self.control()
@@ -232,7 +222,6 @@ class StorageControlSuite:
         with self.assertRaises(NoSuchDataPathError):
             await storage.get(3, "t0")
 
-    @deferredTest
     async def test_coalesceRefusals(self) -> None:
         """A tapdisk cannot merge live; a missing data path is not found."""
         storage, _ = self.control()

@@ -16,7 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from tests.support.faketapctl import killAll as _killAll
-from tests.support.xenstoresuite import deferredTest
 from xenddev.interfaces import ITapCtl
 from xenddev.tapctl import (
     BlktapSysfs,
@@ -134,7 +133,6 @@ class TapCtlTests(TestCase):
             f.truncate(1 << 20)
         return path
 
-    @deferredTest
     async def test_createListPauseDestroy(self) -> None:
         """
         create → a real process and a node sized like the image; list shows
@@ -165,7 +163,6 @@ class TapCtlTests(TestCase):
         self.assertEqual(await tap.list(), [])
         self.assertFalse(os.path.exists(node))
 
-    @deferredTest
     async def test_stepByStep(self) -> None:
         """spawn, allocate, attach, open, close, detach, free - as create/destroy do."""
         tap, state = fakeTapCtl(self)
@@ -201,7 +198,6 @@ class TapCtlTests(TestCase):
             ],
         )
 
-    @deferredTest
     async def test_typedError(self) -> None:
         """A non-zero exit is a TapCtlError with the command, exit code and stderr."""
         tap, _state = fakeTapCtl(self)
@@ -215,7 +211,6 @@ class TapCtlTests(TestCase):
         else:
             self.fail("no TapCtlError")
 
-    @deferredTest
     async def test_createUndoneOnFailure(self) -> None:
         """create failing at open leaves no process, no minor, no node."""
         tap, state = fakeTapCtl(self)
@@ -232,7 +227,6 @@ class TapCtlTests(TestCase):
         self.assertEqual(len(spawned), 1)
         self.assertEqual(os.listdir(os.path.join(state, "root", "dev", "xen", "blktap-2")), [])
 
-    @deferredTest
     async def test_failureForOneTapdisk(self) -> None:
         """
         A failure injected for one pid fails that tapdisk's pause only, with
@@ -260,7 +254,6 @@ class TapCtlTests(TestCase):
         await tap.pause(first.pid, first.minor)
         self.assertEqual(procState(first.pid), "T")
 
-    @deferredTest
     async def test_missingBinary(self) -> None:
         """A binary that cannot be run is a TapCtlError too."""
         tap = TapCtl("/nonexistent/tap-ctl")
@@ -271,7 +264,6 @@ class TapCtlTests(TestCase):
         else:
             self.fail("no TapCtlError")
 
-    @deferredTest
     async def test_runThroughShebang(self) -> None:
         """The stand-in is an executable on its own (#!/usr/bin/env python3)."""
         tap, _state = fakeTapCtl(self, direct=True)

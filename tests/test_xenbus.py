@@ -367,15 +367,13 @@ class WaitLogicTests(SynchronousTestCase):
 class RealXenstoredWaitTests(TestCase):
     """The wait helpers against the real C xenstored."""
 
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+    async def setUp(self) -> None:
+        """A real xenstored, a connection to wait on and one that writes."""
         requireRealXenstored(self)
         workdir = os.path.abspath(self.mktemp())
         self.xenstored = RealXenstored(workdir, domains=range(32))
         self.xenstored.start()
         self.addCleanup(self.xenstored.stop)
-        return Deferred.fromCoroutine(self._connect())
-
-    async def _connect(self) -> None:
         self.xs = await self.connect()
         self.writer = await self.connect()
 
@@ -385,64 +383,44 @@ class RealXenstoredWaitTests(TestCase):
         self.addCleanup(xs.disconnect)
         return xs
 
-    def test_stateChanges(self) -> Deferred[None]:
+    async def test_stateChanges(self) -> None:
         """A wait sees another connection's writes and fires on the wanted state."""
+        await self.writer.write(BE + "/state", "1")
+        d = waitForState(self.xs, BE, [XenbusState.Connected], timeout=10)
+        await self.writer.write(BE + "/state", "2")
+        await self.writer.write(BE + "/state", "4")
+        self.assertIs(await d, XenbusState.Connected)
+        self.assertEqual(self.xs.watchCount, 0)
 
-        async def run() -> None:
-            await self.writer.write(BE + "/state", "1")
-            d = waitForState(self.xs, BE, [XenbusState.Connected], timeout=10)
-            await self.writer.write(BE + "/state", "2")
-            await self.writer.write(BE + "/state", "4")
-            self.assertIs(await d, XenbusState.Connected)
-            self.assertEqual(self.xs.watchCount, 0)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_stateTimeout(self) -> Deferred[None]:
+    async def test_stateTimeout(self) -> None:
         """A short real timeout fails with XenStoreTimeout and removes the watch."""
+        await self.writer.write(BE + "/state", "2")
+        d = waitForState(self.xs, BE, XenbusState.Closed, timeout=0.2)
+        with self.assertRaises(XenStoreTimeout) as cm:
+            await d
+        self.assertEqual(cm.exception.last, "2")
+        self.assertEqual(self.xs.watchCount, 0)
 
-        async def run() -> None:
-            await self.writer.write(BE + "/state", "2")
-            d = waitForState(self.xs, BE, XenbusState.Closed, timeout=0.2)
-            with self.assertRaises(XenStoreTimeout) as cm:
-                await d
-            self.assertEqual(cm.exception.last, "2")
-            self.assertEqual(self.xs.watchCount, 0)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_stateOfRemovedDevice(self) -> Deferred[None]:
+    async def test_stateOfRemovedDevice(self) -> None:
         """Removing the directory does not satisfy a wait (state absent)."""
+        await self.writer.write(BE + "/state", "4")
+        d = waitForState(self.xs, BE, XenbusState.Closed, timeout=10)
+        await self.writer.rm(BE)
+        await self.writer.write(BE + "/state", "6")
+        self.assertIs(await d, XenbusState.Closed)
 
-        async def run() -> None:
-            await self.writer.write(BE + "/state", "4")
-            d = waitForState(self.xs, BE, XenbusState.Closed, timeout=10)
-            await self.writer.rm(BE)
-            await self.writer.write(BE + "/state", "6")
-            self.assertIs(await d, XenbusState.Closed)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_hotplugError(self) -> Deferred[None]:
+    async def test_hotplugError(self) -> None:
         """A script's error report (as the block script writes it) is returned."""
+        d = waitForHotplugStatus(self.xs, BE, timeout=10)
+        await self.writer.write(BE + "/hotplug-error", "losetup failed")
+        await self.writer.write(BE + "/hotplug-status", "error")
+        result = await d
+        self.assertEqual(result, HotplugResult(HotplugStatus.Error, "error", "losetup failed"))
+        self.assertEqual(self.xs.watchCount, 0)
 
-        async def run() -> None:
-            d = waitForHotplugStatus(self.xs, BE, timeout=10)
-            await self.writer.write(BE + "/hotplug-error", "losetup failed")
-            await self.writer.write(BE + "/hotplug-status", "error")
-            result = await d
-            self.assertEqual(result, HotplugResult(HotplugStatus.Error, "error", "losetup failed"))
-            self.assertEqual(self.xs.watchCount, 0)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_hotplugConnected(self) -> Deferred[None]:
+    async def test_hotplugConnected(self) -> None:
         """An empty pre-written status is skipped; connected is returned."""
-
-        async def run() -> None:
-            await self.writer.write(BE + "/hotplug-status", "")
-            d = waitForHotplugStatus(self.xs, BE, timeout=10)
-            await self.writer.write(BE + "/hotplug-status", "connected")
-            self.assertEqual(await d, HotplugResult(HotplugStatus.Connected, "connected", None))
-
-        return Deferred.fromCoroutine(run())
+        await self.writer.write(BE + "/hotplug-status", "")
+        d = waitForHotplugStatus(self.xs, BE, timeout=10)
+        await self.writer.write(BE + "/hotplug-status", "connected")
+        self.assertEqual(await d, HotplugResult(HotplugStatus.Connected, "connected", None))

@@ -12,7 +12,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.xenstoresuite import deferredTest
 from xenddev.xenstore.dispatch import WatchDispatch
 from xenddev.xenstore.errors import XenStoreTimeout
 
@@ -45,7 +44,7 @@ class DispatchSuite:
     assertFailure: Any
     addCleanup: Any
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         self.startServer()
         self.xs = await self.connect()
         self.other = await self.connect()
@@ -53,10 +52,6 @@ class DispatchSuite:
         self.dispatch = WatchDispatch(self.xs, ROOT)
         self.addCleanup(self.dispatch.stop)
 
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]
-        return Deferred.fromCoroutine(self._setUp())
-
-    @deferredTest
     async def test_manyWaitsOneWatch(self) -> None:
         """Waits on many nodes share one watch, each fires with its own value."""
         await self.dispatch.ready()
@@ -68,13 +63,11 @@ class DispatchSuite:
         self.assertEqual([await w for w in waits], ["go"] * 20)
         self.assertEqual(self.dispatch.pending, 0)
 
-    @deferredTest
     async def test_checkedAtOnce(self) -> None:
         """until (and waitFor) see a value already there without an event."""
         await self.xs.write(f"{ROOT}/here", "1")
         self.assertEqual(await self.dispatch.waitFor(f"{ROOT}/here", lambda v: v == "1"), "1")
 
-    @deferredTest
     async def test_unarmedIgnoresEarlierReads(self) -> None:
         """
         An unarmed wait for a node to be gone is not satisfied by the node
@@ -93,7 +86,6 @@ class DispatchSuite:
         await self.other.rm(node)
         self.assertEqual(await wait.result, None)
 
-    @deferredTest
     async def test_removalOfAnAncestor(self) -> None:
         """Removing a directory above a waited node satisfies a wait for it to go."""
         await self.xs.write(f"{ROOT}/dir/sub/leaf", "x")
@@ -105,7 +97,6 @@ class DispatchSuite:
         self.assertEqual(await d, None)
         self.assertEqual(self.dispatch.pending, 0)
 
-    @deferredTest
     async def test_cancelForgets(self) -> None:
         """A cancelled wait fails with CancelledError and is forgotten."""
         await self.dispatch.ready()
@@ -114,7 +105,6 @@ class DispatchSuite:
         await self.assertFailure(d, CancelledError)
         self.assertEqual(self.dispatch.pending, 0)
 
-    @deferredTest
     async def test_timeout(self) -> None:
         """A wait times out on the injected clock with the last value seen."""
         clock = Clock()

@@ -17,7 +17,6 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture
-from tests.support.xenstoresuite import deferredTest
 from xenddev.xenstore import AccessDeniedError, Perm
 from xenddev.xenstore.connection import connectXenStore
 from xenddev.xenstore.server.threaded import ThreadedXenstored
@@ -79,7 +78,6 @@ class DomainSocketTests(TestCase):
 
         return d.addCallback(got)
 
-    @deferredTest
     async def test_guestCannotWriteBackend(self) -> None:
         """
         The toolstack's layout: the guest writes its own frontend directory
@@ -113,7 +111,6 @@ class DomainSocketTests(TestCase):
             [Perm("n", 5), Perm("r", 0)],
         )
 
-    @deferredTest
     async def test_guestRelativePaths(self) -> None:
         """A guest's relative paths resolve under /local/domain/5."""
         dom0 = await self.connectTo(self.socketPath)

@@ -22,7 +22,6 @@ from tests.support.host import (
     shortTempDir,
     stopSpawned,
 )
-from tests.support.xenstoresuite import deferredTest
 from xenddev.xenstore.tap import Options
 
 
@@ -57,7 +56,6 @@ class TwistdTests(TestCase):
         assert exe is not None
         return getProcessOutputAndValue(exe, argv[1:], env=env)
 
-    @deferredTest
     async def test_serveRundirSocket(self) -> None:
         """XENSTORED_RUNDIR=DIR xenstore-ls / works; the socket is mode 0600."""
         proto = self.startTwistd()
@@ -70,7 +68,6 @@ class TwistdTests(TestCase):
         self.assertIn(b"svc", out)
         self.assertIn(b"local", out)
 
-    @deferredTest
     async def test_stateSurvivesRestart(self) -> None:
         """With --state, a clean stop saves the tree and the next start loads it."""
         state = os.path.join(self.rundir, "state")

@@ -17,7 +17,6 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture
-from tests.support.xenstoresuite import deferredTest
 
 TEST_XENSTORE = "/usr/lib/xen-4.17/bin/test-xenstore"
 
@@ -35,7 +34,6 @@ class ToolTests(EmbeddedXenstoredFixture, TestCase):
         exe = shutil.which(argv[0]) or argv[0]
         return getProcessOutputAndValue(exe, argv[1:], env=self.cliEnv())
 
-    @deferredTest
     async def test_testXenstore(self) -> None:
         """Every test of Debian's test-xenstore passes."""
         out, err, code = await self.run_(TEST_XENSTORE, "-i", "3")
@@ -43,7 +41,6 @@ class ToolTests(EmbeddedXenstoredFixture, TestCase):
         self.assertNotIn(b"failed", out + err)
         self.assertIn(b"ta err", out)
 
-    @deferredTest
     async def test_cliTools(self) -> None:
         """write, read, ls, list, chmod, exists and rm behave as with C."""
         out, err, code = await self.run_("xenstore-write", "/cli/a/b", "hello", "/cli/c", "x")
@@ -64,7 +61,6 @@ class ToolTests(EmbeddedXenstoredFixture, TestCase):
         _, err, code = await self.run_("xenstore-read", "/cli/a/b")
         self.assertNotEqual(code, 0)
 
-    @deferredTest
     async def test_cliWatch(self) -> None:
         """xenstore-watch -n 2 sees its registration event and a write."""
         if shutil.which("xenstore-watch") is None:
@@ -85,7 +81,6 @@ class ToolTests(EmbeddedXenstoredFixture, TestCase):
         self.assertEqual(lines[0], "/watched")
         self.assertTrue(lines[1].startswith("/watched/k"))
 
-    @deferredTest
     async def test_pyxsClientAndMonitor(self) -> None:
         """pyxs's Client reads and writes; its Monitor receives watch events."""
         from pyxs import Client

@@ -23,7 +23,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import HostSuite, shortTempDir, startDriverDomain
 from tests.support.treedump import dumpTree
-from tests.support.xenstoresuite import deferredTest
 from tests.test_qemu_kind import QemuFixtureMixin, qemuIO
 from xenddev.cli import serverProxy
 from xenddev.controller import (
@@ -161,16 +160,13 @@ class DeviceServiceFixture(RPCServerMixin, HostSuite):
 
     flushLoggedErrors: Any
 
-    async def _setUp(self) -> None:
+    async def setUp(self) -> None:
         self.startServer()
         self.xs = await self.connect()
         self.manager = DeviceManager(self.xs, createTimeout=10.0, destroyTimeout=10.0)
         await self.manager.registerDomain(GUEST, name="guest")
         await self.startDriverDomain(0)
         self.serveRPC(self.manager)
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
 
     async def startDriverDomain(
         self, domid: int, hotplug: dict[str, Any] | None = None
@@ -206,7 +202,6 @@ class XMLRPCSuite(DeviceServiceFixture):
 
     # Introspection
 
-    @deferredTest
     async def test_introspection(self) -> None:
         """listMethods names every method; methodHelp and methodSignature describe them."""
         methods = set(await self.call("system.listMethods"))
@@ -222,7 +217,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         self.assertEqual(status["in-flight"], 0)
         self.assertEqual(await self.call("device.classes"), ["tap", "tap2", "vbd", "vif"])
 
-    @deferredTest
     async def test_everyMethodHelpedAndDocumented(self) -> None:
         """
         Every method has help text giving its usage, and docs/xmlrpc.md
@@ -242,7 +236,6 @@ class XMLRPCSuite(DeviceServiceFixture):
 
     # Block devices
 
-    @deferredTest
     async def test_vbdModernNamespace(self) -> None:
         """device.attach / list / detach of an xl spec; the tree ends as it began."""
         img = self.image()
@@ -261,7 +254,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         self.assertEqual(await self.call("device.list", GUEST), [])
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_vbdXendNamespace(self) -> None:
         """
         xm's calls: device_create with a nested array and with text,
@@ -293,7 +285,6 @@ class XMLRPCSuite(DeviceServiceFixture):
 
     # Network interfaces
 
-    @deferredTest
     async def test_vifBothNamespaces(self) -> None:
         """vifs through device.attach and device_create; detached by MAC and by devid."""
         before = await self.tree()
@@ -312,7 +303,6 @@ class XMLRPCSuite(DeviceServiceFixture):
 
     # Errors
 
-    @deferredTest
     async def test_badConfigFaults(self) -> None:
         """Bad specs, s-expressions, classes and argument types: fault 10, nothing written."""
         before = await self.tree()
@@ -344,7 +334,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         await self.assertFault(FaultCode.BAD_CONFIG, "xend.domain.device_create", GUEST, 5)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_invalidDomainFaults(self) -> None:
         """Out-of-range ids, unknown domains and unknown names: fault 3."""
         before = await self.tree()
@@ -359,7 +348,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         await self.assertFault(FaultCode.INVALID_DOMAIN, "xend.domain.waitForDevices", 77)
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_deviceExistsAndMissing(self) -> None:
         """A duplicate vdev: fault 12, the first untouched; a missing device: fault 11."""
         img = self.image()
@@ -380,7 +368,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         )
         await self.call("device.detach", GUEST, "vbd", 51728)
 
-    @deferredTest
     async def test_genericFaults(self) -> None:
         """
         Fault 2: the driver domain refuses (a missing image on a remote
@@ -417,7 +404,6 @@ class XMLRPCSuite(DeviceServiceFixture):
             FaultCode.BAD_CONFIG, "xend.domain.device_configure", GUEST, "(vif (bridge br0))"
         )
 
-    @deferredTest
     async def test_hotplugFailedFault(self) -> None:
         """A hotplug script that never reports: fault 15, xend's message, nothing left."""
         scripts = os.path.abspath(self.mktemp())
@@ -444,7 +430,6 @@ class XMLRPCSuite(DeviceServiceFixture):
 
     # Driver-domain objects (vdi.*)
 
-    @deferredTest
     async def test_vdiLifecycle(self) -> None:
         """
         An operator's vdi: prepare (blkback file target), activate, get,
@@ -474,7 +459,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         await self.assertFault(FaultCode.NOT_FOUND, "vdi.get", 0, "opdisk")
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_vdiListShowsControllerPlugs(self) -> None:
         """vdi.list shows the objects the controllers made, with their plugs."""
         img = self.image()
@@ -493,7 +477,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         await self.call("device.detach", GUEST, "vif", 0)
         self.assertEqual(await self.call("vdi.list", 0), [])
 
-    @deferredTest
     async def test_vdiBadInputFaults(self) -> None:
         """
         Bad names, targets, classes and domains: a typed fault before
@@ -522,7 +505,6 @@ class XMLRPCSuite(DeviceServiceFixture):
         await self.assertFault(FaultCode.BAD_CONFIG, "vdi.list", 0, "vbd")
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_vdiStateFaults(self) -> None:
         """
         Requests the object's state does not allow, and targets the driver
@@ -556,19 +538,16 @@ class XMLRPCSuite(DeviceServiceFixture):
         self.assertTrue(await self.call("vdi.unprepare", 0, "d"))
         await self.assertTreeIs(before)
 
-    @deferredTest
     async def test_datapathWithoutStorage(self) -> None:
         """Served without a storage control, datapath.* gives fault 19."""
         f = await self.assertFault(FaultCode.UNSUPPORTED, "datapath.list")
         self.assertIn("no data-path control", f.faultString)
 
-    @deferredTest
     async def test_unknownMethod(self) -> None:
         """An unknown method gets Twisted's fault 8001."""
         await self.assertFault(8001, "device.explode", GUEST)
         await self.assertFault(8001, "xend.domain.device_explode", GUEST)
 
-    @deferredTest
     async def test_operationLogLines(self) -> None:
         """Each device operation logs one line: domain, class, devid, outcome, duration."""
         events: list[dict[str, Any]] = []
@@ -632,7 +611,6 @@ class DataPathRPCSuite(RPCServerMixin, QemuFixtureMixin):
             await self.call("vdi.deactivate", 0, name)
             await self.call("vdi.unprepare", 0, name)
 
-    @deferredTest
     async def test_findQuiesceResume(self) -> None:
         """
         list and find see the data path with its chain; quiesce(parent)
@@ -666,7 +644,6 @@ class DataPathRPCSuite(RPCServerMixin, QemuFixtureMixin):
         await self.retire("q1")
         await self.assertTreeIs(before, self.agent)
 
-    @deferredTest
     async def test_deadResumedAutomatically(self) -> None:
         """
         A client that quiesces and never resumes: once timeouts.quiesce has
@@ -693,7 +670,6 @@ class DataPathRPCSuite(RPCServerMixin, QemuFixtureMixin):
         )
         await self.retire("q2")
 
-    @deferredTest
     async def test_coalesceAndFaults(self) -> None:
         """
         coalesce merges the overlay into its parent while the export keeps
@@ -742,7 +718,6 @@ class BrokenManager:
 class InternalErrorTests(RPCServerMixin, TestCase):
     """Unexpected exceptions: fault 1, a reference, the traceback only in the log."""
 
-    @deferredTest
     async def test_internalError(self) -> None:
         """The caller sees a reference but neither the exception nor its traceback."""
         self.serveRPC(BrokenManager())
