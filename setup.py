@@ -10,6 +10,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # The packages live at the root of the checkout, and saying so makes the
+    # layout "simple" for setuptools: an editable install then puts a
+    # directory holding twisted/plugins/ on sys.path (the checkout in the
+    # default and compat modes, a link tree under build/ in strict mode),
+    # which is where Twisted's plugin loader looks for plugin directories.
+    # Without it the default mode installs an import hook instead, and
+    # twistd lists neither xenddev nor xenstored.
+    package_dir={"": "."},
     packages=[
         *find_packages(include=["xenddev", "xenddev.*", "controllers", "controllers.*"]),
         "twisted.plugins",

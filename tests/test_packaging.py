@@ -3,10 +3,11 @@ Packaging: build the wheel from a copy of the source tree, install it into a
 fresh virtualenv (no system site-packages; dependencies come from the
 configured package index as pip normally gets them), and check that
 C{twistd --help} lists the C{xenddev} and C{xenstored} plugins and that the
-console script (once setup.py declares it) runs.
+console script (once setup.py declares it) runs; and the same for editable
+installs (C{pip install -e}) in setuptools' default, strict and compat modes.
 
-SLOW: about 20-60 s (a wheel build and a virtualenv install). Set
-C{XENDDEV_SKIP_PACKAGING=1} to skip it.
+SLOW: about 20-60 s each (a wheel build and a virtualenv install; three
+editable installs). Set C{XENDDEV_SKIP_PACKAGING=1} to skip them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import zipfile
 
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
-
-from tests.support.xenstoresuite import deferredTest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = shutil.ignore_patterns(
@@ -40,8 +39,8 @@ IGNORE = shutil.ignore_patterns(
 )
 
 
-class WheelTests(TestCase):
-    """The wheel installs into a fresh virtualenv with working plugins."""
+class PackagingTestCase(TestCase):
+    """Runs the commands of an installation (slow: a long timeout)."""
 
     timeout = 600
 
@@ -54,7 +53,10 @@ class WheelTests(TestCase):
             self.fail(f"{exe} {' '.join(args)} exited {code}:\n{text[-4000:]}")
         return text
 
-    @deferredTest
+
+class WheelTests(PackagingTestCase):
+    """The wheel installs into a fresh virtualenv with working plugins."""
+
     async def test_wheelInFreshVenv(self) -> None:
         """Build, install, regenerate dropin.cache, list the plugins, run the CLI."""
         if os.environ.get("XENDDEV_SKIP_PACKAGING"):
@@ -99,3 +101,33 @@ class WheelTests(TestCase):
         self.assertIn("--xenstore", daemonHelp)
         if "xenddev" in entryPoints.split("[console_scripts]", 1)[-1]:
             await self.runCommand(os.path.join(venv, "bin", "xenddev"), "--help", cwd=work)
+
+
+class EditableTests(PackagingTestCase):
+    """
+    An editable install (C{pip install -e}) in each of setuptools' modes
+    lets C{twistd} find the plugins in the checkout's C{twisted/plugins/}.
+    """
+
+    async def test_pluginsListedInEveryMode(self) -> None:
+        """
+        The default mode (what C{make venv} uses), strict and compat: after
+        each install C{twistd --help} lists C{xenddev} and C{xenstored}.
+        """
+        if os.environ.get("XENDDEV_SKIP_PACKAGING"):
+            raise SkipTest("XENDDEV_SKIP_PACKAGING is set")
+        work = tempfile.mkdtemp(prefix="xenddev-editable-")
+        self.addCleanup(shutil.rmtree, work, True)
+        src = os.path.join(work, "src")
+        shutil.copytree(ROOT, src, ignore=IGNORE)
+        venv = os.path.join(work, "venv")
+        await self.runCommand(sys.executable, "-m", "venv", venv, cwd=work)
+        py = os.path.join(venv, "bin", "python")
+        for mode in (None, "strict", "compat"):
+            settings = [] if mode is None else ["--config-settings", f"editable_mode={mode}"]
+            await self.runCommand(py, "-m", "pip", "install", "-q", "-e", src, *settings, cwd=work)
+            helpText = await self.runCommand(
+                os.path.join(venv, "bin", "twistd"), "--help", cwd=work
+            )
+            self.assertIn(" xenddev ", helpText, mode)
+            self.assertIn(" xenstored ", helpText, mode)
