@@ -315,6 +315,45 @@ class XenbusEndpointTests(TestCase):
         await deferLater(reactor, 0, lambda: None)
         self.assertFalse(client.connected)
 
+    async def test_oneTransactionStartAtATime(self):
+        """
+        A second TRANSACTION_START waits until the first is answered:
+        Linux's xenbus device files each start's reply under the transaction
+        started last, and answers ENOENT for a transaction it lost track of.
+        """
+        clientSock, deviceSock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(deviceSock.close)
+
+        def opener(path):
+            fd = os.dup(clientSock.fileno())
+            clientSock.close()
+            return fd
+
+        ep = XenbusEndpoint(reactor, "/dev/xen/xenbus", opener=opener)
+        client = XenStoreClient(await ep.connect(XenStoreClientFactory()), reactor)
+        deviceSock.setblocking(False)
+
+        async def body(tx):
+            await tx.read("/a")
+
+        first = client.transact(body)
+        second = client.transact(body)
+        for d in (first, second):
+            d.addErrback(lambda _: None)
+        (packet,) = PacketParser().feed(deviceSock.recv(65536))
+        self.assertRaises(BlockingIOError, deviceSock.recv, 65536)
+        self.assertEqual(packet.op, Op.TRANSACTION_START)
+        deviceSock.send(Packet(Op.TRANSACTION_START, packet.reqId, 0, b"5\0").encode())
+        await deferLater(reactor, 0.05, lambda: None)
+        (second,) = PacketParser().feed(deviceSock.recv(65536))
+        self.assertEqual(second.op, Op.TRANSACTION_START)
+        self.assertRaises(BlockingIOError, deviceSock.recv, 65536)
+        deviceSock.send(Packet(Op.TRANSACTION_START, second.reqId, 0, b"6\0").encode())
+        await deferLater(reactor, 0.05, lambda: None)
+        reads = [PacketParser().feed(deviceSock.recv(65536))[0] for _ in range(2)]
+        self.assertEqual([(p.op, p.txId) for p in reads], [(Op.READ, 5), (Op.READ, 6)])
+        client.protocol.transport.loseConnection()
+
     async def test_errorReply(self):
         """An ERROR written on the device fails the request."""
         client = await self.connectClient()

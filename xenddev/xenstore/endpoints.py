@@ -95,8 +95,9 @@ def parseAddress(
 
 #: A XenStore message's header (type, req_id, tx_id, len: four uint32s),
 #: and its payload length field, little-endian as on x86.
-_HEADER_SIZE = 16
-_LENGTH = struct.Struct("<I")
+_HEADER = struct.Struct("<IIII")
+_HEADER_SIZE = _HEADER.size
+_TRANSACTION_START = 6
 
 
 class _DeviceTransport(abstract.FileDescriptor):
@@ -107,6 +108,9 @@ class _DeviceTransport(abstract.FileDescriptor):
         self._fd = fd
         self.protocol = protocol
         self._outgoing = bytearray()
+        self._incoming = bytearray()
+        #: The req_id of the TRANSACTION_START awaiting its reply, if any.
+        self._startPending: int | None = None
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
@@ -115,21 +119,29 @@ class _DeviceTransport(abstract.FileDescriptor):
     def write(self, data: bytes) -> None:
         """
         Write whole XenStore messages to the device at once, one per
-        write(2), without FileDescriptor's buffering.
+        write(2), without FileDescriptor's buffering; hold the messages
+        after a TRANSACTION_START until its reply has come.
 
-        Linux's xenbus device differs from a socket twice: its poll never
-        reports it writable (so a buffered write waiting for writability
-        was never made: the agent in a real driver domain hung at start),
-        and it takes one message per write, handling the first complete
-        message of a write and dropping the rest (so requests pipelined
-        into one write were lost). A write of one message always completes
-        at once.
+        Linux's xenbus device differs from a socket three times: its poll
+        never reports it writable (so a buffered write waiting for
+        writability was never made: the agent in a real driver domain hung
+        at start); it takes one message per write, handling the first
+        complete message of a write and dropping the rest (so requests
+        pipelined into one write were lost); and it files each
+        TRANSACTION_START reply under the transaction started last, so with
+        two starts outstanding one transaction's id is unknown to it and it
+        answers that transaction's requests ENOENT itself (real Xen: the
+        agent's reads of a target failed). A write of one message always
+        completes at once.
         """
         if self.disconnected or self.disconnecting or not data:
             return
         self._outgoing += data
-        while len(self._outgoing) >= _HEADER_SIZE:
-            (length,) = _LENGTH.unpack_from(self._outgoing, _HEADER_SIZE - 4)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._startPending is None and len(self._outgoing) >= _HEADER_SIZE:
+            kind, reqId, _tx, length = _HEADER.unpack_from(self._outgoing)
             size = _HEADER_SIZE + length
             if len(self._outgoing) < size:
                 return
@@ -137,12 +149,29 @@ class _DeviceTransport(abstract.FileDescriptor):
                 os.write(self._fd, self._outgoing[:size])
             except OSError as e:
                 self._outgoing.clear()
-                reason = Failure(
-                    ConnectionLost(f"xenbus write failed: {os.strerror(e.errno or 0)}")
-                )
+                why = os.strerror(e.errno or errno.EIO)
+                reason = Failure(ConnectionLost(f"xenbus write failed: {why}"))
                 self.reactor.callLater(0, self.connectionLost, reason)  # type: ignore[attr-defined]
                 return
             del self._outgoing[:size]
+            if kind == _TRANSACTION_START:
+                self._startPending = reqId
+
+    def _received(self, data: bytes) -> None:
+        """Pass replies on; once a pending TRANSACTION_START is answered, send on."""
+        self._incoming += data
+        answered = False
+        while len(self._incoming) >= _HEADER_SIZE:
+            _kind, reqId, _tx, length = _HEADER.unpack_from(self._incoming)
+            if len(self._incoming) < _HEADER_SIZE + length:
+                break
+            del self._incoming[: _HEADER_SIZE + length]
+            if self._startPending is not None and reqId == self._startPending:
+                answered = True
+        self.protocol.dataReceived(data)
+        if answered:
+            self._startPending = None
+            self._flush()
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         """See L{write}."""
@@ -166,7 +195,7 @@ class _DeviceTransport(abstract.FileDescriptor):
         self.reactor.callLater(0, self.connectionLost, reason)  # type: ignore[attr-defined]
 
     def doRead(self) -> Exception | None:
-        return fdesc.readFromFD(self._fd, self.protocol.dataReceived)
+        return fdesc.readFromFD(self._fd, self._received)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
