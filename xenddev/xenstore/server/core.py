@@ -39,7 +39,7 @@ from xenddev.xenstore.server.tree import (
     parentOf,
     parsePerms,
 )
-from xenddev.xenstore.server.watches import Watch, encodeEvent
+from xenddev.xenstore.server.watches import Watch, WatchIndex, encodeEvent
 from xenddev.xenstore.wire import HEADER, PAYLOAD_MAX, REL_PATH_MAX, Op
 
 AnyNode = Node | TxNode
@@ -80,15 +80,22 @@ class Connection:
     @ivar domid: the domain the client acts as (0 on the privileged socket).
     @ivar privileged: whether permission checks and quotas are skipped.
     @ivar write: called with the bytes to send.
+    @ivar rank: the order of connection among the server's clients (events
+        for one change reach clients in this order).
+    @ivar watches: this client's watches by (absolute path, token), in
+        order of registration.
     """
 
-    def __init__(self, server: XenStoreServer, domid: int, write: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, server: XenStoreServer, domid: int, write: Callable[[bytes], None], rank: int = 0
+    ) -> None:
         self.server = server
         self.domid = domid
         self.privileged = domid == 0
         self.home = b"/local/domain/%d" % domid
         self.write = write
-        self.watches: list[Watch] = []
+        self.rank = rank
+        self.watches: dict[tuple[bytes, bytes], Watch] = {}
         self.transactions: dict[int, Transaction] = {}
         self.nextTxId = 0
         self._out: list[bytes] = []
@@ -103,6 +110,8 @@ class Connection:
 
     def queue(self, data: bytes) -> None:
         """Queue an encoded packet; L{flush} sends it."""
+        if not self._out:
+            self.server._unsent[self] = None
         self._out.append(data)
         self.outstanding += 1
 
@@ -124,6 +133,7 @@ class Connection:
         """Send everything queued."""
         self._events.clear()
         if self._out:
+            self.server._unsent.pop(self, None)
             out, self._out = self._out, []
             self.outstanding = 0
             self.write(b"".join(out))
@@ -157,7 +167,14 @@ class XenStoreServer:
         self.quotas = quotas if quotas is not None else Quotas()
         self.domainExists = domainExists if domainExists is not None else _ordinaryDomain
         self.reactor = reactor
-        self.connections: list[Connection] = []
+        #: Every client, in order of connection.
+        self.connections: dict[Connection, None] = {}
+        self.watches: WatchIndex[Connection] = WatchIndex()
+        #: Watches per domain (the watch quota), over all its connections.
+        self._watchCounts: dict[int, int] = {}
+        #: The connections with output queued and not flushed.
+        self._unsent: dict[Connection, None] = {}
+        self._connections = 0
         self.introduced: set[int] = {0}
         self.targets: dict[int, int] = {}
         self.specialPerms: dict[bytes, PermSet] = {s: DEFAULT_PERMS for s in _SPECIAL}
@@ -201,22 +218,34 @@ class XenStoreServer:
 
     def connect(self, domid: int, write: Callable[[bytes], None]) -> Connection:
         """Register a new client acting as C{domid}."""
-        conn = Connection(self, domid, write)
-        self.connections.append(conn)
+        self._connections += 1
+        conn = Connection(self, domid, write, self._connections)
+        self.connections[conn] = None
         return conn
 
     def disconnect(self, conn: Connection) -> None:
         """Forget a client: its watches and transactions go with it."""
-        try:
-            self.connections.remove(conn)
-        except ValueError:
-            pass
-        conn.watches = []
+        self.connections.pop(conn, None)
+        self._unsent.pop(conn, None)
+        self._dropWatches(conn)
         conn.transactions = {}
 
+    def _dropWatches(self, conn: Connection) -> None:
+        for w in conn.watches.values():
+            self.watches.remove(w)
+        if conn.watches:
+            self._watchCounts[conn.domid] -= len(conn.watches)
+            if not self._watchCounts[conn.domid]:
+                del self._watchCounts[conn.domid]
+        conn.watches = {}
+
     def _flushOthers(self, conn: Connection | None) -> None:
-        for c in self.connections:
-            if c is not conn and c._out:
+        unsent = self._unsent
+        if not unsent or (len(unsent) == 1 and conn in unsent):
+            return
+        # In order of connection, as a scan of every client would.
+        for c in sorted(unsent, key=_rank):
+            if c is not conn:
                 c.flush()
 
     # Dispatch
@@ -365,25 +394,28 @@ class XenStoreServer:
         if tx is not None:
             tx.queueWatch(name, exact)
             return
+        matching = self.watches.matching(name, exact)
+        if not matching:
+            return
         special = name[:1] == b"@"
-        for c in self.connections:
-            if not c.watches:
-                continue
-            matching = [w for w in c.watches if w.matches(name, exact)]
-            if not matching:
-                continue
-            if special:
-                if not self.permFor(c, self.specialPerms[name]) & PERM_READ:
-                    continue
-            elif (perms is None or not c.privileged) and not self._watchPermitted(
-                c, name, perms, parentPerms, oldPerms
-            ):
-                continue
-            for w in matching:
+        # Grouped by connection (the index orders them so): each client's
+        # right to see the change is decided once.
+        last: Connection | None = None
+        permitted = False
+        for c, w in matching:
+            if c is not last:
+                last = c
+                if special:
+                    permitted = bool(self.permFor(c, self.specialPerms[name]) & PERM_READ)
+                else:
+                    permitted = (perms is not None and c.privileged) or self._watchPermitted(
+                        c, name, perms, parentPerms, oldPerms
+                    )
+            if permitted:
                 c.queueEvent(w.eventPath(name), w.token)
 
     def _firstEvent(self, conn: Connection) -> None:
-        w = conn.watches[-1]
+        w = next(reversed(conn.watches.values()))
         conn.queueEvent(w.eventPath(w.path), w.token)
 
     # Quota helpers
@@ -665,27 +697,32 @@ class XenStoreServer:
             path = canon
             if not isValidNodename(path, self.quotas.maxPathLength):
                 raise XsError("EINVAL")
-        for w in conn.watches:
-            if w.path == path and w.token == token:
-                raise XsError("EEXIST")
+        if (path, token) in conn.watches:
+            raise XsError("EEXIST")
         if not conn.privileged and self._watchCount(conn.domid) > self.quotas.watchesPerDomain:
             raise XsError("E2BIG")
-        conn.watches.append(Watch(path, token, prefix))
+        w = Watch(path, token, prefix)
+        conn.watches[path, token] = w
+        self.watches.add(w, conn, conn.rank)
+        self._watchCounts[conn.domid] = self._watchCounts.get(conn.domid, 0) + 1
         return _OK
 
     def _watchCount(self, domid: int) -> int:
-        return sum(len(c.watches) for c in self.connections if c.domid == domid)
+        return self._watchCounts.get(domid, 0)
 
     def _unwatch(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
         if payload.count(b"\0") != 2:
             raise XsError("EINVAL")
         path, token, _ = payload.split(b"\0")
         path = self._canonical(conn, path) or b""
-        for i, w in enumerate(conn.watches):
-            if w.path == path and w.token == token:
-                del conn.watches[i]
-                return _OK
-        raise XsError("ENOENT")
+        w = conn.watches.pop((path, token), None)
+        if w is None:
+            raise XsError("ENOENT")
+        self.watches.remove(w)
+        self._watchCounts[conn.domid] -= 1
+        if not self._watchCounts[conn.domid]:
+            del self._watchCounts[conn.domid]
+        return _OK
 
     def _transactionStart(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
         if tx is not None:
@@ -852,7 +889,7 @@ class XenStoreServer:
         return _OK
 
     def _resetWatches(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
-        conn.watches = []
+        self._dropWatches(conn)
         conn.transactions = {}
         return _OK
 
@@ -892,6 +929,10 @@ class XenStoreServer:
     def allNodes(self) -> Iterable[tuple[bytes, Node]]:
         """Every (path, node) of the tree, parents first."""
         return self.tree.walk()
+
+
+def _rank(conn: Connection) -> int:
+    return conn.rank
 
 
 def _ordinaryDomain(domid: int) -> bool:
