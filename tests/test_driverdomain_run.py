@@ -5,6 +5,7 @@ process of its own).
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
@@ -35,3 +36,38 @@ class OptionsTests(TestCase):
         """Anything else is a usage error naming the option."""
         error = self.assertRaises(usage.UsageError, self.parse, "--domid", "dd1")
         self.assertIn("--domid", str(error))
+
+
+class FrontendVisibleTests(TestCase):
+    """What a driver domain's agent takes for an existing frontend."""
+
+    def visible(self, outcome: object) -> bool:
+        """L{_frontendVisible} over a store whose read gives C{outcome}."""
+        from twisted.internet.defer import fail, succeed
+
+        from xenddev.driverdomain.agent import _frontendVisible
+        from xenddev.xenstore.errors import AccessDeniedError
+
+        class Store:
+            def readOrNone(self, path: str) -> object:
+                if outcome == "EACCES":
+                    return fail(AccessDeniedError("EACCES", "READ", path))
+                return succeed(outcome)
+
+        return self.successResultOf(Deferred.fromCoroutine(_frontendVisible(Store(), "/f")))
+
+    def test_readable(self) -> None:
+        """A frontend it may read exists."""
+        self.assertTrue(self.visible(""))
+
+    def test_missing(self) -> None:
+        """ENOENT: absent."""
+        self.assertFalse(self.visible(None))
+
+    def test_unreadable(self) -> None:
+        """
+        EACCES, which real xenstored answers for a missing node under a
+        guest's home read from a driver domain: absent for this driver
+        domain (one made for it is readable by it).
+        """
+        self.assertFalse(self.visible("EACCES"))

@@ -457,7 +457,7 @@ class BackendCtrlAgent:
             except KindError:
                 targetReads.addErrback(lambda _: None)
                 raise
-            snap = ObjectSnapshot(state, None, plugState, await xs.exists(frontend))
+            snap = ObjectSnapshot(state, None, plugState, await _frontendVisible(xs, frontend))
             plugSpec = PlugSpec(
                 request.plug, frontend, ref, takeover, paths.absolute(backend) if backend else None
             )
@@ -977,6 +977,21 @@ def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:
     """C{ls}, or None if C{path} does not exist (one request, not two)."""
     d: Deferred[Any] = ops.ls(path)
     return d.addErrback(lambda f: f.trap(NoEntryError) and None)
+
+
+async def _frontendVisible(xs: Any, frontend: str) -> bool:
+    """
+    Whether C{frontend} exists for this driver domain. Real xenstored
+    answers EACCES, not ENOENT, for a missing node under a home the reader
+    may not read (a guest's, read from a driver domain), so C{exists} says
+    yes to every frontend path there; a frontend made for this driver
+    domain is readable by it (the toolstack grants that), so one it may
+    not read is not there for it.
+    """
+    try:
+        return await xs.readOrNone(frontend) is not None
+    except AccessDeniedError:
+        return False
 
 
 def kindsPath(driverDomid: int) -> str:
