@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from xenddev.driverdomain.reconnect import GuestReconnectError, reconnectGuest
+from xenddev.driverdomain.reconnect import GuestReconnectError, reconnectGuest, suspendGuest
 from xenddev.driverdomain.restart import MovedObject, _guestsOf, handOverPerms
 from xenddev.xenctrl import (
     SHUTDOWN_CRASH,
@@ -123,6 +123,18 @@ class ReconnectGuestTests(TestCase):
             [("write", REQUEST, "suspend"), ("resume", GUEST), ("resumeDomain", GUEST)],
         )
         self.assertFalse(self.control.state is None or self.control.state.shutdown)
+
+    def test_suspendOnly(self) -> None:
+        """
+        L{suspendGuest} (before a planned driver-domain restart) leaves the
+        guest suspended: nothing is resumed.
+        """
+        d = Deferred.fromCoroutine(suspendGuest(self.xs, self.control, GUEST, self.clock, 10))
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertEqual(self.xs.calls, [("write", REQUEST, "suspend")])
+        assert self.control.state is not None
+        self.assertTrue(self.control.state.suspended)
 
     def test_alreadySuspended(self) -> None:
         """A guest already suspended is only resumed."""

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from xenddev.xenctrl import IDomainControl
 from xenddev.xenstore.paths import validateDomid
 
-__all__ = ["GuestReconnectError", "ResumingXenStore", "reconnectGuest"]
+__all__ = ["GuestReconnectError", "ResumingXenStore", "reconnectGuest", "suspendGuest"]
 
 log = Logger()
 
@@ -55,6 +55,53 @@ class GuestReconnectError(RuntimeError):
     """The guest did not suspend in time, or could not be resumed."""
 
 
+async def suspendGuest(
+    xs: ResumingXenStore,
+    control: IDomainControl,
+    domid: int,
+    reactor: Any,
+    timeout: float = 60.0,
+) -> None:
+    """
+    Ask guest C{domid}'s kernel to suspend (C{control/shutdown = suspend})
+    and wait until Xen reports it shut down for a suspend; a guest already
+    suspended is left so.
+
+    A Linux guest freezes its processes first, and a process waiting
+    uninterruptibly for I/O on a dead backend cannot be frozen: such a
+    guest does not suspend (seen on real Xen; see docs/protocol.md).
+
+    @raise GuestReconnectError: the guest does not exist, did not suspend
+        within C{timeout} (the request is withdrawn), or shut down for
+        another reason.
+    """
+    domid = validateDomid(domid)
+    state = await control.domainState(domid)
+    if state is None or state.dying:
+        raise GuestReconnectError(f"domain {domid} does not exist")
+    if state.suspended:
+        return
+    request = f"/local/domain/{domid}/control/shutdown"
+    started = reactor.seconds()
+    await xs.write(request, "suspend")
+    while True:
+        await deferLater(reactor, POLL_SECONDS, lambda: None)
+        state = await control.domainState(domid)
+        if state is None:
+            raise GuestReconnectError(f"domain {domid} went away while suspending")
+        if state.suspended:
+            return
+        if state.shutdown:
+            raise GuestReconnectError(
+                f"domain {domid} shut down (reason {state.shutdownReason}), not suspended"
+            )
+        if reactor.seconds() - started > timeout:
+            # Withdraw the request unless the guest took it already.
+            if await xs.readOrNone(request) == "suspend":
+                await xs.rm(request, missingOk=True)
+            raise GuestReconnectError(f"domain {domid} did not suspend within {timeout:.0f}s")
+
+
 async def reconnectGuest(
     xs: ResumingXenStore,
     control: IDomainControl,
@@ -63,46 +110,23 @@ async def reconnectGuest(
     timeout: float = 60.0,
 ) -> float:
     """
-    Suspend guest C{domid} and resume it the slow way, so that its frontends
-    reconnect to the backends C{<frontend>/backend} names now.
+    Suspend guest C{domid} (L{suspendGuest}; one already suspended, e.g.
+    before a planned driver-domain restart, is only resumed) and resume it
+    the slow way, so that its frontends reconnect to the backends
+    C{<frontend>/backend} names now.
 
     @param xs: a privileged XenStore connection.
     @param control: the hypervisor (L{xenddev.xenctrl.XenControl}).
     @param reactor: the clock to poll on.
     @param timeout: seconds for the guest to suspend.
-    @return: the seconds the guest was away (suspend request to resume).
-    @raise GuestReconnectError: the guest does not exist, did not suspend
-        within C{timeout} (the request is withdrawn), or is shut down for
-        another reason.
+    @return: the seconds from the call to the resume.
+    @raise GuestReconnectError: see L{suspendGuest}.
     """
-    domid = validateDomid(domid)
-    state = await control.domainState(domid)
-    if state is None or state.dying:
-        raise GuestReconnectError(f"domain {domid} does not exist")
-    request = f"/local/domain/{domid}/control/shutdown"
-    started = reactor.seconds()
     wall = time.monotonic()
-    if not state.suspended:
-        await xs.write(request, "suspend")
-        while True:
-            await deferLater(reactor, POLL_SECONDS, lambda: None)
-            state = await control.domainState(domid)
-            if state is None:
-                raise GuestReconnectError(f"domain {domid} went away while suspending")
-            if state.suspended:
-                break
-            if state.shutdown:
-                raise GuestReconnectError(
-                    f"domain {domid} shut down (reason {state.shutdownReason}), not suspended"
-                )
-            if reactor.seconds() - started > timeout:
-                # Withdraw the request unless the guest took it already.
-                if await xs.readOrNone(request) == "suspend":
-                    await xs.rm(request, missingOk=True)
-                raise GuestReconnectError(f"domain {domid} did not suspend within {timeout:.0f}s")
+    await suspendGuest(xs, control, domid, reactor, timeout)
     await control.resume(domid)
     # xenstored re-arms @releaseDomain for the domain (as libxl does).
     await xs.resumeDomain(domid)
     away = time.monotonic() - wall
-    log.info("Guest {domid} suspended and resumed in {away:.2f}s", domid=domid, away=away)
+    log.info("Guest {domid} reconnected in {away:.2f}s", domid=domid, away=away)
     return away

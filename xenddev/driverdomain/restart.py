@@ -40,7 +40,7 @@ from xenddev.driverdomain.client import (
     PlugResult,
 )
 from xenddev.driverdomain.protocol import ACTIVE, OBJECT_CLASSES, PLUGGED, ObjectClass
-from xenddev.driverdomain.reconnect import ResumingXenStore, reconnectGuest
+from xenddev.driverdomain.reconnect import ResumingXenStore, reconnectGuest, suspendGuest
 from xenddev.interfaces import ITransaction, IXenStore
 from xenddev.xenbus import XenbusPathError, XenbusState, parseFrontendPath
 from xenddev.xenctrl import IDomainControl
@@ -52,6 +52,7 @@ __all__ = [
     "handOverPerms",
     "moveDriverDomain",
     "restartDriverDomain",
+    "suspendGuestsOf",
 ]
 
 log = Logger()
@@ -265,6 +266,40 @@ async def restartDriverDomain(
     )
 
 
+async def suspendGuestsOf(
+    xs: Any,
+    control: IDomainControl,
+    driverDomid: int,
+    reactor: Any,
+    timeout: float = 60.0,
+) -> list[int]:
+    """
+    Suspend every guest whose frontends driver domain C{driverDomid} serves,
+    before a planned restart of it: their I/O then waits, suspended, and
+    L{restartDriverDomain} resumes them on the new backends. (After a
+    crash a guest with I/O stuck on a dead backend cannot suspend.)
+
+    @return: the guests suspended.
+    """
+    old = DriverDomainClient(xs, driverDomid)
+    frontends = [
+        MovedObject(
+            cls.name, info.name, False, {}, {p.name: p.frontend for p in info.plugs if p.frontend}
+        )
+        for cls in OBJECT_CLASSES.values()
+        for info in await old.list(cls)
+    ]
+    guests = _guestsOf(frontends)
+    await gatherResults(
+        [
+            Deferred.fromCoroutine(suspendGuest(xs, control, domid, reactor, timeout))
+            for domid in guests
+        ],
+        consumeErrors=True,
+    )
+    return guests
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     C{python -m xenddev.driverdomain.restart [--xenstore ADDR] OLD NEW}: run
@@ -277,9 +312,17 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m xenddev.driverdomain.restart")
     parser.add_argument("old", type=int, help="the dead driver domain")
-    parser.add_argument("new", type=int, help="its replacement (its agent runs)")
+    parser.add_argument("new", type=int, nargs="?", help="its replacement (its agent runs)")
+    parser.add_argument(
+        "--suspend",
+        action="store_true",
+        help="only suspend the guests OLD serves (a planned restart: before stopping OLD)",
+    )
     parser.add_argument("--xenstore", default="auto", help="auto, unix:PATH or xenbus:PATH")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--reconnect-timeout", type=float, default=60.0, help="seconds for a guest to suspend"
+    )
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
 
@@ -289,9 +332,20 @@ def main(argv: list[str] | None = None) -> None:
 
         xs = await connectXenStore(reactor, args.xenstore)
         control = XenControl(reactor)
+        if args.suspend:
+            try:
+                guests = await suspendGuestsOf(
+                    xs, control, args.old, reactor, args.reconnect_timeout
+                )
+            finally:
+                control.close()
+            print(f"suspended guests {' '.join(map(str, guests)) or '(none)'}")
+            return
+        if args.new is None:
+            parser.error("NEW is required (unless --suspend)")
         try:
             report = await restartDriverDomain(
-                xs, control, args.old, args.new, reactor, args.timeout
+                xs, control, args.old, args.new, reactor, args.timeout, args.reconnect_timeout
             )
         finally:
             control.close()
