@@ -10,6 +10,8 @@ that the index holds exactly the watches the connections hold, in their
 order; L{FiringTests} covers, end to end, the cases an index could get
 wrong: removal of an ancestor, unwatch, connection loss, RESET_WATCHES,
 relative paths, special paths, permissions, transactions and order.
+L{WideParentTests} covers the other cost that grew with devices present: a
+commit under a parent with many children.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.trial.unittest import TestCase
 from tests.test_xenstored_units import Client
 from xenddev.xenstore.server.core import Connection, XenStoreServer
 from xenddev.xenstore.server.quota import Quotas
+from xenddev.xenstore.server.tree import Entry, Tree
 from xenddev.xenstore.server.watches import Watch, WatchIndex, watchedPaths
 from xenddev.xenstore.wire import Op
 
@@ -371,3 +374,57 @@ class FiringTests(TestCase):
         self.assertEqual(events(guest), [(b"/p/open", b"g")])
         self.dom0.req(Op.SET_PERMS, b"/p/open", b"n0")  # readable neither time
         self.assertEqual(events(guest), [])
+
+
+class WideParentTests(TestCase):
+    """
+    A commit under a parent with many children changes the parent's
+    children in place (L{Tree.rewrite}), with the result of rebuilding them.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.sampled_from([b"a", b"b", b"c", b"d", b"e"]), unique=True),
+        st.data(),
+    )
+    def test_updateChildrenSameAsRebuild(self, before: list[bytes], data: st.DataObject) -> None:
+        """
+        Whatever the new list (names dropped, added, re-added, reordered)
+        and whatever the hint of dropped names, the children are the names
+        in the new order, each with the entry it had, a new one empty.
+        """
+        names = data.draw(
+            st.one_of(
+                st.permutations(before),
+                st.lists(st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f"]), unique=True),
+            )
+        )
+        dropped = data.draw(st.lists(st.sampled_from(before or [b"z"])))
+        tree = Tree()
+        old: dict[bytes, Entry] = {n: b"value of " + n for n in before}
+        original = dict(old)
+        got = tree._updateChildren(old, list(names), dropped)
+        self.assertEqual(list(got.items()), [(n, original.get(n, b"")) for n in names])
+
+    def test_dropAndAddInOneTransaction(self) -> None:
+        """
+        Removing one child, adding another and re-creating a removed one
+        in one transaction gives the order and contents C gives: the
+        survivors in place, then the new ones in order of creation.
+        """
+        server = XenStoreServer()
+        dom0 = Client(server)
+        for name in (b"a", b"b", b"c"):
+            dom0.write(b"/w/" + name + b"/x", b"old " + name)
+        _, txId = dom0.req(Op.TRANSACTION_START, b"")
+        tx = int(txId.rstrip(b"\0"))
+        self.assertEqual(dom0.req(Op.RM, b"/w/a", tx=tx)[0], "OK")
+        self.assertEqual(dom0.req(Op.RM, b"/w/b", tx=tx)[0], "OK")
+        self.assertEqual(dom0.write(b"/w/d", b"new d", tx=tx), "OK")
+        self.assertEqual(dom0.write(b"/w/b", b"new b", tx=tx), "OK")
+        self.assertEqual(dom0.req(Op.TRANSACTION_END, b"T", tx=tx)[0], "OK")
+        self.assertEqual(dom0.req(Op.DIRECTORY, b"/w")[1], b"c\0d\0b\0")
+        self.assertEqual(dom0.read(b"/w/b"), ("OK", b"new b"))
+        self.assertEqual(dom0.read(b"/w/b/x")[0], "ENOENT")
+        self.assertEqual(dom0.read(b"/w/c/x"), ("OK", b"old c"))
+        self.assertEqual(dom0.req(Op.DIRECTORY, b"/w/b")[1], b"")

@@ -110,8 +110,8 @@ class Connection:
 
     def queue(self, data: bytes) -> None:
         """Queue an encoded packet; L{flush} sends it."""
-        if not self._out:
-            self.server._unsent[self] = None
+        if not self._out and self in self.server.connections:
+            self.server._unsent[self] = None  # for _flushOthers
         self._out.append(data)
         self.outstanding += 1
 
@@ -174,7 +174,7 @@ class XenStoreServer:
         self._watchCounts: dict[int, int] = {}
         #: The connections with output queued and not flushed.
         self._unsent: dict[Connection, None] = {}
-        self._connections = 0
+        self._lastRank = 0
         self.introduced: set[int] = {0}
         self.targets: dict[int, int] = {}
         self.specialPerms: dict[bytes, PermSet] = {s: DEFAULT_PERMS for s in _SPECIAL}
@@ -218,8 +218,8 @@ class XenStoreServer:
 
     def connect(self, domid: int, write: Callable[[bytes], None]) -> Connection:
         """Register a new client acting as C{domid}."""
-        self._connections += 1
-        conn = Connection(self, domid, write, self._connections)
+        self._lastRank += 1
+        conn = Connection(self, domid, write, self._lastRank)
         self.connections[conn] = None
         return conn
 
@@ -529,12 +529,12 @@ class XenStoreServer:
             self.fireWatches(conn, tx, wp, wn.perms, wp != path)
             if walk:
                 up, upNode, _ = walk[-1]
-                upNode.children.remove(baseName(wp))
+                upNode.removeChild(baseName(wp))
                 tx.write(up, upNode)
         name = baseName(path)
         if name not in parent.children:
             raise XsError("EIO")
-        parent.children.remove(name)
+        parent.removeChild(name)
         tx.write(parentPath, parent)
 
     # Operations. Each returns the reply payload or raises XsError.

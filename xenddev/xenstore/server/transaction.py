@@ -25,9 +25,15 @@ from xenddev.xenstore.server.tree import (
 
 
 class TxNode:
-    """A node as a transaction sees it: a private, mutable copy."""
+    """
+    A node as a transaction sees it: a private, mutable copy.
 
-    __slots__ = ("children", "generation", "perms", "value")
+    @ivar dropped: the names L{removeChild} took out of C{children} (None
+        for none), so that the commit can take them out of the global
+        node without comparing every child.
+    """
+
+    __slots__ = ("children", "dropped", "generation", "perms", "value")
 
     def __init__(
         self, value: bytes, perms: PermSet, generation: int, children: list[bytes]
@@ -36,6 +42,15 @@ class TxNode:
         self.perms = perms
         self.generation = generation
         self.children = children
+        self.dropped: list[bytes] | None = None
+
+    def removeChild(self, name: bytes) -> None:
+        """Take C{name} out of the children (it must be there)."""
+        self.children.remove(name)
+        if self.dropped is None:
+            self.dropped = [name]
+        else:
+            self.dropped.append(name)
 
     def childNames(self) -> list[bytes]:
         """The children's names, in xenstored's order."""
@@ -53,7 +68,8 @@ class TxNode:
             RECORD_HEADER
             + RECORD_PERM * len(self.perms.entries)
             + len(self.value)
-            + sum(len(n) + 1 for n in self.children)
+            + sum(map(len, self.children))
+            + len(self.children)
         )
 
 
@@ -191,7 +207,7 @@ class Transaction:
             tn = self.accessed[path].node
             assert tn is not None
             # A missing parent is prevented by the generation checks.
-            tree.rewrite(path, tn.value, tn.perms, tn.children)
+            tree.rewrite(path, tn.value, tn.perms, tn.children, tn.dropped or ())
         for path, entry in self.accessed.items():
             if entry.modified and entry.node is None and path != b"/":
                 parent = tree.lookup(parentOf(path))

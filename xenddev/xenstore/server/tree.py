@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 PERM_NONE = 0
 PERM_READ = 1
@@ -204,7 +204,7 @@ class Node:
     def recordSize(self) -> int:
         """Size of the C daemon's record for this node (node-size quota)."""
         ch = self.children
-        childlen = sum(len(n) + 1 for n in ch) if ch else 0
+        childlen = sum(map(len, ch)) + len(ch) if ch else 0
         return RECORD_HEADER + RECORD_PERM * len(self.perms.entries) + len(self.value) + childlen
 
 
@@ -520,13 +520,21 @@ class Tree:
             parent.children = None
         parent.generation = UNSEEN
 
-    def rewrite(self, path: bytes, value: bytes, perms: PermSet, childNames: list[bytes]) -> bool:
+    def rewrite(
+        self,
+        path: bytes,
+        value: bytes,
+        perms: PermSet,
+        childNames: list[bytes],
+        dropped: Iterable[bytes] = (),
+    ) -> bool:
         """
         Make the node at C{path} have this value, these permissions and
         these children, in this order (a transaction's commit, parents
         first): the children it already had stay as they are, a new one is
         an empty placeholder that the transaction's own entry for it fills
-        in later. A L{Node} is updated in place (transactions read it, and
+        in later. C{dropped} names children the transaction removed (a
+        hint: see L{_updateChildren}). A L{Node} is updated in place (transactions read it, and
         will again); a new or plain leaf is stored plain if it can be.
         Return False if the parent is missing.
         """
@@ -542,14 +550,14 @@ class Tree:
             old = parent.children.get(name) if parent.children else None
         children: dict[bytes, Entry] | None = None
         if childNames:
-            intern = self.names.intern
             oldChildren = old.children if isinstance(old, Node) else None
             if oldChildren:
                 assert isinstance(old, Node)
                 if perms is not old.perms:
                     self._pin(old)
-                children = {intern(n): oldChildren.get(n, b"") for n in childNames}
+                children = self._updateChildren(oldChildren, childNames, dropped)
             else:
+                intern = self.names.intern
                 children = {intern(n): b"" for n in childNames}
         if isinstance(old, Node):
             old.value, old.perms, old.generation, old.children = value, perms, UNSEEN, children
@@ -562,6 +570,33 @@ class Tree:
         else:
             self._attach(parent, name, Node(value, perms, UNSEEN, children))
         return True
+
+    def _updateChildren(
+        self, old: dict[bytes, Entry], names: list[bytes], dropped: Iterable[bytes]
+    ) -> dict[bytes, Entry]:
+        """
+        C{old} (a node's children) made to hold C{names}, in this order:
+        each name keeps the entry it had, a new one gets an empty
+        placeholder. A transaction's list is its copy of C{old}'s names
+        with the C{dropped} ones taken out and new ones appended, so
+        C{old} is changed in place, with one list comparison (over all the
+        children, but at C speed, mostly identity checks) and a step per
+        name dropped or added: a commit under a parent with 10 000
+        children must not cost a Python step per child. Any other order
+        is rebuilt.
+        """
+        intern = self.names.intern
+        gone: dict[bytes, Entry] = {}
+        for name in dropped:
+            if name in old:
+                gone[name] = old.pop(name)
+        cut = len(old)
+        if list(old) != names[:cut]:
+            gone.update(old)
+            return {intern(n): gone.get(n, b"") for n in names}
+        for name in names[cut:]:
+            old.setdefault(intern(name), gone.get(name, b""))
+        return old
 
     def insert(self, path: bytes, value: bytes, perms: PermSet) -> bool:
         """Add a childless node below an existing parent (loading a tree)."""
