@@ -97,7 +97,7 @@ def parseAddress(
 #: and its payload length field, little-endian as on x86.
 _HEADER = struct.Struct("<IIII")
 _HEADER_SIZE = _HEADER.size
-_TRANSACTION_START = 6
+_WATCH_EVENT = 15
 
 
 class _DeviceTransport(abstract.FileDescriptor):
@@ -109,8 +109,8 @@ class _DeviceTransport(abstract.FileDescriptor):
         self.protocol = protocol
         self._outgoing = bytearray()
         self._incoming = bytearray()
-        #: The req_id of the TRANSACTION_START awaiting its reply, if any.
-        self._startPending: int | None = None
+        #: The req_id of the request awaiting its reply, if any.
+        self._pending: int | None = None
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
@@ -118,21 +118,23 @@ class _DeviceTransport(abstract.FileDescriptor):
 
     def write(self, data: bytes) -> None:
         """
-        Write whole XenStore messages to the device at once, one per
-        write(2), without FileDescriptor's buffering; hold the messages
-        after a TRANSACTION_START until its reply has come.
+        Send whole XenStore messages to the device one at a time: each in a
+        write(2) of its own, made at once (no FileDescriptor buffering),
+        and the next only once the previous one is answered.
 
-        Linux's xenbus device differs from a socket three times: its poll
-        never reports it writable (so a buffered write waiting for
-        writability was never made: the agent in a real driver domain hung
-        at start); it takes one message per write, handling the first
-        complete message of a write and dropping the rest (so requests
-        pipelined into one write were lost); and it files each
-        TRANSACTION_START reply under the transaction started last, so with
-        two starts outstanding one transaction's id is unknown to it and it
-        answers that transaction's requests ENOENT itself (real Xen: the
-        agent's reads of a target failed). A write of one message always
-        completes at once.
+        Linux's xenbus device is made for one request in flight, as
+        libxenstore uses it, and differs from a socket in ways that broke
+        pipelining (all seen on real Xen, the agent in a driver domain):
+        its poll never reports it writable (a buffered write waiting for
+        writability was never made); it handles the first complete message
+        of a write and drops the rest; it files each TRANSACTION_START
+        reply under the transaction started last (two starts in flight
+        lost one transaction, whose requests it then answered ENOENT); and
+        it hands the ring a pointer into its one message buffer, which the
+        next write overwrites before the message is sent (payloads of
+        pipelined requests were mixed up: xenstored saw an RM of
+        C{.../request 172} and answered ENOMEM). A write of one message
+        always completes at once.
         """
         if self.disconnected or self.disconnecting or not data:
             return
@@ -140,8 +142,8 @@ class _DeviceTransport(abstract.FileDescriptor):
         self._flush()
 
     def _flush(self) -> None:
-        while self._startPending is None and len(self._outgoing) >= _HEADER_SIZE:
-            kind, reqId, _tx, length = _HEADER.unpack_from(self._outgoing)
+        while self._pending is None and len(self._outgoing) >= _HEADER_SIZE:
+            _kind, reqId, _tx, length = _HEADER.unpack_from(self._outgoing)
             size = _HEADER_SIZE + length
             if len(self._outgoing) < size:
                 return
@@ -154,23 +156,22 @@ class _DeviceTransport(abstract.FileDescriptor):
                 self.reactor.callLater(0, self.connectionLost, reason)  # type: ignore[attr-defined]
                 return
             del self._outgoing[:size]
-            if kind == _TRANSACTION_START:
-                self._startPending = reqId
+            self._pending = reqId
 
     def _received(self, data: bytes) -> None:
-        """Pass replies on; once a pending TRANSACTION_START is answered, send on."""
+        """Pass replies on; once the request in flight is answered, send the next."""
         self._incoming += data
         answered = False
         while len(self._incoming) >= _HEADER_SIZE:
-            _kind, reqId, _tx, length = _HEADER.unpack_from(self._incoming)
+            kind, reqId, _tx, length = _HEADER.unpack_from(self._incoming)
             if len(self._incoming) < _HEADER_SIZE + length:
                 break
             del self._incoming[: _HEADER_SIZE + length]
-            if self._startPending is not None and reqId == self._startPending:
+            if kind != _WATCH_EVENT and reqId == self._pending:
                 answered = True
         self.protocol.dataReceived(data)
         if answered:
-            self._startPending = None
+            self._pending = None
             self._flush()
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
