@@ -22,7 +22,10 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from xenddev.controller import DevController, DeviceConfigError, DeviceDetails, DeviceNotFoundError
+from xenddev.driverdomain.client import PlugResult
 from xenddev.driverdomain.protocol import VIF, ObjectClass
+from xenddev.interfaces import ITransaction
+from xenddev.xenstore.paths import Perm
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -119,6 +122,18 @@ class VifController(DevController):
         if model is not None:
             recorded["model"] = model
         return DeviceDetails(devid, target, frontend, backend, config=recorded)
+
+    async def _writeFrontend(
+        self, tx: ITransaction, details: DeviceDetails, plug: PlugResult, backendReady: bool
+    ) -> None:
+        await super()._writeFrontend(tx, details, plug, backendReady)
+        # The vif hotplug script writes the bridge's MTU into the frontend
+        # (<frontend>/mtu, xen-network-common.sh's set_mtu). In dom0 it is
+        # privileged; in a driver domain it may only write what it is
+        # granted: real xenstored refused it and the vif failed.
+        mtu = f"{plug.frontendPath}/mtu"
+        await tx.write(mtu, "")
+        await tx.setPerms(mtu, [Perm("n", self.domid), Perm("b", plug.driverDomid)])
 
     def convertToDeviceNumber(self, devid: object) -> Deferred[int]:
         """Also accepts a MAC address, looked up in the records."""
