@@ -133,6 +133,9 @@ _TOOLS = {
     "/usr/lib/xen-4.17/bin/xenstored": "xen-utils-4.17",
     "ip": "iproute2",
     "losetup": "mount",
+    # The device model libxl starts for a domain with PV 9pfs shares (the
+    # driver domains' root and images).
+    "/usr/libexec/xen-qemu-system-i386": "qemu-system-xen",
 }
 
 

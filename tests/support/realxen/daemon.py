@@ -64,16 +64,27 @@ class XenddevInDom0:
             return f"(no daemon log: {e})"
 
 
+#: The daemon started on each machine, with its built-in scripts, while it
+#: runs: the lane's modules share one machine and one daemon socket.
+_started: dict[int, tuple[tuple[str, ...], XenddevInDom0]] = {}
+
+
 async def startXenddev(
     host: RealXenHost, level: str = "debug", builtinScripts: Sequence[str] = ()
 ) -> XenddevInDom0:
     """
     Start C{twistd -n xenddev} in dom0 with the lane's configuration
     (L{CONFIG}, its log in the share, the hotplug scripts C{builtinScripts}
-    built in) and wait until it answers.
+    built in) and wait until it answers; or return the one started here
+    with the same scripts, if it still runs.
 
     @raise CommandFailed: it did not answer within two minutes.
     """
+    running = _started.get(id(host))
+    if running is not None and running[0] == tuple(builtinScripts):
+        daemon = running[1]
+        if daemon.host is host and not daemon.process.ended():
+            return daemon
     log = host.sharePath / "xenddev.log"
     config = host.sharePath / "xenddev.yaml"
     config.write_text(
@@ -86,4 +97,6 @@ async def startXenddev(
         cwd=ROOT,
     )
     await host.check([f"{VENV_BIN}/xenddev", "status", "--wait", "120"], env=CLI_ENV, timeout=150)
-    return XenddevInDom0(host, process, str(log))
+    started = XenddevInDom0(host, process, str(log))
+    _started[id(host)] = (tuple(builtinScripts), started)
+    return started

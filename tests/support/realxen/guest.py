@@ -88,6 +88,7 @@ class Guest:
         vcpus: int = 1,
         extra: str = "",
         config: Mapping[str, str] | None = None,
+        ramdisk: str | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise ValueError(f"bad guest name {name!r}")
@@ -104,7 +105,7 @@ class Guest:
             xlConfig(
                 name,
                 kernel=str(images.kernel),
-                ramdisk=str(images.domuInitrd),
+                ramdisk=ramdisk or str(images.domuInitrd),
                 ip=ip,
                 disks=disks,
                 vifs=vifs,

@@ -15,7 +15,10 @@ changed:
 
   - dom0's: C{files/dom0-init} as C{/init} (virtio 9p and overlay modules),
     with C{files/dom0-setup.sh} and C{channel.py} for the new root;
-  - the PV guests': C{files/domu-init} as C{/init} (blkfront, netfront).
+  - the PV guests': C{files/domu-init} as C{/init} (blkfront, netfront);
+  - the driver domains': C{files/dd-init} as C{/init}, the back-end
+    modules, and the files of this machine the xenddev agent and the
+    hotplug scripts need (L{tests.support.realxen.agentroot}).
 
 Cache layout (L{cacheDirectory})::
 
@@ -24,6 +27,7 @@ Cache layout (L{cacheDirectory})::
     xen-4.17-amd64                the gunzipped hypervisor (ELF32 multiboot)
     initrd/dom0-<hash>.cpio.gz    the dom0 initramfs
     initrd/domu-<hash>.cpio.gz    the guests' initramfs
+    initrd/dd-<hash>.cpio.gz      the driver domains' initramfs
     lock                          flock()ed while the cache is being filled
 """
 
@@ -48,6 +52,7 @@ import attrs
 
 __all__ = [
     "CACHE_ENV",
+    "DD_MODULES",
     "DOM0_MODULES",
     "DOMU_MODULES",
     "XEN_PACKAGE",
@@ -71,6 +76,9 @@ KERNEL_META_PACKAGE = "linux-image-amd64"
 #: Kernel modules (and their dependencies) each initramfs loads, in order.
 DOM0_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 DOMU_MODULES = ("xen-blkfront", "xen-netfront")
+#: The driver domains' modules: Xen's PV 9pfs (the images share) and the
+#: back ends with what their hotplug scripts use.
+DD_MODULES = ("9pnet_xen", "9p", "xen-blkback", "xen-netback", "loop", "bridge")
 
 #: Bump to rebuild every cached initramfs (the archive's layout changed).
 INITRD_FORMAT = 1
@@ -107,6 +115,7 @@ class BootImages:
     @ivar kernel: the kernel (dom0's and the guests').
     @ivar dom0Initrd: dom0's initramfs.
     @ivar domuInitrd: the PV guests' initramfs.
+    @ivar ddInitrd: the driver domains' initramfs (C{files/dd-init}).
     """
 
     cache: Path
@@ -116,6 +125,7 @@ class BootImages:
     kernel: Path
     dom0Initrd: Path
     domuInitrd: Path
+    ddInitrd: Path
 
 
 def cacheDirectory() -> Path:
@@ -344,6 +354,7 @@ def _moduleBytes(path: Path) -> tuple[str, bytes]:
 _DIR = 0o040000
 _FILE = 0o100000
 _CHAR = 0o020000
+_LINK = 0o120000
 
 
 @attrs.frozen
@@ -354,6 +365,7 @@ class _Entry:
     mode: int
     data: bytes = b""
     rdev: tuple[int, int] = (0, 0)
+    mtime: int = 0
 
 
 def writeCpio(entries: Iterable[_Entry], out: io.BufferedIOBase) -> None:
@@ -370,7 +382,7 @@ def writeCpio(entries: Iterable[_Entry], out: io.BufferedIOBase) -> None:
             0,  # uid
             0,  # gid
             2 if entry.mode & _DIR else 1,  # nlink
-            0,  # mtime
+            entry.mtime,
             len(entry.data),
             0,  # devmajor
             0,  # devminor
@@ -479,6 +491,70 @@ def _buildInitrd(
     return target
 
 
+def _buildDriverDomainInitrd(cache: Path, moddir: Path) -> Path:
+    """
+    The driver domains' initramfs C{<cache>/initrd/dd-<hash>.cpio.gz}:
+    C{files/dd-init} as C{/init}, the back-end modules, and this machine's
+    files the agent and the hotplug scripts need (L{agentroot}), built
+    unless a file of that name exists; the hash covers the kernel version,
+    the modules, C{/init}, and each packed file's name, size and time.
+    """
+    import sys
+
+    from tests.support.realxen import agentroot
+
+    checkout = Path(__file__).resolve().parents[3]
+    closure = moduleClosure(moddir, DD_MODULES)
+    init = (FILES / "dd-init").read_bytes()
+    members = list(agentroot.hostEntries(agentroot.agentFiles(checkout, sys.executable)))
+    digest = hashlib.sha256()
+    for part in (
+        str(INITRD_FORMAT).encode(),
+        moddir.name.encode(),
+        "\n".join(closure).encode(),
+        init,
+        *(f"{k} {n} {st.st_size} {st.st_mtime_ns} {t}".encode() for k, n, st, t in members),
+    ):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    target = cache / "initrd" / f"dd-{digest.hexdigest()[:16]}.cpio.gz"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    entries: list[_Entry] = []
+    for kind, name, st, link in members:
+        mtime = int(st.st_mtime)
+        if kind == "dir":
+            entries.append(_Entry(name, _DIR | (st.st_mode & 0o7777), mtime=mtime))
+        elif kind == "link":
+            assert link is not None
+            entries.append(_Entry(name, _LINK | 0o777, link.encode(), mtime=mtime))
+        else:
+            data = Path("/" + name).read_bytes()
+            entries.append(_Entry(name, _FILE | (st.st_mode & 0o7777), data, mtime=mtime))
+    # After the host's directories (their parents, e.g. etc, come first).
+    hostNames = {name for _, name, _, _ in members}
+    for d in ("dev", "etc", "etc/xenddev", "mods", "proc", "run", "sys", "tmp", "var"):
+        if d not in hostNames:
+            entries.append(_Entry(d, _DIR | 0o755))
+    entries.append(_Entry("dev/console", _CHAR | 0o600, rdev=(5, 1)))
+    entries.append(_Entry("init", _FILE | 0o755, init))
+    modules = [_moduleBytes(moddir / m) for m in closure]
+    for name, data in modules:
+        entries.append(_Entry(f"mods/{name}", _FILE | 0o644, data))
+    listing = "".join(f"{name}\n" for name, _ in modules).encode()
+    entries.append(_Entry("etc/xenddev/modules", _FILE | 0o644, listing))
+    raw = io.BytesIO()
+    writeCpio(entries, raw)
+    partial = target.with_name(target.name + ".partial")
+    with (
+        open(partial, "wb") as f,
+        gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=6) as z,
+    ):
+        z.write(raw.getvalue())
+    partial.replace(target)
+    return target
+
+
 def _busybox() -> str:
     """
     A statically linked busybox (Debian's busybox-static).
@@ -519,4 +595,5 @@ def prepareImages(cache: Path | None = None) -> BootImages:
             (FILES / "dom0-setup.sh", CHANNEL),
         )
         domu = _buildInitrd(cache, "domu", moddir, DOMU_MODULES, FILES / "domu-init")
-    return BootImages(cache, root, kver, xen, kernel, dom0, domu)
+        dd = _buildDriverDomainInitrd(cache, moddir)
+    return BootImages(cache, root, kver, xen, kernel, dom0, domu, dd)

@@ -657,6 +657,7 @@ class RealXenHost:
         ip: str | None = None,
         extra: str = "",
         config: Mapping[str, str] | None = None,
+        ramdisk: str | None = None,
         timeout: float = 180,
     ) -> Guest:
         """
@@ -672,6 +673,8 @@ class RealXenHost:
         @param extra: more kernel parameters.
         @param config: more C{xl} config lines, C{key -> value} written as
             is (C{{"on_crash": '"preserve"'}}).
+        @param ramdisk: another initramfs (default: the guests', running
+            C{files/domu-init}; L{BootImages.ddInitrd} makes a driver domain).
         @raise CommandFailed: C{xl create} failed.
         """
         from tests.support.realxen.guest import Guest
@@ -686,6 +689,7 @@ class RealXenHost:
             vcpus=vcpus,
             extra=extra,
             config=config,
+            ramdisk=ramdisk,
         )
         await guest.create(timeout)
         self.guests[name] = guest
