@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         "--reconnect-timeout", type=float, default=60.0, help="seconds for a guest to suspend"
     )
     args = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    # Our report goes to stdout, the log to stderr (not redirected).
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
     async def run(reactor: Any) -> None:
         from xenddev.xenctrl import XenControl
