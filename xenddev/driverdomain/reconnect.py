@@ -1,18 +1,24 @@
 # -*- test-case-name: tests.test_reconnect -*-
 """
-Make a guest's frontends follow backends that moved (driver-domain restart).
+Make a guest's frontends follow backends that moved (driver-domain restart),
+from the toolstack: suspend the guest and resume it the slow way.
 
 Linux's blkfront and netfront read C{<frontend>/backend} only when they
 probe and when they resume (C{xenbus_dev_resume}); a frontend whose backend
-died just stalls. So after L{xenddev.driverdomain.restart} has repointed a
-guest's frontends, the toolstack takes the guest through a suspend and a
-*slow* resume, the path a restore takes: the guest's kernel is asked to
-suspend (C{control/shutdown = suspend}, as C{xl save} does), Xen reports
-the domain shut down for a suspend, and the toolstack resumes it without
-cancelling the suspend. On that path xenbus re-reads each frontend's
-C{backend}, blkfront requeues the requests in flight, and both reconnect to
-the new backends. No guest cooperation is needed beyond what any Linux PV
-guest does on save/restore.
+died just stalls. L{reconnectGuest} asks the guest's kernel to suspend
+(C{control/shutdown = suspend}, as C{xl save} does), waits until Xen reports
+the domain shut down for a suspend, and resumes it without cancelling the
+suspend, the path a restore takes, on which xenbus re-reads each frontend's
+C{backend}.
+
+On real Xen this does not work with Linux 6.1 PV guests: after the slow
+resume of the same domain the guest panics ("register_vcpu_info failed:
+cpu=0 err=-22", its vcpu_info still registered), and a guest with a process
+stuck in I/O on the dead backend does not suspend at all (its processes
+cannot be frozen). It is therefore opt-in (C{restart --reconnect}); the
+lane's guests reconnect themselves with a PM test suspend cycle. See
+docs/protocol.md, "Driver-domain restart". L{suspendGuest} alone is what a
+planned restart can use.
 """
 
 from __future__ import annotations

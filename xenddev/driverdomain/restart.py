@@ -226,7 +226,7 @@ def _guestsOf(moved: list[MovedObject]) -> list[int]:
 
 async def restartDriverDomain(
     xs: Any,
-    control: IDomainControl,
+    control: IDomainControl | None,
     oldDomid: int,
     newDomid: int,
     reactor: Any,
@@ -239,7 +239,9 @@ async def restartDriverDomain(
     frontends reconnect to the new backends (guests in parallel).
 
     @param xs: a privileged connection (L{IXenStore} with C{resumeDomain}).
-    @param control: the hypervisor (L{xenddev.xenctrl.XenControl}).
+    @param control: the hypervisor (L{xenddev.xenctrl.XenControl}) to reconnect
+        each guest with moved frontends (L{reconnectGuest}: crashes Linux 6.1
+        PV guests, see docs/protocol.md), or L{None}: the move only.
     @param reactor: the clock.
     @raise GuestReconnectError: a guest did not suspend (the others are
         still reconnected; the first error is raised).
@@ -247,12 +249,12 @@ async def restartDriverDomain(
     started = time.monotonic()
     moved = await moveDriverDomain(xs, oldDomid, newDomid, timeout)
     moveSeconds = time.monotonic() - started
-    guests = _guestsOf(moved)
+    guests = _guestsOf(moved) if control is not None else []
     resumingXs: ResumingXenStore = xs
     aways = await gatherResults(
         [
             Deferred.fromCoroutine(
-                reconnectGuest(resumingXs, control, domid, reactor, reconnectTimeout)
+                reconnectGuest(resumingXs, control, domid, reactor, reconnectTimeout)  # type: ignore[arg-type]
             )
             for domid in guests
         ],
@@ -314,6 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("old", type=int, help="the dead driver domain")
     parser.add_argument("new", type=int, nargs="?", help="its replacement (its agent runs)")
     parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="suspend each moved guest and resume it the slow way (crashes Linux 6.1 PV guests)",
+    )
+    parser.add_argument(
         "--suspend",
         action="store_true",
         help="only suspend the guests OLD serves (a planned restart: before stopping OLD)",
@@ -346,7 +353,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("NEW is required (unless --suspend)")
         try:
             report = await restartDriverDomain(
-                xs, control, args.old, args.new, reactor, args.timeout, args.reconnect_timeout
+                xs,
+                control if args.reconnect else None,
+                args.old,
+                args.new,
+                reactor,
+                args.timeout,
+                args.reconnect_timeout,
             )
         finally:
             control.close()
