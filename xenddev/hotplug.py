@@ -557,19 +557,13 @@ class HotplugRunner:
             process group.
         """
         builtin = self.builtins.get(script)
-        if builtin is not None:
-            return self._runBuiltin(builtin, script, args, env, timeout)
         try:
-            path = self.resolveScript(script)
-            if isinstance(args, str | bytes):
-                raise HotplugArgumentError(f"args must be a sequence of str, not {args!r}")
-            argList = tuple(_checkText(a, "argument") for a in args)
-            fullEnv = self.environment(env)
-            limit = self.timeout if timeout is None else float(timeout)
-            if limit <= 0:
-                raise HotplugArgumentError(f"timeout must be positive, not {timeout!r}")
+            path = f"builtin:{script}" if builtin is not None else self.resolveScript(script)
+            argList, fullEnv, limit = self._checkRun(args, env, timeout)
         except HotplugArgumentError:
             return fail()
+        if builtin is not None:
+            return self._runBuiltin(builtin, path, argList, fullEnv, limit)
         command = (self.setsid, "--wait", *self.wrapper, path, *argList)
         proto = _ScriptProcess(self._reactor, limit, self.maxOutput)
         run = _Run(command, path, argList, fullEnv, limit, self._reactor.seconds(), proto)
@@ -609,24 +603,27 @@ class HotplugRunner:
         proto.done.addCallback(completed).addBoth(deliver)
         return result
 
+    def _checkRun(
+        self, args: Sequence[str], env: Mapping[str, str] | None, timeout: float | None
+    ) -> tuple[tuple[str, ...], dict[str, str], float]:
+        """A run's checked arguments, full environment and time limit."""
+        if isinstance(args, str | bytes):
+            raise HotplugArgumentError(f"args must be a sequence of str, not {args!r}")
+        argList = tuple(_checkText(a, "argument") for a in args)
+        limit = self.timeout if timeout is None else float(timeout)
+        if limit <= 0:
+            raise HotplugArgumentError(f"timeout must be positive, not {timeout!r}")
+        return argList, self.environment(env), limit
+
     def _runBuiltin(
         self,
         builtin: IBuiltinScript,
-        script: str,
-        args: Sequence[str],
-        env: Mapping[str, str] | None,
-        timeout: float | None,
+        name: str,
+        argList: tuple[str, ...],
+        fullEnv: dict[str, str],
+        limit: float,
     ) -> Deferred[HotplugResult]:
         """A built-in script's run, with a script's timeout, errors and log line."""
-        try:
-            argList = tuple(_checkText(a, "argument") for a in args)
-            fullEnv = self.environment(env)
-            limit = self.timeout if timeout is None else float(timeout)
-            if limit <= 0:
-                raise HotplugArgumentError(f"timeout must be positive, not {timeout!r}")
-        except HotplugArgumentError:
-            return fail()
-        name = f"builtin:{script}"
         command = (name, *argList)
         start = self._reactor.seconds()
         xenbusPath = fullEnv.get("XENBUS_PATH", "?")
