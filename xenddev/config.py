@@ -24,6 +24,8 @@ from typing import Any
 import attrs
 import yaml
 
+from xenddev.errors import XenddevError
+
 __all__ = [
     "DEFAULT_ROOT_RUNDIR",
     "Config",
@@ -49,7 +51,7 @@ TRISTATE = ("auto", "on", "off")
 TRISTATE_ALIASES = {"yes": "on", "true": "on", "no": "off", "false": "off"}
 
 
-class ConfigError(ValueError):
+class ConfigError(XenddevError, ValueError):
     """
     A configuration file (or an overriding flag) is invalid.
 

@@ -43,6 +43,7 @@ from xenddev.driverdomain.client import (
 )
 from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout
 from xenddev.driverdomain.protocol import VDI, ObjectClass
+from xenddev.errors import FaultCode, XenddevError
 from xenddev.interfaces import IDevController, ITransaction, IXenStore
 from xenddev.xenbus import (
     HotplugStatus,
@@ -64,48 +65,58 @@ _DOMAIN_PATH = re.compile(r"/local/domain/(\d+)/")
 ALLOCATE = -1
 
 
-class DeviceError(Exception):
+class DeviceError(XenddevError):
     """
     A device operation failed (xend's C{VmError}); nothing was left behind.
 
-    @ivar code: a stable error code for the XML-RPC layer.
+    @ivar code: a stable name of the error (the metrics' outcome label).
     """
 
     code = "device-error"
+    faultCode = FaultCode.GENERIC
 
     def __init__(self, message: str) -> None:
         self.message = message
         super().__init__(message)
+
+    def faultMessage(self) -> str:
+        """The message the operation failed with."""
+        return self.message
 
 
 class DeviceConfigError(DeviceError, ValueError):
     """The configuration is invalid; refused before anything was written."""
 
     code = "bad-config"
+    faultCode = FaultCode.BAD_CONFIG
 
 
 class DeviceExistsError(DeviceError):
     """The device id is already in use ("Device %s is already connected.")."""
 
     code = "device-exists"
+    faultCode = FaultCode.DEVICE_EXISTS
 
 
 class DeviceNotFoundError(DeviceError):
     """No such device ("Device %s not connected")."""
 
     code = "no-such-device"
+    faultCode = FaultCode.NO_SUCH_DEVICE
 
 
 class UnknownDomainError(DeviceError):
     """The guest domain does not exist in XenStore."""
 
     code = "no-such-domain"
+    faultCode = FaultCode.INVALID_DOMAIN
 
 
 class HotplugFailedError(DeviceError):
     """The hotplug script reported an error, was busy, or never reported."""
 
     code = "hotplug-failed"
+    faultCode = FaultCode.HOTPLUG_FAILED
 
 
 class DestroyMode(enum.Enum):

@@ -68,6 +68,8 @@ from typing import Any, Final
 
 import attrs
 
+from xenddev.errors import FaultCode, XenddevError
+
 __all__ = [
     "BACKEND_BLKBACK",
     "BACKEND_BLKTAP1",
@@ -104,13 +106,15 @@ __all__ = [
 # Errors
 
 
-class DiskError(ValueError):
+class DiskError(XenddevError, ValueError):
     """
     Base of the disk configuration errors (L{DiskSpecError},
     L{BackendUnavailable}).
 
     @ivar message: the problem, without context.
     """
+
+    faultCode = FaultCode.BAD_CONFIG
 
     message: str
 
@@ -150,11 +154,13 @@ class DiskSpecError(DiskError):
         return f"DiskSpecError({self.message!r}, {self.token!r}, {self.spec!r})"
 
 
-class VdevError(ValueError):
+class VdevError(XenddevError, ValueError):
     """
     A virtual device name or number is invalid or beyond a documented limit.
     The message names the problem.
     """
+
+    faultCode = FaultCode.BAD_CONFIG
 
 
 class BackendUnavailable(DiskError):

@@ -46,6 +46,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from xenddev.config import Config
+from xenddev.errors import XenddevError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -67,11 +68,11 @@ CANCEL_GRACE = 15.0
 REAP_INTERVAL = 0.05
 
 
-class EmbedError(RuntimeError):
+class EmbedError(XenddevError, RuntimeError):
     """The embedding API is used wrongly (not started, stopped, on the reactor thread)."""
 
 
-class OperationTimeout(TimeoutError):
+class OperationTimeout(XenddevError, TimeoutError):
     """A blocking call did not finish in time; the operation was cancelled."""
 
 

@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xenddev.errors import XenddevError
 from xenddev.interfaces import IBuiltinScript, IHotplugRunner, IXenStore
 from xenddev.xenstore.paths import validatePath
 
@@ -93,13 +94,13 @@ KILL_GRACE = 5.0
 # -- errors and results -----------------------------------------------------
 
 
-class HotplugError(Exception):
+class HotplugError(XenddevError):
     """
     Base class of the failures L{HotplugRunner.run} reports after spawning.
     """
 
 
-class HotplugArgumentError(ValueError):
+class HotplugArgumentError(XenddevError, ValueError):
     """
     Bad input to this module (a script name, an action, a backend path, an
     environment entry), refused before anything was run.

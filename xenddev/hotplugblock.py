@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenddev import loopctl
+from xenddev.errors import XenddevError
 from xenddev.interfaces import IBuiltinScript, IXenStore, IXenStoreOps
 from xenddev.xenstore.errors import NoEntryError
 
@@ -53,7 +54,7 @@ log = Logger()
 LOCK_FILE = "/var/run/xen-hotplug/block"
 
 
-class BlockScriptError(Exception):
+class BlockScriptError(XenddevError):
     """
     The built-in block script failed; C{status} is what it wrote to
     C{hotplug-status} (C{error} or C{busy}).

@@ -15,6 +15,8 @@ import fcntl
 import os
 import struct
 
+from xenddev.errors import XenddevError
+
 #: ioctl numbers from linux/loop.h.
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
@@ -29,7 +31,7 @@ _NAME_LEN = 64
 _ATTEMPTS = 32
 
 
-class LoopError(OSError):
+class LoopError(XenddevError, OSError):
     """A loop device could not be attached or detached."""
 
 

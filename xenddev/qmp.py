@@ -41,13 +41,15 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from xenddev.errors import FaultCode, XenddevError
+
 #: QMP lines can be long (query-qmp-schema is about 200 KiB).
 MAX_LINE = 16 * 1024 * 1024
 
 EventCallback = Callable[["QMPEvent"], None]
 
 
-class QMPError(Exception):
+class QMPError(XenddevError):
     """
     The server answered a command with an error.
 
@@ -57,6 +59,8 @@ class QMPError(Exception):
     @ivar command: the command that failed.
     """
 
+    faultCode = FaultCode.DATAPATH_FAILED
+
     def __init__(self, errorClass: str, desc: str, command: str = "") -> None:
         self.errorClass = errorClass
         self.desc = desc
@@ -64,16 +68,22 @@ class QMPError(Exception):
         super().__init__(f"{command + ': ' if command else ''}{errorClass}: {desc}")
 
 
-class QMPConnectionLost(Exception):
+class QMPConnectionLost(XenddevError):
     """The QMP connection closed before the answer (or event) arrived."""
 
+    faultCode = FaultCode.DATAPATH_FAILED
 
-class QMPProtocolError(Exception):
+
+class QMPProtocolError(XenddevError):
     """The server sent something that is not QMP."""
 
+    faultCode = FaultCode.DATAPATH_FAILED
 
-class QMPTimeout(Exception):
+
+class QMPTimeout(XenddevError):
     """No answer (or event) within the time allowed."""
+
+    faultCode = FaultCode.TIMEOUT
 
 
 @attrs.frozen

@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from xenddev.config import Config
 from xenddev.controller import DeviceError
+from xenddev.errors import XenddevError
 from xenddev.toolstack import DeviceManager
 
 __all__ = [
@@ -68,7 +69,7 @@ __all__ = [
 CANCEL_GRACE = 10.0
 
 
-class StartupError(Exception):
+class StartupError(XenddevError):
     """The daemon cannot start (the message says why and what to do)."""
 
 

@@ -33,6 +33,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from xenddev.datapath.quiesce import DataPathControl, QuiesceHandle
 from xenddev.datapath.registry import DataPath, readRecord, scanRegistry
+from xenddev.errors import FaultCode, XenddevError
 
 __all__ = [
     "DEFAULT_QUIESCE_BOUND",
@@ -50,24 +51,34 @@ __all__ = [
 DEFAULT_QUIESCE_BOUND = 60.0
 
 
-class UnknownHandleError(LookupError):
+class UnknownHandleError(XenddevError, LookupError):
     """No quiesce handle with that id (never issued, or already resumed)."""
 
+    faultCode = FaultCode.NOT_FOUND
 
-class NoSuchDataPathError(LookupError):
+
+class NoSuchDataPathError(XenddevError, LookupError):
     """No data path is registered for that driver domain and VDI."""
 
+    faultCode = FaultCode.NOT_FOUND
 
-class QuiesceBusyError(Exception):
+
+class QuiesceBusyError(XenddevError):
     """A data path the quiesce would pause is already held by another handle."""
 
+    faultCode = FaultCode.DEVICE_EXISTS
 
-class NoCoalesceError(Exception):
+
+class NoCoalesceError(XenddevError):
     """The data path's kind cannot merge its chain live (quiesce, merge, resume instead)."""
 
+    faultCode = FaultCode.UNSUPPORTED
 
-class NothingToMergeError(ValueError):
+
+class NothingToMergeError(XenddevError, ValueError):
     """The data path's image has no parent to merge into."""
+
+    faultCode = FaultCode.BAD_CONFIG
 
 
 @attrs.define

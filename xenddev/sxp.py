@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from typing import Any, TypeAlias
 
+from xenddev.errors import FaultCode, XenddevError
+
 #: An s-expression as parsed: a string or a list of s-expressions.
 Sxpr: TypeAlias = "str | list[Sxpr]"
 
@@ -54,7 +56,7 @@ _PRINT_ESCAPES = {v: "\\" + k for k, v in _SIMPLE_ESCAPES.items() if k != "'"}
 MAX_DEPTH = 100
 
 
-class SxpError(ValueError):
+class SxpError(XenddevError, ValueError):
     """
     An s-expression could not be parsed or does not have the expected shape.
 
@@ -64,6 +66,8 @@ class SxpError(ValueError):
     @ivar line: the 1-based line of C{position} (or L{None}).
     @ivar column: the 1-based column of C{position} (or L{None}).
     """
+
+    faultCode = FaultCode.BAD_CONFIG
 
     def __init__(self, problem: str, text: str | None = None, position: int | None = None):
         self.problem = problem

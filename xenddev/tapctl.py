@@ -39,6 +39,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xenddev.errors import XenddevError
 from xenddev.interfaces import ITapCtl
 
 __all__ = [
@@ -63,7 +64,7 @@ _TAPDEV = re.compile(r"tapdev(\d+)\Z")
 _FIELD = re.compile(r"(pid|minor|state)=(\S*)")
 
 
-class TapCtlError(Exception):
+class TapCtlError(XenddevError):
     """
     C{tap-ctl} failed: a non-zero exit, a signal, or output we cannot read.
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
+from xenddev.errors import XenddevError
 from xenddev.interfaces import IXenStore
 from xenddev.xenstore.errors import InvalidArgumentError, InvalidPathError
 from xenddev.xenstore.paths import joinPath, validateDomid, validateNodeName, validatePath
@@ -114,7 +115,7 @@ _STATE_TEXT = re.compile(r"\s*([0-9]{1,4})\s*\Z")
 # Paths
 
 
-class XenbusPathError(InvalidArgumentError):
+class XenbusPathError(InvalidArgumentError, XenddevError):
     """
     A xenbus path, or one of the values it is built from, is malformed.
 

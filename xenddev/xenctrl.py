@@ -25,6 +25,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Interface, implementer
 
+from xenddev.errors import XenddevError
+
 __all__ = [
     "SHUTDOWN_CRASH",
     "SHUTDOWN_SUSPEND",
@@ -46,7 +48,7 @@ _DOMINFO_SIZE = 4096
 _DOMINFO_HEAD = struct.Struct("=IIII")  # domid, ssidref, flags, shutdown_reason
 
 
-class XenControlError(OSError):
+class XenControlError(XenddevError, OSError):
     """A C{libxenctrl}/C{libxenguest} call failed (errno and the call)."""
 
 

@@ -20,14 +20,16 @@ Namespaces (see C{docs/xmlrpc.md} for every method):
 
 Every method checks its arguments before the manager sees them and turns
 every failure into a L{Fault} with a stable code (L{FaultCode}) and a
-message a person can act on; tracebacks go only to the log. Each device
+message a person can act on: the code each error declares
+(L{XenddevError.faultCode}), or L{FOREIGN_FAULTS}' for errors from below
+or outside xenddev, found after unwrapping C{gatherResults}'
+L{FirstError}; tracebacks go only to the log. Each device
 operation logs one line with domain, class, device id, outcome and
 duration.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import inspect
 import os
@@ -37,7 +39,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, FirstError
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,26 +48,13 @@ from twisted.web.server import Site
 from twisted.web.xmlrpc import XMLRPC, Fault, addIntrospection
 
 import xenddev
-from xenddev.controller import DeviceError
-from xenddev.datapath.coalesce import CoalesceError
-from xenddev.datapath.images import ImageError
-from xenddev.datapath.quiesce import NoPauserError, QuiesceError, ResumeError
 from xenddev.datapath.registry import DataPath
-from xenddev.diskspec import DiskError, VdevError, numberToVdev, vdevToNumber
+from xenddev.diskspec import VdevError, numberToVdev, vdevToNumber
 from xenddev.driverdomain.client import DriverDomainClient, ObjectInfo
-from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout, InvalidNameError
 from xenddev.driverdomain.protocol import OBJECT_CLASSES, ObjectClass, validateName, validateTarget
-from xenddev.qmp import QMPConnectionLost, QMPError, QMPProtocolError, QMPTimeout
-from xenddev.storagectl import (
-    HeldQuiesce,
-    IStorageControl,
-    NoCoalesceError,
-    NoSuchDataPathError,
-    NothingToMergeError,
-    QuiesceBusyError,
-    UnknownHandleError,
-)
-from xenddev.sxp import SxpError, toConfig
+from xenddev.errors import FaultCode, XenddevError
+from xenddev.storagectl import HeldQuiesce, IStorageControl
+from xenddev.sxp import toConfig
 from xenddev.toolstack import DeviceManager, DeviceRow
 from xenddev.xenstore.errors import (
     AccessDeniedError,
@@ -85,77 +74,56 @@ _HANDLE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 MAX_STRING = 4096
 
 
-class FaultCode(enum.IntEnum):
-    """The fault codes of this service (stable; documented in docs/xmlrpc.md)."""
-
-    INTERNAL = 1  # a bug or an unexpected condition: the log has the details
-    GENERIC = 2  # the operation failed (xend's XendError/VmError)
-    INVALID_DOMAIN = 3  # no such domain, or a domain id out of range
-    BAD_CONFIG = 10  # bad arguments, unparsable s-expression, invalid config
-    NO_SUCH_DEVICE = 11  # no such device, vdi/vif, data path or quiesce handle
-    NOT_FOUND = 11
-    DEVICE_EXISTS = 12  # the device id is in use (or the device/vdi/data path is busy)
-    TIMEOUT = 13  # XenStore or the driver domain did not answer in time
-    PERMISSION = 14  # XenStore refused access
-    HOTPLUG_FAILED = 15  # the hotplug script failed, was busy or never reported
-    UNAVAILABLE = 16  # the XenStore connection is down or the daemon is stopping
-    WRONG_STATE = 17  # the vdi/vif is not in a state that allows the request
-    DATAPATH_FAILED = 18  # pausing, resuming or merging a data path failed
-    UNSUPPORTED = 19  # the lower layer does not offer this for that object
-    # Twisted's own: 8001 no such method, 8002 malformed request.
-
-
-#: DeviceError.code → fault code.
-DEVICE_ERROR_CODES = {
-    "bad-config": FaultCode.BAD_CONFIG,
-    "device-exists": FaultCode.DEVICE_EXISTS,
-    "no-such-device": FaultCode.NO_SUCH_DEVICE,
-    "no-such-domain": FaultCode.INVALID_DOMAIN,
-    "hotplug-failed": FaultCode.HOTPLUG_FAILED,
-    "device-error": FaultCode.GENERIC,
-}
-
-
-#: A driver domain's result (Xen errno name) → fault code; others are GENERIC.
-DRIVER_DOMAIN_ERRNO_CODES = {
-    "ENOENT": FaultCode.NOT_FOUND,
-    "EEXIST": FaultCode.DEVICE_EXISTS,
-    "EBUSY": FaultCode.DEVICE_EXISTS,
-    "EISCONN": FaultCode.WRONG_STATE,
-    "ENOTCONN": FaultCode.WRONG_STATE,
-    "EINVAL": FaultCode.BAD_CONFIG,
-    "ENODEV": FaultCode.BAD_CONFIG,
-    "E2BIG": FaultCode.BAD_CONFIG,
-    "EACCES": FaultCode.PERMISSION,
-    "EPERM": FaultCode.PERMISSION,
-    "ETIMEDOUT": FaultCode.TIMEOUT,
-    "EOPNOTSUPP": FaultCode.UNSUPPORTED,
-    "ENOSYS": FaultCode.UNSUPPORTED,
-    "EBADRQC": FaultCode.UNSUPPORTED,
-}
-
-#: Exceptions of the storage layers → fault code (checked in this order).
-STORAGE_ERROR_CODES: tuple[
-    tuple[type[BaseException] | tuple[type[BaseException], ...], FaultCode], ...
-] = (
-    ((InvalidNameError, NothingToMergeError), FaultCode.BAD_CONFIG),
-    ((UnknownHandleError, NoSuchDataPathError), FaultCode.NOT_FOUND),
-    (QuiesceBusyError, FaultCode.DEVICE_EXISTS),
-    ((NoCoalesceError, NoPauserError), FaultCode.UNSUPPORTED),
-    (QMPTimeout, FaultCode.TIMEOUT),
-    (
-        (
-            QuiesceError,
-            ResumeError,
-            CoalesceError,
-            ImageError,
-            QMPError,
-            QMPConnectionLost,
-            QMPProtocolError,
-        ),
-        FaultCode.DATAPATH_FAILED,
+#: The codes of errors that do not derive from L{XenddevError}, found along
+#: the error's class hierarchy (the first class listed wins), with the
+#: message a client reads (C{{error}}: the error's text). The XenStore
+#: layer's errors are here because C{xenddev.xenstore} imports nothing from
+#: the rest of xenddev and knows nothing of RPC: as AMP declares the errors
+#: of a command with the command, the layer that answers declares the codes
+#: of the layers it calls. Twisted's and Python's errors are here too.
+FOREIGN_FAULTS: dict[type[BaseException], tuple[FaultCode, str]] = {
+    XenStoreTimeout: (FaultCode.TIMEOUT, "timed out: {error}; the operation may be retried"),
+    AccessDeniedError: (FaultCode.PERMISSION, "permission denied: {error}"),
+    PermissionError: (FaultCode.PERMISSION, "permission denied: {error}"),
+    TransactionRetriesExhausted: (
+        FaultCode.DEVICE_EXISTS,
+        "XenStore is busy ({error}); retry the operation",
     ),
-)
+    XenStoreConnectionLost: (
+        FaultCode.UNAVAILABLE,
+        "the daemon lost its XenStore connection; retry shortly",
+    ),
+    CancelledError: (
+        FaultCode.UNAVAILABLE,
+        "the operation was cancelled (is the daemon stopping?)",
+    ),
+}
+
+
+def underlyingError(error: BaseException) -> BaseException:
+    """
+    The error a failure is about: C{gatherResults} (and C{DeferredList}
+    with C{fireOnOneErrback}) fail with a L{FirstError} wrapping the first
+    failure of the Deferreds they gathered, which may itself be one.
+    """
+    while isinstance(error, FirstError):
+        inner = error.subFailure.value
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def declaredFault(kind: type[BaseException]) -> tuple[FaultCode, str] | None:
+    """
+    The fault code (and message template) declared for a class of error
+    outside L{XenddevError}, along its class hierarchy; L{None} if none is.
+    """
+    for base in kind.__mro__:
+        found = FOREIGN_FAULTS.get(base)
+        if found is not None:
+            return found
+    return None
 
 
 def rpcFault(code: FaultCode, message: str) -> Fault:
@@ -165,38 +133,22 @@ def rpcFault(code: FaultCode, message: str) -> Fault:
 
 def toFault(error: BaseException, log: Logger, method: str) -> Fault:
     """
-    The Fault for an exception. Unexpected exceptions are logged with their
+    The Fault for an exception: the code the error declares
+    (L{XenddevError.faultCode}) or L{FOREIGN_FAULTS} gives, for the error
+    itself or, for a L{FirstError}, the one it wraps. Errors without a code
+    (and those declaring L{FaultCode.INTERNAL}) are logged with their
     traceback and a reference the caller can quote; only that reference
     reaches the caller.
     """
+    error = underlyingError(error)
     if isinstance(error, Fault):
         return error
-    if isinstance(error, SxpError):
-        return rpcFault(FaultCode.BAD_CONFIG, str(error))
-    if isinstance(error, DeviceError):
-        code = DEVICE_ERROR_CODES.get(error.code, FaultCode.GENERIC)
-        return rpcFault(code, error.message)
-    if isinstance(error, DiskError | VdevError):
-        return rpcFault(FaultCode.BAD_CONFIG, str(error))
-    if isinstance(error, DriverDomainError):
-        return rpcFault(DRIVER_DOMAIN_ERRNO_CODES.get(error.errname, FaultCode.GENERIC), str(error))
-    for kinds, code in STORAGE_ERROR_CODES:
-        if isinstance(error, kinds):
-            return rpcFault(code, str(error))
-    if isinstance(error, XenStoreTimeout | DriverDomainTimeout):
-        return rpcFault(FaultCode.TIMEOUT, f"timed out: {error}; the operation may be retried")
-    if isinstance(error, AccessDeniedError | PermissionError):
-        return rpcFault(FaultCode.PERMISSION, f"permission denied: {error}")
-    if isinstance(error, TransactionRetriesExhausted):
-        return rpcFault(FaultCode.DEVICE_EXISTS, f"XenStore is busy ({error}); retry the operation")
-    if isinstance(error, XenStoreConnectionLost):
-        return rpcFault(
-            FaultCode.UNAVAILABLE, "the daemon lost its XenStore connection; retry shortly"
-        )
-    if isinstance(error, CancelledError):
-        return rpcFault(
-            FaultCode.UNAVAILABLE, "the operation was cancelled (is the daemon stopping?)"
-        )
+    if isinstance(error, XenddevError) and error.faultCode != FaultCode.INTERNAL:
+        return rpcFault(error.faultCode, error.faultMessage())
+    foreign = declaredFault(type(error))
+    if foreign is not None:
+        code, template = foreign
+        return rpcFault(code, template.format(error=error))
     reference = uuid.uuid4().hex[:12]
     log.failure(
         "Internal error in {method} (reference {reference})",

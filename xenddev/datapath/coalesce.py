@@ -29,11 +29,14 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from xenddev.datapath import qemu as graph
 from xenddev.datapath.quiesce import DataPathControl
 from xenddev.datapath.registry import DataPath, updateRecord
+from xenddev.errors import FaultCode, XenddevError
 from xenddev.qmp import QMPEvent, QMPTimeout, connectQMP
 
 
-class CoalesceError(Exception):
+class CoalesceError(XenddevError):
     """The merge failed (the data path still serves the unmerged chain)."""
+
+    faultCode = FaultCode.DATAPATH_FAILED
 
 
 async def coalesceQemu(

@@ -15,12 +15,16 @@ from urllib.parse import unquote
 import attrs
 from twisted.internet.utils import getProcessOutputAndValue
 
+from xenddev.errors import FaultCode, XenddevError
+
 #: Formats whose images may have a backing file (a chain to record).
 CHAINED_FORMATS = ("qcow", "qcow2", "vhd", "vpc", "qed")
 
 
-class ImageError(Exception):
+class ImageError(XenddevError):
     """C{qemu-img} could not read the image (message from its stderr)."""
+
+    faultCode = FaultCode.DATAPATH_FAILED
 
 
 @attrs.frozen

@@ -27,6 +27,7 @@ from zope.interface import Interface, implementer
 
 from xenddev.datapath import qemu as graph
 from xenddev.datapath.registry import DataPath, findDataPaths, holdPath
+from xenddev.errors import FaultCode, XenddevError
 from xenddev.interfaces import ITapCtl
 from xenddev.qmp import connectQMP
 
@@ -41,7 +42,7 @@ class IDataPathPauser(Interface):
         """Let I/O flow again; with C{reload}, re-read the image chain first."""
 
 
-class QuiesceError(Exception):
+class QuiesceError(XenddevError):
     """
     A quiesce failed; everything it had paused was resumed.
 
@@ -49,6 +50,8 @@ class QuiesceError(Exception):
     @ivar resumeFailures: (data path, exception) for each undo that failed
         (those data paths may still be paused).
     """
+
+    faultCode = FaultCode.DATAPATH_FAILED
 
     def __init__(
         self,
@@ -61,11 +64,13 @@ class QuiesceError(Exception):
         super().__init__(f"quiesce failed: {text}")
 
 
-class ResumeError(Exception):
+class ResumeError(XenddevError):
     """
     Some data paths could not be resumed; L{handle} lists them, so the
     caller may retry with it.
     """
+
+    faultCode = FaultCode.DATAPATH_FAILED
 
     def __init__(self, handle: QuiesceHandle, failures: list[tuple[DataPath, BaseException]]):
         self.handle = handle
@@ -82,8 +87,10 @@ class QuiesceHandle:
     paused: list[DataPath]
 
 
-class NoPauserError(Exception):
+class NoPauserError(XenddevError):
     """A data path's kind has no pauser registered."""
+
+    faultCode = FaultCode.UNSUPPORTED
 
 
 class DataPathControl:

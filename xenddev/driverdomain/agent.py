@@ -63,6 +63,7 @@ from xenddev.driverdomain.protocol import (
     validateName,
     validateTarget,
 )
+from xenddev.errors import XenddevError
 from xenddev.interfaces import (
     IDriverDomainKind,
     IHotplugRunner,
@@ -1018,7 +1019,7 @@ def _validName(name: str) -> bool:
     return True
 
 
-class _RequestReplaced(Exception):
+class _RequestReplaced(XenddevError):
     """The request changed while it was executed: complete without deleting it."""
 
 

@@ -4,21 +4,46 @@ Errors of the driver-domain protocol, as the toolstack sees them.
 
 from __future__ import annotations
 
+from xenddev.errors import FaultCode, XenddevError
 
-class DriverDomainError(Exception):
+#: A driver domain's result (Xen errno name) -> the fault code of its
+#: L{DriverDomainError}; other results are L{FaultCode.GENERIC}.
+ERRNO_FAULT_CODES = {
+    "ENOENT": FaultCode.NOT_FOUND,
+    "EEXIST": FaultCode.DEVICE_EXISTS,
+    "EBUSY": FaultCode.DEVICE_EXISTS,
+    "EISCONN": FaultCode.WRONG_STATE,
+    "ENOTCONN": FaultCode.WRONG_STATE,
+    "EINVAL": FaultCode.BAD_CONFIG,
+    "ENODEV": FaultCode.BAD_CONFIG,
+    "E2BIG": FaultCode.BAD_CONFIG,
+    "EACCES": FaultCode.PERMISSION,
+    "EPERM": FaultCode.PERMISSION,
+    "ETIMEDOUT": FaultCode.TIMEOUT,
+    "EOPNOTSUPP": FaultCode.UNSUPPORTED,
+    "ENOSYS": FaultCode.UNSUPPORTED,
+    "EBADRQC": FaultCode.UNSUPPORTED,
+}
+
+
+class DriverDomainError(XenddevError):
     """
     The driver domain completed a request with a non-zero result.
 
     @ivar errno: the Xen errno value from C{result}.
-    @ivar errname: its symbolic name (C{"E?"} if unknown).
+    @ivar errname: its symbolic name (C{"E?"} if unknown); it chooses the
+        fault code (L{ERRNO_FAULT_CODES}, else the class's C{GENERIC}).
     @ivar message: C{result_msg}, or an empty string.
     @ivar request: the request string, e.g. C{"plug xvda"}.
     @ivar path: the object's directory in XenStore.
     """
 
+    faultCode = FaultCode.GENERIC
+
     def __init__(self, errno: int, errname: str, message: str, request: str, path: str) -> None:
         self.errno = errno
         self.errname = errname
+        self.faultCode = ERRNO_FAULT_CODES.get(errname, type(self).faultCode)
         self.message = message
         self.request = request
         self.path = path
@@ -38,12 +63,14 @@ class PreconditionError(DriverDomainError):
     """
 
 
-class DriverDomainTimeout(Exception):
+class DriverDomainTimeout(XenddevError):
     """
     The driver domain did not complete a request in time. The request is
     left in place: the driver domain will still execute it, and the object
     accepts no new request until it has.
     """
+
+    faultCode = FaultCode.TIMEOUT
 
     def __init__(self, request: str, path: str, timeout: float) -> None:
         self.request = request
@@ -54,9 +81,15 @@ class DriverDomainTimeout(Exception):
             "the request is left for the driver domain to finish"
         )
 
+    def faultMessage(self) -> str:
+        """The timeout, and that the operation may be retried."""
+        return f"timed out: {self}; the operation may be retried"
 
-class InvalidNameError(ValueError):
+
+class InvalidNameError(XenddevError, ValueError):
     """A name, target key or value is not acceptable; nothing was written."""
+
+    faultCode = FaultCode.BAD_CONFIG
 
     def __init__(self, field: str, value: object, problem: str) -> None:
         self.field = field

@@ -28,13 +28,14 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from xenddev.errors import XenddevError
 from xenddev.interfaces import INbdAttacher
 
 #: The module's name, and the device names it creates.
 MODULE = "nbd"
 
 
-class NbdError(Exception):
+class NbdError(XenddevError):
     """A kernel NBD device could not be connected or disconnected."""
 
 

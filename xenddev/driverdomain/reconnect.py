@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from xenddev.errors import XenddevError
 from xenddev.xenctrl import IDomainControl
 from xenddev.xenstore.paths import validateDomid
 
@@ -57,7 +58,7 @@ class ResumingXenStore(Protocol):
         """XS_RESUME: xenstored re-arms C{@releaseDomain} for the domain."""
 
 
-class GuestReconnectError(RuntimeError):
+class GuestReconnectError(XenddevError, RuntimeError):
     """The guest did not suspend in time, or could not be resumed."""
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from xenddev.errors import XenddevError
 from xenddev.interfaces import ITransaction, IXenbusSimulator, IXenStore
 from xenddev.simulator.base import DeviceView, Transition, XenbusEndSimulator
 from xenddev.xenbus import (
@@ -72,7 +73,7 @@ _DEFAULT_RINGS: Mapping[str, str] = {"ring-ref": "8", "event-channel": "9"}
 _PROTOCOL = "x86_64-abi"
 
 
-class SimulatedDeviceNotFound(LookupError):
+class SimulatedDeviceNotFound(XenddevError, LookupError):
     """L{FrontendSimulator.close} was asked about a device that does not exist."""
 
     def __init__(self, path: str) -> None:

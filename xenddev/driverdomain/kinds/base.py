@@ -13,12 +13,13 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 
 from xenddev.driverdomain.protocol import XEN_ERRNO, ControlPaths
+from xenddev.errors import XenddevError
 from xenddev.xenstore.paths import Perm
 
 _FRONTEND = re.compile(r"/local/domain/(\d+)/device/([a-z0-9]+)/(\d+)\Z")
 
 
-class KindError(Exception):
+class KindError(XenddevError):
     """
     A kind could not perform an operation. Becomes the request's result.
 
