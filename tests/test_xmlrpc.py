@@ -13,7 +13,7 @@ import xmlrpc.client
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, globalLogPublisher
@@ -428,6 +428,25 @@ class XMLRPCSuite(DeviceServiceFixture):
         )
         await self.assertTreeIs(before)
 
+    async def test_waitForDevicesHotplugFault(self) -> None:
+        """
+        waitForDevices gathers a wait per device (C{gatherResults}): a device
+        whose hotplug script failed is fault 15 with xend's message, not the
+        internal fault of the L{FirstError} that wraps it.
+        """
+        for vdev in ("xvdb", "xvdc"):
+            await self.call("device.attach", GUEST, "vbd", {"spec": f"{self.image()},raw,{vdev},r"})
+        self.assertTrue(await self.call("xend.domain.waitForDevices", GUEST))
+        backend = f"/local/domain/0/backend/vbd/{GUEST}/51744"
+        await self.xs.write(f"{backend}/hotplug-error", "no such file")
+        await self.xs.write(f"{backend}/hotplug-status", "error")
+        fault = await self.assertFault(
+            FaultCode.HOTPLUG_FAILED, "xend.domain.waitForDevices", GUEST
+        )
+        self.assertEqual(
+            fault.faultString, "Device 51744 (vbd) could not be connected. no such file"
+        )
+
     # Driver-domain objects (vdi.*)
 
     async def test_vdiLifecycle(self) -> None:
@@ -725,6 +744,68 @@ class InternalErrorTests(RPCServerMixin, TestCase):
         self.assertIn("internal error in device.list (reference ", f.faultString)
         self.assertNotIn("secret", f.faultString)
         self.assertNotIn("ZeroDivisionError", f.faultString)
+        (logged,) = self.flushLoggedErrors(ZeroDivisionError)
+        self.assertIn("secret internal detail", str(logged.value))
+
+
+class GatheringManager:
+    """
+    A manager whose listing gathers two reads (C{gatherResults}, as the
+    controllers do): the first fails with L{error}, or, if it is L{None},
+    both wait until the listing is cancelled (as the daemon cancels its
+    operations when it stops with C{timeouts.shutdown: 0}).
+    """
+
+    controllerClasses = {"vbd": object}
+    inFlight = 0
+
+    def __init__(self, error: BaseException | None, depth: int = 1) -> None:
+        self.error = error
+        self.depth = depth
+
+    def listDevices(self, domid: int, devclass: str) -> Deferred[Any]:
+        """The gathered reads, wrapped L{depth} times in L{FirstError}."""
+        if self.error is None:
+            d: Deferred[Any] = gatherResults([Deferred(), Deferred()], consumeErrors=True)
+            reactor.callLater(0, d.cancel)  # type: ignore[attr-defined]
+            return d
+        d = fail(self.error)
+        for _ in range(self.depth):
+            d = gatherResults([d, Deferred()], consumeErrors=True)
+        return d
+
+
+class FirstErrorFaultTests(RPCServerMixin, TestCase):
+    """
+    Errors that reach a method wrapped in C{gatherResults}' L{FirstError}
+    (once or more) reach the client with the code of the error inside
+    (issue 13, item 5: they were internal faults).
+    """
+
+    async def test_cancelled(self) -> None:
+        """Gathered Deferreds cancelled (the daemon stopping): fault 16, not 1."""
+        self.serveRPC(GatheringManager(None))
+        f = await self.assertFault(FaultCode.UNAVAILABLE, "device.list", GUEST)
+        self.assertEqual(f.faultString, "the operation was cancelled (is the daemon stopping?)")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_connectionLost(self) -> None:
+        """A XenStore connection lost under a gathered read: fault 16."""
+        self.serveRPC(GatheringManager(XenStoreConnectionLost("xenstored went away")))
+        f = await self.assertFault(FaultCode.UNAVAILABLE, "device.list", GUEST)
+        self.assertEqual(f.faultString, "the daemon lost its XenStore connection; retry shortly")
+
+    async def test_nested(self) -> None:
+        """A L{FirstError} of a L{FirstError} of a declared error: that error's code and message."""
+        self.serveRPC(GatheringManager(DeviceNotFoundError("Device 51728 not connected"), 2))
+        f = await self.assertFault(FaultCode.NO_SUCH_DEVICE, "device.list", GUEST)
+        self.assertEqual(f.faultString, "Device 51728 not connected")
+
+    async def test_internalInside(self) -> None:
+        """An unexpected error inside: fault 1, the log has that error (not the wrapper)."""
+        self.serveRPC(GatheringManager(ZeroDivisionError("secret internal detail")))
+        f = await self.assertFault(FaultCode.INTERNAL, "device.list", GUEST)
+        self.assertNotIn("secret", f.faultString)
         (logged,) = self.flushLoggedErrors(ZeroDivisionError)
         self.assertIn("secret internal detail", str(logged.value))
 

@@ -387,7 +387,9 @@ class DevController:
 
     async def _writeConfig(self, tx: ITransaction, devid: int, config: Mapping[str, str]) -> None:
         base = f"{self.devicePath(devid)}/config"
-        await gatherResults([tx.write(f"{base}/{k}", v) for k, v in config.items()])
+        await gatherResults(
+            [tx.write(f"{base}/{k}", v) for k, v in config.items()], consumeErrors=True
+        )
 
     # Lifecycle
 
@@ -531,7 +533,9 @@ class DevController:
         """Wait for every device of this class."""
 
         async def wait() -> None:
-            await gatherResults([self.waitForDevice(d) for d in await self.deviceIDs()])
+            await gatherResults(
+                [self.waitForDevice(d) for d in await self.deviceIDs()], consumeErrors=True
+            )
 
         return Deferred.fromCoroutine(wait())
 
@@ -560,7 +564,8 @@ class DevController:
                 self.xs.readOrNone(f"{record}/backend"),
                 self.xs.readOrNone(f"{record}/vdi"),
                 self.xs.readOrNone(f"{record}/backend-id"),
-            ]
+            ],
+            consumeErrors=True,
         )
         if vdi is None or backendId is None:
             raise DeviceNotFoundError(f"Device {devid} not connected")
@@ -677,7 +682,9 @@ class DevController:
             keys = await self._ls(base)
             if not keys and not await self.xs.exists(self.devicePath(devid)):
                 raise DeviceNotFoundError(f"Device {devid} not connected")
-            values = await gatherResults([self.xs.read(f"{base}/{k}") for k in keys])
+            values = await gatherResults(
+                [self.xs.read(f"{base}/{k}") for k in keys], consumeErrors=True
+            )
             return dict(zip(keys, values, strict=True))
 
         return Deferred.fromCoroutine(read())
@@ -711,7 +718,8 @@ class DevController:
                     continue
                 keys = await self._ls(f"{self.frontendRoot()}/{name}")
                 values = await gatherResults(
-                    [self.xs.readOrNone(f"{self.frontendRoot()}/{name}/{k}") for k in keys]
+                    [self.xs.readOrNone(f"{self.frontendRoot()}/{name}/{k}") for k in keys],
+                    consumeErrors=True,
                 )
                 out.append([int(name), [[k, v] for k, v in zip(keys, values, strict=True)]])
             return out
@@ -737,7 +745,11 @@ class DevController:
             root = await self.xs.readOrNone(base) if indirect else base
             if root is None:
                 raise DeviceNotFoundError(f"no such device ({base})")
-            return list(await gatherResults([self.xs.readOrNone(f"{root}/{k}") for k in keys]))
+            return list(
+                await gatherResults(
+                    [self.xs.readOrNone(f"{root}/{k}") for k in keys], consumeErrors=True
+                )
+            )
 
         return Deferred.fromCoroutine(read())
 

@@ -303,7 +303,8 @@ class DeviceManager:
         front = ctrl.frontendPath(devid)
         keys = ("state", "event-channel", "ring-ref", "tx-ring-ref", "mac")
         state, evtchn, ring, txRing, mac = await gatherResults(
-            [self.xs.readOrNone(f"{front}/{k}") for k in keys]
+            [self.xs.readOrNone(f"{front}/{k}") for k in keys],
+            consumeErrors=True,
         )
         return DeviceRow(
             ctrl.deviceClass,

@@ -248,14 +248,16 @@ class DriverDomainClient:
                 raise DriverDomainTimeout("(pending)", paths.base, self.timeout) from None
             # Only what the teardown needs (not the target), in one round.
             state, names = await gatherResults(
-                [self.xs.readOrNone(paths.state), _lsOrNone(self.xs, paths.plugsDir)]
+                [self.xs.readOrNone(paths.state), _lsOrNone(self.xs, paths.plugsDir)],
+                consumeErrors=True,
             )
             if state is None and names is None and not await self.xs.exists(paths.base):
                 return
             for name in names or []:
                 pp = paths.plug(name)
                 plugState, frontend = await gatherResults(
-                    [self.xs.readOrNone(pp.state), self.xs.readOrNone(pp.frontend)]
+                    [self.xs.readOrNone(pp.state), self.xs.readOrNone(pp.frontend)],
+                    consumeErrors=True,
                 )
                 if plugState == PLUGGED:
                     await self._request(paths, Request(UNPLUG, name), {}, frontend)
@@ -289,7 +291,7 @@ class DriverDomainClient:
     def stopWatching(self) -> Deferred[None]:
         """Remove the standing watches (pending waits still time out)."""
         stops = [w.stop() for w in (self._control, self._backends) if w is not None]
-        return gatherResults(stops).addCallback(lambda _: None)
+        return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
 
     async def _requestGone(self, paths: ControlPaths) -> None:
         """Wait until C{request} is gone (one pending when we came)."""
@@ -348,7 +350,7 @@ class DriverDomainClient:
         ]
 
         async def create(tx: ITransaction) -> None:
-            present = await gatherResults([tx.exists(d) for d in dirs])
+            present = await gatherResults([tx.exists(d) for d in dirs], consumeErrors=True)
             for path, there in zip(dirs, present, strict=True):
                 if not there:
                     await tx.mkdir(path)
@@ -364,7 +366,7 @@ class DriverDomainClient:
         if request.plug is not None:
             reads.append(tx.readOrNone(paths.plug(request.plug).state))
             reads.append(tx.exists(frontend) if frontend else _resolved(False))
-        state, pending, *rest = await gatherResults(reads)
+        state, pending, *rest = await gatherResults(reads, consumeErrors=True)
         plugCount = 0
         if request.op == UNPREPARE:
             plugCount = len(await self._pluggedNames(tx, paths))
@@ -378,7 +380,9 @@ class DriverDomainClient:
 
     async def _pluggedNames(self, tx: ITransaction, paths: ControlPaths) -> builtins.list[str]:
         names = await tx.ls(paths.plugsDir) if await tx.exists(paths.plugsDir) else []
-        states = await gatherResults([tx.readOrNone(paths.plug(n).state) for n in names])
+        states = await gatherResults(
+            [tx.readOrNone(paths.plug(n).state) for n in names], consumeErrors=True
+        )
         return [n for n, s in zip(names, states, strict=True) if s == PLUGGED]
 
     async def _request(
@@ -502,8 +506,8 @@ class DriverDomainClient:
         if request.op == CHANGE:
             # The agent consumes n/* on success; a refused change leaves it.
             removals.append(tx.rm(paths.newTargetDir, missingOk=True))
-        raw, message, state, *plugReads = await gatherResults(reads)
-        await gatherResults(removals)
+        raw, message, state, *plugReads = await gatherResults(reads, consumeErrors=True)
+        await gatherResults(removals, consumeErrors=True)
         try:
             result = int(raw) if raw is not None else XEN_ERRNO["EIO"]
         except ValueError:
@@ -516,7 +520,9 @@ class DriverDomainClient:
                 await _rmPlug(tx, paths, plugPaths)
             else:
                 removed = tx.rm(plugPaths.takeover, missingOk=True)
-                values = await gatherResults([tx.read(f"{plugPaths.bcopy}/{k}") for k in keys])
+                values = await gatherResults(
+                    [tx.read(f"{plugPaths.bcopy}/{k}") for k in keys], consumeErrors=True
+                )
                 bcopy = dict(zip(keys, values, strict=True))
                 await removed
         return result, message or "", backend, bcopy, state is None
@@ -537,19 +543,27 @@ class DriverDomainClient:
     async def _describe(self, paths: ControlPaths) -> ObjectInfo:
         xs = self.xs
         state, request = await gatherResults(
-            [xs.readOrNone(paths.state), xs.readOrNone(paths.request)]
+            [xs.readOrNone(paths.state), xs.readOrNone(paths.request)],
+            consumeErrors=True,
         )
         target: dict[str, str] = {}
         if await xs.exists(paths.targetDir):
             keys = await xs.ls(paths.targetDir)
-            values = await gatherResults([xs.read(paths.target(k)) for k in keys])
+            values = await gatherResults(
+                [xs.read(paths.target(k)) for k in keys], consumeErrors=True
+            )
             target = dict(zip(keys, values, strict=True))
         plugs = []
         if await xs.exists(paths.plugsDir):
             for plug in sorted(await xs.ls(paths.plugsDir)):
                 pp = paths.plug(plug)
                 pstate, front, back = await gatherResults(
-                    [xs.readOrNone(pp.state), xs.readOrNone(pp.frontend), xs.readOrNone(pp.backend)]
+                    [
+                        xs.readOrNone(pp.state),
+                        xs.readOrNone(pp.frontend),
+                        xs.readOrNone(pp.backend),
+                    ],
+                    consumeErrors=True,
                 )
                 plugs.append(PlugInfo(plug, pstate, front, paths.absolute(back) if back else None))
         return ObjectInfo(paths.objectClass.name, paths.name, state, request, target, tuple(plugs))
@@ -616,7 +630,9 @@ async def populateFrontend(
     values = {"backend": plug.backendPath, "backend-id": str(dd), **frontend}
     await tx.mkdir(front)
     await tx.setPerms(front, [Perm("n", guest), Perm("r", dd)])
-    await gatherResults([tx.write(f"{front}/{k}", str(v)) for k, v in values.items()])
+    await gatherResults(
+        [tx.write(f"{front}/{k}", str(v)) for k, v in values.items()], consumeErrors=True
+    )
     extras = {**plug.bcopy, **(backend or {})}
     if backendReady and not extras:
         return
@@ -625,7 +641,8 @@ async def populateFrontend(
             await tx.mkdir(plug.backendPath)
             await tx.setPerms(plug.backendPath, [Perm("n", dd), Perm("r", guest)])
         await gatherResults(
-            [tx.write(f"{plug.backendPath}/{k}", str(v)) for k, v in extras.items()]
+            [tx.write(f"{plug.backendPath}/{k}", str(v)) for k, v in extras.items()],
+            consumeErrors=True,
         )
     if await tx.readOrNone(f"{plug.backendPath}/frontend") is None:
         await tx.write(f"{plug.backendPath}/frontend", front)
