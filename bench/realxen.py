@@ -6,7 +6,13 @@ the block script).
 
 Measured in dom0 by a driver script (no command channel in the timings),
 interleaved round by round so that a machine getting busier or quieter
-affects every column alike:
+affects every column alike. Before each timed operation the driver waits
+until the guest has finished reacting to the previous one (its console log
+quiet for 1.5 s): a PV guest probing and reading a disk under TCG slows
+dom0 down, and a fast toolstack would otherwise pile the guest's work onto
+whoever comes next (xl's block script then hit libxl's 40 s timeout). The
+serial xl runs are the sums of their operations, each after the guest
+settled:
 
   - one disk: C{xl block-attach}/C{block-detach} vs the C{xenddev} client
     (a process per operation, as an operator types it) and vs one XML-RPC
@@ -46,8 +52,22 @@ import json, statistics, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from xenddev.cli import serverProxy
 
-guest, images, rounds, disks, venv, socket = sys.argv[1:7]
+guest, images, rounds, disks, venv, socket, console = sys.argv[1:8]
 images, rounds, disks = images.split(","), int(rounds), int(disks)
+
+def settle(quiet=1.5, limit=90):
+    # Wait until the guest has finished reacting to the last operation (its
+    # console log stops growing): a guest still probing, writing and reading
+    # back a disk slows dom0 down (TCG), whoever made the next operation.
+    import os
+    last, since, start = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - start < limit:
+        size = os.path.getsize(console) if os.path.exists(console) else 0
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.2)
 env = {"XENDDEV_SOCKET": socket, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 VDEVS = ["xvd" + chr(ord("b") + i) for i in range(disks)]
 
@@ -55,6 +75,7 @@ def spec(vdev, image):
     return f"format=raw,vdev={vdev},access=rw,target={image}"
 
 def timed(argv):
+    settle()
     t = time.monotonic()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -62,6 +83,7 @@ def timed(argv):
     return time.monotonic() - t
 
 def rpcCall(fn, *args):
+    settle()
     t = time.monotonic()
     fn(*args)
     return time.monotonic() - t
@@ -80,6 +102,7 @@ for r in range(rounds):
     out["rpc detach"].append(rpcCall(rpc.device.detach, guest, "vbd", vdev))
 
 def together(fn, items):
+    settle()
     t = time.monotonic()
     with ThreadPoolExecutor(len(items)) as pool:
         list(pool.map(fn, items))
@@ -92,14 +115,8 @@ def detachOne(p):
     serverProxy(socket, timeout=600).device.detach(guest, "vbd", p[0])
 out["parallel attach"] = together(attachOne, pairs)
 out["parallel detach"] = together(detachOne, pairs)
-t = time.monotonic()
-for vdev, image in pairs:
-    timed(["xl", "block-attach", guest, spec(vdev, image)])
-out["serial xl attach"] = time.monotonic() - t
-t = time.monotonic()
-for vdev, _ in pairs:
-    timed(["xl", "block-detach", guest, vdev])
-out["serial xl detach"] = time.monotonic() - t
+out["serial xl attach"] = sum(timed(["xl", "block-attach", guest, spec(*p)]) for p in pairs)
+out["serial xl detach"] = sum(timed(["xl", "block-detach", guest, p[0]]) for p in pairs)
 print(json.dumps(out))
 """
 
@@ -152,6 +169,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
     driver.write_text(DOM0_DRIVER)
     argv = [sys.executable, host.inDom0(driver), guest.name, ",".join(images)]
     argv += [str(args.rounds), str(args.disks), VENV_BIN, SOCKET]
+    argv.append(f"{host.shareInDom0}/console/guest-{guest.name}.log")
     print(f"real Xen 4.17 under QEMU ({host.accel}), run folder {host.runDir}")
     modes = ("script", "builtin") if args.hotplug == "both" else (args.hotplug,)
     for mode in modes:
