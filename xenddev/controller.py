@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -52,7 +53,7 @@ from xenddev.xenbus import (
     waitForHotplugStatus,
     waitForState,
 )
-from xenddev.xenstore.errors import NoEntryError, XenStoreTimeout
+from xenddev.xenstore.errors import NoEntryError, XenStoreError, XenStoreTimeout
 from xenddev.xenstore.paths import Perm, validateDomid
 
 #: libxl's device timeouts (xend used 100 s).
@@ -63,6 +64,14 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 _DOMAIN_PATH = re.compile(r"/local/domain/(\d+)/")
 #: A DeviceDetails devid asking for the lowest free id.
 ALLOCATE = -1
+#: libxl's device kinds (its record directories) that are a device class's.
+LIBXL_KINDS: Mapping[str, tuple[str, ...]] = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}
+#: How many times an attach removes a frontend directory the guest made
+#: before it gives up (a guest that may create one can make it again).
+_GUEST_FRONTEND_REMOVALS = 3
+#: The attempts of a transaction bounded by a deadline instead (its
+#: backoff, capped at 200 ms, reaches the deadline long before these).
+_UNTIL_DEADLINE = 1_000_000
 
 
 class DeviceError(XenddevError):
@@ -155,6 +164,14 @@ class DeviceDetails:
     backendDomid: int = 0
     backendExtras: Mapping[str, str] = attrs.field(factory=dict)
     config: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class _GuestFrontend(Exception):
+    """A frontend directory without a toolstack's record is in the way."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(path)
 
 
 class _Compensation:
@@ -419,16 +436,33 @@ class DevController:
 
     async def _create(self, details: DeviceDetails) -> int:
         devid = details.devid
+        dd = self._driverDomain(details.backendDomid)
+        # Before anything is written: a domain without an agent would
+        # never answer (NoAgentError, nothing left behind).
+        await dd.checkAgent()
         undo = _Compensation()
+        #: Whether the driver domain failed to answer a request: the undo
+        #: then gives the object up at once instead of waiting again.
+        unanswered = False
+
+        async def undoObject() -> None:
+            if not unanswered:
+                try:
+                    await dd.teardown(vdi, self.objectClass)
+                    return
+                except DriverDomainTimeout:
+                    pass
+            await dd.abandon(vdi, self.objectClass)
+
         try:
             devid = await self._reserve(details)
             details = self.withDevid(details, devid)
             undo.push("reservation", lambda: self._removeRecord(devid))
-            dd = self._driverDomain(details.backendDomid)
             vdi = self.vdiName(devid)
             # One undo step takes the object down from whatever state it
-            # reached (even a request whose caller was cancelled).
-            undo.push("object", lambda: dd.teardown(vdi, self.objectClass))
+            # reached (even a request whose caller was cancelled), or, if
+            # its driver domain does not answer, removes what we wrote.
+            undo.push("object", undoObject)
             await dd.prepare(vdi, details.target, self.objectClass)
             plug = await dd.plug(vdi, self.plugName, self.frontendPath(devid), self.objectClass)
             undo.push("frontend", lambda: self._removeFrontend(devid))
@@ -446,6 +480,7 @@ class DevController:
                 domid=self.domid,
                 error=e,
             )
+            unanswered = isinstance(e, DriverDomainTimeout)
             await undo.run(self.log)
             raise self._explain(e, devid) from e
         return devid
@@ -479,16 +514,49 @@ class DevController:
                 used = set(await tx.ls(root)) if await tx.exists(root) else set()
                 devid = next(n for n in range(len(used) + 1) if str(n) not in used)
             record = self.devicePath(devid)
-            if await tx.exists(record):
+            front = self.frontendPath(devid)
+            ours, there = await gatherResults(
+                [tx.exists(record), tx.exists(front)], consumeErrors=True
+            )
+            if ours:
                 raise DeviceExistsError(f"Device {devid} is already connected.")
-            await tx.write(f"{record}/frontend", self.frontendPath(devid))
+            if there:
+                if await self._libxlOwns(tx, devid):
+                    raise DeviceExistsError(f"Device {devid} is already connected (by xl).")
+                raise _GuestFrontend(front)
+            await tx.write(f"{record}/frontend", front)
             await tx.write(f"{record}/frontend-id", str(self.domid))
             await tx.write(f"{record}/backend-id", str(details.backendDomid))
             await tx.write(f"{record}/vdi", self.vdiName(devid))
             await self._writeConfig(tx, devid, details.config)
             return devid
 
-        return await self.xs.transact(claim, self.transactAttempts)
+        for _ in range(_GUEST_FRONTEND_REMOVALS):
+            try:
+                return await self.xs.transact(claim, self.transactAttempts)
+            except _GuestFrontend as junk:
+                # No record of ours or libxl's: the guest made it (it may
+                # not, where the toolstack made its device directory). Like
+                # libxl, which removes any frontend directory before making
+                # its own, replace it; outside a transaction, so the
+                # guest's writes in it cannot hold the attach up.
+                self.log.warn(
+                    "Removing {path}, a frontend directory no toolstack made",
+                    path=junk.path,
+                )
+                await self.xs.rm(junk.path, missingOk=True)
+        raise DeviceExistsError(
+            f"Device {details.devid}: the guest keeps making its frontend directory"
+        )
+
+    async def _libxlOwns(self, tx: ITransaction, devid: int) -> bool:
+        """Whether libxl (xl) has a record of this device (writable by dom0 only)."""
+        kinds = LIBXL_KINDS.get(self.deviceClass, (self.deviceClass,))
+        found = await gatherResults(
+            [tx.exists(f"/libxl/{self.domid}/device/{k}/{int(devid)}") for k in kinds],
+            consumeErrors=True,
+        )
+        return any(found)
 
     async def _writeFrontend(
         self, tx: ITransaction, details: DeviceDetails, plug: PlugResult, backendReady: bool
@@ -598,15 +666,45 @@ class DevController:
         await self._removeRecord(devid)
         await self.finishDeviceCleanup(backend or self.backendPath(ddId, devid), front)
 
+    def _reactor(self) -> Any:
+        """The reactor that times this controller's deadlines."""
+        clock = getattr(self.xs, "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return clock
+
+    async def _transactWithin(
+        self, fn: Callable[[ITransaction], Awaitable[None]], seconds: float
+    ) -> bool:
+        """
+        Run a transaction, retrying its conflicts until C{seconds} have
+        passed rather than for a number of attempts; whether it committed
+        in time. For transactions a guest's writes may conflict with: the
+        operation's deadline, not the guest, decides when to stop.
+        """
+        d = self.xs.transact(fn, _UNTIL_DEADLINE)
+        d.addTimeout(max(seconds, 0.0), self._reactor())
+        try:
+            await d
+        except DeferTimeoutError:
+            return False
+        return True
+
     async def _closeBackend(self, backend: str) -> bool:
         """
-        Ask for a vbd/vif to close (C{online=0}, C{state=5}) and wait up to
-        C{destroyTimeout} for Closed; whether it closed.
+        Ask for a vbd/vif to close (C{online=0}, C{state=5}) and wait for
+        Closed, both within C{destroyTimeout}; whether it closed.
         """
-        await self.xs.transact(lambda tx: self._close(tx, backend), self.transactAttempts)
+        clock = self._reactor()
+        deadline = clock.seconds() + self.destroyTimeout
+        if not await self._transactWithin(lambda tx: self._close(tx, backend), self.destroyTimeout):
+            return False
         try:
             await waitForState(
-                self._waits(backend), backend, XenbusState.Closed, self.destroyTimeout
+                self._waits(backend),
+                backend,
+                XenbusState.Closed,
+                max(deadline - clock.seconds(), 0.0),
             )
         except XenStoreTimeout:
             return False
@@ -630,17 +728,44 @@ class DevController:
             why=why,
         )
 
+        await self._removeFrontend(devid)
+
         async def clean(tx: ITransaction) -> None:
-            await _rmPruned(tx, self.frontendPath(devid))
             await tx.rm(self._driverDomain(ddId).paths(vdi, self.objectClass).base, missingOk=True)
             await _rmPruned(tx, self.devicePath(devid), 2)
 
         await self.xs.transact(clean, self.transactAttempts)
 
-    def _removeFrontend(self, devid: int) -> Deferred[None]:
-        return self.xs.transact(
-            lambda tx: _rmPruned(tx, self.frontendPath(devid)), self.transactAttempts
-        )
+    async def _removeFrontend(self, devid: int) -> None:
+        """
+        Remove a device's frontend, then its class directory if left empty.
+
+        The frontend goes in one request, outside any transaction: the
+        guest writes there as it likes, and a transaction removing it
+        conflicted with each of those writes (issue 13: a guest rewriting
+        its C{state} starved the detach for 500 attempts, 62 s). The class
+        directory (the toolstack's, which the guest may only read) is
+        pruned in a transaction bounded by the destroy timeout; if that
+        fails, an empty directory is all that is left.
+        """
+        front = self.frontendPath(devid)
+        await self.xs.rm(front, missingOk=True)
+        parent = front.rsplit("/", 1)[0]
+        for _ in range(3):
+            try:
+                pruned = await self._transactWithin(
+                    lambda tx: _pruneEmpty(tx, parent), self.destroyTimeout
+                )
+            except XenStoreError as e:
+                # The C xenstored answers EIO to a transaction removing a
+                # directory another transaction removed after this one
+                # read it (concurrent detaches of one guest's devices).
+                self.log.debug("Pruning {path}: {error}; again", path=parent, error=e)
+                continue
+            if not pruned:
+                self.log.warn("Could not prune {path} in time; left empty", path=parent)
+            return
+        self.log.warn("Could not prune {path}; left empty", path=parent)
 
     def _removeRecord(self, devid: int) -> Deferred[None]:
         # <vm>/device goes too once empty: a domain another toolstack made
@@ -787,6 +912,14 @@ def _plainDevid(devid: object) -> int:
         if text.isascii() and text.isdigit():
             return int(text)
     raise DeviceConfigError(f"invalid device id {devid!r}")
+
+
+async def _pruneEmpty(tx: ITransaction, path: str) -> None:
+    """Remove C{path} if it exists and has no children."""
+    left: Deferred[Any] = tx.ls(path)
+    left.addErrback(lambda f: f.trap(NoEntryError) and None)
+    if await left == []:
+        await tx.rm(path)
 
 
 async def _rmPruned(tx: ITransaction, path: str, ancestors: int = 1) -> None:

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from xenddev.controller import (
     ALLOCATE,
     DEFAULT_REQUEST_TIMEOUT,
+    LIBXL_KINDS,
     DevController,
     DeviceConfigError,
     DomainInfo,
@@ -52,10 +53,6 @@ def defaultControllers() -> dict[str, type[DevController]]:
         "tap2": Blktap2Controller,
         "vif": VifController,
     }
-
-
-#: libxl's device kinds (its record directories) that are a device class's.
-_LIBXL_KINDS: Mapping[str, tuple[str, ...]] = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}
 
 
 @attrs.frozen
@@ -109,7 +106,7 @@ class DeviceManager:
         """
         Make sure a guest's XenStore skeleton exists (as the domain builder
         writes it): C{/local/domain/<domid>/{domid,name,vm,device}} and
-        C{/vm/<uuid>}, the guest owning its home and reading its vm dir
+        C{/vm/<uuid>}, the guest reading its home, C{device} and its vm dir
         (C{/vm/<uuid>/device} comes and goes with the device records).
         A no-op for a domain that already has one.
         """
@@ -126,8 +123,11 @@ class DeviceManager:
             await tx.write(f"{home}/domid", str(domid))
             await tx.write(f"{home}/name", name or f"domain-{domid}")
             await tx.write(f"{home}/vm", vmPath)
+            # The toolstack's, the guest may only read it (libxl's): a guest
+            # that could create device/<class>/<devid> could plant frontends
+            # or bring back one being removed (issue 13).
             await tx.mkdir(f"{home}/device")
-            await tx.setPerms(f"{home}/device", [Perm("n", domid)])
+            await tx.setPerms(f"{home}/device", [Perm("n", 0), Perm("r", domid)])
             await tx.mkdir(vmPath)
             await tx.setPerms(vmPath, [Perm("n", 0), Perm("r", domid)])
             return DomainInfo(domid, vmPath)
@@ -328,7 +328,7 @@ class DeviceManager:
         writable by dom0 only, unlike the guest's frontend directories).
         """
         found = []
-        for kind in _LIBXL_KINDS.get(devclass, (devclass,)):
+        for kind in LIBXL_KINDS.get(devclass, (devclass,)):
             root = f"/libxl/{int(domid)}/device/{kind}"
             try:
                 names = await self.xs.ls(root)

@@ -59,6 +59,7 @@ from xenddev.driverdomain.protocol import (
     ObjectSnapshot,
     Request,
     checkPreconditions,
+    kindsPath,
     privateDir,
     validateName,
     validateTarget,
@@ -993,11 +994,6 @@ async def _frontendVisible(xs: Any, frontend: str) -> bool:
         return await xs.readOrNone(frontend) is not None
     except AccessDeniedError:
         return False
-
-
-def kindsPath(driverDomid: int) -> str:
-    """C{/local/domain/<dd>/backendctrl/kinds}: the kinds the agent serves."""
-    return f"/local/domain/{validateDomid(driverDomid)}/backendctrl/kinds"
 
 
 _BACKEND = re.compile(r"/local/domain/\d+/backend/([a-z0-9]+)/(\d+)/(\d+)\Z")

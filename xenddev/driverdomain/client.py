@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xenddev.driverdomain.errors import (
     DriverDomainError,
     DriverDomainTimeout,
+    NoAgentError,
     PreconditionError,
 )
 from xenddev.driverdomain.protocol import (
@@ -47,6 +49,8 @@ from xenddev.driverdomain.protocol import (
     Request,
     checkPreconditions,
     checkTransactionSize,
+    kindsPath,
+    privateDir,
     validateName,
     validateTarget,
 )
@@ -127,6 +131,10 @@ class DriverDomainClient:
         #: The connection (ReconnectingXenStore.connections) on which the
         #: control area was last made: a restarted xenstored may have lost it.
         self._areaMadeOn: int | None = None
+        #: The connection on which an agent was last seen (L{checkAgent}),
+        #: and the check in flight.
+        self._agentSeenOn: int | None = None
+        self._agentCheck: Deferred[None] | None = None
         home = f"/local/domain/{self.driverDomid}"
         # One standing watch each on the control area and the backends
         # instead of a watch per wait (only with a reactor to time waits).
@@ -270,6 +278,17 @@ class DriverDomainClient:
 
         return self._serialised(paths, lambda: Deferred.fromCoroutine(run()))
 
+    def abandon(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
+        """
+        Give up on an object whose driver domain does not answer: remove
+        its directory, a pending request included, so that nothing is left
+        and the name can be used again (a failed creation's clean-up; see
+        docs/protocol.md, decision 4). Unlike L{teardown} it asks the driver
+        domain nothing.
+        """
+        paths = self.paths(name, objectClass)
+        return self._serialised(paths, lambda: self.xs.rm(paths.base, missingOk=True))
+
     def list(self, objectClass: ObjectClass = VDI) -> Deferred[list[ObjectInfo]]:
         """Every object of the class in this driver domain, with its plugs."""
         return Deferred.fromCoroutine(self._list(objectClass))
@@ -339,6 +358,11 @@ class DriverDomainClient:
         connection = getattr(self.xs, "connections", 0)
         if self._areaMadeOn == connection:
             return
+        await self._makeArea()
+        self._areaMadeOn = connection
+
+    async def _makeArea(self) -> builtins.list[str]:
+        """Create the missing control directories; the ones created, parents first."""
         dd = self.driverDomid
         home = f"/local/domain/{dd}"
         dirs = [
@@ -349,15 +373,104 @@ class DriverDomainClient:
             f"{home}/private",
         ]
 
-        async def create(tx: ITransaction) -> None:
+        async def create(tx: ITransaction) -> builtins.list[str]:
             present = await gatherResults([tx.exists(d) for d in dirs], consumeErrors=True)
+            made = []
             for path, there in zip(dirs, present, strict=True):
                 if not there:
                     await tx.mkdir(path)
                     await tx.setPerms(path, [Perm("n", dd)])
+                    made.append(path)
+            return made
 
-        await self.xs.transact(create, TRANSACT_ATTEMPTS)
-        self._areaMadeOn = connection
+        return await self.xs.transact(create, TRANSACT_ATTEMPTS)
+
+    def checkAgent(self) -> Deferred[None]:
+        """
+        Make sure an agent serves this domain before anything is written
+        for it (issue 13: a C{backend=} naming a domain without one left a
+        control area and a pending request behind, and a retry failed with
+        C{EBUSY}).
+
+        A domain without a home is refused at once. An agent shows itself
+        by its kinds (C{backendctrl/kinds}) or, if older than that
+        advertisement, by its records (C{private/xenddev}). Failing both,
+        an agent may be waiting for its control area (a guest driver domain
+        cannot create it): the area is offered, and the agent must
+        advertise its kinds within the request timeout; if it does not,
+        the directories just made are removed again.
+
+        @raise NoAgentError: the domain cannot serve; nothing is left written.
+        """
+        connection = getattr(self.xs, "connections", 0)
+        if self._agentSeenOn == connection:
+            return _resolved(None)
+        if self._agentCheck is None:
+            check = self._agentCheck = Deferred.fromCoroutine(self._checkAgent())
+
+            def done(result: object) -> object:
+                self._agentCheck = None
+                if not isinstance(result, Failure):
+                    self._agentSeenOn = connection
+                return result
+
+            check.addBoth(done)
+        # Every caller waits for the one check in flight, without sharing
+        # its Deferred (one caller's cancel must not cancel the others').
+        waiter: Deferred[None] = Deferred()
+
+        def relay(result: object) -> None:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+        self._agentCheck.addBoth(relay)
+        return waiter
+
+    async def _checkAgent(self) -> None:
+        dd = self.driverDomid
+        home, kinds, records = await gatherResults(
+            [
+                self.xs.readOrNone(f"/local/domain/{dd}"),
+                self.xs.readOrNone(kindsPath(dd)),
+                self.xs.readOrNone(privateDir(dd)),
+            ],
+            consumeErrors=True,
+        )
+        if home is None:
+            raise NoAgentError(dd, f"it does not exist (no /local/domain/{dd})")
+        if kinds is not None or records is not None:
+            return
+        made = await self._makeArea()
+        try:
+            await self.xs.waitFor(kindsPath(dd), lambda v: v is not None, self.timeout)
+        except XenStoreTimeout:
+            await self._removeArea(made)
+            raise NoAgentError(
+                dd,
+                f"no agent runs there (none advertised its kinds in {kindsPath(dd)} "
+                f"within {self.timeout:g} s of its control area being offered)",
+            ) from None
+        except BaseException:
+            await self._removeArea(made)
+            raise
+
+    async def _removeArea(self, made: builtins.list[str]) -> None:
+        """Remove the control directories C{made} (children first) if still empty."""
+
+        async def remove(tx: ITransaction) -> None:
+            for path in reversed(made):
+                if await _lsOrNone(tx, path) == []:
+                    await tx.rm(path)
+
+        try:
+            await self.xs.transact(remove, TRANSACT_ATTEMPTS)
+        except Exception:
+            self.log.failure(
+                "Could not remove the control area offered to domain {dd}", dd=self.driverDomid
+            )
+        self._areaMadeOn = None
 
     async def _snapshot(
         self, tx: ITransaction, paths: ControlPaths, request: Request, frontend: str | None

@@ -86,6 +86,25 @@ class DriverDomainTimeout(XenddevError):
         return f"timed out: {self}; the operation may be retried"
 
 
+class NoAgentError(XenddevError):
+    """
+    The domain named as a driver domain cannot serve: it does not exist, or
+    no agent runs there (none advertised its kinds, nor answered within the
+    request timeout once its control area was offered). Nothing was left
+    written.
+
+    @ivar driverDomid: the domain.
+    @ivar reason: what was found.
+    """
+
+    faultCode = FaultCode.INVALID_DOMAIN
+
+    def __init__(self, driverDomid: int, reason: str) -> None:
+        self.driverDomid = driverDomid
+        self.reason = reason
+        super().__init__(f"domain {driverDomid} cannot serve as a driver domain: {reason}")
+
+
 class InvalidNameError(XenddevError, ValueError):
     """A name, target key or value is not acceptable; nothing was written."""
 

@@ -270,6 +270,11 @@ def privateDir(driverDomid: int) -> str:
     return f"/local/domain/{validateDomid(driverDomid)}/private/xenddev"
 
 
+def kindsPath(driverDomid: int) -> str:
+    """C{/local/domain/<dd>/backendctrl/kinds}: the kinds the agent serves."""
+    return f"/local/domain/{validateDomid(driverDomid)}/backendctrl/kinds"
+
+
 def checkTransactionSize(nodes: Mapping[str, str]) -> None:
     """Refuse a request whose single writes would not fit a XenStore packet."""
     for path, value in nodes.items():
