@@ -103,20 +103,21 @@ class HostileGuestSuite(ControllerFixture):
         """A connection acting as the guest (its own permissions where the store allows)."""
         return await self.connect()
 
+    async def stopFrontends(self) -> None:
+        """Stop the guest's simulated kernel frontends (a hostile guest has none)."""
+        for dd in self.driverDomains:
+            for frontend in dd.frontends:
+                await frontend.stop()
+
     async def attached(self) -> None:
         """A read-only disk xvdb attached to the guest, its frontend Connected."""
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.truncate(1 << 20)
+        path = self.image()
         await self.startDriverDomain()
         await self.manager.createDevice(GUEST, "vbd", {"spec": f"{path},raw,xvdb,r"})
         ctrl = await self.manager.controller(GUEST, "vbd")
         await waitForState(self.xs, ctrl.frontendPath(XVDB), 4, 10)
-        # From here on the guest is hostile: its (simulated) kernel frontend
-        # is gone, and nothing of the guest will close the device.
-        for dd in self.driverDomains:
-            for frontend in dd.frontends:
-                await frontend.stop()
+        # From here on the guest is hostile: nothing of it closes the device.
+        await self.stopFrontends()
 
     async def test_detachUnderStateStorm(self) -> None:
         """
@@ -168,9 +169,7 @@ class HostileGuestSuite(ControllerFixture):
         await self.xs.write(f"{junk}/backend", "/local/domain/0/backend/vbd/6/51728")
         await self.xs.write(f"{junk}/state", "4")
         await self.xs.setPerms(junk, [Perm("n", GUEST)])
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.truncate(1 << 20)
+        path = self.image()
         await self.manager.createDevice(GUEST, "vbd", {"spec": f"{path},raw,xvdb,r"})
         self.assertEqual(await self.xs.read(f"{junk}/backend"), ctrl.backendPath(0, XVDB))
         await self.manager.destroyDevice(GUEST, "vbd", XVDB)
@@ -182,12 +181,8 @@ class HostileGuestSuite(ControllerFixture):
         not the guest's: the attach is refused and changes nothing.
         """
         await self.startDriverDomain()
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.truncate(1 << 20)
-        for dd in self.driverDomains:
-            for frontend in dd.frontends:
-                await frontend.stop()  # xl's device: nothing of ours drives it
+        path = self.image()
+        await self.stopFrontends()  # xl's device: nothing of ours drives it
         ctrl = await self.manager.controller(GUEST, "vbd")
         await self.xs.write(f"{ctrl.frontendPath(XVDB)}/state", "4")
         await self.xs.write(f"/libxl/{GUEST}/device/vbd/{XVDB}/frontend", ctrl.frontendPath(XVDB))
@@ -274,9 +269,7 @@ class HostileGuestSuite(ControllerFixture):
         await self.startDriverDomain()
         await self.agent.stop()
         self.manager.controllerArgs["requestTimeout"] = 0.5
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.truncate(1 << 20)
+        path = self.image()
         config = {"spec": f"{path},raw,xvdb,r"}
         before = await dumpTree(self.xs)
         started = time.monotonic()

@@ -131,10 +131,9 @@ class DriverDomainClient:
         #: The connection (ReconnectingXenStore.connections) on which the
         #: control area was last made: a restarted xenstored may have lost it.
         self._areaMadeOn: int | None = None
-        #: The connection on which an agent was last seen (L{checkAgent}),
-        #: and the check in flight.
-        self._agentSeenOn: int | None = None
-        self._agentCheck: Deferred[None] | None = None
+        #: The callers waiting while the control area is offered to an agent
+        #: that may be waiting for it (L{checkAgent}); None when no offer stands.
+        self._offerWaiters: builtins.list[Deferred[None]] | None = None
         home = f"/local/domain/{self.driverDomid}"
         # One standing watch each on the control area and the backends
         # instead of a watch per wait (only with a reactor to time waits).
@@ -394,39 +393,18 @@ class DriverDomainClient:
 
         A domain without a home is refused at once. An agent shows itself
         by its kinds (C{backendctrl/kinds}) or, if older than that
-        advertisement, by its records (C{private/xenddev}). Failing both,
-        an agent may be waiting for its control area (a guest driver domain
-        cannot create it): the area is offered, and the agent must
-        advertise its kinds within the request timeout; if it does not,
-        the directories just made are removed again.
+        advertisement, by its records (C{private/xenddev}): one round trip,
+        made for every call (a domain may go away at any time, and a
+        request written into a home that is gone would make it again).
+        Failing both, an agent may be waiting for its control area (a
+        guest driver domain cannot create it): the area is offered, and the
+        agent must advertise its kinds within the request timeout; if it
+        does not, the directories just made are removed again. Concurrent
+        calls share that wait.
 
         @raise NoAgentError: the domain cannot serve; nothing is left written.
         """
-        connection = getattr(self.xs, "connections", 0)
-        if self._agentSeenOn == connection:
-            return _resolved(None)
-        if self._agentCheck is None:
-            check = self._agentCheck = Deferred.fromCoroutine(self._checkAgent())
-
-            def done(result: object) -> object:
-                self._agentCheck = None
-                if not isinstance(result, Failure):
-                    self._agentSeenOn = connection
-                return result
-
-            check.addBoth(done)
-        # Every caller waits for the one check in flight, without sharing
-        # its Deferred (one caller's cancel must not cancel the others').
-        waiter: Deferred[None] = Deferred()
-
-        def relay(result: object) -> None:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
-
-        self._agentCheck.addBoth(relay)
-        return waiter
+        return Deferred.fromCoroutine(self._checkAgent())
 
     async def _checkAgent(self) -> None:
         dd = self.driverDomid
@@ -442,6 +420,28 @@ class DriverDomainClient:
             raise NoAgentError(dd, f"it does not exist (no /local/domain/{dd})")
         if kinds is not None or records is not None:
             return
+        # Each caller waits on a Deferred of its own: one caller's cancel
+        # must not cancel the offer the others wait for.
+        waiter: Deferred[None] = Deferred()
+        if self._offerWaiters is not None:
+            self._offerWaiters.append(waiter)
+        else:
+            waiters = self._offerWaiters = [waiter]
+
+            def answer(result: object) -> None:
+                self._offerWaiters = None
+                for w in waiters:
+                    if isinstance(result, Failure):
+                        w.errback(result)
+                    else:
+                        w.callback(None)
+
+            Deferred.fromCoroutine(self._offerArea()).addBoth(answer)
+        await waiter
+
+    async def _offerArea(self) -> None:
+        """Make the control area; wait for an agent's kinds, else take it back."""
+        dd = self.driverDomid
         made = await self._makeArea()
         try:
             await self.xs.waitFor(kindsPath(dd), lambda v: v is not None, self.timeout)
