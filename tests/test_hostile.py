@@ -239,6 +239,44 @@ class HostileGuestSuite(ControllerFixture):
             self.assertIn("no agent runs there", str(e))
             await self.assertTreeIs(before)
 
+    async def test_backendDomainGoneSinceSeen(self) -> None:
+        """
+        A driver domain that served an attach and is then destroyed (its
+        home removed): the next attach naming it is refused at once and
+        does not make its home again.
+        """
+        await self.startDriverDomain(3)
+        config = {"spec": f"{self.image()},raw,xvdb,r", "backend": 3}
+        await self.manager.createDevice(GUEST, "vbd", config)
+        await self.manager.destroyDevice(GUEST, "vbd", XVDB)
+        await self.agent.stop()
+        await self.xs.rm("/local/domain/3")
+        before = await dumpTree(self.xs)
+        await self.assertFails(self.manager.createDevice(GUEST, "vbd", config), NoAgentError)
+        await self.assertTreeIs(before)
+
+    async def test_concurrentAttachesShareTheOffer(self) -> None:
+        """
+        Several attaches naming one agentless domain at once: one offer of
+        its control area, all refused with L{NoAgentError} after one
+        request timeout, nothing left.
+        """
+        await self.startDriverDomain()
+        self.manager.controllerArgs["requestTimeout"] = 0.5
+        await self.manager.registerDomain(7, name="no-agent")
+        before = await dumpTree(self.xs)
+        started = time.monotonic()
+        attaches = [
+            self.manager.createDevice(
+                GUEST, "vbd", {"spec": f"/dev/null,raw,xvd{letter},r", "backend": 7}
+            )
+            for letter in "bcd"
+        ]
+        for attach in attaches:
+            await self.assertFails(attach, NoAgentError)
+        self.assertLess(time.monotonic() - started, 0.5 + 0.9)
+        await self.assertTreeIs(before)
+
     async def test_agentComesWithItsArea(self) -> None:
         """
         An agent waiting for its control area (as in a guest driver domain,
