@@ -22,17 +22,7 @@ PRODUCT = ("xenddev", "controllers", os.path.join("twisted", "plugins"), "bench"
 #: module(s) the header should name. An entry excuses exactly that name in
 #: exactly that file; once the header is fixed the entry no longer applies
 #: and should be deleted.
-PENDING: dict[tuple[str, str], str] = {
-    ("xenddev/controller.py", "tests.test_controller"): "tests.test_controllers",
-    (
-        "xenddev/driverdomain/agent.py",
-        "tests.test_driverdomain_agent",
-    ): "tests.test_driverdomain,tests.test_driverdomain_kinds",
-    (
-        "xenddev/driverdomain/restart.py",
-        "tests.test_driverdomain_restart",
-    ): "tests.test_driverdomain_kinds,tests.test_reconnect",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def productModules(root: str = ROOT) -> Iterator[str]:

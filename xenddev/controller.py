@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_controller -*-
+# -*- test-case-name: tests.test_controllers -*-
 """
 The device controller: xend's C{DevController} API as Deferred chains over
 the backendctrl protocol and XenStore watches.

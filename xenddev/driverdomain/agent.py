@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_driverdomain_agent -*-
+# -*- test-case-name: tests.test_driverdomain,tests.test_driverdomain_kinds -*-
 """
 The driver-domain side of the backendctrl protocol.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_driverdomain_restart -*-
+# -*- test-case-name: tests.test_driverdomain_kinds,tests.test_reconnect -*-
 """
 Driver-domain restart: move every object of a dead (or retired) driver
 domain to its replacement, so that the guests' frontends see only a stall.
