@@ -48,6 +48,7 @@ INTERNAL = {
     "xenddev.errors.XenddevError": "the root: an error that declares no code is internal",
     "xenddev.config.ConfigError": "the daemon refuses to start; no RPC method reads a config",
     "xenddev.driverdomain.agent._RequestReplaced": "the agent's control flow, caught inside it",
+    "xenddev.controller._GuestFrontend": "the toolstack's control flow at attach, caught inside it",
     "xenddev.driverdomain.kinds.base.KindError": _DRIVER_DOMAIN_SIDE,
     "xenddev.driverdomain.nbd.NbdError": _DRIVER_DOMAIN_SIDE,
     "xenddev.hotplug.HotplugError": _DRIVER_DOMAIN_SIDE,

@@ -166,8 +166,8 @@ class DeviceDetails:
     config: Mapping[str, str] = attrs.field(factory=dict)
 
 
-class _GuestFrontend(Exception):
-    """A frontend directory without a toolstack's record is in the way."""
+class _GuestFrontend(XenddevError):
+    """A frontend directory without a toolstack's record is in the way (caught inside)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
