@@ -180,6 +180,22 @@ def parseBlockArgs(args: Sequence[str]) -> tuple[DiskSpec, dict[str, Any]]:
     return spec, config
 
 
+#: Longer decimal numbers are beyond every bound here (and int() refuses
+#: past 4300 digits).
+_MAX_DIGITS = 18
+
+
+def _decimal(text: str) -> int | None:
+    """
+    C{text} as a number if it is all ASCII digits, else None; a number of
+    more than L{_MAX_DIGITS} digits comes back as 10**L{_MAX_DIGITS}.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 def domainArgument(text: str) -> int | str:
     """
     The domain argument: a domain id (0..L{DOMID_MAX}), or a name the daemon
@@ -188,12 +204,12 @@ def domainArgument(text: str) -> int | str:
     @raise CommandError: an id beyond the range (exit 3, as the daemon's
         fault for it).
     """
-    if not (text.isascii() and text.isdigit()):
+    number = _decimal(text)
+    if number is None:
         return text
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(DOMID_MAX)) or int(digits) > DOMID_MAX:
+    if number > DOMID_MAX:
         raise CommandError(f"invalid domain id {text}: must be 0..{DOMID_MAX}", EXIT_NO_DOMAIN)
-    return int(digits)
+    return number
 
 
 def deviceArgument(text: str) -> int | str:
@@ -204,14 +220,14 @@ def deviceArgument(text: str) -> int | str:
     @raise CommandError: a number beyond the range (exit 4, as the daemon's
         fault for it).
     """
-    if not (text.isascii() and text.isdigit()):
+    number = _decimal(text)
+    if number is None:
         return text
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(DEVID_MAX)) or int(digits) > DEVID_MAX:
+    if number > DEVID_MAX:
         raise CommandError(
             f"invalid device {text}: a device number is at most {DEVID_MAX}", EXIT_BAD_CONFIG
         )
-    return int(digits)
+    return number
 
 
 def _socketPath(text: str) -> str:
