@@ -546,7 +546,9 @@ class QemuKind:
         daemon = self._daemons.pop(key, None)
         if daemon is None:
             daemon = await self._recover(ctx)
-        device = await ctx.xs.readOrNone(f"{ctx.records}/nbd-device")
+        device = None
+        if self.nbd is not None:
+            device = await ctx.xs.readOrNone(f"{ctx.records}/nbd-device")
         if self.nbd is not None and device is not None:
             try:
                 await self.nbd.detach(device)
