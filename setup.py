@@ -19,7 +19,10 @@ setup(
     # twistd lists neither xenddev nor xenstored.
     package_dir={"": "."},
     packages=[
-        *find_packages(include=["xenddev", "xenddev.*", "controllers", "controllers.*"]),
+        # xenddev.controllers is the top-level controllers/ folder, linked
+        # into xenddev/ (find_packages follows the link): installed under
+        # xenddev's name, site-packages gets no generic "controllers".
+        *find_packages(include=["xenddev", "xenddev.*"]),
         "twisted.plugins",
     ],
     package_data={"twisted.plugins": ["*.py"]},

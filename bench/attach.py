@@ -110,6 +110,7 @@ from bench._common import (
     sleep,
 )
 from bench._wiretap import Counts, RequestCounter, RoundCounter, tapEveryConnection
+from xenddev.controllers import defaultControllers
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.protocol import XenStoreProtocol
 
@@ -357,14 +358,16 @@ class FrameworkImpl(Impl):
         self.socketPath = socketPath
 
     async def start(self) -> None:
-        from xenddev.toolstack import DeviceManager
+        from xenddev.toolstack.manager import DeviceManager
 
         self.xs = await connect(self.socketPath)
         self.counts = Counts()
         countRequests(self.xs.protocol, self.counts)
         # Generous timeouts: a hundred operations in flight must not fail
         # for lack of patience (failures are counted and reported).
-        self.manager = DeviceManager(self.xs, createTimeout=120.0, destroyTimeout=120.0)
+        self.manager = DeviceManager(
+            self.xs, defaultControllers(), createTimeout=120.0, destroyTimeout=120.0
+        )
 
     def attach(self, disk: Disk) -> Awaitable[object]:
         return self.manager.createDevice(disk.domid, "vbd", {"spec": disk.spec})
@@ -430,11 +433,11 @@ class Bench:
 
     async def setUp(self) -> None:
         """Register the guests, make the control area, start the simulators."""
-        from xenddev.driverdomain.client import DriverDomainClient
-        from xenddev.toolstack import DeviceManager
+        from xenddev.toolstack.client import DriverDomainClient
+        from xenddev.toolstack.manager import DeviceManager
 
         xs = await connect(self.store.socketPath)
-        manager = DeviceManager(xs)
+        manager = DeviceManager(xs, defaultControllers())
         infos = await gatherResults(
             [manager.registerDomain(g, name=f"guest{g}") for g in self.guests]
         )
@@ -593,12 +596,12 @@ async def measureAnatomy(bench: Bench) -> Anatomy:
     the attach must be the same for both, and after the detach the same as
     before.
     """
-    from xenddev.toolstack import DeviceManager
+    from xenddev.toolstack.manager import DeviceManager
 
     disk = bench.disk(bench.guests[0], FIRST_INDEX)
     # The floor's literal target and records are what the framework derives.
     xs = await connect(bench.store.socketPath)
-    ctrl = await DeviceManager(xs).controller(disk.domid, "vbd")
+    ctrl = await DeviceManager(xs, defaultControllers()).controller(disk.domid, "vbd")
     details = ctrl.getDeviceDetails({"spec": disk.spec})
     await xs.disconnect()
     problems = []

@@ -44,14 +44,14 @@ from twisted.internet.task import deferLater
 from bench._common import REPO, Stats
 from tests.support.faketapctl import STATE_ENV, killAll
 from tests.support.vhd import makeBase, makeChild
+from xenddev.backendctrl.protocol import VDI
 from xenddev.datapath import DataPath, DataPathControl, QemuPauser, TapPauser, registryDir
 from xenddev.datapath import qemu as graph
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.kinds.tap import TapKind
-from xenddev.driverdomain.protocol import VDI
 from xenddev.qmp import connectQMP
 from xenddev.tapctl import TapCtl
+from xenddev.toolstack.client import DriverDomainClient
 from xenddev.xenstore.connection import connectXenStore
 
 #: The test suite's STAND-IN tap-ctl (blktap is not packaged for Debian).

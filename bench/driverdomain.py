@@ -72,7 +72,7 @@ from bench._common import (
     terminateAll,
 )
 from bench._wiretap import Counts, RequestCounter, Traced, Tracer
-from xenddev.driverdomain.client import DriverDomainClient
+from xenddev.toolstack.client import DriverDomainClient
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.connection import connectXenStore
 from xenddev.xenstore.errors import NoEntryError

@@ -29,7 +29,7 @@ concurrent at least 2x faster than xl's serial run.
 With C{--hotplug both} (the default) the whole measurement runs twice on
 the same machine and guest: the daemon running the real C{block} script,
 then the daemon with it built in (C{driver_domain.builtin_scripts:
-[block]}, L{xenddev.hotplugblock}); xl always runs the real script.
+[block]}, L{xenddev.driverdomain.hotplugblock}); xl always runs the real script.
 
 Usage: python bench/realxen.py [--rounds 5] [--disks 8] [--hotplug script|builtin|both]
 """

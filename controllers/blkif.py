@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
 
-from xenddev.controller import DevController, DeviceConfigError, DeviceDetails
 from xenddev.diskspec import (
     DiskError,
     DiskSpec,
@@ -32,6 +31,7 @@ from xenddev.diskspec import (
     parseXendDisk,
     vdevToNumber,
 )
+from xenddev.toolstack.controller import DevController, DeviceConfigError, DeviceDetails
 
 KNOWN_KEYS = frozenset({"spec", "uname", "dev", "mode", "backend"})
 
@@ -71,7 +71,7 @@ class BlkifController(DevController):
             devid = vdevToNumber(spec.vdev)
         except VdevError as e:
             raise DeviceConfigError(str(e)) from None
-        backend = _backendDomid(config, spec)
+        backend = backendDomid(config, spec)
         local = backend == 0
         try:
             # Refuses what no backend can serve (e.g. vhd with backendtype=phy).
@@ -153,7 +153,13 @@ def recordedConfig(
     }
 
 
-def _backendDomid(config: Mapping[str, Any], spec: DiskSpec) -> int:
+def backendDomid(config: Mapping[str, Any], spec: DiskSpec) -> int:
+    """
+    The driver domain a disk's config names (C{backend}, else the spec's,
+    else dom0).
+
+    @raise DeviceConfigError: if it is not a driver domain's id.
+    """
     value = config.get("backend", spec.backendDomain if spec.backendDomain else 0)
     text = str(value)
     if not text.isascii() or not text.isdigit() or int(text) > 0x7FEF:

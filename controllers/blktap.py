@@ -27,7 +27,7 @@ Facts from seed 001 (xend's blktap2 patch) and xend 4.0/4.1:
     the device then belongs to class C{tap}. Seed 001 looked for blktap2 on
     the toolstack's host; here the question concerns the device's driver
     domain: its agent advertises the kinds it serves
-    (C{backendctrl/kinds}, L{xenddev.driverdomain.agent.kindsPath}) and
+    (C{backendctrl/kinds}, L{xenddev.backendctrl.protocol.kindsPath}) and
     blktap2 is there if C{tap} is among them. Only when the driver domain
     does not say (an older agent) is the local check used;
   - the tap2 backend lives in the C{vbd} backend directory; its
@@ -50,14 +50,15 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from controllers.blkif import (
+from xenddev.backendctrl.errors import DriverDomainError
+from xenddev.backendctrl.protocol import kindsPath
+from xenddev.controllers.blkif import (
     BlkifController,
-    _backendDomid,
+    backendDomid,
     diskSpecFromConfig,
     frontendKeys,
     recordedConfig,
 )
-from xenddev.controller import DeviceConfigError, DeviceDetails, DeviceError
 from xenddev.diskspec import (
     BLKTAP2_TYPES,
     DiskSpec,
@@ -65,11 +66,10 @@ from xenddev.diskspec import (
     blktapDiskType,
     vdevToNumber,
 )
-from xenddev.driverdomain.agent import kindsPath
-from xenddev.driverdomain.client import PlugResult
-from xenddev.driverdomain.errors import DriverDomainError
 from xenddev.interfaces import ITransaction
 from xenddev.tapctl import BlktapSysfs, minorOfDevice
+from xenddev.toolstack.client import PlugResult
+from xenddev.toolstack.controller import DeviceConfigError, DeviceDetails, DeviceError
 from xenddev.xenstore.errors import XenStoreTimeout
 
 #: seed 001's warning when a tap2 device is handed to blktap1.
@@ -157,7 +157,7 @@ class BlktapController(BlkifController):
             devid = vdevToNumber(spec.vdev)
         except VdevError as e:
             raise DeviceConfigError(str(e)) from None
-        backend = _backendDomid(config, spec)
+        backend = backendDomid(config, spec)
         mode = "w!" if spec.sharedWrite else spec.access
         path = spec.target or ""
         target = {
@@ -253,7 +253,7 @@ class Blktap2Controller(BlktapController):
         (L{blktap2In}). A bad configuration is refused before any read.
         """
         spec, _, _ = tapSpec(config)
-        driverDomid = _backendDomid(config, spec)
+        driverDomid = backendDomid(config, spec)
         self._usesBlktap1(config)  # refuse tap2:<not a blktap2 type> at once
 
         async def create() -> int:

@@ -21,10 +21,15 @@ from typing import Any, ClassVar
 import attrs
 from twisted.internet.defer import Deferred
 
-from xenddev.controller import DevController, DeviceConfigError, DeviceDetails, DeviceNotFoundError
-from xenddev.driverdomain.client import PlugResult
-from xenddev.driverdomain.protocol import VIF, ObjectClass
+from xenddev.backendctrl.protocol import VIF, ObjectClass
 from xenddev.interfaces import ITransaction
+from xenddev.toolstack.client import PlugResult
+from xenddev.toolstack.controller import (
+    DevController,
+    DeviceConfigError,
+    DeviceDetails,
+    DeviceNotFoundError,
+)
 from xenddev.xenstore.paths import Perm
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")

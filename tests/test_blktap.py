@@ -19,28 +19,28 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from controllers.blkif import BlkifController
-from controllers.blktap import (
+from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
+from tests.support.host import HostSuite, startDriverDomain
+from tests.support.treedump import dumpTree
+from tests.test_tapctl import events, fakeTapCtl, inject, procState
+from xenddev.backendctrl.protocol import VDI, ControlPaths, kindsPath
+from xenddev.controllers.blkif import BlkifController
+from xenddev.controllers.blktap import (
     DEPRECATED_WARNING,
     Blktap2Controller,
     BlktapController,
     TapdiskError,
 )
-from controllers.vif import VifController
-from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.host import HostSuite, startDriverDomain
-from tests.support.treedump import dumpTree
-from tests.test_tapctl import events, fakeTapCtl, inject, procState
-from xenddev.controller import DeviceConfigError, DomainInfo
+from xenddev.controllers.vif import VifController
 from xenddev.datapath import readRecord
-from xenddev.driverdomain.agent import BackendCtrlAgent, kindsPath
+from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.kinds.base import KindContext
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.tap import TapKind
-from xenddev.driverdomain.protocol import VDI, ControlPaths
 from xenddev.interfaces import IDevController, IDriverDomainKind
 from xenddev.tapctl import BlktapSysfs, pidAlive
-from xenddev.toolstack import DeviceManager
+from xenddev.toolstack.controller import DeviceConfigError, DomainInfo
+from xenddev.toolstack.manager import DeviceManager
 
 GUEST = 5
 XVDB = 51728

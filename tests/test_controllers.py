@@ -18,14 +18,21 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from controllers.blkif import BlkifController
-from controllers.vif import VifController, parseRate, randomMac
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import HostSuite, pollUntil, startDriverDomain
 from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import diffTrees, dumpTree
-from xenddev.controller import (
+from xenddev.controllers import defaultControllers
+from xenddev.controllers.blkif import BlkifController
+from xenddev.controllers.vif import VifController, parseRate, randomMac
+from xenddev.driverdomain.agent import BackendCtrlAgent
+from xenddev.driverdomain.kinds.base import KindContext, Outcome, PlugSpec
+from xenddev.driverdomain.kinds.blkback import BlkbackKind
+from xenddev.driverdomain.kinds.netback import NetbackKind
+from xenddev.interfaces import IDevController
+from xenddev.toolstack.client import DriverDomainClient
+from xenddev.toolstack.controller import (
     DestroyMode,
     DeviceConfigError,
     DeviceError,
@@ -35,13 +42,7 @@ from xenddev.controller import (
     HotplugFailedError,
     UnknownDomainError,
 )
-from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient
-from xenddev.driverdomain.kinds.base import KindContext, Outcome, PlugSpec
-from xenddev.driverdomain.kinds.blkback import BlkbackKind
-from xenddev.driverdomain.kinds.netback import NetbackKind
-from xenddev.interfaces import IDevController
-from xenddev.toolstack import DeviceManager
+from xenddev.toolstack.manager import DeviceManager
 from xenddev.xenbus import waitForState
 
 GUEST = 5
@@ -86,7 +87,9 @@ class ControllerFixture(HostSuite):
             os.makedirs("/var/log/xen")
         self.startServer()
         self.xs = await self.connect()
-        self.manager = DeviceManager(self.xs, createTimeout=10.0, destroyTimeout=10.0)
+        self.manager = DeviceManager(
+            self.xs, defaultControllers(), createTimeout=10.0, destroyTimeout=10.0
+        )
         await self.manager.registerDomain(GUEST, name="guest")
         self.kind = GatedBlkback()
 

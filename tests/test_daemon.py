@@ -50,9 +50,9 @@ from tests.test_cli import CLIClientMixin
 from tests.test_datapath import tapRecord
 from tests.test_storagectl import RecordingPauser
 from tests.test_xmlrpc import RPCServerMixin
+from xenddev.backendctrl.records import updateRecord
 from xenddev.cli import EXIT_BAD_CONFIG, EXIT_EXISTS, EXIT_NO_DEVICE, EXIT_NO_DOMAIN
 from xenddev.config import Config, DriverDomainConfig, TimeoutsConfig, XmlRpcConfig
-from xenddev.datapath.registry import updateRecord
 from xenddev.metrics import renderMetrics
 from xenddev.service import ServiceDeviceManager, ShuttingDownError, StartupError, XenddevService
 from xenddev.xenbus import waitForState
@@ -112,7 +112,7 @@ class DrainTests(TestCase):
     def setUp(self) -> None:
         """A manager on a Clock with no controllers."""
         self.clock = Clock()
-        self.manager = ServiceDeviceManager(None, self.clock, controllers={})
+        self.manager = ServiceDeviceManager(None, self.clock, {})
 
     def test_finishesInTime(self) -> None:
         """An operation finishing within the grace time is not cancelled."""

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import dumpTree
 from tests.test_qemu_kind import QEMU_IO, QemuFixtureMixin, qemuIO
+from xenddev.backendctrl.protocol import ObjectClass
 from xenddev.datapath import (
     DataPath,
     DataPathControl,
@@ -30,9 +31,8 @@ from xenddev.datapath import (
     registryDir,
     scanRegistry,
 )
-from xenddev.driverdomain.client import DriverDomainClient
 from xenddev.driverdomain.kinds.qemu import nbdURI
-from xenddev.driverdomain.protocol import ObjectClass
+from xenddev.toolstack.client import DriverDomainClient
 
 _VDI = ObjectClass("vdi", "vbd", "vbd")
 

@@ -27,6 +27,8 @@ from tests.support.host import HostSuite, shortTempDir, startDriverDomain
 from tests.support.treedump import dumpTree
 from tests.support.vhd import makeBase, makeChild
 from tests.test_tapctl import events, fakeTapCtl, inject, procState
+from xenddev.backendctrl.errors import DriverDomainError, PreconditionError
+from xenddev.backendctrl.protocol import VDI
 from xenddev.datapath import (
     DataPath,
     DataPathControl,
@@ -45,14 +47,12 @@ from xenddev.datapath import (
     standardPausers,
 )
 from xenddev.datapath.images import vhdChain, vhdParent
-from xenddev.datapath.remote import protocolPausers
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient
-from xenddev.driverdomain.errors import DriverDomainError, PreconditionError
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.tap import TapKind
-from xenddev.driverdomain.protocol import VDI
 from xenddev.tapctl import TapCtl, TapCtlError, TapdiskInfo
+from xenddev.toolstack.client import DriverDomainClient
+from xenddev.toolstack.pauser import protocolPausers
 
 HAVE_QEMU_IMG = shutil.which("qemu-img") is not None
 
@@ -211,8 +211,8 @@ class ServiceWiringTests(TestCase):
         """
         from xenddev.config import Config
         from xenddev.datapath.quiesce import QemuPauser
-        from xenddev.datapath.remote import ProtocolPauser
         from xenddev.service import XenddevService
+        from xenddev.toolstack.pauser import ProtocolPauser
 
         service = XenddevService(
             Config(rundir=_workdir(self), xenstore="embedded"), reactor=reactor, listen=False

@@ -18,17 +18,17 @@ from zope.interface.verify import verifyObject
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import HostSuite
 from tests.support.treedump import dumpTree
-from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient, populateFrontend
-from xenddev.driverdomain.errors import (
+from xenddev.backendctrl.errors import (
     DriverDomainError,
     DriverDomainTimeout,
     InvalidNameError,
     PreconditionError,
 )
+from xenddev.backendctrl.protocol import VDI, VIF, ControlPaths
+from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec
-from xenddev.driverdomain.protocol import VDI, VIF, ControlPaths
 from xenddev.interfaces import IDriverDomainKind, IMediumChanger
+from xenddev.toolstack.client import DriverDomainClient, populateFrontend
 from xenddev.xenstore.paths import Perm
 
 DD = 0  # the driver domain: dom0, where the agent runs in these tests

@@ -35,14 +35,14 @@ from tests.support.loopdev import (
 )
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import dumpTree
+from xenddev.backendctrl.errors import DriverDomainError
+from xenddev.backendctrl.protocol import VDI, VIF, ObjectClass
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient, PlugResult
-from xenddev.driverdomain.errors import DriverDomainError
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
-from xenddev.driverdomain.protocol import VDI, VIF, ObjectClass
-from xenddev.driverdomain.restart import moveDriverDomain
 from xenddev.simulator import BackendSimulator
+from xenddev.toolstack.client import DriverDomainClient, PlugResult
+from xenddev.toolstack.restart import moveDriverDomain
 from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
 
 GUEST = 5

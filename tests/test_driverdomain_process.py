@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import pythonEnv, stopProcess
-from xenddev.driverdomain.client import DriverDomainClient
-from xenddev.driverdomain.protocol import VDI, ControlPaths
+from xenddev.backendctrl.protocol import VDI, ControlPaths
+from xenddev.toolstack.client import DriverDomainClient
 
 
 class AgentProcessSuite:

@@ -34,7 +34,7 @@ from xenddev.embed import EmbedError, OperationTimeout, ReactorThread
 SCRIPT = r"""
 import json, os, sys, threading, time
 from xenddev.config import Config, TimeoutsConfig
-from xenddev.controller import DeviceExistsError
+from xenddev.toolstack.controller import DeviceExistsError
 from xenddev.embed import EmbeddedToolstack
 
 rundir, image = sys.argv[1], sys.argv[2]

@@ -17,9 +17,8 @@ import re
 from pyxs.exceptions import PyXSError
 from twisted.trial.unittest import SynchronousTestCase
 
-import controllers
 import xenddev
-from xenddev.driverdomain.errors import ERRNO_FAULT_CODES, DriverDomainError
+from xenddev.backendctrl.errors import ERRNO_FAULT_CODES, DriverDomainError
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.xmlrpc import FOREIGN_FAULTS, declaredFault
 
@@ -48,18 +47,20 @@ INTERNAL = {
     "xenddev.errors.XenddevError": "the root: an error that declares no code is internal",
     "xenddev.config.ConfigError": "the daemon refuses to start; no RPC method reads a config",
     "xenddev.driverdomain.agent._RequestReplaced": "the agent's control flow, caught inside it",
-    "xenddev.controller._GuestFrontend": "the toolstack's control flow at attach, caught inside it",
+    "xenddev.toolstack.controller._GuestFrontend": (
+        "the toolstack's control flow at attach, caught inside it"
+    ),
     "xenddev.driverdomain.kinds.base.KindError": _DRIVER_DOMAIN_SIDE,
     "xenddev.driverdomain.nbd.NbdError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.hotplug.HotplugError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.hotplug.HotplugScriptError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.hotplug.HotplugTimeout": _DRIVER_DOMAIN_SIDE,
-    "xenddev.hotplug.HotplugArgumentError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.hotplug.InvalidScriptError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.hotplugblock.BlockScriptError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.loopctl.LoopError": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.hotplug.HotplugError": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.hotplug.HotplugScriptError": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.hotplug.HotplugTimeout": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.hotplug.HotplugArgumentError": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.hotplug.InvalidScriptError": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.hotplugblock.BlockScriptError": _DRIVER_DOMAIN_SIDE,
+    "xenddev.driverdomain.loopctl.LoopError": _DRIVER_DOMAIN_SIDE,
     "xenddev.tapctl.TapCtlError": _DRIVER_DOMAIN_SIDE,
-    "xenddev.driverdomain.reconnect.GuestReconnectError": "the restart command, not RPC",
+    "xenddev.toolstack.reconnect.GuestReconnectError": "the restart command, not RPC",
     "xenddev.xenctrl.XenControlError": "a hypervisor call failed: nothing a client can correct",
     "xenddev.embed.EmbedError": "the embedding API, raised in the caller's thread, not RPC",
     "xenddev.embed.OperationTimeout": "the embedding API, raised in the caller's thread, not RPC",
@@ -85,9 +86,9 @@ INTERNAL = {
 
 
 def productExceptions() -> dict[str, type[BaseException]]:
-    """Every exception class defined in C{xenddev} and C{controllers}, by qualified name."""
+    """Every exception class defined in C{xenddev} and its controllers, by qualified name."""
     found: dict[str, type[BaseException]] = {}
-    for package in (xenddev, controllers):
+    for package in (xenddev,):
         names = [package.__name__]
         names += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
         for name in names:
@@ -126,8 +127,8 @@ class RootTests(SynchronousTestCase):
 
     def test_found(self) -> None:
         """The walk finds the classes (a walk that found none would prove nothing)."""
-        self.assertIn("xenddev.controller.DeviceError", self.classes)
-        self.assertIn("controllers.blktap.TapdiskError", self.classes)
+        self.assertIn("xenddev.toolstack.controller.DeviceError", self.classes)
+        self.assertIn("xenddev.controllers.blktap.TapdiskError", self.classes)
         self.assertIn("xenddev.xenstore.server.core.XsError", self.classes)
         self.assertGreater(len(self.classes), 60)
 
@@ -177,7 +178,7 @@ class RootTests(SynchronousTestCase):
             if issubclass(kind, XenddevError) and name not in INTERNAL:
                 owner = next(k for k in kind.__mro__ if "faultCode" in vars(k))
                 self.assertIsNot(owner, XenddevError, name)
-                self.assertTrue(owner.__module__.startswith(("xenddev.", "controllers.")), name)
+                self.assertTrue(owner.__module__.startswith("xenddev."), name)
 
     def test_builtinBasesKept(self) -> None:
         """Classes that were also builtins' (or pyxs's) still are."""
@@ -185,11 +186,11 @@ class RootTests(SynchronousTestCase):
             ("xenddev.diskspec.DiskError", ValueError),
             ("xenddev.diskspec.VdevError", ValueError),
             ("xenddev.sxp.SxpError", ValueError),
-            ("xenddev.controller.DeviceConfigError", ValueError),
-            ("xenddev.driverdomain.errors.InvalidNameError", ValueError),
+            ("xenddev.toolstack.controller.DeviceConfigError", ValueError),
+            ("xenddev.backendctrl.errors.InvalidNameError", ValueError),
             ("xenddev.storagectl.UnknownHandleError", LookupError),
             ("xenddev.storagectl.NothingToMergeError", ValueError),
-            ("xenddev.loopctl.LoopError", OSError),
+            ("xenddev.driverdomain.loopctl.LoopError", OSError),
             ("xenddev.xenctrl.XenControlError", OSError),
             ("xenddev.embed.OperationTimeout", TimeoutError),
             ("xenddev.xenbus.XenbusPathError", PyXSError),

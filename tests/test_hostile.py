@@ -28,14 +28,14 @@ from twisted.trial.unittest import TestCase
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.treedump import dumpTree
 from tests.test_controllers import GUEST, ControllerFixture
-from xenddev.controller import DevController, DeviceError, DeviceExistsError
+from xenddev.backendctrl.errors import NoAgentError
+from xenddev.backendctrl.protocol import kindsPath
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient
-from xenddev.driverdomain.errors import NoAgentError
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
-from xenddev.driverdomain.protocol import kindsPath
 from xenddev.errors import FaultCode
+from xenddev.toolstack.client import DriverDomainClient
+from xenddev.toolstack.controller import DevController, DeviceError, DeviceExistsError
 from xenddev.xenbus import waitForState
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.connection import connectXenStore

@@ -1,5 +1,5 @@
 """
-Tests for L{xenddev.hotplug}.
+Tests for L{xenddev.driverdomain.hotplug}.
 
 Unit tests run small C{#!/bin/sh} scripts written into a temporary script
 directory.  Integration tests run the real C{block} and C{vif-bridge}
@@ -35,8 +35,8 @@ from tests.support.loopdev import (
 )
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.realxenstored import CLI_TOOLS, requireRealXenstored
-from xenddev import hotplug
-from xenddev.hotplug import (
+from xenddev.driverdomain import hotplug
+from xenddev.driverdomain.hotplug import (
     BASE_PATH,
     DEFAULT_SCRIPT_DIR,
     HotplugArgumentError,

@@ -1,6 +1,6 @@
 """
-The built-in C{block} script (L{xenddev.hotplugblock}) and the loop devices
-it makes (L{xenddev.loopctl}): the real script's own suite
+The built-in C{block} script (L{xenddev.driverdomain.hotplugblock}) and the loop devices
+it makes (L{xenddev.driverdomain.loopctl}): the real script's own suite
 (L{tests.test_hotplug.BlockScriptSuite}, real loop devices, the C and the
 embedded xenstored) run against the built-in, plus what only the built-in
 promises (read-only loop devices, concurrent adds, the script's lock shared
@@ -28,8 +28,13 @@ from tests.test_hotplug import (
     RealXenstoredHotplugFixture,
     majorMinor,
 )
-from xenddev.hotplug import HotplugRunner, HotplugScriptError, HotplugTimeout, blockEnvironment
-from xenddev.hotplugblock import BuiltinBlockScript, canonicalMode
+from xenddev.driverdomain.hotplug import (
+    HotplugRunner,
+    HotplugScriptError,
+    HotplugTimeout,
+    blockEnvironment,
+)
+from xenddev.driverdomain.hotplugblock import BuiltinBlockScript, canonicalMode
 from xenddev.interfaces import IBuiltinScript
 
 

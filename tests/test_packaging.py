@@ -80,6 +80,9 @@ class WheelTests(PackagingTestCase):
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertIn("xenddev/service.py", names)
+        # The controllers/ folder is installed as xenddev.controllers only.
+        self.assertIn("xenddev/controllers/blkif.py", names)
+        self.assertEqual([n for n in names if n.startswith("controllers/")], [])
 
         venv = os.path.join(work, "venv")
         await self.runCommand(sys.executable, "-m", "venv", venv, cwd=work)
@@ -88,7 +91,8 @@ class WheelTests(PackagingTestCase):
         await self.runCommand(
             py,
             "-c",
-            "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))",
+            "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin));"
+            "import xenddev.controllers.blktap",
             cwd=work,
         )
         helpText = await self.runCommand(os.path.join(venv, "bin", "twistd"), "--help", cwd=work)
@@ -119,7 +123,8 @@ class EditableTests(PackagingTestCase):
         work = tempfile.mkdtemp(prefix="xenddev-editable-")
         self.addCleanup(shutil.rmtree, work, True)
         src = os.path.join(work, "src")
-        shutil.copytree(ROOT, src, ignore=IGNORE)
+        # As in a checkout: xenddev/controllers is a link to controllers/.
+        shutil.copytree(ROOT, src, ignore=IGNORE, symlinks=True)
         venv = os.path.join(work, "venv")
         await self.runCommand(sys.executable, "-m", "venv", venv, cwd=work)
         py = os.path.join(venv, "bin", "python")
@@ -131,3 +136,7 @@ class EditableTests(PackagingTestCase):
             )
             self.assertIn(" xenddev ", helpText, mode)
             self.assertIn(" xenstored ", helpText, mode)
+            where = await self.runCommand(
+                py, "-c", "import xenddev.controllers.blkif as m; print(m.__file__)", cwd=work
+            )
+            self.assertIn("controllers", where, mode)

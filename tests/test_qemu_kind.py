@@ -34,16 +34,16 @@ from tests.support.host import (
 )
 from tests.support.treedump import dumpTree
 from tests.support.xenstoresuite import deferredTest
+from xenddev.backendctrl.errors import DriverDomainError
+from xenddev.backendctrl.protocol import ObjectClass
+from xenddev.backendctrl.records import readRecord, registryDir, scanRegistry
 from xenddev.datapath.coalesce import coalesceQemu
-from xenddev.datapath.registry import readRecord, registryDir, scanRegistry
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient, PlugResult
-from xenddev.driverdomain.errors import DriverDomainError
+from xenddev.driverdomain.hotplug import blockEnvironment
 from xenddev.driverdomain.kinds.base import PlugSpec
 from xenddev.driverdomain.kinds.qemu import QemuKind, nbdURI
-from xenddev.driverdomain.protocol import ObjectClass
-from xenddev.hotplug import blockEnvironment
 from xenddev.interfaces import INbdAttacher
+from xenddev.toolstack.client import DriverDomainClient, PlugResult
 from xenddev.xenbus import HotplugStatus, waitForHotplugStatus, waitForState
 
 GUEST = 5

@@ -46,7 +46,7 @@ GUEST_IP = "169.254.98.2"
 TRACE_ENV = "XENDDEV_DD_TRACE"
 
 #: The restart operation's module (run in dom0).
-RESTART = "xenddev.driverdomain.restart"
+RESTART = "xenddev.toolstack.restart"
 
 _BEAT = re.compile(r"^beat (\d+) disk=(\w+) net=(\w+)$")
 

@@ -1,5 +1,5 @@
 """
-L{xenddev.reaper}: the devices of a guest destroyed behind our back (its
+L{xenddev.toolstack.reaper}: the devices of a guest destroyed behind our back (its
 home and C{/vm} records removed, as C{xl destroy} does) are released from
 what the driver domain's control area holds, remove scripts included; a
 live guest's devices and unplugged objects are left alone. Over the C
@@ -18,7 +18,7 @@ from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLo
 from tests.support.treedump import Tree, dumpTree
 from tests.test_controllers import GUEST, ControllerFixture
 from xenddev.interfaces import ITransaction
-from xenddev.reaper import DeadDomainReaper, frontendDomain
+from xenddev.toolstack.reaper import DeadDomainReaper, frontendDomain
 
 OTHER = 6
 

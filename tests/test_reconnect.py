@@ -1,8 +1,8 @@
 """
-Tests for L{xenddev.driverdomain.reconnect} (a guest's suspend and slow
+Tests for L{xenddev.toolstack.reconnect} (a guest's suspend and slow
 resume after a driver-domain restart), L{xenddev.xenctrl} (the hypervisor,
 through ctypes) and the permission hand-over of
-L{xenddev.driverdomain.restart}.
+L{xenddev.toolstack.restart}.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from xenddev.driverdomain.reconnect import GuestReconnectError, reconnectGuest, suspendGuest
-from xenddev.driverdomain.restart import MovedObject, _guestsOf, handOverPerms
+from xenddev.toolstack.reconnect import GuestReconnectError, reconnectGuest, suspendGuest
+from xenddev.toolstack.restart import MovedObject, _guestsOf, handOverPerms
 from xenddev.xenctrl import (
     SHUTDOWN_CRASH,
     SHUTDOWN_SUSPEND,

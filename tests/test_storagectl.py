@@ -25,8 +25,8 @@ from zope.interface.verify import verifyObject
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.test_datapath import tapRecord
+from xenddev.backendctrl.records import registryDir, updateRecord
 from xenddev.datapath import DataPath, DataPathControl, IDataPathPauser, ResumeError
-from xenddev.datapath.registry import registryDir, updateRecord
 from xenddev.storagectl import (
     IStorageControl,
     NoCoalesceError,

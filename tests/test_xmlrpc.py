@@ -24,25 +24,18 @@ from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixtur
 from tests.support.host import HostSuite, shortTempDir, startDriverDomain
 from tests.support.treedump import dumpTree
 from tests.test_qemu_kind import QemuFixtureMixin, qemuIO
-from xenddev.cli import serverProxy
-from xenddev.controller import (
-    DeviceConfigError,
-    DeviceError,
-    DeviceExistsError,
-    DeviceNotFoundError,
-    HotplugFailedError,
-    UnknownDomainError,
-)
-from xenddev.datapath import DataPathControl, QemuPauser
-from xenddev.datapath.coalesce import CoalesceError
-from xenddev.datapath.quiesce import NoPauserError, QuiesceError
-from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.errors import (
+from xenddev.backendctrl.errors import (
     DriverDomainError,
     DriverDomainTimeout,
     InvalidNameError,
     PreconditionError,
 )
+from xenddev.cli import serverProxy
+from xenddev.controllers import defaultControllers
+from xenddev.datapath import DataPathControl, QemuPauser
+from xenddev.datapath.coalesce import CoalesceError
+from xenddev.datapath.quiesce import NoPauserError, QuiesceError
+from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.driverdomain.kinds.netback import NetbackKind
 from xenddev.driverdomain.kinds.qemu import nbdURI
@@ -56,7 +49,15 @@ from xenddev.storagectl import (
     UnknownHandleError,
 )
 from xenddev.sxp import SxpError
-from xenddev.toolstack import DeviceManager
+from xenddev.toolstack.controller import (
+    DeviceConfigError,
+    DeviceError,
+    DeviceExistsError,
+    DeviceNotFoundError,
+    HotplugFailedError,
+    UnknownDomainError,
+)
+from xenddev.toolstack.manager import DeviceManager
 from xenddev.xenbus import waitForState
 from xenddev.xenstore.errors import (
     AccessDeniedError,
@@ -163,7 +164,9 @@ class DeviceServiceFixture(RPCServerMixin, HostSuite):
     async def setUp(self) -> None:
         self.startServer()
         self.xs = await self.connect()
-        self.manager = DeviceManager(self.xs, createTimeout=10.0, destroyTimeout=10.0)
+        self.manager = DeviceManager(
+            self.xs, defaultControllers(), createTimeout=10.0, destroyTimeout=10.0
+        )
         await self.manager.registerDomain(GUEST, name="guest")
         await self.startDriverDomain(0)
         self.serveRPC(self.manager)
@@ -613,7 +616,9 @@ class DataPathRPCSuite(RPCServerMixin, QemuFixtureMixin):
         self.clock = Clock()
         control = DataPathControl(self.xs, {"qemu": QemuPauser(reactor, 20.0)})
         self.storage = StorageControl(control, reactor, bound=60.0, clock=self.clock, timeout=20.0)
-        self.serveRPC(DeviceManager(self.xs, requestTimeout=20.0), self.storage)
+        self.serveRPC(
+            DeviceManager(self.xs, defaultControllers(), requestTimeout=20.0), self.storage
+        )
 
     async def serve(self, name: str, image: str) -> str:
         """prepare + activate through vdi.*; the NBD URI of its export."""

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import yaml
 
+from xenddev.driverdomain.kinds import KIND_FACTORIES
 from xenddev.errors import XenddevError
 
 __all__ = [
@@ -105,7 +106,7 @@ class DriverDomainConfig:
     hotplug: str = "auto"
     hotplug_timeout: float = 40.0
     simulate: str = "auto"
-    #: Hotplug scripts run in process instead (L{xenddev.hotplugblock}).
+    #: Hotplug scripts run in process instead (L{xenddev.driverdomain.hotplugblock}).
     builtin_scripts: tuple[str, ...] = ()
 
 
@@ -305,8 +306,6 @@ def _builtinScripts(value: Any, node: yaml.Node) -> tuple[str, ...]:
 
 
 def _kinds(value: Any, node: yaml.Node) -> tuple[str, ...]:
-    from xenddev.driverdomain.kinds import KIND_FACTORIES
-
     if isinstance(value, str):
         value = [k.strip() for k in value.split(",") if k.strip()]
     if not isinstance(value, list) or not value:

@@ -217,7 +217,7 @@ class EmbeddedToolstack:
 
     Build it with L{start}; every method takes C{timeout} (seconds, default
     the instance's C{timeout}) and raises the manager's own exceptions
-    (L{xenddev.controller.DeviceError} and subclasses) in the caller.
+    (L{xenddev.toolstack.controller.DeviceError} and subclasses) in the caller.
 
     @ivar service: the L{xenddev.service.XenddevService} (no XML-RPC
         listener), living in the reactor thread.
@@ -326,7 +326,7 @@ class EmbeddedToolstack:
         return result
 
     def listDevices(self, domid: int, devclass: str, timeout: float | None = None) -> list[Any]:
-        """Rows like C{xl block-list} (L{xenddev.toolstack.DeviceRow})."""
+        """Rows like C{xl block-list} (L{xenddev.toolstack.manager.DeviceRow})."""
         result: list[Any] = self._call("listDevices", domid, devclass, timeout=timeout)
         return result
 

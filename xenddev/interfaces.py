@@ -268,7 +268,7 @@ class INbdAttacher(Interface):
 
 
 class IBuiltinScript(Interface):
-    """A hotplug script done in process (see L{xenddev.hotplug.HotplugRunner})."""
+    """A hotplug script done in process (see L{xenddev.driverdomain.hotplug.HotplugRunner})."""
 
     def run(args, env):
         """

@@ -19,7 +19,6 @@ xenstored stop, and the sockets are removed.
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from collections import Counter
@@ -49,10 +48,12 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xenddev import xmlrpc
 from xenddev.config import Config
-from xenddev.controller import DeviceError
+from xenddev.controllers import defaultControllers
 from xenddev.errors import XenddevError
-from xenddev.toolstack import DeviceManager
+from xenddev.toolstack.controller import DevController, DeviceError
+from xenddev.toolstack.manager import DeviceManager
 
 __all__ = [
     "RpcFactories",
@@ -90,23 +91,8 @@ class RpcFactories(Protocol):
 
 
 def loadRpcFactories() -> RpcFactories:
-    """
-    Import C{xenddev.xmlrpc} (C{rpcSite}, C{rpcResource}).
-
-    @raise StartupError: if that module is missing or incomplete.
-    """
-    try:
-        # Imported by name: the module is written separately and may be absent.
-        module = importlib.import_module("xenddev.xmlrpc")
-    except ImportError as e:
-        raise StartupError(
-            f"the XML-RPC service module xenddev.xmlrpc cannot be imported ({e}); "
-            "this build of xenddev has no XML-RPC listener"
-        ) from None
-    for name in ("rpcSite", "rpcResource"):
-        if not callable(getattr(module, name, None)):
-            raise StartupError(f"xenddev.xmlrpc has no {name}(manager); it is incomplete")
-    return cast(RpcFactories, module)
+    """C{xenddev.xmlrpc} (C{rpcSite}, C{rpcResource}), as the service's default."""
+    return cast(RpcFactories, xmlrpc)
 
 
 def onXenHost(exists: Callable[[str], bool] = os.path.exists) -> bool:
@@ -140,10 +126,11 @@ class ServiceDeviceManager(DeviceManager):
         self,
         xs: Any,
         reactor: Any,
+        controllers: Mapping[str, type[DevController]],
         ensureGuest: Callable[[int], Deferred[None]] | None = None,
         **controllerArgs: Any,
     ) -> None:
-        super().__init__(xs, **controllerArgs)
+        super().__init__(xs, controllers, **controllerArgs)
         self.reactor = reactor
         self.ensureGuest = ensureGuest
         self.accepting = True
@@ -471,7 +458,7 @@ class XenddevService(MultiService):
         xs = await self._connect(address)
         if self.embedded:
             await self._initialiseDom0(xs)
-        from xenddev.driverdomain.client import DriverDomainClient
+        from xenddev.toolstack.client import DriverDomainClient
 
         if dd.enabled:
             await DriverDomainClient(xs, dd.domid).ensureArea()
@@ -481,6 +468,7 @@ class XenddevService(MultiService):
         self.manager = ServiceDeviceManager(
             xs,
             self.reactor,
+            defaultControllers(),
             ensureGuest=self.guests.ensureGuest if self.guests is not None else None,
             createTimeout=cfg.timeouts.create,
             destroyTimeout=cfg.timeouts.destroy,
@@ -490,7 +478,7 @@ class XenddevService(MultiService):
             self.guests.manager = self.manager
         await self._startReaper(xs, self.manager)
         from xenddev.datapath import DataPathControl
-        from xenddev.datapath.remote import protocolPausers
+        from xenddev.toolstack.pauser import protocolPausers
 
         # Through each data path's agent: the toolstack cannot reach the
         # tapdisks or QMP sockets of a remote driver domain.
@@ -507,8 +495,8 @@ class XenddevService(MultiService):
         )
 
     async def _startReaper(self, xs: Any, manager: DeviceManager) -> None:
-        """Release the devices of guests that die without a detach (xenddev.reaper)."""
-        from xenddev.reaper import DeadDomainReaper
+        """Release the devices of guests that die without a detach (xenddev.toolstack.reaper)."""
+        from xenddev.toolstack.reaper import DeadDomainReaper
 
         local = [self.config.driver_domain.domid] if self.config.driver_domain.enabled else []
         self.reaper = DeadDomainReaper(
@@ -609,11 +597,11 @@ class XenddevService(MultiService):
         hotplug = None
         useHotplug = dd.hotplug == "on" or (dd.hotplug == "auto" and not self.simulated)
         if useHotplug:
-            from xenddev.hotplug import HotplugRunner
+            from xenddev.driverdomain.hotplug import HotplugRunner
 
             builtins = {}
             if "block" in dd.builtin_scripts:
-                from xenddev.hotplugblock import BuiltinBlockScript
+                from xenddev.driverdomain.hotplugblock import BuiltinBlockScript
 
                 builtins["block"] = BuiltinBlockScript(xs, dd.domid, self.reactor)
             hotplug = HotplugRunner(

@@ -31,8 +31,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from xenddev.backendctrl.records import DataPath, readRecord, scanRegistry
 from xenddev.datapath.quiesce import DataPathControl, QuiesceHandle
-from xenddev.datapath.registry import DataPath, readRecord, scanRegistry
 from xenddev.errors import FaultCode, XenddevError
 
 __all__ = [

@@ -11,7 +11,7 @@ C{["id", "51712"]}. L{show} prints any nesting of lists, strings and
 integers; C{parse(show(x))} gives C{x} back with integers as strings.
 
 L{toConfig} turns a device expression into a device class and a flat
-configuration dictionary, as L{xenddev.toolstack.DeviceManager.createDevice}
+configuration dictionary, as L{xenddev.toolstack.manager.DeviceManager.createDevice}
 takes it.
 
 Our own grammar and code (xend's C{sxp.py} was read for its behaviour

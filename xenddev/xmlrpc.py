@@ -47,15 +47,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.xmlrpc import XMLRPC, Fault, addIntrospection
 
-import xenddev
-from xenddev.datapath.registry import DataPath
+from xenddev import __version__
+from xenddev.backendctrl.protocol import OBJECT_CLASSES, ObjectClass, validateName, validateTarget
+from xenddev.backendctrl.records import DataPath
 from xenddev.diskspec import VdevError, numberToVdev, vdevToNumber
-from xenddev.driverdomain.client import DriverDomainClient, ObjectInfo
-from xenddev.driverdomain.protocol import OBJECT_CLASSES, ObjectClass, validateName, validateTarget
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.storagectl import HeldQuiesce, IStorageControl
 from xenddev.sxp import toConfig
-from xenddev.toolstack import DeviceManager, DeviceRow
+from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
+from xenddev.toolstack.manager import DeviceManager, DeviceRow
 from xenddev.xenstore.errors import (
     AccessDeniedError,
     TransactionRetriesExhausted,
@@ -754,7 +754,7 @@ class DaemonNamespace(_Namespace):
         device operations in progress and the device classes it serves.
         """
         return {
-            "version": xenddev.__version__,
+            "version": __version__,
             "pid": os.getpid(),
             "uptime": round(self.service.clock() - self.service.started, 3),
             "in-flight": self.manager.inFlight,

@@ -36,12 +36,12 @@ from twisted.python.failure import Failure
 
 from tests.support.treedump import Tree, diffTrees, dumpTree
 from tests.support.xenstoresuite import FailureAssertions
+from xenddev.backendctrl.protocol import ObjectClass
 from xenddev.driverdomain.agent import BackendCtrlAgent
-from xenddev.driverdomain.client import DriverDomainClient, PlugResult, populateFrontend
-from xenddev.driverdomain.protocol import ObjectClass
-from xenddev.hotplug import HotplugRunner
+from xenddev.driverdomain.hotplug import HotplugRunner
 from xenddev.interfaces import IDriverDomainKind
 from xenddev.simulator import BackendSimulator, FrontendSimulator
+from xenddev.toolstack.client import DriverDomainClient, PlugResult, populateFrontend
 from xenddev.xenbus import waitForState
 from xenddev.xenstore.client import XenStoreClient
 

@@ -27,6 +27,7 @@ from xenddev.xenstore import (
     XenStoreConnectionLost,
 )
 from xenddev.xenstore.errors import QuotaError, XenStoreError
+from xenddev.xenstore.interfaces import ITransaction
 from xenddev.xenstore.wire import Op
 
 _E = TypeVar("_E", bound=BaseException)
@@ -164,6 +165,21 @@ class XenStoreClientSuite(FailureAssertions):
         self.assertEqual(e.errname, "ENOENT")  # type: ignore[attr-defined]
         self.assertEqual(e.args[0], 2)  # pyxs-style (errno, strerror)
         self.assertEqual(await self.client.readOrNone("/test/missing"), None)
+
+    async def test_lsMissingOk(self) -> None:
+        """ls of a missing node is ENOENT, or a fresh empty list with missingOk."""
+        await self.assertFails(self.client.ls("/test/missing"), NoEntryError)
+        first = await self.client.ls("/test/missing", missingOk=True)
+        self.assertEqual(first, [])
+        first.append("changed")
+        self.assertEqual(await self.client.ls("/test/missing", missingOk=True), [])
+        await self.client.write("/test/here/a", "1")
+        self.assertEqual(await self.client.ls("/test/here", missingOk=True), ["a"])
+
+        async def inTx(tx: ITransaction) -> list[str]:
+            return await tx.ls("/test/gone", missingOk=True)
+
+        self.assertEqual(await self.client.transact(inTx), [])
 
     async def test_mkdir(self) -> None:
         """MKDIR creates an empty node and is idempotent."""

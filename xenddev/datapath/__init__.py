@@ -14,6 +14,16 @@ backing chain, across driver domains; quiesce and resume them; coalesce.
   - L{images}: C{qemu-img info --backing-chain}.
 """
 
+from xenddev.backendctrl.records import (
+    DataPath,
+    findDataPaths,
+    holdPath,
+    readRecord,
+    recordPath,
+    registryDir,
+    scanDriverDomain,
+    scanRegistry,
+)
 from xenddev.datapath.coalesce import CoalesceError, coalesceQemu, coalesceQuiesced
 from xenddev.datapath.images import ImageError, ImageInfo, imageChain
 from xenddev.datapath.quiesce import (
@@ -26,16 +36,6 @@ from xenddev.datapath.quiesce import (
     ResumeError,
     TapPauser,
     standardPausers,
-)
-from xenddev.datapath.registry import (
-    DataPath,
-    findDataPaths,
-    holdPath,
-    readRecord,
-    recordPath,
-    registryDir,
-    scanDriverDomain,
-    scanRegistry,
 )
 
 __all__ = [

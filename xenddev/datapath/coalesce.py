@@ -26,9 +26,9 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, DeferredQueue
 
+from xenddev.backendctrl.records import DataPath, updateRecord
 from xenddev.datapath import qemu as graph
 from xenddev.datapath.quiesce import DataPathControl
-from xenddev.datapath.registry import DataPath, updateRecord
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.qmp import QMPEvent, QMPTimeout, connectQMP
 

@@ -25,8 +25,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from xenddev.backendctrl.records import DataPath, findDataPaths, holdPath
 from xenddev.datapath import qemu as graph
-from xenddev.datapath.registry import DataPath, findDataPaths, holdPath
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.interfaces import ITapCtl
 from xenddev.qmp import connectQMP

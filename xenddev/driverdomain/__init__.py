@@ -1,10 +1,14 @@
 """
-The toolstack ⇄ driver-domain control protocol (seed 000), both sides.
+The driver-domain side of seed 000: the agent that executes the toolstack's
+requests in a driver domain, and everything only that side does.
 
-L{xenddev.driverdomain.client.DriverDomainClient} is the toolstack side: it
-writes requests under C{/local/domain/<dd>/backendctrl/} and waits for
-results. L{xenddev.driverdomain.agent.BackendCtrlAgent} runs in the driver
-domain: it executes requests through pluggable driver-domain kinds and
-dispatches hotplug scripts. The protocol itself is written down in
-C{docs/protocol.md}.
+  - L{agent}: L{BackendCtrlAgent};
+  - L{kinds}: the driver-domain kinds (blkback, netback, tap, qemu);
+  - L{hotplug}, L{hotplugblock}, L{loopctl}: running hotplug scripts (only
+    this side runs them) and the built-in C{block} script;
+  - L{nbd}: kernel NBD devices for the qemu kind;
+  - L{run}: C{python -m xenddev.driverdomain.run}, the agent as a process.
+
+The protocol's vocabulary is L{xenddev.backendctrl}; nothing here imports
+the toolstack side (L{xenddev.toolstack}).
 """

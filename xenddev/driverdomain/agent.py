@@ -30,15 +30,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
-from xenddev.datapath.registry import readRecord
-from xenddev.driverdomain.kinds.base import (
-    DeviceRef,
-    KindContext,
-    KindError,
-    Outcome,
-    PlugSpec,
-)
-from xenddev.driverdomain.protocol import (
+from xenddev.backendctrl.protocol import (
     ACTIVATE,
     ACTIVE,
     CHANGE,
@@ -63,6 +55,14 @@ from xenddev.driverdomain.protocol import (
     privateDir,
     validateName,
     validateTarget,
+)
+from xenddev.backendctrl.records import readRecord
+from xenddev.driverdomain.kinds.base import (
+    DeviceRef,
+    KindContext,
+    KindError,
+    Outcome,
+    PlugSpec,
 )
 from xenddev.errors import XenddevError
 from xenddev.interfaces import (

@@ -107,7 +107,7 @@ async def runAgent(reactor: Any, options: Options) -> None:
         options["domid"] = int(await xs.read("domid"))
     hotplug = None
     if not options["no-hotplug"]:
-        from xenddev.hotplug import HotplugRunner
+        from xenddev.driverdomain.hotplug import HotplugRunner
 
         hotplug = HotplugRunner(
             options["script-dir"],

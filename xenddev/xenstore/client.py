@@ -115,6 +115,10 @@ _MISSING_IS_NONE = {"ENOENT": None}
 _EXISTS = {"ENOENT": False, "EACCES": True}
 
 
+def _noneAsEmpty(names: list[str] | None) -> list[str]:
+    return [] if names is None else names
+
+
 def _checkSize(payload: bytes, what: str) -> bytes:
     if len(payload) > PAYLOAD_MAX:
         raise InvalidPayloadError(
@@ -243,13 +247,19 @@ class _Operations:
         """
         return self._pathRequest(_RM, path, b"", discard, _MISSING_IS_NONE if missingOk else None)
 
-    def ls(self, path: str) -> Deferred[list[str]]:
+    def ls(self, path: str, missingOk: bool = False) -> Deferred[list[str]]:
         """
         List a node's children (names only). A listing too large for one
-        reply (E2BIG) is fetched in parts with DIRECTORY_PART.
+        reply (E2BIG) is fetched in parts with DIRECTORY_PART. A missing
+        node is ENOENT, unless C{missingOk}: then it lists as empty (one
+        round trip, no exception raised and caught).
         """
         p = validatePath(path)
-        d: Deferred[Any] = self._pathRequest(_DIRECTORY, p, b"", _names)
+        if missingOk:
+            # ENOENT answers None; a fresh list each time, as callers may change it.
+            d: Deferred[Any] = self._pathRequest(_DIRECTORY, p, b"", _names, _MISSING_IS_NONE)
+            return d.addCallbacks(_noneAsEmpty, self._tooBig, errbackArgs=(p,))
+        d = self._pathRequest(_DIRECTORY, p, b"", _names)
         return d.addErrback(self._tooBig, p)
 
     def _tooBig(self, f: Failure, path: str) -> Any:

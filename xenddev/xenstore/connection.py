@@ -257,9 +257,9 @@ class ReconnectingXenStore:
         """See L{XenStoreClient.rm}."""
         return self._callPath("rm", path, missingOk)
 
-    def ls(self, path: str) -> Deferred[list[str]]:
+    def ls(self, path: str, missingOk: bool = False) -> Deferred[list[str]]:
         """See L{XenStoreClient.ls}."""
-        return self._callPath("ls", path)
+        return self._callPath("ls", path, missingOk)
 
     def exists(self, path: str) -> Deferred[bool]:
         """See L{XenStoreClient.exists}."""

@@ -34,8 +34,8 @@ class IXenStoreOps(Interface):
     def rm(path, missingOk=False):
         """Remove a subtree (ENOENT only if the parent is missing too, unless missingOk)."""
 
-    def ls(path):
-        """Fire with the list of child names."""
+    def ls(path, missingOk=False):
+        """Fire with the list of child names (ENOENT if missing, unless missingOk: empty)."""
 
     def exists(path):
         """Fire with whether the node exists."""

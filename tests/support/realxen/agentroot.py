@@ -42,7 +42,7 @@ AGENT_MODULES = (
     "xenddev.driverdomain.agent",
     "xenddev.driverdomain.kinds.blkback",
     "xenddev.driverdomain.kinds.netback",
-    "xenddev.hotplug",
+    "xenddev.driverdomain.hotplug",
     "xenddev.datapath",
     "xenddev.xenstore.connection",
     "xenddev.xenstore.endpoints",

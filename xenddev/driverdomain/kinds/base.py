@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 
-from xenddev.driverdomain.protocol import XEN_ERRNO, ControlPaths
+from xenddev.backendctrl.protocol import XEN_ERRNO, ControlPaths
 from xenddev.errors import XenddevError
 from xenddev.xenstore.paths import Perm
 

@@ -29,7 +29,7 @@ attaches the new medium. A plugged drive holding a medium is refused
 (C{EBUSY}): Linux's blkback serves the device it opened until it is unbound
 ("changing physical device (from 7:0 to 7:1) not supported" on real Xen), so
 the toolstack unplugs the drive, changes the target and plugs it again
-(L{xenddev.controller.DevController.reconfigureDevice}). An empty drive
+(L{xenddev.toolstack.controller.DevController.reconfigureDevice}). An empty drive
 runs no script.
 """
 
@@ -159,7 +159,7 @@ class BlkbackKind(KernelBackendKind):
         self, ctx: KindContext, plug: PlugSpec, action: str
     ) -> tuple[str, list[str], dict[str, str]] | None:
         """C{block add|remove} with libxl's environment; none for an empty drive."""
-        from xenddev.hotplug import blockEnvironment
+        from xenddev.driverdomain.hotplug import blockEnvironment
 
         assert plug.backend is not None
         if ctx.target.get("type") == "empty":

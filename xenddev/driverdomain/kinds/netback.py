@@ -94,7 +94,7 @@ class NetbackKind(KernelBackendKind):
         self, ctx: KindContext, plug: PlugSpec, action: str
     ) -> tuple[str, list[str], dict[str, str]] | None:
         """C{vif-bridge online|offline type_if=vif} with libxl's environment."""
-        from xenddev.hotplug import vifEnvironment
+        from xenddev.driverdomain.hotplug import vifEnvironment
 
         assert plug.backend is not None
         script = ctx.target.get("script", "vif-bridge")

@@ -25,7 +25,7 @@ Life cycle:
     sockets are recorded in the kind's records (C{ctx.records}).
   - activate starts the daemon's NBD server on C{<rundir>/nbd} and adds a
     writable (per mode) NBD export named after the VDI; it registers the
-    data path (L{xenddev.datapath.registry}).
+    data path (L{xenddev.backendctrl.records}).
   - deactivate deletes the export and the NBD server, and the registration.
   - unprepare asks the daemon to C{quit}, waits for it to exit (reaping it
     when it is our child; SIGKILL after the timeout) and removes the
@@ -77,9 +77,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xenddev.backendctrl.records import DataPath, recordPath, registryDir, thisHost
 from xenddev.datapath import qemu as graph
 from xenddev.datapath.images import ImageError, imageChain
-from xenddev.datapath.registry import DataPath, recordPath, registryDir, thisHost
 from xenddev.diskspec import numberToVdev
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
 from xenddev.driverdomain.kinds.blkback import blockBackend
@@ -656,7 +656,7 @@ class QemuKind:
         """
         if self.nbd is None:
             return None
-        from xenddev.hotplug import blockEnvironment
+        from xenddev.driverdomain.hotplug import blockEnvironment
 
         assert plug.backend is not None
         args, env = blockEnvironment(action, plug.backend, "block")

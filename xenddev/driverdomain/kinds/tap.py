@@ -26,7 +26,7 @@ The protocol maps onto tapdisk (tapdisk2):
     its process is alive, or removes what is left and starts again;
   - activate: C{open -a <taptype>:<params>} (C{-R} for read-only), or
     C{unpause} if it is open and paused; registers the data path (seed 002,
-    L{xenddev.datapath.registry}): pid, minor, image and, for vhd, the
+    L{xenddev.backendctrl.records}): pid, minor, image and, for vhd, the
     backing chain read from the VHD headers (just the image if it cannot be
     read), with C{x/type} = the tapdisk type;
   - deactivate: C{pause} (the image stays open, so reactivation is quick);
@@ -54,8 +54,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from xenddev.backendctrl.records import DataPath, holdPath, recordPath, thisHost
 from xenddev.datapath.images import ImageError, vhdChain
-from xenddev.datapath.registry import DataPath, holdPath, recordPath, thisHost
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec, done
 from xenddev.driverdomain.kinds.blkback import blockBackend
 from xenddev.interfaces import IDriverDomainKind, ITapCtl
@@ -367,7 +367,7 @@ class TapKind:
         """C{block} on the tapdisk's node for tapdisk2; none for blktap1."""
         if self._driver(ctx.target) == "blktap1":
             return None
-        from xenddev.hotplug import blockEnvironment
+        from xenddev.driverdomain.hotplug import blockEnvironment
 
         assert plug.backend is not None
         script = ctx.target.get("script", "block")

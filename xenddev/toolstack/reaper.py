@@ -16,7 +16,7 @@ runs the remove script before the backend directory goes).
 
 A domain counts as gone when C{/local/domain/<domid>} does not exist: the
 toolstack that destroys a domain removes it (libxl does, and so does
-L{xenddev.toolstack.DeviceManager}'s embedding), and it is the one fact
+L{xenddev.toolstack.manager.DeviceManager}'s embedding), and it is the one fact
 every xenstored agrees on (the embedded one has no hypervisor to ask).
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xenddev.driverdomain.client import DriverDomainClient, ObjectInfo
-from xenddev.driverdomain.protocol import OBJECT_CLASSES
+from xenddev.backendctrl.protocol import OBJECT_CLASSES
 from xenddev.interfaces import IWatchHandle, IXenStore
+from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
 from xenddev.xenbus import XenbusPathError, parseFrontendPath
 
 

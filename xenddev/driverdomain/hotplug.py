@@ -434,7 +434,7 @@ class HotplugRunner:
         @param setsid: path of util-linux's C{setsid(1)}; default: looked
             up in L{BASE_PATH}.
         @param builtins: scripts done in process instead (name → an
-            L{IBuiltinScript}), e.g. C{block} (L{xenddev.hotplugblock}):
+            L{IBuiltinScript}), e.g. C{block} (L{xenddev.driverdomain.hotplugblock}):
             the same arguments, environment, timeout and errors.
         @raise HotplugArgumentError: bad parameters, or no C{setsid} binary.
         """

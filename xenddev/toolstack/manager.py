@@ -20,7 +20,9 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 
-from xenddev.controller import (
+from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.toolstack.client import DriverDomainClient
+from xenddev.toolstack.controller import (
     ALLOCATE,
     DEFAULT_REQUEST_TIMEOUT,
     LIBXL_KINDS,
@@ -29,8 +31,6 @@ from xenddev.controller import (
     DomainInfo,
     UnknownDomainError,
 )
-from xenddev.driverdomain.client import DriverDomainClient
-from xenddev.interfaces import ITransaction, IXenStore
 from xenddev.xenbus import XenbusPathError, parseBackendPath
 from xenddev.xenstore.errors import NoEntryError
 from xenddev.xenstore.paths import Perm, validateDomid
@@ -39,20 +39,6 @@ T = TypeVar("T")
 
 #: The block device classes, in the order getBlockDeviceClass tries them.
 BLOCK_CLASSES = ("vbd", "tap", "tap2")
-
-
-def defaultControllers() -> dict[str, type[DevController]]:
-    """The controller class for each device class this build supports."""
-    from controllers.blkif import BlkifController
-    from controllers.blktap import Blktap2Controller, BlktapController
-    from controllers.vif import VifController
-
-    return {
-        "vbd": BlkifController,
-        "tap": BlktapController,
-        "tap2": Blktap2Controller,
-        "vif": VifController,
-    }
 
 
 @attrs.frozen
@@ -78,8 +64,9 @@ class DeviceManager:
     Devices of every class for every domain.
 
     @param xs: the toolstack's XenStore connection.
-    @param controllers: device class → controller class (default
-        L{defaultControllers}).
+    @param controllers: device class → controller class; the daemon's wiring
+        passes L{xenddev.controllers.defaultControllers} (nothing in the
+        toolstack package knows the device classes).
     @param controllerArgs: passed to every controller (timeouts).
     """
 
@@ -88,11 +75,11 @@ class DeviceManager:
     def __init__(
         self,
         xs: IXenStore,
-        controllers: Mapping[str, type[DevController]] | None = None,
+        controllers: Mapping[str, type[DevController]],
         **controllerArgs: Any,
     ) -> None:
         self.xs = xs
-        self.controllerClasses = dict(controllers or defaultControllers())
+        self.controllerClasses = dict(controllers)
         self.controllerArgs = controllerArgs
         self._locks: dict[tuple[int, str, int], DeferredLock] = {}
         self._driverDomains: dict[int, DriverDomainClient] = {}

@@ -2,7 +2,7 @@
 """
 Loop devices through the kernel's own interface (C{/dev/loop-control} and
 the loop ioctls), without C{losetup}: what the built-in C{block} script
-(L{xenddev.hotplugblock}) attaches image files with.
+(L{xenddev.driverdomain.hotplugblock}) attaches image files with.
 
 Every function blocks for a system call or a few; callers on the reactor run
 them in a thread.

@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import gatherResults
 
-from xenddev.driverdomain.protocol import privateDir
+from xenddev.backendctrl.protocol import privateDir
 from xenddev.xenstore.errors import NoEntryError
 
 

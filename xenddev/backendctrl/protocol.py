@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from xenddev.driverdomain.errors import InvalidNameError
+from xenddev.backendctrl.errors import InvalidNameError
 from xenddev.xenstore.paths import validateDomid
 from xenddev.xenstore.wire import PAYLOAD_MAX
 

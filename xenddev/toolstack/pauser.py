@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from xenddev.backendctrl.records import DataPath
 from xenddev.datapath.quiesce import IDataPathPauser
-from xenddev.datapath.registry import DataPath
-from xenddev.driverdomain.client import DriverDomainClient
+from xenddev.toolstack.client import DriverDomainClient
 
 
 @implementer(IDataPathPauser)
@@ -28,7 +28,7 @@ class ProtocolPauser:
     domain.
 
     @param clients: the protocol client of a driver domain (e.g.
-        L{xenddev.toolstack.DeviceManager.driverDomain}).
+        L{xenddev.toolstack.manager.DeviceManager.driverDomain}).
     """
 
     def __init__(self, clients: Callable[[int], DriverDomainClient]) -> None:

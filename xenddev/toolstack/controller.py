@@ -36,16 +36,16 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xenddev.driverdomain.client import (
+from xenddev.backendctrl.errors import DriverDomainError, DriverDomainTimeout
+from xenddev.backendctrl.protocol import VDI, ObjectClass
+from xenddev.errors import FaultCode, XenddevError
+from xenddev.interfaces import IDevController, ITransaction, IXenStore
+from xenddev.toolstack.client import (
     DriverDomainClient,
     PlugResult,
     backendReady,
     populateFrontend,
 )
-from xenddev.driverdomain.errors import DriverDomainError, DriverDomainTimeout
-from xenddev.driverdomain.protocol import VDI, ObjectClass
-from xenddev.errors import FaultCode, XenddevError
-from xenddev.interfaces import IDevController, ITransaction, IXenStore
 from xenddev.xenbus import (
     HotplugStatus,
     Waiting,

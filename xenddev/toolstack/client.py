@@ -20,13 +20,13 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xenddev.driverdomain.errors import (
+from xenddev.backendctrl.errors import (
     DriverDomainError,
     DriverDomainTimeout,
     NoAgentError,
     PreconditionError,
 )
-from xenddev.driverdomain.protocol import (
+from xenddev.backendctrl.protocol import (
     ACTIVATE,
     ACTIVE,
     CHANGE,

@@ -43,7 +43,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xenddev import loopctl
+from xenddev.driverdomain import loopctl
 from xenddev.errors import XenddevError
 from xenddev.interfaces import IBuiltinScript, IXenStore, IXenStoreOps
 from xenddev.xenstore.errors import NoEntryError

@@ -18,8 +18,8 @@ are removed last.
 Linux's frontends read C{backend} only at probe and resume, so the guests
 must then reconnect: L{restartDriverDomain} does the move and takes each
 guest with moved frontends through a suspend and slow resume
-(L{xenddev.driverdomain.reconnect}). C{python -m
-xenddev.driverdomain.restart OLD NEW} runs it from dom0.
+(L{xenddev.toolstack.reconnect}). C{python -m
+xenddev.toolstack.restart OLD NEW} runs it from dom0.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from xenddev.driverdomain.client import (
+from xenddev.backendctrl.protocol import ACTIVE, OBJECT_CLASSES, PLUGGED, ObjectClass
+from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.toolstack.client import (
     TRANSACT_ATTEMPTS,
     DriverDomainClient,
     ObjectInfo,
     PlugResult,
 )
-from xenddev.driverdomain.protocol import ACTIVE, OBJECT_CLASSES, PLUGGED, ObjectClass
-from xenddev.driverdomain.reconnect import ResumingXenStore, reconnectGuest, suspendGuest
-from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.toolstack.reconnect import ResumingXenStore, reconnectGuest, suspendGuest
 from xenddev.xenbus import XenbusPathError, XenbusState, parseFrontendPath
 from xenddev.xenctrl import IDomainControl
 from xenddev.xenstore.paths import Perm
@@ -304,7 +304,7 @@ async def suspendGuestsOf(
 
 def main(argv: list[str] | None = None) -> None:
     """
-    C{python -m xenddev.driverdomain.restart [--xenstore ADDR] OLD NEW}: run
+    C{python -m xenddev.toolstack.restart [--xenstore ADDR] OLD NEW}: run
     the restart operation in dom0 and print what moved.
     """
     import argparse
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    parser = argparse.ArgumentParser(prog="python -m xenddev.driverdomain.restart")
+    parser = argparse.ArgumentParser(prog="python -m xenddev.toolstack.restart")
     parser.add_argument("old", type=int, help="the dead driver domain")
     parser.add_argument("new", type=int, nargs="?", help="its replacement (its agent runs)")
     parser.add_argument(
