@@ -78,6 +78,8 @@ class TwistdTests(TestCase):
         os.kill(self._pid(proto), signal.SIGTERM)
         await proto.ended
         self.assertTrue(os.path.exists(state))
+        # Issue 13: the socket files went with the daemon.
+        self.assertEqual(sorted(n for n in os.listdir(self.rundir) if "socket" in n), [])
         proto = self.startTwistd("--state", state)
         await proto.ready
         out, _, _ = await self.tool("xenstore-read", "/dev/vbd/51712")

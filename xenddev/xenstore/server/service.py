@@ -10,6 +10,7 @@ import os
 from typing import IO, Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 
 from xenddev.xenstore.server.core import XenStoreServer
@@ -84,18 +85,21 @@ class XenstoredService(Service):
             self.log.info("Serving XenStore for domain {domid} on {path}", domid=domid, path=path)
 
     def stopService(self) -> Any:
-        """Stop listening, save the state, close the trace."""
+        """Stop listening and remove the socket files, save the state, close the trace."""
         super().stopService()
         ports, self._ports = self._ports, []
-        for port in ports:
-            port.stopListening()
+        stopped = [port.stopListening() for port in ports]
+        # Twisted leaves a UNIX socket's file behind: a client would find a
+        # socket nobody serves (ECONNREFUSED instead of ENOENT).
+        for _, path in [(0, self.socketPath), *self.domainSockets]:
+            _removeStaleSocket(path)
         if self.server is not None and self.stateFile:
             saveTree(self.server.tree, self.stateFile)
             self.log.info("Saved the tree to {file}", file=self.stateFile)
         if self._trace is not None:
             self._trace.close()
             self._trace = None
-        return None
+        return gatherResults([d for d in stopped if d is not None]).addCallback(lambda _: None)
 
 
 def _removeStaleSocket(path: str) -> None:
