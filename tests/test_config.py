@@ -223,6 +223,38 @@ class RejectionTests(TestCase):
             "timeouts:\n  create: 1\n  quiesce: 0\n", "f.yaml:3", "timeouts.quiesce = 0", "> 0"
         )
 
+    def test_limits(self) -> None:
+        """
+        The limits of the XML-RPC face have defaults and take whole numbers
+        (sizes, counts) or positive seconds (timeouts).
+        """
+        limits = parseConfig("").limits
+        self.assertEqual(
+            (limits.body_size, limits.connections, limits.quiesce_handles), (1 << 20, 128, 64)
+        )
+        self.assertEqual((limits.idle_timeout, limits.request_timeout), (60.0, 30.0))
+        limits = parseConfig(
+            "limits: {body_size: 4096, connections: 2, idle_timeout: 5, "
+            "request_timeout: 0.5, quiesce_handles: 1}\n"
+        ).limits
+        self.assertEqual(
+            (limits.body_size, limits.connections, limits.quiesce_handles), (4096, 2, 1)
+        )
+        self.assertEqual((limits.idle_timeout, limits.request_timeout), (5.0, 0.5))
+
+    def test_badLimits(self) -> None:
+        """A bad limit names the line, the key and the value."""
+        self.assertRejected(
+            "limits:\n  connections: 0\n", "f.yaml:2", "limits.connections = 0", ">= 1"
+        )
+        self.assertRejected("limits: {body_size: 1.5e6}\n", "f.yaml:1", "limits.body_size")
+        self.assertRejected("limits: {body_size: 100}\n", "limits.body_size = 100", ">= 1024")
+        self.assertRejected(
+            "limits:\n\n  request_timeout: -1\n", "f.yaml:3", "limits.request_timeout = -1"
+        )
+        self.assertRejected("limits: {quiesce_handles: many}\n", "'many'", "whole number")
+        self.assertRejected("limits: {connectons: 3}\n", "limits.connectons", "unknown key")
+
     def test_badBool(self) -> None:
         """enabled must be a boolean."""
         self.assertRejected("driver_domain: {enabled: 2}\n", "driver_domain.enabled", "2")

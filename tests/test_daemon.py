@@ -4,6 +4,11 @@ Basic on TCP, draining operations at shutdown) and C{twistd -n xenddev} as a
 real subprocess (sockets and their modes, the store seen by the real
 C{xenstore-ls}, SIGTERM, the metrics endpoint).
 
+The daemon's parts are child services started in dependency order and
+stopped in reverse; its limits reach its listeners; during a XenStore
+outage (the store stopped, then restarted) calls are answered with fault
+16 after C{timeouts.connect} and nothing of them is written afterwards.
+
 The end-to-end tests — vbd and vif attached and detached through the CLI
 and XML-RPC, error paths with their fault codes and exit codes, the
 C{vdi.*}/C{datapath.*} namespaces, the metrics — run against both stores:
@@ -36,7 +41,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from tests.support.fixtures import RealXenstoredFixture
+from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import (
     TWISTD_LAUNCHER,
     HostSuite,
@@ -48,11 +53,19 @@ from tests.support.host import (
 from tests.support.treedump import dumpTree
 from tests.test_cli import CLIClientMixin
 from tests.test_datapath import tapRecord
+from tests.test_httplimits import exchange, post
 from tests.test_storagectl import RecordingPauser
 from tests.test_xmlrpc import RPCServerMixin
 from xenddev.backendctrl.records import updateRecord
 from xenddev.cli import EXIT_BAD_CONFIG, EXIT_EXISTS, EXIT_NO_DEVICE, EXIT_NO_DOMAIN
-from xenddev.config import Config, DriverDomainConfig, TimeoutsConfig, XmlRpcConfig
+from xenddev.config import (
+    Config,
+    DriverDomainConfig,
+    LimitsConfig,
+    TimeoutsConfig,
+    XmlRpcConfig,
+)
+from xenddev.httplimits import HttpLimits
 from xenddev.metrics import renderMetrics
 from xenddev.service import ServiceDeviceManager, ShuttingDownError, StartupError, XenddevService
 from xenddev.xenbus import waitForState
@@ -325,6 +338,74 @@ class ServiceTests(TestCase):
         self.assertTrue(service.embedded)
         self.assertEqual(service.xenstoreAddress, f"unix:{service.config.xenstoredSocketPath}")
 
+    async def test_partsAreChildServices(self) -> None:
+        """
+        The embedded xenstored, the XenStore connections, the agent, the
+        simulators, the operations, the reaper and the listeners are child
+        services in dependency order (issue 12); stopping the daemon stops
+        them in reverse.
+        """
+        service = self.makeService()
+        await self.startService(service)
+        names = [child.name for child in service]
+        self.assertEqual(
+            names[:-1],
+            [
+                None,  # the embedded xenstored
+                "xenstore connection",
+                "agent connection",
+                "agent",
+                "simulator connection",
+                "simulator",
+                "quiesce handles",
+                "device operations",
+                "reaper",
+            ],
+        )
+        self.assertTrue(names[-1].startswith("listener unix:"), names[-1])
+        self.assertIs(service.xenstored, next(iter(service)))
+        stopped: list[str | None] = []
+        for child in service:
+            stop = child.stopService
+
+            def recorded(child: Any = child, stop: Any = stop) -> Any:
+                stopped.append(child.name)
+                return stop()
+
+            child.stopService = recorded
+        await service.stopService()
+        self.assertEqual(stopped, names[::-1])
+        self.assertFalse(any(child.running for child in service))
+
+    async def test_limitsReachListeners(self) -> None:
+        """
+        The C{limits:} keys hold the UNIX and TCP listeners and the quiesce
+        handles; a body over the limit is refused with 413 on the daemon's
+        socket.
+        """
+        secrets = os.path.join(_rundir(self), "passwords")
+        with open(secrets, "w") as f:
+            f.write("admin:s3cret\n")
+        os.chmod(secrets, 0o600)
+        service = self.makeService(tcp="tcp:0", password_file=secrets)
+        service.config = attrs.evolve(
+            service.config,
+            limits=LimitsConfig(
+                body_size=2048,
+                connections=5,
+                idle_timeout=7,
+                request_timeout=3,
+                quiesce_handles=2,
+            ),
+        )
+        await self.startService(service)
+        expected = HttpLimits(bodySize=2048, connections=5, idleTimeout=7, requestTimeout=3)
+        self.assertEqual([p.factory.limits for p in service.ports], [expected, expected])
+        self.assertEqual(service.storage.maxHandles, 2)
+        body = b"<?xml version='1.0'?><methodCall>" + b" " * 4096
+        answer = await deferToThread(exchange, service.config.socketPath, post(body))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])
+
     async def test_secondDaemonRefused(self) -> None:
         """A second service on the same run directory cannot take the socket."""
         first = self.makeService()
@@ -339,6 +420,73 @@ class ServiceTests(TestCase):
             await second.ready
         self.assertIn("another xenddev", str(cm.exception))
         self.assertTrue(os.path.exists(first.config.socketPath))
+
+
+class OutageSuite(RPCServerMixin, StoreClientMixin):
+    """
+    The daemon during a XenStore outage (issue 13, finding 8): its store
+    (a server fixture of the test) is stopped, then restarted; mixed with
+    the fixture and TestCase.
+    """
+
+    startServer: Any
+    killServer: Any
+    restartServer: Any
+    socketPath: str
+
+    async def test_callsAnsweredDuringOutage(self) -> None:
+        """
+        With xenstored gone, an attach and a listing through XML-RPC fail
+        with fault 16 ("XenStore is unreachable") after timeouts.connect,
+        not at the client's timeout. Once the store is back, nothing of the
+        refused attach is written to it, and calls are answered again.
+        """
+        rundir = _rundir(self)  # type: ignore[arg-type]
+        config = Config(
+            rundir=rundir,
+            xenstore=f"unix:{self.startServer()}",
+            driver_domain=DriverDomainConfig(simulate="on"),
+            timeouts=TimeoutsConfig(connect=1.0, shutdown=2.0),
+        )
+        service = XenddevService(config, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        self.rpcPath = config.socketPath
+        self.assertEqual(await self.call("vdi.list", 0), [])
+        image = _image(rundir)
+        self.killServer()
+        began = reactor.seconds()
+        f = await self.assertFault(
+            FaultCode.UNAVAILABLE, "device.attach", GUEST, "vbd", {"spec": f"xvdb,r,{image}"}
+        )
+        self.assertIn("XenStore is unreachable", f.faultString)
+        elapsed = reactor.seconds() - began
+        self.assertTrue(1.0 <= elapsed < 10.0, elapsed)
+        await self.assertFault(FaultCode.UNAVAILABLE, "vdi.list", 0)
+        self.restartServer()
+        manager = service.manager
+        assert manager is not None
+        for _ in range(500):
+            if manager.xs.connected:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        await deferLater(reactor, 0.5, lambda: None)  # anything still queued would be sent
+        xs = await self.storeClient(self.socketPath)
+        self.assertFalse(await xs.exists(f"/local/domain/{GUEST}"))
+        self.assertFalse(await xs.exists("/vm"))
+        # Answered again: the restarted store knows no guest.
+        await self.assertFault(FaultCode.INVALID_DOMAIN, "device.list", GUEST)
+
+
+class EmbeddedXenstoredOutageTests(  # type: ignore[misc]
+    OutageSuite, EmbeddedXenstoredFixture, TestCase
+):
+    """An outage of an embedded xenstored the daemon connects to."""
+
+
+class RealXenstoredOutageTests(OutageSuite, RealXenstoredFixture, TestCase):  # type: ignore[misc]
+    """An outage of the C xenstored."""
 
 
 class ServiceStoreSuite(StoreClientMixin):

@@ -55,11 +55,16 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.config": ("xenddev.errors", "xenddev.driverdomain.kinds"),
     "xenddev.storagectl": (*_SHARED,),
     "xenddev.metrics": ("xenddev.xenstore",),
+    # Limits on the HTTP face; parts as child services; the fail-fast store.
+    "xenddev.httplimits": (),
+    "xenddev.lifecycle": (),
+    "xenddev.xsguard": ("xenddev.errors", "xenddev.xenstore"),
     "xenddev.xmlrpc": (
         *_SHARED,
         "xenddev.toolstack",
         "xenddev.storagectl",
         "xenddev.sxp",
+        "xenddev.httplimits",
         "xenddev.__version__",
     ),
     "xenddev.service": (
@@ -72,6 +77,9 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.storagectl",
         "xenddev.metrics",
         "xenddev.xmlrpc",
+        "xenddev.httplimits",
+        "xenddev.lifecycle",
+        "xenddev.xsguard",
     ),
     "xenddev.daemon": ("xenddev.config", "xenddev.service", "xenddev.errors"),
     "xenddev.embed": ("xenddev.config", "xenddev.service", "xenddev.errors"),

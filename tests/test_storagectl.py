@@ -33,6 +33,7 @@ from xenddev.storagectl import (
     NoSuchDataPathError,
     QuiesceBusyError,
     StorageControl,
+    TooManyHandlesError,
     UnknownHandleError,
 )
 
@@ -98,12 +99,15 @@ class StorageControlSuite:
             await updateRecord(self.xs, dp, dp)
 
     def control(
-        self, pauser: RecordingPauser | None = None
+        self, pauser: RecordingPauser | None = None, maxHandles: int = 64
     ) -> tuple[StorageControl, RecordingPauser]:
         """A storage control on the test's Clock, with the tap stand-in."""
         pauser = pauser if pauser is not None else RecordingPauser()
         dpc = DataPathControl(self.xs, {"tap": pauser})
-        return StorageControl(dpc, reactor=None, bound=BOUND, clock=self.clock), pauser
+        storage = StorageControl(
+            dpc, reactor=None, bound=BOUND, clock=self.clock, maxHandles=maxHandles
+        )
+        return storage, pauser
 
     def captureLog(self) -> list[dict[str, Any]]:
         """Collect log events for the rest of the test."""
@@ -203,6 +207,31 @@ class StorageControlSuite:
         await storage.resumeAll()
         self.assertEqual((pauser.paused, storage.handles()), (set(), []))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def test_handlesCapped(self) -> None:
+        """
+        Quiesces of an unused image each get a handle until maxHandles are
+        held or being made; then one more is refused (fault 12) before
+        anything is looked up or paused, however many are asked at once,
+        and a resume makes room again.
+        """
+        storage, pauser = self.control(maxHandles=3)
+        held = [await storage.quiesce("/srv/unused.img") for _ in range(2)]
+        racing = [storage.quiesce(PARENT), storage.quiesce("/srv/unused.img")]
+        self.assertTrue(all(h.paused == [] for h in held))
+        with self.assertRaises(TooManyHandlesError) as cm:
+            await racing[1]
+        self.assertEqual(cm.exception.faultCode, 12)
+        self.assertIn("limits.quiesce_handles", str(cm.exception))
+        self.assertEqual(len((await racing[0]).paused), 2)
+        calls = pauser.calls
+        with self.assertRaises(TooManyHandlesError):
+            await storage.quiesce("/srv/o.vhd")
+        self.assertEqual((pauser.calls, len(storage.handles())), (calls, 3))
+        await storage.resume(held[0].id, False)
+        self.assertEqual((await storage.quiesce("/srv/o.vhd")).paused[0].vdi, "other")
+        await storage.resumeAll()
+        self.assertEqual((pauser.paused, storage.handles()), (set(), []))
 
     async def test_vanishedDataPathDropped(self) -> None:
         """A data path whose record is gone (vdi deactivated) is not resumed."""

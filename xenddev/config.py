@@ -32,6 +32,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DriverDomainConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "MetricsConfig",
     "TimeoutsConfig",
@@ -135,6 +136,22 @@ class XmlRpcConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """What one client of the XML-RPC face may hold (C{limits:})."""
+
+    #: Bytes of one request body; a larger one is refused with HTTP 413.
+    body_size: int = 1 << 20
+    #: Connections open at once on one listener; more are closed at once.
+    connections: int = 128
+    #: Seconds a connection may stay silent between requests.
+    idle_timeout: float = 60.0
+    #: Seconds to receive one whole request (headers and body) from its first byte.
+    request_timeout: float = 30.0
+    #: Quiesce handles held at once (C{datapath.quiesce}); more are fault 12.
+    quiesce_handles: int = 64
+
+
+@attrs.frozen
 class LoggingConfig:
     """Logging (C{logging:})."""
 
@@ -166,6 +183,7 @@ class Config:
     driver_domain: DriverDomainConfig = attrs.field(factory=DriverDomainConfig)
     timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
     xmlrpc: XmlRpcConfig = attrs.field(factory=XmlRpcConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     source: str | None = None
@@ -232,6 +250,15 @@ def _number(minimum: float = 0.0, strict: bool = True) -> Converter:
         if value < minimum or (strict and value == minimum) or value != value:
             raise ValueError(f"must be a number {'>' if strict else '>='} {minimum:g}")
         return float(value)
+
+    return convert
+
+
+def _integer(minimum: int) -> Converter:
+    def convert(value: Any, node: yaml.Node) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be a whole number >= {minimum}")
+        return value
 
     return convert
 
@@ -409,6 +436,16 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
             "interface": _interface,
             "password_file": _optionalPath,
             "tls": _endpoint("ssl"),
+        },
+    ),
+    "limits": (
+        LimitsConfig,
+        {
+            "body_size": _integer(1024),
+            "connections": _integer(1),
+            "idle_timeout": _number(),
+            "request_timeout": _number(),
+            "quiesce_handles": _integer(1),
         },
     ),
     "logging": (

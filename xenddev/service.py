@@ -7,14 +7,25 @@ C{driver_domain.simulate: on} also with a real one), the L{DeviceManager},
 the data-path and storage control (C{datapath.*}, quiesce handles) and the
 XML-RPC listeners.
 
-Start-up order: run directory → XenStore (probe or embedded) → connections
-→ driver-domain area and agent → simulators → device manager → data-path
-control → listeners; the line C{xenddev ready} is logged last. Shutdown is
-the reverse: the listeners close first (no new requests), in-flight device
+Each part is a child service of the MultiService (L{xenddev.lifecycle.Part}),
+added once the parts it depends on are ready, so the children are in
+start-up order: run directory → embedded xenstored (or a probe of the
+local one) → the toolstack's XenStore connection → driver-domain area,
+the agent's connection and the agent → the simulator's connection and the
+simulators → quiesce handles → device operations → reaper → listeners;
+the line C{xenddev ready} is logged last. Shutdown stops the children one
+at a time in reverse (L{xenddev.lifecycle.stopInReverse}): the listeners
+close first (no new requests), the reaper stops, in-flight device
 operations get C{timeouts.shutdown} seconds to finish and are then
 cancelled (their compensation runs), quiesce handles still held are
-resumed, then the agent, simulators, connections and the embedded
-xenstored stop, and the sockets are removed.
+resumed, then the simulators, the agent, their connections and the
+embedded xenstored stop, and the sockets are removed.
+
+The toolstack's connection (the device manager's, so every XML-RPC
+call's) is a L{GuardedXenStore}: during a XenStore outage a call waits at
+most C{timeouts.connect} for a connection, then fails with fault 16
+instead of blocking until the client gives up, and nothing of it is
+written when the store comes back.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol, cast
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import (
     CancelledError,
@@ -52,6 +63,8 @@ from xenddev import xmlrpc
 from xenddev.config import Config
 from xenddev.controllers import defaultControllers
 from xenddev.errors import XenddevError
+from xenddev.httplimits import HttpLimits, LimitedSite
+from xenddev.lifecycle import Part, stopInReverse
 from xenddev.toolstack.controller import DevController, DeviceError
 from xenddev.toolstack.manager import DeviceManager
 
@@ -83,8 +96,16 @@ class ShuttingDownError(DeviceError):
 class RpcFactories(Protocol):
     """What the service needs from C{xenddev.xmlrpc}."""
 
-    def rpcSite(self, manager: DeviceManager, *, storage: Any = None) -> Any:
-        """A C{twisted.web.server.Site} serving the XML-RPC API."""
+    def rpcSite(
+        self,
+        manager: DeviceManager,
+        *,
+        storage: Any = None,
+        limits: HttpLimits | None = None,
+        reactor: Any = None,
+        label: str = "XML-RPC",
+    ) -> Any:
+        """A C{twisted.web.server.Site} serving the XML-RPC API, held to C{limits}."""
 
     def rpcResource(self, manager: DeviceManager, *, storage: Any = None) -> Any:
         """The XML-RPC resource (wrapped in HTTP Basic auth for TCP)."""
@@ -384,7 +405,6 @@ class XenddevService(MultiService):
         self.simHost: Any = None
         self.guests: SimulatedGuests | None = None
         self.ports: list[Any] = []
-        self._connections: list[Any] = []
         self._starting: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
         self._logObserver: ILogObserver | None = None
@@ -455,7 +475,7 @@ class XenddevService(MultiService):
         address = await self._chooseXenStore()
         dd = cfg.driver_domain
         self.simulated = self._decideSimulation()
-        xs = await self._connect(address)
+        xs = await self._connect("xenstore", address, guarded=True)
         if self.embedded:
             await self._initialiseDom0(xs)
         from xenddev.toolstack.client import DriverDomainClient
@@ -476,14 +496,21 @@ class XenddevService(MultiService):
         )
         if self.guests is not None:
             self.guests.manager = self.manager
-        await self._startReaper(xs, self.manager)
         from xenddev.datapath import DataPathControl
         from xenddev.toolstack.pauser import protocolPausers
 
         # Through each data path's agent: the toolstack cannot reach the
         # tapdisks or QMP sockets of a remote driver domain.
         self.dataPaths = DataPathControl(xs, protocolPausers(self.manager.driverDomain))
-        self.storage = self._storageControl()
+        storage = self.storage = self._storageControl()
+        # No data path stays paused because a client's handle outlived us;
+        # stopped after the operations are drained (children stop in reverse).
+        await self._add(Part("quiesce handles", stop=storage.resumeAll))
+        manager = self.manager
+        await self._add(
+            Part("device operations", stop=lambda: manager.drain(cfg.timeouts.shutdown))
+        )
+        await self._startReaper(xs, self.manager)
         if rpc is not None:
             await self._listen(rpc, self.manager)
         self.log.info(
@@ -499,10 +526,16 @@ class XenddevService(MultiService):
         from xenddev.toolstack.reaper import DeadDomainReaper
 
         local = [self.config.driver_domain.domid] if self.config.driver_domain.enabled else []
-        self.reaper = DeadDomainReaper(
+        reaper = self.reaper = DeadDomainReaper(
             xs, lambda: [*local, *manager.knownDriverDomains()], manager.driverDomain
         )
-        await self.reaper.start()
+        await self._add(Part("reaper", reaper.start, reaper.stop))
+
+    async def _add(self, part: Part) -> None:
+        """Add a part as the next child service (it starts now); wait until it is ready."""
+        part.setServiceParent(self)
+        assert part.ready is not None
+        await part.ready
 
     async def _chooseXenStore(self) -> str:
         from xenddev.xenstore.endpoints import parseAddress
@@ -561,22 +594,38 @@ class XenddevService(MultiService):
             )
         return True
 
-    async def _connect(self, address: str) -> Any:
+    async def _connect(self, name: str, address: str, guarded: bool = False) -> Any:
+        """
+        A XenStore connection as the child service C{name}, once connected.
+        C{guarded}: a L{GuardedXenStore} (requests wait at most
+        C{timeouts.connect} for a connection; the toolstack's, which
+        clients wait on); else one that waits for xenstored to come back
+        (the agent's and the simulators' background work).
+        """
         from xenddev.xenstore.connection import ReconnectingXenStore
         from xenddev.xenstore.endpoints import endpointFor
+        from xenddev.xsguard import GuardedXenStore
 
-        xs = ReconnectingXenStore(cast(Any, endpointFor(self.reactor, address)), self.reactor)
-        self._connections.append(xs)
-        xs.start()
-        d = xs.whenConnected()
-        d.addTimeout(self.config.timeouts.connect, self.reactor)
-        try:
-            await d
-        except Exception as e:
-            raise StartupError(
-                f"cannot connect to XenStore at {address} within "
-                f"{self.config.timeouts.connect:g}s: {e}"
-            ) from None
+        endpoint = cast(Any, endpointFor(self.reactor, address))
+        timeout = self.config.timeouts.connect
+        xs = (
+            GuardedXenStore(endpoint, self.reactor, bound=timeout, address=address)
+            if guarded
+            else ReconnectingXenStore(endpoint, self.reactor)
+        )
+
+        async def connect() -> None:
+            xs.start()
+            d = xs.whenConnected()
+            d.addTimeout(timeout, self.reactor)
+            try:
+                await d
+            except Exception as e:
+                raise StartupError(
+                    f"cannot connect to XenStore at {address} within {timeout:g}s: {e}"
+                ) from None
+
+        await self._add(Part(f"{name} connection", connect, xs.stop))
         return xs
 
     async def _initialiseDom0(self, xs: Any) -> None:
@@ -593,7 +642,7 @@ class XenddevService(MultiService):
         from xenddev.driverdomain.kinds import kindsByName, resolveKinds
 
         dd = self.config.driver_domain
-        xs = await self._connect(address)
+        xs = await self._connect("agent", address)
         hotplug = None
         useHotplug = dd.hotplug == "on" or (dd.hotplug == "auto" and not self.simulated)
         if useHotplug:
@@ -615,14 +664,14 @@ class XenddevService(MultiService):
         from xenddev.datapath import standardPausers
 
         names, leftOut = resolveKinds(dd.kinds, kernel=not self.simulated)
-        self.agent = BackendCtrlAgent(
+        agent = self.agent = BackendCtrlAgent(
             xs,
             dd.domid,
             kindsByName(names, kernel=not self.simulated),
             hotplug,
             standardPausers(self.reactor),
         )
-        await self.agent.start()
+        await self._add(Part("agent", agent.start, agent.stop))
         self.log.info(
             "Driver-domain agent for domain {domid} (kinds {kinds}{why}; hotplug scripts {hp})",
             domid=dd.domid,
@@ -636,7 +685,7 @@ class XenddevService(MultiService):
     async def _startSimulators(self, address: str) -> None:
         from xenddev.simulator import SimulatedHost
 
-        xs = await self._connect(address)
+        xs = await self._connect("simulator", address)
         dd = self.config.driver_domain.domid
         guests = []
         for name in await _lsOrEmpty(xs, "/local/domain"):
@@ -651,8 +700,8 @@ class XenddevService(MultiService):
             address=address,
             dd=dd,
         )
-        self.simHost = SimulatedHost(xs, dd, guests)
-        await self.simHost.start()
+        host = self.simHost = SimulatedHost(xs, dd, guests)
+        await self._add(Part("simulator", host.start, host.stop))
         self.guests = SimulatedGuests(None, self.simHost, dd)
 
     def _storageControl(self) -> Any:
@@ -661,13 +710,27 @@ class XenddevService(MultiService):
 
         timeouts = self.config.timeouts
         return StorageControl(
-            self.dataPaths, self.reactor, bound=timeouts.quiesce, timeout=timeouts.request
+            self.dataPaths,
+            self.reactor,
+            bound=timeouts.quiesce,
+            timeout=timeouts.request,
+            maxHandles=self.config.limits.quiesce_handles,
+        )
+
+    def httpLimits(self) -> HttpLimits:
+        """What one client of a listener may hold (C{limits:})."""
+        limits = self.config.limits
+        return HttpLimits(
+            bodySize=limits.body_size,
+            connections=limits.connections,
+            idleTimeout=limits.idle_timeout,
+            requestTimeout=limits.request_timeout,
         )
 
     # Listeners
 
     async def _listen(self, rpc: RpcFactories, manager: DeviceManager) -> None:
-        from twisted.internet.endpoints import quoteStringArgument, serverFromString
+        from twisted.internet.endpoints import quoteStringArgument
 
         cfg = self.config
         path = cfg.socketPath
@@ -675,15 +738,18 @@ class XenddevService(MultiService):
         desc = (
             f"unix:address={quoteStringArgument(path)}:mode={cfg.xmlrpc.socket_mode:o}:lockfile=1"
         )
-        try:
-            port = await serverFromString(self.reactor, desc).listen(
-                rpc.rpcSite(manager, storage=self.storage)
-            )
-        except Exception as e:
-            raise StartupError(
-                f"cannot listen on {path}: {e} (is another xenddev running with this rundir?)"
-            ) from None
-        self.ports.append(port)
+        site = rpc.rpcSite(
+            manager,
+            storage=self.storage,
+            limits=self.httpLimits(),
+            reactor=self.reactor,
+            label=f"XML-RPC on {path}",
+        )
+        await self._listenOn(
+            desc,
+            site,
+            f"cannot listen on {path}: {{e}} (is another xenddev running with this rundir?)",
+        )
         self._socketPaths.append(path)
         self.log.info("XML-RPC listening on {path}", path=path)
         for spec in (cfg.xmlrpc.tcp, cfg.xmlrpc.tls):
@@ -692,11 +758,34 @@ class XenddevService(MultiService):
         if cfg.metrics.enabled:
             from xenddev.metrics import metricsSite
 
-            mport = await serverFromString(
-                self.reactor, self._withInterface(cfg.metrics.endpoint)
-            ).listen(metricsSite(self))
-            self.ports.append(mport)
+            endpoint = self._withInterface(cfg.metrics.endpoint)
+            await self._listenOn(endpoint, metricsSite(self), f"cannot listen on {endpoint}: {{e}}")
             self.log.info("Metrics on {endpoint}", endpoint=cfg.metrics.endpoint)
+
+    async def _listenOn(self, description: str, factory: Any, failure: str) -> None:
+        """
+        Listen on an endpoint string as the next child service (its port
+        in L{ports} while it listens); L{StartupError} with C{failure}
+        (C{{e}}: the reason) if it cannot.
+        """
+        from twisted.internet.endpoints import serverFromString
+
+        ports, mine = self.ports, []
+
+        async def listen() -> None:
+            try:
+                port = await serverFromString(self.reactor, description).listen(factory)
+            except Exception as e:
+                raise StartupError(failure.format(e=e)) from None
+            ports.append(port)
+            mine.append(port)
+
+        async def stop() -> None:
+            for port in mine:
+                ports.remove(port)
+                await port.stopListening()
+
+        await self._add(Part(f"listener {description}", listen, stop))
 
     def _withInterface(self, spec: str) -> str:
         if spec.startswith(("tcp:", "ssl:")) and "interface=" not in spec:
@@ -706,9 +795,7 @@ class XenddevService(MultiService):
     async def _listenNetwork(self, rpc: RpcFactories, manager: DeviceManager, spec: str) -> None:
         from twisted.cred.checkers import FilePasswordDB
         from twisted.cred.portal import Portal
-        from twisted.internet.endpoints import serverFromString
         from twisted.web.guard import BasicCredentialFactory, HTTPAuthSessionWrapper
-        from twisted.web.server import Site
 
         passwords = self.config.xmlrpc.password_file
         assert passwords is not None  # the config refuses a listener without one
@@ -727,11 +814,10 @@ class XenddevService(MultiService):
         )
         wrapper = HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"xenddev")])
         full = self._withInterface(spec)
-        try:
-            port = await serverFromString(self.reactor, full).listen(Site(wrapper))
-        except Exception as e:
-            raise StartupError(f"cannot listen on {full}: {e}") from None
-        self.ports.append(port)
+        site = LimitedSite(
+            wrapper, self.httpLimits(), reactor=self.reactor, label=f"XML-RPC on {full}"
+        )
+        await self._listenOn(full, site, f"cannot listen on {full}: {{e}}")
         self.log.info("XML-RPC listening on {endpoint} (HTTP Basic auth)", endpoint=full)
 
     # Stop
@@ -756,23 +842,10 @@ class XenddevService(MultiService):
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         self.log.info("xenddev stopping")
-        ports, self.ports = self.ports, []
-        await DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
-        if self.reaper is not None:
-            await _quietly(self.reaper.stop())
-        if self.manager is not None:
-            await self.manager.drain(self.config.timeouts.shutdown)
-        if self.storage is not None:
-            # No data path stays paused because a client's handle outlived us.
-            await _quietly(self.storage.resumeAll())
-        if self.simHost is not None:
-            await _quietly(self.simHost.stop())
-        if self.agent is not None:
-            await _quietly(self.agent.stop())
-        connections, self._connections = self._connections, []
-        for xs in reversed(connections):
-            await _quietly(xs.stop())
-        await MultiService.stopService(self)  # the embedded xenstored
+        Service.stopService(self)
+        # Listeners, reaper, operations (drained), quiesce handles (resumed),
+        # simulators, agent, connections, the embedded xenstored.
+        await stopInReverse(self, self.log)
         # A UNIX port removes its socket one reactor turn after stopListening.
         from twisted.internet.task import deferLater
 
@@ -782,15 +855,6 @@ class XenddevService(MultiService):
             _removeSocket(path)
         self.log.info("xenddev stopped")
         self._stopLogging()
-
-
-async def _quietly(d: Deferred[Any] | None) -> None:
-    if d is None:
-        return
-    try:
-        await d
-    except Exception:
-        Logger().failure("Error while stopping")
 
 
 async def _lsOrEmpty(xs: Any, path: str) -> list[str]:

@@ -16,7 +16,12 @@ disappeared — its VDI deactivated — is dropped, there is nothing left to
 resume). At shutdown every handle is resumed.
 
 Two quiesces may not hold the same data path: the second is refused
-(L{QuiesceBusyError}) before anything is paused.
+(L{QuiesceBusyError}) before anything is paused. Nor may more than
+C{maxHandles} handles (C{limits.quiesce_handles}) be held, or being made,
+at once: each costs the daemon a timer and a record until it is resumed
+or its deadline passes (an unused image's quiesce pauses nothing but still
+gets one), so one more is refused (L{TooManyHandlesError}) before anything
+is looked up or paused.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from xenddev.datapath.quiesce import DataPathControl, QuiesceHandle
 from xenddev.errors import FaultCode, XenddevError
 
 __all__ = [
+    "DEFAULT_MAX_HANDLES",
     "DEFAULT_QUIESCE_BOUND",
     "HeldQuiesce",
     "IStorageControl",
@@ -44,11 +50,14 @@ __all__ = [
     "NothingToMergeError",
     "QuiesceBusyError",
     "StorageControl",
+    "TooManyHandlesError",
     "UnknownHandleError",
 ]
 
 #: Seconds a quiesce handle may stay unresumed (config C{timeouts.quiesce}).
 DEFAULT_QUIESCE_BOUND = 60.0
+#: Quiesce handles held at once (config C{limits.quiesce_handles}).
+DEFAULT_MAX_HANDLES = 64
 
 
 class UnknownHandleError(XenddevError, LookupError):
@@ -65,6 +74,12 @@ class NoSuchDataPathError(XenddevError, LookupError):
 
 class QuiesceBusyError(XenddevError):
     """A data path the quiesce would pause is already held by another handle."""
+
+    faultCode = FaultCode.DEVICE_EXISTS
+
+
+class TooManyHandlesError(XenddevError):
+    """As many quiesce handles as allowed are held already; resume one first."""
 
     faultCode = FaultCode.DEVICE_EXISTS
 
@@ -147,6 +162,7 @@ class StorageControl:
     @param bound: seconds before an unresumed handle is resumed.
     @param clock: schedules the deadlines (default: C{reactor}).
     @param timeout: seconds a coalesce may take.
+    @param maxHandles: quiesce handles held (or being made) at once.
     """
 
     log = Logger()
@@ -158,13 +174,17 @@ class StorageControl:
         bound: float = DEFAULT_QUIESCE_BOUND,
         clock: IReactorTime | None = None,
         timeout: float = 60.0,
+        maxHandles: int = DEFAULT_MAX_HANDLES,
     ) -> None:
         self.control = control
         self.reactor = reactor
         self.bound = bound
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.timeout = timeout
+        self.maxHandles = maxHandles
         self._held: dict[str, HeldQuiesce] = {}
+        #: Quiesces under way (counted against L{maxHandles} with the handles held).
+        self._making = 0
         #: (driver domain, vdi) -> handle id, for every data path held or being paused.
         self._owners: dict[tuple[int, str], str] = {}
 
@@ -204,42 +224,58 @@ class StorageControl:
         under a new handle, resumed automatically after L{bound} seconds.
 
         @raise QuiesceBusyError: a data path is held by another handle.
+        @raise TooManyHandlesError: L{maxHandles} are held or being made.
         """
+        if len(self._held) + self._making >= self.maxHandles:
+            return _failed(
+                TooManyHandlesError(
+                    f"{len(self._held) + self._making} quiesce handles are held or being made: "
+                    f"the limit is {self.maxHandles} (limits.quiesce_handles); "
+                    "resume one first (datapath.handles lists them)"
+                )
+            )
 
         async def run() -> HeldQuiesce:
-            found = await self.control.find(image)
-            hid = uuid.uuid4().hex
-            keys = [(dp.driverDomid, dp.vdi) for dp in found]
-            for key in keys:
-                other = self._owners.get(key)
-                if other is not None:
-                    raise QuiesceBusyError(
-                        f"vdi {key[1]!r} of domain {key[0]} is already quiesced "
-                        f"by handle {other}; resume that first"
-                    )
-            for key in keys:
-                self._owners[key] = hid
             try:
-                handle = await self.control.pauseAll(image, found)
-            except BaseException:
-                for key in keys:
-                    self._owners.pop(key, None)
-                raise
-            now = self.clock.seconds()
-            held = HeldQuiesce(hid, image, handle, now, now + self.bound)
-            self._held[hid] = held
-            self._arm(held)
-            self.log.info(
-                "Quiesced {image}: {n} data path(s) paused under handle {handle} "
-                "(resumed automatically after {bound:g}s)",
-                image=image,
-                n=len(handle.paused),
-                handle=hid,
-                bound=self.bound,
-            )
-            return held
+                return await self._quiesce(image)
+            finally:
+                self._making -= 1
 
+        self._making += 1
         return Deferred.fromCoroutine(run())
+
+    async def _quiesce(self, image: str) -> HeldQuiesce:
+        found = await self.control.find(image)
+        hid = uuid.uuid4().hex
+        keys = [(dp.driverDomid, dp.vdi) for dp in found]
+        for key in keys:
+            other = self._owners.get(key)
+            if other is not None:
+                raise QuiesceBusyError(
+                    f"vdi {key[1]!r} of domain {key[0]} is already quiesced "
+                    f"by handle {other}; resume that first"
+                )
+        for key in keys:
+            self._owners[key] = hid
+        try:
+            handle = await self.control.pauseAll(image, found)
+        except BaseException:
+            for key in keys:
+                self._owners.pop(key, None)
+            raise
+        now = self.clock.seconds()
+        held = HeldQuiesce(hid, image, handle, now, now + self.bound)
+        self._held[hid] = held
+        self._arm(held)
+        self.log.info(
+            "Quiesced {image}: {n} data path(s) paused under handle {handle} "
+            "(resumed automatically after {bound:g}s)",
+            image=image,
+            n=len(handle.paused),
+            handle=hid,
+            bound=self.bound,
+        )
+        return held
 
     def resume(self, handleId: str, reload: bool = True) -> Deferred[HeldQuiesce]:
         """

@@ -44,7 +44,6 @@ from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.xmlrpc import XMLRPC, Fault, addIntrospection
 
 from xenddev import __version__
@@ -52,6 +51,7 @@ from xenddev.backendctrl.protocol import OBJECT_CLASSES, ObjectClass, validateNa
 from xenddev.backendctrl.records import DataPath
 from xenddev.diskspec import VdevError, numberToVdev, vdevToNumber
 from xenddev.errors import FaultCode, XenddevError
+from xenddev.httplimits import HttpLimits, LimitedSite
 from xenddev.storagectl import HeldQuiesce, IStorageControl
 from xenddev.sxp import toConfig
 from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
@@ -791,6 +791,16 @@ class DeviceRPC(XMLRPC):
         self.putSubHandler("daemon", DaemonNamespace(self))
         addIntrospection(self)
 
+    def lookupProcedure(self, procedurePath: Any) -> Callable[..., Any]:
+        """
+        The method a request names; a request without a C{methodName} is
+        fault 8002 (malformed), not an HTTP error page.
+        """
+        if not isinstance(procedurePath, str):
+            raise Fault(self.FAILURE, "malformed request: it names no method (no methodName)")
+        method: Callable[..., Any] = super().lookupProcedure(procedurePath)
+        return method
+
     # Checks shared by the namespaces
 
     async def resolveDomain(self, dom: object) -> int:
@@ -1007,8 +1017,13 @@ def rpcSite(
     manager: DeviceManager,
     clock: Callable[[], float] = time.monotonic,
     storage: IStorageControl | None = None,
-) -> Site:
-    """A Site serving L{rpcResource} (listen on it with a UNIX or TCP endpoint)."""
-    site = Site(rpcResource(manager, clock, storage))
-    site.displayTracebacks = False
-    return site
+    limits: HttpLimits | None = None,
+    reactor: Any = None,
+    label: str = "XML-RPC",
+) -> LimitedSite:
+    """
+    A Site serving L{rpcResource} (listen on it with a UNIX or TCP
+    endpoint), held to C{limits} (body size, request and idle timeouts,
+    open connections; L{HttpLimits}' defaults if C{None}).
+    """
+    return LimitedSite(rpcResource(manager, clock, storage), limits, reactor=reactor, label=label)
