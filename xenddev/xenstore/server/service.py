@@ -88,11 +88,9 @@ class XenstoredService(Service):
         """Stop listening and remove the socket files, save the state, close the trace."""
         super().stopService()
         ports, self._ports = self._ports, []
+        # A UNIX port removes its socket file once it has stopped: wait for
+        # it (returned below), or twistd exits first and leaves the files.
         stopped = [port.stopListening() for port in ports]
-        # Twisted leaves a UNIX socket's file behind: a client would find a
-        # socket nobody serves (ECONNREFUSED instead of ENOENT).
-        for _, path in [(0, self.socketPath), *self.domainSockets]:
-            _removeStaleSocket(path)
         if self.server is not None and self.stateFile:
             saveTree(self.server.tree, self.stateFile)
             self.log.info("Saved the tree to {file}", file=self.stateFile)
