@@ -511,6 +511,7 @@ class XenddevService(MultiService):
             Part("device operations", stop=lambda: manager.drain(cfg.timeouts.shutdown))
         )
         await self._startReaper(xs, self.manager)
+        await self._recover(self.manager)
         if rpc is not None:
             await self._listen(rpc, self.manager)
         self.log.info(
@@ -519,6 +520,21 @@ class XenddevService(MultiService):
             address=self.xenstoreAddress,
             embedded=" (embedded xenstored)" if self.embedded else "",
             sim=" — SIMULATED backends and frontends" if self.simulated else "",
+        )
+
+    async def _recover(self, manager: DeviceManager) -> None:
+        """
+        Before taking requests: roll back what a killed daemon left half-done
+        (L{xenddev.toolstack.recovery}), one line per device, one in all.
+        """
+        from xenddev.toolstack.recovery import recoverDevices
+
+        found = await recoverDevices(manager, self.config.timeouts.request)
+        rolledBack = sum(1 for r in found if r.missing is not None)
+        self.log.info(
+            "Recovery: {made} devices made, {rolledBack} half-done rolled back",
+            made=len(found) - rolledBack,
+            rolledBack=rolledBack,
         )
 
     async def _startReaper(self, xs: Any, manager: DeviceManager) -> None:
