@@ -265,6 +265,9 @@ class RejectionTests(TestCase):
             "xmlrpc:\n  socket_mode: 999\n", "f.yaml:2", "xmlrpc.socket_mode", "999"
         )
         self.assertRejected("xmlrpc: {socket_mode: 400}\n", "xmlrpc.socket_mode", "400")
+        # Issue 13: a mode letting other users in is refused, not accepted silently.
+        for mode in ("777", "606", "664"):
+            self.assertRejected(f"xmlrpc: {{socket_mode: {mode}}}\n", "xmlrpc.socket_mode", mode)
 
     def test_tcpNeedsPasswords(self) -> None:
         """A TCP listener without a password file is refused, naming its line."""

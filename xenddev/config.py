@@ -356,6 +356,9 @@ def _mode(value: Any, node: yaml.Node) -> int:
     mode = int(text, 8)
     if mode & 0o600 != 0o600:
         raise ValueError("must give the owner read and write access")
+    if mode & 0o007:
+        # Whoever may connect may attach any disk to any domain: root's power.
+        raise ValueError("must not give other users access (at most 660: owner and group)")
     return mode
 
 
