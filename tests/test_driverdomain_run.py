@@ -45,7 +45,7 @@ class FrontendVisibleTests(TestCase):
         """L{_frontendVisible} over a store whose read gives C{outcome}."""
         from twisted.internet.defer import fail, succeed
 
-        from xenddev.driverdomain.agent import _frontendVisible
+        from xenddev.driverdomain.executor import _frontendVisible
         from xenddev.xenstore.errors import AccessDeniedError
 
         class Store:

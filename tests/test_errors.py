@@ -46,7 +46,9 @@ _XENSTORE = (
 INTERNAL = {
     "xenddev.errors.XenddevError": "the root: an error that declares no code is internal",
     "xenddev.config.ConfigError": "the daemon refuses to start; no RPC method reads a config",
-    "xenddev.driverdomain.agent._RequestReplaced": "the agent's control flow, caught inside it",
+    "xenddev.driverdomain.completion._RequestReplaced": (
+        "the completion transaction's control flow, caught inside it"
+    ),
     "xenddev.toolstack.controller._GuestFrontend": (
         "the toolstack's control flow at attach, caught inside it"
     ),

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_driverdomain -*-
 """
 The vocabulary of the backendctrl protocol: object classes, paths, request
-strings, states, result codes (Xen errno values) and name validation.
+names, states, result codes (Xen errno values) and name validation. What
+each request does is the table of L{xenddev.backendctrl.requests}.
 
 Both the toolstack client and the driver-domain agent use this module, so
 the two sides cannot disagree about a path or a spelling.
@@ -63,10 +64,14 @@ CHANGE = "change"
 PAUSE = "pause"
 RESUME = "resume"
 RELOAD = "reload"
-OBJECT_REQUESTS = (PREPARE, ACTIVATE, DEACTIVATE, UNPREPARE, CHANGE, PAUSE, RESUME, RELOAD)
-PLUG_REQUESTS = (PLUG, UNPLUG)
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
+#: The object's directories the toolstack writes a target into: C{t/} (the
+#: target, with C{prepare}) and C{n/} (its replacement, with C{change}).
+TARGET_DIR = "t"
+NEW_TARGET_DIR = "n"
+
+#: The syntax of vdi, vif and plug names (L{validateName} also bounds the length).
+NAME_SYNTAX = re.compile(r"[A-Za-z0-9_-]+\Z")
 _TARGET_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 #: Target values: printable text, no NUL, bounded so a whole prepare
 #: transaction stays far below XenStore's limits.
@@ -99,7 +104,7 @@ OBJECT_CLASSES: Mapping[str, ObjectClass] = {c.name: c for c in (VDI, VIF)}
 
 def validateName(value: object, what: str) -> str:
     """A vdi, vif or vbd name: C{[A-Za-z0-9_-]+}, at most 64 characters."""
-    if not isinstance(value, str) or not _NAME.match(value) or len(value) > NAME_MAX:
+    if not isinstance(value, str) or not NAME_SYNTAX.match(value) or len(value) > NAME_MAX:
         raise InvalidNameError(
             what, value, f"must match [A-Za-z0-9_-]+ and be at most {NAME_MAX} characters"
         )
@@ -131,33 +136,6 @@ def validateTarget(target: Mapping[str, object]) -> dict[str, str]:
             raise InvalidNameError(f"target value t/{key}", text, "contains control characters")
         clean[key] = text
     return clean
-
-
-@attrs.frozen
-class Request:
-    """
-    A parsed C{request} value: C{prepare}, ..., or C{plug <vbd>}/C{unplug <vbd>}.
-    """
-
-    op: str
-    plug: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Request:
-        """
-        Parse a request string.
-
-        @raise ValueError: for anything that is not a known request.
-        """
-        op, _, arg = text.partition(" ")
-        if op in OBJECT_REQUESTS and not arg:
-            return cls(op)
-        if op in PLUG_REQUESTS and arg and _NAME.match(arg):
-            return cls(op, arg)
-        raise ValueError(f"unknown request {text!r}")
-
-    def __str__(self) -> str:
-        return self.op if self.plug is None else f"{self.op} {self.plug}"
 
 
 @attrs.frozen
@@ -207,9 +185,13 @@ class ControlPaths:
     def resultMsg(self) -> str:
         return f"{self.base}/result_msg"
 
+    def child(self, name: str) -> str:
+        """A node of the object's directory, e.g. L{TARGET_DIR}."""
+        return f"{self.base}/{name}"
+
     @property
     def targetDir(self) -> str:
-        return f"{self.base}/t"
+        return self.child(TARGET_DIR)
 
     def target(self, key: str) -> str:
         """The path of target key C{key}."""
@@ -218,7 +200,7 @@ class ControlPaths:
     @property
     def newTargetDir(self) -> str:
         """C{n/}: the replacement target of a C{change} request."""
-        return f"{self.base}/n"
+        return self.child(NEW_TARGET_DIR)
 
     def newTarget(self, key: str) -> str:
         """The path of replacement target key C{key}."""
@@ -280,62 +262,3 @@ def checkTransactionSize(nodes: Mapping[str, str]) -> None:
     for path, value in nodes.items():
         if len(path) + len(value.encode("utf-8")) + 2 > PAYLOAD_MAX:
             raise InvalidNameError("node", path, "path and value exceed a XenStore packet")
-
-
-@attrs.frozen
-class ObjectSnapshot:
-    """
-    What the preconditions of a request look at, read in one transaction.
-
-    @ivar state: the object's C{state}, or None (ENOENT).
-    @ivar request: a pending C{request}, or None.
-    @ivar plugState: for plug/unplug, C{<plug>/state} or None.
-    @ivar frontendExists: for plug/unplug, whether C{<frontend>} exists.
-    @ivar plugCount: how many plugs are in state C{ok}.
-    """
-
-    state: str | None
-    request: str | None
-    plugState: str | None = None
-    frontendExists: bool = False
-    plugCount: int = 0
-
-
-def checkPreconditions(
-    request: Request, snap: ObjectSnapshot, takeover: bool = False
-) -> tuple[str, str] | None:
-    """
-    Check a request's preconditions (seed 000, with our decisions recorded
-    in docs/protocol.md). Both sides call this: the toolstack before writing
-    anything, the agent before executing.
-
-    @return: None if the request may proceed, else C{(errname, message)}.
-    """
-    if snap.request is not None:
-        return "EBUSY", f"request {snap.request!r} is still being performed"
-    op = request.op
-    if op == PREPARE:
-        if snap.state is not None:
-            return "EEXIST", f"already prepared (state {snap.state})"
-        return None
-    if snap.state is None:
-        return "ENOENT", "not prepared"
-    if op == ACTIVATE and snap.state != INACTIVE:
-        return "EISCONN", f"cannot activate in state {snap.state}"
-    if op == DEACTIVATE and snap.state != ACTIVE:
-        return "ENOTCONN", f"cannot deactivate in state {snap.state}"
-    if op in (PAUSE, RESUME, RELOAD) and snap.state != ACTIVE:
-        return "ENOTCONN", f"cannot {op} in state {snap.state}: only an active data path"
-    if op == UNPREPARE and snap.plugCount:
-        return "EBUSY", f"{snap.plugCount} plug(s) still present: unplug them first"
-    if op == PLUG:
-        if snap.plugState is not None:
-            return "EEXIST", f"{request.plug} is already plugged"
-        if snap.frontendExists and not takeover:
-            return "EEXIST", "the frontend directory already exists"
-    if op == UNPLUG:
-        if snap.plugState != PLUGGED:
-            return "ENOENT", f"{request.plug} is not plugged"
-        if snap.frontendExists:
-            return "EBUSY", "the frontend directory still exists: remove it first"
-    return None

@@ -36,7 +36,6 @@ import attrs
 from twisted.internet.defer import gatherResults
 
 from xenddev.backendctrl.protocol import privateDir
-from xenddev.xenstore.errors import NoEntryError
 
 
 def registryDir(driverDomid: int) -> str:
@@ -152,23 +151,16 @@ def _canonical(path: str) -> str:
     return os.path.realpath(path)
 
 
-async def _lsOrEmpty(xs: Any, path: str) -> list[str]:
-    try:
-        return list(await xs.ls(path))
-    except NoEntryError:
-        return []
-
-
 async def readRecord(xs: Any, driverDomid: int, vdi: str) -> DataPath | None:
     """One record, or None if the VDI has no registered data path."""
     base = recordPath(driverDomid, vdi)
-    keys = await _lsOrEmpty(xs, base)
+    keys = await xs.ls(base, missingOk=True)
     if not keys:
         return None
     rel: list[str] = []
     for k in keys:
         if k in ("chain", "x"):
-            rel += [f"{k}/{c}" for c in await _lsOrEmpty(xs, f"{base}/{k}")]
+            rel += [f"{k}/{c}" for c in await xs.ls(f"{base}/{k}", missingOk=True)]
         else:
             rel.append(k)
     values = await gatherResults([xs.readOrNone(f"{base}/{k}") for k in rel])
@@ -179,7 +171,7 @@ async def readRecord(xs: Any, driverDomid: int, vdi: str) -> DataPath | None:
 
 async def scanDriverDomain(xs: Any, driverDomid: int) -> list[DataPath]:
     """Every data path one driver domain has registered."""
-    vdis = await _lsOrEmpty(xs, registryDir(driverDomid))
+    vdis = await xs.ls(registryDir(driverDomid), missingOk=True)
     records = await gatherResults([_deferred(readRecord(xs, driverDomid, v)) for v in sorted(vdis)])
     return [r for r in records if r is not None]
 
@@ -190,7 +182,7 @@ async def scanRegistry(xs: Any) -> list[DataPath]:
     after a restart of the toolstack or of an agent). Needs a connection
     that may read the driver domains' private records (dom0's).
     """
-    domains = [d for d in await _lsOrEmpty(xs, "/local/domain") if d.isdigit()]
+    domains = [d for d in await xs.ls("/local/domain", missingOk=True) if d.isdigit()]
     found = await gatherResults([_deferred(scanDriverDomain(xs, int(d))) for d in domains])
     return [dp for per in found for dp in per]
 

@@ -46,7 +46,6 @@ from zope.interface import implementer
 from xenddev.driverdomain import loopctl
 from xenddev.errors import XenddevError
 from xenddev.interfaces import IBuiltinScript, IXenStore, IXenStoreOps
-from xenddev.xenstore.errors import NoEntryError
 
 log = Logger()
 
@@ -303,8 +302,8 @@ class BuiltinBlockScript:
         for numbers in self._mountedNumbers(readWriteOnly=mode != "w"):
             if numbers in wanted:
                 return ("local", numbers)
-        for dom in await _lsOrEmpty(self.xs, base):
-            for dev in await _lsOrEmpty(self.xs, f"{base}/{dom}"):
+        for dom in await self.xs.ls(base, missingOk=True):
+            for dev in await self.xs.ls(f"{base}/{dom}", missingOk=True):
                 other = await self.xs.readOrNone(f"{base}/{dom}/{dev}/physical-device")
                 if other is None or other not in wanted:
                     continue
@@ -409,10 +408,3 @@ async def _required(xs: IXenStoreOps, path: str) -> str:
     if value is None:
         raise BlockScriptError(f"{path} is missing")
     return value
-
-
-async def _lsOrEmpty(xs: IXenStoreOps, path: str) -> list[str]:
-    try:
-        return list(await xs.ls(path))
-    except NoEntryError:
-        return []

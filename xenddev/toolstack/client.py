@@ -44,16 +44,14 @@ from xenddev.backendctrl.protocol import (
     XEN_ERRNO_NAME,
     ControlPaths,
     ObjectClass,
-    ObjectSnapshot,
     PlugPaths,
-    Request,
-    checkPreconditions,
     checkTransactionSize,
     kindsPath,
     privateDir,
     validateName,
     validateTarget,
 )
+from xenddev.backendctrl.requests import ObjectSnapshot, Request, checkPreconditions
 from xenddev.interfaces import ITransaction, IXenStore
 from xenddev.xenbus import Waiting
 from xenddev.xenstore.dispatch import PendingWait, WatchDispatch
@@ -481,7 +479,7 @@ class DriverDomainClient:
             reads.append(tx.exists(frontend) if frontend else _resolved(False))
         state, pending, *rest = await gatherResults(reads, consumeErrors=True)
         plugCount = 0
-        if request.op == UNPREPARE:
+        if request.rule.refusedWithPlugs:
             plugCount = len(await self._pluggedNames(tx, paths))
         return ObjectSnapshot(
             state,
@@ -511,6 +509,7 @@ class DriverDomainClient:
         and the b-copy values.
         """
         await self.ensureArea()
+        rule = request.rule
 
         async def submit(tx: ITransaction) -> None:
             # The precondition reads and the writes go out together: xenstored
@@ -519,11 +518,11 @@ class DriverDomainClient:
             # transaction, writes unseen. One round trip instead of up to four.
             snapshot = Deferred.fromCoroutine(self._snapshot(tx, paths, request, frontend))
             ops: list[Deferred[None]] = []
-            if request.op == PREPARE:
-                # t/* may change only while neither state nor request exists.
-                ops.append(tx.rm(paths.targetDir, missingOk=True))
-            elif request.op == CHANGE:
-                ops.append(tx.rm(paths.newTargetDir, missingOk=True))
+            if rule.input is not None:
+                # The request's input replaces whatever is there: t/* may
+                # change only while neither state nor request exists, n/*
+                # only while no change is pending.
+                ops.append(tx.rm(paths.child(rule.input), missingOk=True))
             ops += [tx.write(p, v) for p, v in writes.items()]
             ops.append(tx.write(paths.request, str(request)))
             written = gatherResults(ops, consumeErrors=True)
@@ -548,7 +547,7 @@ class DriverDomainClient:
             await self._control.ready()
             answer = self._control.expect(paths.request, lambda v: v is None, self.timeout)
         made: Deferred[None] = _resolved(None)
-        if request.op == PREPARE:
+        if rule.createsObject:
             # Created outside the transaction: a transaction that creates the
             # object's directory modifies backendctrl/<class>, so concurrent
             # prepares in one driver domain conflicted with each other
@@ -565,7 +564,7 @@ class DriverDomainClient:
             if answer is not None:
                 answer.result.addErrback(lambda _: None)
                 answer.result.cancel()
-            if request.op == PREPARE and not isinstance(e, PreconditionError):
+            if rule.createsObject and not isinstance(e, PreconditionError):
                 await _rmIfEmpty(self.xs, paths.base)
             raise
         try:
@@ -616,7 +615,7 @@ class DriverDomainClient:
                 _lsOrEmpty(tx, plugPaths.bcopy),
             ]
         removals = [tx.rm(paths.result, missingOk=True), tx.rm(paths.resultMsg, missingOk=True)]
-        if request.op == CHANGE:
+        if request.rule.replacesTarget:
             # The agent consumes n/* on success; a refused change leaves it.
             removals.append(tx.rm(paths.newTargetDir, missingOk=True))
         raw, message, state, *plugReads = await gatherResults(reads, consumeErrors=True)

@@ -17,6 +17,7 @@ from xenddev.errors import XenddevError
 from xenddev.xenstore.paths import Perm
 
 _FRONTEND = re.compile(r"/local/domain/(\d+)/device/([a-z0-9]+)/(\d+)\Z")
+_BACKEND = re.compile(r"/local/domain/\d+/backend/([a-z0-9]+)/(\d+)/(\d+)\Z")
 
 
 class KindError(XenddevError):
@@ -52,6 +53,17 @@ class DeviceRef:
                 "EINVAL", f"frontend {path!r} is not /local/domain/<domid>/device/<class>/<devid>"
             )
         return cls(m.group(2), int(m.group(1)), int(m.group(3)))
+
+    @classmethod
+    def fromBackendPath(cls, path: str) -> DeviceRef:
+        """
+        Parse an absolute C{/local/domain/<dd>/backend/<class>/<domu>/<devid>}
+        (the class is the backend's: C{tap} for a blktap1 vbd).
+        """
+        m = _BACKEND.match(path)
+        if m is None:
+            raise KindError("EINVAL", f"{path!r} is not a backend directory")
+        return cls(m.group(1), int(m.group(2)), int(m.group(3)))
 
     def backendRelative(self, backendClass: str | None = None) -> str:
         """C{backend/<class>/<domu>/<devid>}, relative to the driver domain's home."""
