@@ -41,6 +41,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.qmp": ("xenddev.errors",),
     "xenddev.xenctrl": ("xenddev.errors",),
     "xenddev.sxp": ("xenddev.errors",),
+    # Pools over etcd (issue 14): the error root only, nothing of the wings.
+    "xenddev.pool": ("xenddev.errors",),
     # Seed 000's vocabulary, then seed 002's data paths on it.
     "xenddev.backendctrl": (*_FOUNDATION, "xenddev.xenbus"),
     "xenddev.datapath": (*_FOUNDATION, "xenddev.backendctrl", "xenddev.qmp", "xenddev.tapctl"),

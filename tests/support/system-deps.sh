@@ -8,12 +8,13 @@ set -u
 # (losetup/flock/setsid, logger, ip, brctl); gcc builds the test shim.
 # qemu-storage-daemon, qemu-img and qemu-io serve the qemu data path;
 # nbd-client connects the kernel's nbd devices to it (real Xen).
+# etcd-server (3.4) is the pool's store: its tests start a 3-member cluster.
 # The real-Xen lane (tests/support/realxen) boots Xen in qemu-system-x86_64,
 # builds its initramfs images around a static busybox and runs depmod (kmod);
 # cpio is there to look inside those images.
 packages=(xen-utils-4.17 xenstore-utils xen-utils-common util-linux bsdutils iproute2
           bridge-utils gcc make qemu-system-common qemu-utils
-          qemu-system-x86 busybox-static cpio kmod nbd-client)
+          qemu-system-x86 busybox-static cpio kmod nbd-client etcd-server)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
