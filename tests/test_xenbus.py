@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.support.realxenstored import RealXenstored, requireRealXenstored
 from xenddev.xenbus import (
     BackendDevice,
+    DeviceIdentity,
     FrontendDevice,
     HotplugResult,
     HotplugStatus,
@@ -202,6 +203,65 @@ class ParserTests(SynchronousTestCase):
         for parser, path, field in cases:
             e = self.assertRaises(XenbusPathError, parser, path)
             self.assertEqual(e.field, field, path)
+
+
+class DeviceIdentityTests(SynchronousTestCase):
+    """L{DeviceIdentity}: every path of one device, derived from one value."""
+
+    def test_paths(self) -> None:
+        """Frontend, backend, record and libxl paths of a plain device."""
+        dev = DeviceIdentity(5, "vbd", 51712, backendDomid=3)
+        self.assertEqual(dev.frontendPath, FE)
+        self.assertEqual(dev.backendPath, "/local/domain/3/backend/vbd/5/51712")
+        self.assertEqual(dev.frontend, FrontendDevice(5, "vbd", 51712))
+        self.assertEqual(dev.backend, BackendDevice(3, "vbd", 5, 51712))
+        self.assertEqual(dev.recordPath("/vm/abc"), "/vm/abc/device/vbd/51712")
+        self.assertEqual(
+            dev.libxlPaths,
+            (
+                "/libxl/5/device/vbd/51712",
+                "/libxl/5/device/qdisk/51712",
+                "/libxl/5/device/vbd3/51712",
+            ),
+        )
+        self.assertEqual(DeviceIdentity(5, "vif", 0).libxlPaths, ("/libxl/5/device/vif/0",))
+
+    def test_classesApart(self) -> None:
+        """A tap2 disk: records under tap2, a vbd frontend and a vbd backend."""
+        dev = DeviceIdentity(5, "tap2", 51712, frontendClass="vbd", backendClass="vbd")
+        self.assertEqual(dev.frontendPath, FE)
+        self.assertEqual(dev.backendPath, BE)
+        self.assertEqual(dev.recordPath("/vm/abc"), "/vm/abc/device/tap2/51712")
+        self.assertEqual(dev.libxlPaths, ("/libxl/5/device/tap2/51712",))
+
+    def test_fromBackendPath(self) -> None:
+        """The one backend-path parser gives the device back; bad paths name their field."""
+        self.assertEqual(
+            DeviceIdentity.fromBackendPath(BE),
+            DeviceIdentity(5, "vbd", 51712, backendDomid=0, backendClass="vbd"),
+        )
+        dev = DeviceIdentity.fromBackendPath(BE, "tap2", "vbd")
+        self.assertEqual((dev.devclass, dev.frontendPath, dev.backendPath), ("tap2", FE, BE))
+        e = self.assertRaises(XenbusPathError, DeviceIdentity.fromBackendPath, FE)
+        self.assertEqual(e.field, "path")
+
+    def test_errorPath(self) -> None:
+        """Where a backend driver's C{xenbus_dev_error} writes."""
+        self.assertEqual(
+            parseBackendPath(BE).errorPath, "/local/domain/0/error/backend/vbd/5/51712/error"
+        )
+
+    def test_validates(self) -> None:
+        """Each field is checked like the path builders check it."""
+        for args, kwargs, field in (
+            ((-1, "vbd", 1), {}, "frontendDomid"),
+            ((5, "a/b", 1), {}, "devclass"),
+            ((5, "vbd", 2**31), {}, "devid"),
+            ((5, "vbd", 1), {"backendDomid": "x"}, "backendDomid"),
+            ((5, "tap", 1), {"frontendClass": ".."}, "devclass"),
+        ):
+            e = self.assertRaises(XenbusPathError, DeviceIdentity, *args, **kwargs)
+            self.assertEqual(e.field, field, (args, kwargs))
 
 
 class FakeProtocol:

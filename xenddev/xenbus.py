@@ -10,7 +10,9 @@ Facts (Xen's C{xen/include/public/io/xenbus.h}, C{xenstore-paths}, xend):
     decimal L{XenbusState}; either end may skip states.
   - The frontend directory is C{/local/domain/<F>/device/<class>/<devid>},
     the backend directory C{/local/domain/<B>/backend/<class>/<F>/<devid>},
-    the toolstack's per-VM record C{/vm/<uuid>}.
+    the toolstack's per-VM record C{/vm/<uuid>} (a device's record
+    C{/vm/<uuid>/device/<class>/<devid>}), libxl's record of a device
+    C{/libxl/<F>/device/<kind>/<devid>}; L{DeviceIdentity} derives them all.
   - Hotplug scripts report in the backend directory: C{hotplug-status} is
     C{connected}, C{error} (with C{hotplug-error} holding the message) or
     C{busy}.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid as _uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -36,7 +38,9 @@ from xenddev.xenstore.errors import InvalidArgumentError, InvalidPathError
 from xenddev.xenstore.paths import joinPath, validateDomid, validateNodeName, validatePath
 
 __all__ = [
+    "LIBXL_KINDS",
     "BackendDevice",
+    "DeviceIdentity",
     "FrontendDevice",
     "HotplugResult",
     "HotplugStatus",
@@ -46,9 +50,12 @@ __all__ = [
     "backendPath",
     "classifyHotplugStatus",
     "domainPath",
+    "frontendClassPath",
     "frontendPath",
+    "libxlClassPath",
     "parseBackendPath",
     "parseFrontendPath",
+    "recordClassPath",
     "vmPath",
     "waitForHotplugStatus",
     "waitForState",
@@ -194,7 +201,7 @@ def domainPath(domid: int | str) -> str:
 
 def frontendPath(domid: int | str, devclass: str, devid: int | str) -> str:
     """The frontend directory C{/local/domain/<domid>/device/<class>/<devid>}."""
-    return joinPath(domainPath(domid), "device", _checkClass(devclass), _checkDevid(devid))
+    return joinPath(frontendClassPath(domid, devclass), _checkDevid(devid))
 
 
 def backendPath(backdom: int | str, devclass: str, frontdom: int | str, devid: int | str) -> str:
@@ -243,6 +250,133 @@ class BackendDevice:
     def path(self) -> str:
         """The directory's path."""
         return backendPath(self.backendDomid, self.devclass, self.frontendDomid, self.devid)
+
+    @property
+    def errorPath(self) -> str:
+        """
+        Where the backend's driver reports an error (Linux's
+        C{xenbus_dev_error} writes C{error/<nodename>/error} in its domain's
+        home): C{/local/domain/<backendDomid>/error/backend/<class>/<frontendDomid>/<devid>/error}.
+        """
+        return joinPath(
+            domainPath(self.backendDomid),
+            "error",
+            "backend",
+            self.devclass,
+            self.frontendDomid,
+            self.devid,
+            "error",
+        )
+
+
+def frontendClassPath(domid: int | str, devclass: str) -> str:
+    """A guest's frontends of one class: C{/local/domain/<domid>/device/<class>}."""
+    return joinPath(domainPath(domid), "device", _checkClass(devclass))
+
+
+def recordClassPath(vm: str, devclass: str) -> str:
+    """The toolstack's records of one class of a VM: C{<vm>/device/<class>}."""
+    return joinPath(vm, "device", _checkClass(devclass))
+
+
+def libxlClassPath(domid: int | str, kind: str) -> str:
+    """
+    libxl's records of one device kind of a domain,
+    C{/libxl/<domid>/device/<kind>} (writable by dom0 only, unlike the
+    guest's frontend directories).
+    """
+    return joinPath("/libxl", _checkDomid(domid, "domid"), "device", _checkClass(kind))
+
+
+#: libxl's device kinds (its record directories) that are a device class's:
+#: xl records a disk as C{vbd}, C{qdisk} or C{vbd3} after its backend.
+LIBXL_KINDS: Mapping[str, tuple[str, ...]] = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}
+
+
+def _optionalClass(value: object) -> str | None:
+    return None if value is None else _checkClass(value)
+
+
+@attrs.frozen
+class DeviceIdentity:
+    """
+    One split device, from which every path of it is derived: its frontend
+    directory, its backend directory, the toolstack's record under the
+    guest's C{/vm} and libxl's records.
+
+    @ivar frontendDomid: the guest.
+    @ivar devclass: the toolstack's device class (its records' directory:
+        C{vbd}, C{vif}, C{tap}, C{tap2}).
+    @ivar devid: the device id (the frontend directory's name).
+    @ivar backendDomid: the driver domain.
+    @ivar frontendClass: the guest's class directory if not C{devclass}
+        (blktap's classes serve C{vbd} frontends).
+    @ivar backendClass: the backend's class directory if not C{devclass}
+        (C{tap2} is served by a C{vbd} backend).
+    """
+
+    frontendDomid: int = attrs.field(converter=lambda v: _checkDomid(v, "frontendDomid"))
+    devclass: str = attrs.field(converter=_checkClass)
+    devid: int = attrs.field(converter=_checkDevid)
+    backendDomid: int = attrs.field(
+        default=0, converter=lambda v: _checkDomid(v, "backendDomid"), kw_only=True
+    )
+    frontendClass: str | None = attrs.field(default=None, converter=_optionalClass, kw_only=True)
+    backendClass: str | None = attrs.field(default=None, converter=_optionalClass, kw_only=True)
+
+    @classmethod
+    def fromBackendPath(
+        cls, path: str, devclass: str | None = None, frontendClass: str | None = None
+    ) -> DeviceIdentity:
+        """
+        The device a backend directory serves (L{parseBackendPath}; the
+        toolstack's class is the backend's unless C{devclass} is given).
+
+        @raise XenbusPathError: naming the field that is wrong.
+        """
+        dev = parseBackendPath(path)
+        return cls(
+            dev.frontendDomid,
+            devclass or dev.devclass,
+            dev.devid,
+            backendDomid=dev.backendDomid,
+            frontendClass=frontendClass,
+            backendClass=dev.devclass,
+        )
+
+    @property
+    def frontend(self) -> FrontendDevice:
+        """The frontend directory."""
+        return FrontendDevice(self.frontendDomid, self.frontendClass or self.devclass, self.devid)
+
+    @property
+    def backend(self) -> BackendDevice:
+        """The backend directory."""
+        return BackendDevice(
+            self.backendDomid, self.backendClass or self.devclass, self.frontendDomid, self.devid
+        )
+
+    @property
+    def frontendPath(self) -> str:
+        """C{/local/domain/<frontendDomid>/device/<frontend class>/<devid>}."""
+        return self.frontend.path
+
+    @property
+    def backendPath(self) -> str:
+        """C{/local/domain/<backendDomid>/backend/<backend class>/<frontendDomid>/<devid>}."""
+        return self.backend.path
+
+    def recordPath(self, vm: str) -> str:
+        """The toolstack's record of the device: C{<vm>/device/<devclass>/<devid>}."""
+        return joinPath(recordClassPath(vm, self.devclass), self.devid)
+
+    @property
+    def libxlPaths(self) -> tuple[str, ...]:
+        """Where libxl would record the device: one directory per kind of L{LIBXL_KINDS}."""
+        kinds = LIBXL_KINDS.get(self.devclass, (self.devclass,))
+        return tuple(
+            joinPath(libxlClassPath(self.frontendDomid, kind), self.devid) for kind in kinds
+        )
 
 
 def _components(path: object) -> list[str]:

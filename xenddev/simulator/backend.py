@@ -544,9 +544,7 @@ def _unregister(e: _Effects, why: str) -> None:
 
 def _errorNode(path: str) -> str:
     """Where Linux's C{xenbus_dev_error} reports on a backend device."""
-    # /local/domain/<dd>/backend/... -> /local/domain/<dd>/error/backend/.../error
-    parts = path.split("/")
-    return "/".join([*parts[:4], "error", *parts[4:], "error"])
+    return parseBackendPath(path).errorPath
 
 
 @implementer(IXenbusSimulator)

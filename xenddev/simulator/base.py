@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from xenddev.interfaces import ITransaction, IWatchHandle, IXenStore
 from xenddev.xenbus import XenbusPathError, XenbusState
-from xenddev.xenstore.errors import InvalidPathError, NoEntryError, XenStoreConnectionLost
+from xenddev.xenstore.errors import InvalidPathError, XenStoreConnectionLost
 from xenddev.xenstore.paths import joinPath, validateNodeName, validatePath
 
 __all__ = [
@@ -543,7 +543,7 @@ class XenbusEndSimulator:
 
     async def _listDevices(self) -> dict[str, str]:
         found: dict[str, str] = {}
-        for name in await self._lsOrEmpty(self.root):
+        for name in await self.xs.ls(self.root, missingOk=True):
             if name in self.classes:
                 await self._walk(joinPath(self.root, name), self.depth - 1, found)
         return found
@@ -554,19 +554,12 @@ class XenbusEndSimulator:
             if devclass is not None:
                 found[path] = devclass
             return
-        for name in await self._lsOrEmpty(path):
+        for name in await self.xs.ls(path, missingOk=True):
             try:
                 child = joinPath(path, name)
             except InvalidPathError:
                 continue
             await self._walk(child, remaining - 1, found)
-
-    async def _lsOrEmpty(self, path: str) -> list[str]:
-        try:
-            names: list[str] = await self.xs.ls(path)
-        except NoEntryError:
-            return []
-        return names
 
     # Bookkeeping
 
