@@ -27,6 +27,7 @@ from xenddev.diskspec import (
     VdevError,
     chooseBackend,
     defaultStatTarget,
+    numberToVdev,
     parseDiskSpec,
     parseXendDisk,
     vdevToNumber,
@@ -60,9 +61,38 @@ class BlkifController(DevController):
 
     deviceClass: ClassVar[str] = "vbd"
     changesMedium: ClassVar[bool] = True
+    #: xm sends tap:* unames as class tap (or tap2): taken here when no
+    #: blktap controller is served.
+    alsoTakes: ClassVar[tuple[str, ...]] = ("tap", "tap2")
 
     #: Classifies a target path in the toolstack's domain (injected in tests).
     statTarget: Callable[[str], str] = staticmethod(defaultStatTarget)
+
+    @classmethod
+    def devidFromConfig(cls, config: Mapping[str, str]) -> int | str | None:
+        """The vdev of xend's C{dev} (C{xvdc:cdrom}, C{ioemu:hdc}), if given."""
+        dev = config.get("dev")
+        if not dev:
+            return None
+        name = dev.removeprefix("ioemu:").split(":", 1)[0]
+        try:
+            return vdevToNumber(name)
+        except VdevError as e:
+            raise DeviceConfigError(f"invalid dev {dev!r}: {e}") from None
+
+    @classmethod
+    def deviceName(cls, devid: int) -> str | None:
+        """The vdev (C{xvdb}) of a device number, if it has one."""
+        try:
+            return numberToVdev(devid)
+        except (ValueError, VdevError):
+            return None
+
+    @classmethod
+    def listingFacts(cls, devid: int) -> dict[str, str]:
+        """A disk's C{vdev}."""
+        name = cls.deviceName(devid)
+        return {} if name is None else {"vdev": name}
 
     def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
         """Validate a disk configuration into a target and frontend keys."""

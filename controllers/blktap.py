@@ -47,6 +47,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
@@ -117,7 +118,25 @@ async def advertisedKinds(xs: Any, driverDomid: int) -> list[str] | None:
     return None if text is None else text.split()
 
 
-def tapSpec(config: Mapping[str, Any]) -> tuple[DiskSpec, str, str]:
+@attrs.frozen
+class TapDisk:
+    """
+    A blktap disk's configuration, parsed once (it travels in
+    L{DeviceDetails.parsed}).
+
+    @ivar config: the configuration as given.
+    @ivar spec: the disk.
+    @ivar typ: its blktap type (C{vhd}, C{aio}, C{qcow2}...).
+    @ivar prefix: C{tap} or C{tap2}, as the configuration wrote it.
+    """
+
+    config: Mapping[str, Any]
+    spec: DiskSpec
+    typ: str
+    prefix: str
+
+
+def tapDisk(config: Mapping[str, Any]) -> TapDisk:
     """The disk, its blktap type and its C{tap}/C{tap2} prefix (DeviceConfigError)."""
     spec = diskSpecFromConfig(config)
     typ = blktapDiskType(spec)
@@ -127,7 +146,7 @@ def tapSpec(config: Mapping[str, Any]) -> tuple[DiskSpec, str, str]:
             f"{config.get('uname') or config.get('spec')!r} is not a blktap disk "
             "(tap:<type>:<path> or tap2:<type>:<path>)"
         )
-    return spec, typ, prefix
+    return TapDisk(config, spec, typ, prefix)
 
 
 class BlktapController(BlkifController):
@@ -136,28 +155,36 @@ class BlktapController(BlkifController):
     deviceClass: ClassVar[str] = "tap"
     frontendClass: ClassVar[str | None] = "vbd"
     backendClass: ClassVar[str | None] = "tap"
+    #: xm's tap expressions are this class's own.
+    alsoTakes: ClassVar[tuple[str, ...]] = ()
     #: The driver-domain target's C{driver}.
     driver: ClassVar[str] = "blktap1"
 
     log = Logger()
 
+    @classmethod
+    def devidFromConfig(cls, config: Mapping[str, str]) -> int | str | None:
+        """None: a blktap device is reconfigured by its device id only (as before)."""
+        return None
+
     def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
         """A C{tap:<type>:<path>} disk into a C{type=tap} target."""
-        spec, typ, _ = tapSpec(config)
+        return self.tapDetails(tapDisk(config))
+
+    def tapDetails(self, disk: TapDisk) -> DeviceDetails:
+        """The details of a parsed blktap disk for this class's driver."""
+        spec, typ = disk.spec, disk.typ
         if self.driver == "blktap1":
             self.log.warn(
                 "blktap1 (device class tap) is deprecated: {uname} for domain {domid}",
                 uname=f"tap:{typ}:{spec.target}",
                 domid=self.domid,
             )
-        return self._details(config, spec, typ)
-
-    def _details(self, config: Mapping[str, Any], spec: DiskSpec, typ: str) -> DeviceDetails:
         try:
             devid = vdevToNumber(spec.vdev)
         except VdevError as e:
             raise DeviceConfigError(str(e)) from None
-        backend = backendDomid(config, spec)
+        backend = backendDomid(disk.config, spec)
         mode = "w!" if spec.sharedWrite else spec.access
         path = spec.target or ""
         target = {
@@ -173,7 +200,9 @@ class BlktapController(BlkifController):
             **recordedConfig(spec, f"tap:{typ}:{path}", mode, backend, self.driver),
             "tapdisk-params": f"{typ}:{path}",
         }
-        return DeviceDetails(devid, target, frontendKeys(spec, devid), backend, config=recorded)
+        return DeviceDetails(
+            devid, target, frontendKeys(spec, devid), backend, config=recorded, parsed=disk
+        )
 
 
 class Blktap2Controller(BlktapController):
@@ -223,44 +252,48 @@ class Blktap2Controller(BlktapController):
 
         return Deferred.fromCoroutine(ask())
 
-    def _usesBlktap1(self, config: Mapping[str, Any], blktap2: bool = True) -> bool:
-        _, typ, prefix = tapSpec(config)
-        if typ in BLKTAP2_TYPES and blktap2:
+    def _usesBlktap1(self, disk: TapDisk, blktap2: bool = True) -> bool:
+        if disk.typ in BLKTAP2_TYPES and blktap2:
             return False
-        if prefix == "tap":
+        if disk.prefix == "tap":
             return True
-        why = "is not a blktap2 type" if typ not in BLKTAP2_TYPES else "needs blktap2"
+        why = "is not a blktap2 type" if disk.typ not in BLKTAP2_TYPES else "needs blktap2"
         raise DeviceConfigError(
-            f"tap2:{typ} {why} and tap2: disks do not fall back to blktap1 (use tap:{typ})"
+            f"tap2:{disk.typ} {why} and tap2: disks do not fall back to blktap1 "
+            f"(use tap:{disk.typ})"
         )
 
     def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
         """
-        tap2 details for a blktap2 type, blktap1's for the others. Whether
-        the driver domain has blktap2 is not known here (it takes a read);
-        L{createDevice} asks, and falls back then.
+        tap2 details for a blktap2 type, blktap1's for the others (a
+        C{tap2:} disk of another type is refused here, before any read).
+        Whether the driver domain has blktap2 is not known here (it takes
+        a read); L{create} asks, and falls back then.
         """
-        if self._usesBlktap1(config):
-            return self._blktap1().getDeviceDetails(config)
-        spec, typ, _ = tapSpec(config)
-        return self._details(config, spec, typ)
+        disk = tapDisk(config)
+        if self._usesBlktap1(disk):
+            return self._blktap1().tapDetails(disk)
+        return self.tapDetails(disk)
 
-    def createDevice(self, config: Mapping[str, Any]) -> Deferred[int]:
+    def create(self, details: DeviceDetails) -> Deferred[int]:
         """
         Create the tapdisk and blkback on it through the driver domain; or
         hand the device to blktap1 (class C{tap}) with seed 001's warning
         when the type needs it or the driver domain has no blktap2
-        (L{blktap2In}). A bad configuration is refused before any read.
+        (L{blktap2In}).
         """
-        spec, _, _ = tapSpec(config)
-        driverDomid = backendDomid(config, spec)
-        self._usesBlktap1(config)  # refuse tap2:<not a blktap2 type> at once
+        disk = details.parsed
+        assert isinstance(disk, TapDisk), "details not made by getDeviceDetails"
 
         async def create() -> int:
-            if self._usesBlktap1(config, await self.blktap2In(driverDomid)):
+            if self._usesBlktap1(disk, await self.blktap2In(details.backendDomid)):
                 self.log.warn(DEPRECATED_WARNING)
-                return await self._blktap1().createDevice(config)
-            return await super(Blktap2Controller, self).createDevice(config)
+                blktap1 = self._blktap1()
+                # Details made for blktap1 already (a type blktap2 does not
+                # serve) are used as they are; blktap2's are made again.
+                mine = details if self._usesBlktap1(disk) else blktap1.tapDetails(disk)
+                return await blktap1.create(mine)
+            return await super(Blktap2Controller, self).create(details)
 
         return Deferred.fromCoroutine(create())
 

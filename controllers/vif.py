@@ -82,6 +82,8 @@ class VifController(DevController):
 
     deviceClass: ClassVar[str] = "vif"
     objectClass: ClassVar[ObjectClass] = VIF
+    #: A listing reports both rings (xl network-list's tx-/rx-ring-ref).
+    listedFrontendKeys: ClassVar[tuple[str, ...]] = ("tx-ring-ref", "rx-ring-ref")
 
     randbyte: Callable[[], int] = staticmethod(lambda: random.randrange(256))
 
@@ -139,6 +141,18 @@ class VifController(DevController):
         mtu = f"{plug.frontendPath}/mtu"
         await tx.write(mtu, "")
         await tx.setPerms(mtu, [Perm("n", self.domid), Perm("b", plug.driverDomid)])
+
+    @classmethod
+    def devidFromConfig(cls, config: Mapping[str, str]) -> int | str | None:
+        """The C{devid} of the configuration, else its C{mac} (looked up)."""
+        for key in ("devid", "mac"):
+            if config.get(key):
+                return config[key]
+        return None
+
+    def listingHandle(self, devid: int) -> int:
+        """xl network-list's C{handle} column is the device id."""
+        return devid
 
     def convertToDeviceNumber(self, devid: object) -> Deferred[int]:
         """Also accepts a MAC address, looked up in the records."""

@@ -22,8 +22,10 @@ from zope.interface.verify import verifyObject
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import HostSuite, startDriverDomain
 from tests.support.treedump import dumpTree
+from tests.test_controllers import countCalls
 from tests.test_tapctl import events, fakeTapCtl, inject, procState
 from xenddev.backendctrl.protocol import VDI, ControlPaths, kindsPath
+from xenddev.controllers import blktap
 from xenddev.controllers.blkif import BlkifController
 from xenddev.controllers.blktap import (
     DEPRECATED_WARNING,
@@ -285,6 +287,25 @@ class BlktapSuite(HostSuite):
         self.assertIn(DEPRECATED_WARNING, self.log.lines)
         await agent3.whenIdle()
         await self.assertTreeIs(before)
+
+    async def test_tapDiskParsedOncePerAttach(self) -> None:
+        """
+        An attach parses its blktap disk once, the fallback to blktap1
+        included (the parsed disk travels in the details).
+        """
+        parsed = countCalls(self, blktap, "tapDisk")
+        await self.startDriverDomain()
+        aio = await self.manager.createDevice(
+            GUEST, "tap2", {"uname": f"tap:aio:{self.image()}", "dev": "xvdb"}
+        )
+        self.assertEqual(len(parsed), 1)
+        qcow = await self.manager.createDevice(
+            GUEST, "tap2", {"uname": f"tap:qcow2:{self.image('q.qcow2')}", "dev": "xvdc"}
+        )
+        self.assertEqual(len(parsed), 2)
+        self.assertEqual(await self.manager.getBlockDeviceClass(GUEST, qcow), "tap")
+        await self.manager.destroyDevice(GUEST, "tap", qcow)
+        await self.manager.destroyDevice(GUEST, "tap2", aio)
 
     # Cleanup ordering, pause
 

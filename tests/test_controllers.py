@@ -15,7 +15,8 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
@@ -23,8 +24,9 @@ from tests.support.host import HostSuite, pollUntil, startDriverDomain
 from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import diffTrees, dumpTree
-from xenddev.controllers import defaultControllers
+from xenddev.controllers import blkif, defaultControllers
 from xenddev.controllers.blkif import BlkifController
+from xenddev.controllers.blktap import BlktapController
 from xenddev.controllers.vif import VifController, parseRate, randomMac
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.driverdomain.kinds.base import KindContext, Outcome, PlugSpec
@@ -46,6 +48,22 @@ from xenddev.toolstack.manager import DeviceManager
 from xenddev.xenbus import waitForState
 
 GUEST = 5
+
+
+def countCalls(case: Any, module: Any, name: str) -> list[object]:
+    """
+    Wrap C{module.name} for the test C{case}: the list returned gets the
+    first argument of each call.
+    """
+    calls: list[object] = []
+    real = getattr(module, name)
+
+    def counting(first: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(first)
+        return real(first, *args, **kwargs)
+
+    case.patch(module, name, counting)
+    return calls
 
 
 class GatedBlkback(BlkbackKind):
@@ -638,6 +656,72 @@ class ControllerSuite(ControllerFixture):
         self.assertTrue(cfg["mac"].startswith("00:16:3e:"))
         self.assertTrue(int(cfg["mac"][9:11], 16) < 0x80)
 
+    async def test_oneLogLinePerOperation(self) -> None:
+        """
+        Each device operation logs one line, the manager's, through the
+        daemon's manager too (which still counts it for the metrics):
+        domain, class, the device as named (an attach's id once known) with
+        a disk's vdev, the outcome (a failure's fault code) and duration.
+        """
+        from xenddev.service import ServiceDeviceManager
+
+        manager = ServiceDeviceManager(
+            self.xs, reactor, defaultControllers(), createTimeout=10.0, destroyTimeout=10.0
+        )
+        events: list[dict[str, Any]] = []
+        observer: Any = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        await self.startDriverDomain()
+        devid = await manager.createDevice(GUEST, "vbd", {"spec": f"{self.image()},raw,xvdb,r"})
+        await self.assertFails(manager.createDevice(GUEST, "vbd", {"colour": "red"}), DeviceError)
+        await self.assertFails(manager.destroyDevice(GUEST, "vbd", "xvdc"), DeviceNotFoundError)
+        await manager.destroyDevice(GUEST, "vbd", devid)
+        lines = [e for e in events if str(e.get("log_format", "")).startswith("device ")]
+        self.assertEqual(
+            [(e["op"], e["domid"], e["devclass"], e["devid"], e["vdev"]) for e in lines],
+            [
+                ("attach", GUEST, "vbd", 51728, "xvdb"),
+                ("attach", GUEST, "vbd", "new", None),
+                ("detach", GUEST, "vbd", "xvdc", "xvdc"),
+                ("detach", GUEST, "vbd", 51728, "xvdb"),
+            ],
+        )
+        outcomes = [e["outcome"] for e in lines]
+        self.assertEqual((outcomes[0], outcomes[3]), ("ok", "ok"))
+        self.assertTrue(outcomes[1].startswith("fault 10: unknown vbd configuration key"))
+        self.assertTrue(outcomes[2].startswith("fault 11: "))
+        self.assertTrue(all(e["duration"] >= 0 for e in lines))
+        self.assertIn("domain=5 class=vbd devid=51728 (xvdb) outcome=ok", formatEvent(lines[0]))
+        self.assertEqual(manager.counts[("create", "vbd", "ok")], 1)
+        self.assertEqual(manager.counts[("destroy", "vbd", "no-such-device")], 1)
+
+    async def test_diskSpecParsedOnce(self) -> None:
+        """A block attach parses its disk configuration once, its details travel down."""
+        parsed = countCalls(self, blkif, "diskSpecFromConfig")
+        await self.startDriverDomain()
+        devid = await self.manager.createDevice(
+            GUEST, "vbd", {"spec": f"{self.image()},raw,xvdb,r"}
+        )
+        self.assertEqual(len(parsed), 1)
+        await self.manager.destroyDevice(GUEST, "vbd", devid)
+
+    async def test_oneClientPerDriverDomain(self) -> None:
+        """
+        The manager owns the one protocol client of a driver domain: its
+        controllers ask it, so they share one lock table; a controller
+        made without it reaches no driver domain.
+        """
+        await self.startDriverDomain()
+        vbd = await self.manager.controller(GUEST, "vbd")
+        vif = await self.manager.controller(GUEST, "vif")
+        client = self.manager.driverDomain(0)
+        self.assertIs(vbd._driverDomain(0), client)
+        self.assertIs(vif._driverDomain(0), client)
+        self.assertEqual(self.manager.knownDriverDomains(), [0])
+        alone = BlkifController(self.xs, DomainInfo(GUEST, "/vm/x"))
+        self.assertRaises(RuntimeError, alone._driverDomain, 0)
+
     def test_vifConfigErrors(self) -> None:
         """Bad vif fields are refused naming the field, before anything is written."""
         ctrl = VifController(self.xs, DomainInfo(GUEST, "/vm/x"))
@@ -658,6 +742,44 @@ class ControllerSuite(ControllerFixture):
         self.assertEqual(parseRate("1MB/s@20ms"), "20000,20000")
         self.assertEqual(parseRate("8000b/s@1s"), "1000,1000000")
         self.assertTrue(randomMac(lambda: 0xFF).startswith("00:16:3e:7f"))
+
+
+class ClassHookTests(SynchronousTestCase):
+    """What differs between device classes, asked of the classes themselves."""
+
+    def test_servedClass(self) -> None:
+        """xm's tap expressions go to the tap classes if served, else to vbd."""
+        manager = DeviceManager(None, defaultControllers())  # type: ignore[arg-type]
+        self.assertEqual(
+            [manager.servedClass(c) for c in ("vbd", "tap", "tap2", "vif", "pci")],
+            ["vbd", "tap", "tap2", "vif", "pci"],
+        )
+        manager = DeviceManager(None, {"vbd": BlkifController, "vif": VifController})  # type: ignore[arg-type]
+        self.assertEqual([manager.servedClass(c) for c in ("tap", "tap2")], ["vbd", "vbd"])
+
+    def test_devidFromConfig(self) -> None:
+        """The device an expression names: a disk's dev, a vif's devid or mac; else none."""
+        self.assertEqual(BlkifController.devidFromConfig({"dev": "xvdc:cdrom"}), 51744)
+        self.assertEqual(BlkifController.devidFromConfig({"dev": "ioemu:hdc"}), 5632)
+        self.assertIsNone(BlkifController.devidFromConfig({"uname": "phy:/dev/sda"}))
+        e = self.assertRaises(DeviceConfigError, BlkifController.devidFromConfig, {"dev": "zz"})
+        self.assertIn("invalid dev 'zz'", str(e))
+        self.assertEqual(VifController.devidFromConfig({"devid": "2", "mac": "x"}), "2")
+        self.assertEqual(
+            VifController.devidFromConfig({"mac": "00:16:3e:00:00:01"}), "00:16:3e:00:00:01"
+        )
+        self.assertIsNone(VifController.devidFromConfig({"bridge": "br0"}))
+        self.assertIsNone(BlktapController.devidFromConfig({"dev": "xvdb"}))
+
+    def test_listing(self) -> None:
+        """A disk is listed with its vdev, a vif with both rings and its id as handle."""
+        self.assertEqual(BlkifController.listingFacts(51728), {"vdev": "xvdb"})
+        self.assertEqual(BlkifController.deviceName(51728), "xvdb")
+        self.assertEqual(VifController.listingFacts(0), {})
+        self.assertEqual(VifController.listedFrontendKeys, ("tx-ring-ref", "rx-ring-ref"))
+        info = DomainInfo(GUEST, "/vm/x")
+        self.assertEqual(VifController(None, info).listingHandle(3), 3)  # type: ignore[arg-type]
+        self.assertEqual(BlkifController(None, info).listingHandle(51728), GUEST)  # type: ignore[arg-type]
 
 
 class RealXenstoredControllerTests(ControllerSuite, RealXenstoredFixture, TestCase):

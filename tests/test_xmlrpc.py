@@ -30,6 +30,7 @@ from xenddev.backendctrl.errors import (
     InvalidNameError,
     PreconditionError,
 )
+from xenddev.backendctrl.protocol import VDI
 from xenddev.cli import serverProxy
 from xenddev.controllers import defaultControllers
 from xenddev.datapath import DataPathControl, QemuPauser
@@ -65,7 +66,7 @@ from xenddev.xenstore.errors import (
     XenStoreConnectionLost,
     XenStoreTimeout,
 )
-from xenddev.xmlrpc import FaultCode, rpcSite, toFault
+from xenddev.xmlrpc import DeviceRPC, FaultCode, rpcSite, toFault
 
 GUEST = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -569,6 +570,18 @@ class XMLRPCSuite(DeviceServiceFixture):
         """An unknown method gets Twisted's fault 8001."""
         await self.assertFault(8001, "device.explode", GUEST)
         await self.assertFault(8001, "xend.domain.device_explode", GUEST)
+
+    async def test_oneClientPerDriverDomain(self) -> None:
+        """
+        vdi.* and the device controllers reach a driver domain through one
+        protocol client, the manager's, so one lock table serialises them.
+        """
+        rpc = DeviceRPC(self.manager)
+        ctrl = await self.manager.controller(GUEST, "vbd")
+        client = await rpc.driverDomain(0, VDI)
+        self.assertIs(client, self.manager.driverDomain(0))
+        self.assertIs(client, ctrl._driverDomain(0))
+        self.assertEqual(self.manager.knownDriverDomains(), [0])
 
     async def test_operationLogLines(self) -> None:
         """Each device operation logs one line: domain, class, devid, outcome, duration."""

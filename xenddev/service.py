@@ -171,6 +171,8 @@ class ServiceDeviceManager(DeviceManager):
         self.operations.add(d)
 
         def done(result: object) -> object:
+            # Counted here for the metrics; the operation's one log line
+            # is the DeviceManager's.
             self.operations.discard(d)
             duration = self.reactor.seconds() - began
             if isinstance(result, Failure):
@@ -178,23 +180,10 @@ class ServiceDeviceManager(DeviceManager):
                     outcome = "cancelled"
                 else:
                     outcome = getattr(result.value, "code", None) or "error"
-                detail = result.getErrorMessage()
             else:
-                outcome, detail = "ok", ""
-            shown = result if op == "create" and not isinstance(result, Failure) else devid
+                outcome = "ok"
             self.counts[(op, devclass, outcome)] += 1
             self.durations[(op, devclass)] += duration
-            self.log.info(
-                "device {op} domain={domid} class={devclass} devid={devid} "
-                "outcome={outcome} duration={duration:.3f}s{detail}",
-                op=op,
-                domid=domid,
-                devclass=devclass,
-                devid=shown,
-                outcome=outcome,
-                duration=duration,
-                detail=f" ({detail})" if detail else "",
-            )
             return result
 
         return d.addBoth(done)

@@ -23,9 +23,11 @@ every failure into a L{Fault} with a stable code (L{FaultCode}) and a
 message a person can act on: the code each error declares
 (L{XenddevError.faultCode}), or L{FOREIGN_FAULTS}' for errors from below
 or outside xenddev, found after unwrapping C{gatherResults}'
-L{FirstError}; tracebacks go only to the log. Each device
-operation logs one line with domain, class, device id, outcome and
-duration.
+L{FirstError}; tracebacks go only to the log. Each device operation
+logs one line (the L{DeviceManager}'s) with domain, class, device id,
+outcome and duration. Nothing here knows a device class: what differs
+between them (a disk's vdev, which device an expression names, xm's tap
+expressions) are the controllers' hooks.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, FirstError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,13 +51,12 @@ from twisted.web.xmlrpc import XMLRPC, Fault, addIntrospection
 from xenddev import __version__
 from xenddev.backendctrl.protocol import OBJECT_CLASSES, ObjectClass, validateName, validateTarget
 from xenddev.backendctrl.records import DataPath
-from xenddev.diskspec import VdevError, numberToVdev, vdevToNumber
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.httplimits import HttpLimits, LimitedSite
 from xenddev.storagectl import HeldQuiesce, IStorageControl
 from xenddev.sxp import toConfig
 from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
-from xenddev.toolstack.manager import DeviceManager, DeviceRow
+from xenddev.toolstack.manager import DeviceManager, DeviceRow, underlyingError
 from xenddev.xenstore.errors import (
     AccessDeniedError,
     TransactionRetriesExhausted,
@@ -98,20 +99,6 @@ FOREIGN_FAULTS: dict[type[BaseException], tuple[FaultCode, str]] = {
         "the operation was cancelled (is the daemon stopping?)",
     ),
 }
-
-
-def underlyingError(error: BaseException) -> BaseException:
-    """
-    The error a failure is about: C{gatherResults} (and C{DeferredList}
-    with C{fireOnOneErrback}) fail with a L{FirstError} wrapping the first
-    failure of the Deferreds they gathered, which may itself be one.
-    """
-    while isinstance(error, FirstError):
-        inner = error.subFailure.value
-        if inner is None:
-            break
-        error = inner
-    return error
 
 
 def declaredFault(kind: type[BaseException]) -> tuple[FaultCode, str] | None:
@@ -377,7 +364,13 @@ class XendDomainNamespace(_Namespace):
         domid = await self.service.resolveDomain(dom)
         devclass, config = self.service.deviceSxpr(sxpr)
         if devid is None:
-            devid = _devidFromConfig(devclass, config)
+            devid = self.manager.controllerClasses[devclass].devidFromConfig(config)
+        if devid is None:
+            raise rpcFault(
+                FaultCode.BAD_CONFIG,
+                f"device_configure: give a devid (the {devclass} expression does not name "
+                "the device)",
+            )
         await self.service.configure(domid, devclass, checkDevid(devid), config)
         return True
 
@@ -503,7 +496,7 @@ class DeviceNamespace(_Namespace):
         out: list[dict[str, Any]] = []
         for cls in classes:
             for row in await self.manager.listDevices(domid, cls):
-                out.append(await self.service.rowStruct(domid, row))
+                out.append(self.service.rowStruct(row))
         return out
 
     @rpcMethod([["struct", "int", "string", "int", "struct"]])
@@ -783,7 +776,6 @@ class DeviceRPC(XMLRPC):
         self.clock = clock
         self.storage = storage
         self.started = clock()
-        self._driverDomains: dict[int, DriverDomainClient] = {}
         self.putSubHandler("xend", XendNamespace(self))
         self.putSubHandler("device", DeviceNamespace(self))
         self.putSubHandler("vdi", VdiNamespace(self))
@@ -837,10 +829,11 @@ class DeviceRPC(XMLRPC):
 
     async def driverDomain(self, domid: int, cls: ObjectClass) -> DriverDomainClient:
         """
-        The protocol client of a driver domain (one per domain, so requests
-        on one object are serialised). Read-only check first: the domain
-        must already have C{backendctrl/<class>} (an agent serves it), so
-        nothing is created for a domain that is not a driver domain.
+        The protocol client of a driver domain: the manager's, the one its
+        controllers use, so requests on one object are serialised whoever
+        makes them. Read-only check first: the domain must already have
+        C{backendctrl/<class>} (an agent serves it), so nothing is created
+        for a domain that is not a driver domain.
         """
         area = f"/local/domain/{domid}/backendctrl/{cls.name}"
         if not await self.manager.xs.exists(area):
@@ -848,13 +841,7 @@ class DeviceRPC(XMLRPC):
                 FaultCode.INVALID_DOMAIN,
                 f"domain {domid} is not a driver domain serving {cls.name}s (no {area})",
             )
-        client = self._driverDomains.get(domid)
-        if client is None:
-            timeout = float(self.manager.controllerArgs.get("requestTimeout", 30.0))
-            client = self._driverDomains[domid] = DriverDomainClient(
-                self.manager.xs, domid, timeout
-            )
-        return client
+        return self.manager.driverDomain(domid)
 
     async def describeObject(
         self, domid: int, client: DriverDomainClient, name: str, cls: ObjectClass
@@ -879,74 +866,36 @@ class DeviceRPC(XMLRPC):
         }
 
     def deviceSxpr(self, sxpr: object) -> tuple[str, dict[str, str]]:
-        """An xm device expression as (class, config); tap/tap2 fall back to vbd."""
+        """
+        An xm device expression as (class, config), the class being the
+        one that serves it (L{DeviceManager.servedClass}: tap/tap2 fall
+        back to vbd).
+        """
         if not isinstance(sxpr, str | list):
             raise rpcFault(
                 FaultCode.BAD_CONFIG,
                 f"sxpr must be an array or a string, not {type(sxpr).__name__}",
             )
         devclass, config = toConfig(sxpr)
-        if devclass in ("tap", "tap2") and devclass not in self.manager.controllerClasses:
-            # xm sends tap:* unames as class tap; the vbd controller takes them.
-            devclass = "vbd"
-        return self.checkClass(devclass), config
+        return self.checkClass(self.manager.servedClass(devclass)), config
 
-    # Device operations (one log line each)
+    # Device operations (the manager logs one line each)
 
-    async def _logged(
-        self, op: str, domid: int, devclass: str, devid: object, run: Awaitable[T]
-    ) -> T:
-        start = self.clock()
-        outcome = "ok"
-        result: Any = None
-        try:
-            result = await run
-            return result
-        except BaseException as e:
-            fault = toFault(e, self.log, f"device {op}")
-            outcome = f"fault {fault.faultCode}: {fault.faultString}"
-            raise fault from None
-        finally:
-            self.log.info(
-                "device {op}: domain={domid} class={devclass} devid={devid} "
-                "outcome={outcome} duration={duration:.3f}s",
-                op=op,
-                domid=domid,
-                devclass=devclass,
-                devid=result if op == "attach" and outcome == "ok" else devid,
-                outcome=outcome,
-                duration=self.clock() - start,
-            )
+    def attach(self, domid: int, devclass: str, config: dict[str, Any]) -> Deferred[int]:
+        """createDevice."""
+        return self.manager.createDevice(domid, devclass, config)
 
-    def attach(self, domid: int, devclass: str, config: dict[str, Any]) -> Awaitable[int]:
-        """createDevice, logged."""
-        return self._logged(
-            "attach", domid, devclass, "-", self.manager.createDevice(domid, devclass, config)
-        )
-
-    def detach(self, domid: int, devclass: str, devid: int | str, force: bool) -> Awaitable[None]:
-        """destroyDevice, logged."""
-        return self._logged(
-            "detach",
-            domid,
-            devclass,
-            devid,
-            self.manager.destroyDevice(domid, devclass, devid, force),
-        )
+    def detach(self, domid: int, devclass: str, devid: int | str, force: bool) -> Deferred[None]:
+        """destroyDevice."""
+        return self.manager.destroyDevice(domid, devclass, devid, force)
 
     def configure(
         self, domid: int, devclass: str, devid: int | str, config: dict[str, Any]
-    ) -> Awaitable[int]:
-        """reconfigureDevice, logged."""
-        return self._logged(
-            "configure",
-            domid,
-            devclass,
-            devid,
-            self.manager.reconfigureDevice(domid, devclass, devid, config),
-        )
+    ) -> Deferred[int]:
+        """reconfigureDevice."""
+        return self.manager.reconfigureDevice(domid, devclass, devid, config)
 
-    async def rowStruct(self, domid: int, row: DeviceRow) -> dict[str, Any]:
+    def rowStruct(self, row: DeviceRow) -> dict[str, Any]:
         """A listing row as a plain struct (unknown values left out)."""
         out: dict[str, Any] = {
             "class": row.devclass,
@@ -959,20 +908,9 @@ class DeviceRPC(XMLRPC):
             "backend-path": row.backendPath,
             "mac": row.mac,
             "toolstack": row.toolstack,
+            **row.facts,
+            **{k: _intOrText(v) for k, v in row.extras.items()},
         }
-        if row.devclass in ("vbd", "tap", "tap2"):
-            try:
-                out["vdev"] = numberToVdev(row.devid)
-            except (ValueError, VdevError):
-                pass
-        if row.devclass == "vif":
-            front = f"/local/domain/{domid}/device/vif/{row.devid}"
-            out["tx-ring-ref"] = _intOrText(
-                await self.manager.xs.readOrNone(f"{front}/tx-ring-ref")
-            )
-            out["rx-ring-ref"] = _intOrText(
-                await self.manager.xs.readOrNone(f"{front}/rx-ring-ref")
-            )
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -980,23 +918,6 @@ def _intOrText(value: str | None) -> int | str | None:
     if value is None:
         return None
     return int(value) if value.isascii() and value.isdigit() and len(value) < 10 else value
-
-
-def _devidFromConfig(devclass: str, config: dict[str, str]) -> int | str:
-    if devclass == "vbd" and config.get("dev"):
-        name = config["dev"].removeprefix("ioemu:").split(":", 1)[0]
-        try:
-            return vdevToNumber(name)
-        except VdevError as e:
-            raise rpcFault(FaultCode.BAD_CONFIG, f"invalid dev {config['dev']!r}: {e}") from None
-    if devclass == "vif":
-        for key in ("devid", "mac"):
-            if config.get(key):
-                return config[key]
-    raise rpcFault(
-        FaultCode.BAD_CONFIG,
-        f"device_configure: give a devid (the {devclass} expression does not name the device)",
-    )
 
 
 def rpcResource(

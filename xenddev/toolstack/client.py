@@ -53,9 +53,9 @@ from xenddev.backendctrl.protocol import (
 )
 from xenddev.backendctrl.requests import ObjectSnapshot, Request, checkPreconditions
 from xenddev.interfaces import ITransaction, IXenStore
-from xenddev.xenbus import Waiting
+from xenddev.xenbus import Waiting, domainPath
 from xenddev.xenstore.dispatch import PendingWait, WatchDispatch
-from xenddev.xenstore.errors import NoEntryError, XenStoreTimeout
+from xenddev.xenstore.errors import XenStoreTimeout
 from xenddev.xenstore.paths import Perm, validateDomid, validatePath
 
 T = TypeVar("T")
@@ -132,7 +132,7 @@ class DriverDomainClient:
         #: The callers waiting while the control area is offered to an agent
         #: that may be waiting for it (L{checkAgent}); None when no offer stands.
         self._offerWaiters: builtins.list[Deferred[None]] | None = None
-        home = f"/local/domain/{self.driverDomid}"
+        home = domainPath(self.driverDomid)
         # One standing watch each on the control area and the backends
         # instead of a watch per wait (only with a reactor to time waits).
         timed = getattr(xs, "reactor", None) is not None
@@ -253,12 +253,12 @@ class DriverDomainClient:
                 raise DriverDomainTimeout("(pending)", paths.base, self.timeout) from None
             # Only what the teardown needs (not the target), in one round.
             state, names = await gatherResults(
-                [self.xs.readOrNone(paths.state), _lsOrNone(self.xs, paths.plugsDir)],
+                [self.xs.readOrNone(paths.state), self.xs.ls(paths.plugsDir, missingOk=True)],
                 consumeErrors=True,
             )
-            if state is None and names is None and not await self.xs.exists(paths.base):
+            if state is None and not names and not await self.xs.exists(paths.base):
                 return
-            for name in names or []:
+            for name in names:
                 pp = paths.plug(name)
                 plugState, frontend = await gatherResults(
                     [self.xs.readOrNone(pp.state), self.xs.readOrNone(pp.frontend)],
@@ -361,7 +361,7 @@ class DriverDomainClient:
     async def _makeArea(self) -> builtins.list[str]:
         """Create the missing control directories; the ones created, parents first."""
         dd = self.driverDomid
-        home = f"/local/domain/{dd}"
+        home = domainPath(dd)
         dirs = [
             f"{home}/backendctrl",
             f"{home}/backendctrl/vdi",
@@ -408,7 +408,7 @@ class DriverDomainClient:
         dd = self.driverDomid
         home, kinds, records = await gatherResults(
             [
-                self.xs.readOrNone(f"/local/domain/{dd}"),
+                self.xs.readOrNone(domainPath(dd)),
                 self.xs.readOrNone(kindsPath(dd)),
                 self.xs.readOrNone(privateDir(dd)),
             ],
@@ -459,8 +459,8 @@ class DriverDomainClient:
 
         async def remove(tx: ITransaction) -> None:
             for path in reversed(made):
-                if await _lsOrNone(tx, path) == []:
-                    await tx.rm(path)
+                if not await tx.ls(path, missingOk=True):
+                    await tx.rm(path, missingOk=True)
 
         try:
             await self.xs.transact(remove, TRANSACT_ATTEMPTS)
@@ -490,7 +490,7 @@ class DriverDomainClient:
         )
 
     async def _pluggedNames(self, tx: ITransaction, paths: ControlPaths) -> builtins.list[str]:
-        names = await tx.ls(paths.plugsDir) if await tx.exists(paths.plugsDir) else []
+        names = await tx.ls(paths.plugsDir, missingOk=True)
         states = await gatherResults(
             [tx.readOrNone(paths.plug(n).state) for n in names], consumeErrors=True
         )
@@ -612,7 +612,7 @@ class DriverDomainClient:
             reads += [
                 tx.readOrNone(plugPaths.state),
                 tx.readOrNone(plugPaths.backend),
-                _lsOrEmpty(tx, plugPaths.bcopy),
+                tx.ls(plugPaths.bcopy, missingOk=True),
             ]
         removals = [tx.rm(paths.result, missingOk=True), tx.rm(paths.resultMsg, missingOk=True)]
         if request.rule.replacesTarget:
@@ -640,11 +640,9 @@ class DriverDomainClient:
         return result, message or "", backend, bcopy, state is None
 
     async def _list(self, objectClass: ObjectClass) -> builtins.list[ObjectInfo]:
-        classDir = f"/local/domain/{self.driverDomid}/backendctrl/{objectClass.name}"
-        if not await self.xs.exists(classDir):
-            return []
+        classDir = f"{domainPath(self.driverDomid)}/backendctrl/{objectClass.name}"
         infos = []
-        for name in sorted(await self.xs.ls(classDir)):
+        for name in sorted(await self.xs.ls(classDir, missingOk=True)):
             try:
                 paths = self.paths(name, objectClass)
             except ValueError:
@@ -658,52 +656,38 @@ class DriverDomainClient:
             [xs.readOrNone(paths.state), xs.readOrNone(paths.request)],
             consumeErrors=True,
         )
-        target: dict[str, str] = {}
-        if await xs.exists(paths.targetDir):
-            keys = await xs.ls(paths.targetDir)
-            values = await gatherResults(
-                [xs.read(paths.target(k)) for k in keys], consumeErrors=True
-            )
-            target = dict(zip(keys, values, strict=True))
+        keys = await xs.ls(paths.targetDir, missingOk=True)
+        values = await gatherResults([xs.read(paths.target(k)) for k in keys], consumeErrors=True)
+        target = dict(zip(keys, values, strict=True))
         plugs = []
-        if await xs.exists(paths.plugsDir):
-            for plug in sorted(await xs.ls(paths.plugsDir)):
-                pp = paths.plug(plug)
-                pstate, front, back = await gatherResults(
-                    [
-                        xs.readOrNone(pp.state),
-                        xs.readOrNone(pp.frontend),
-                        xs.readOrNone(pp.backend),
-                    ],
-                    consumeErrors=True,
-                )
-                plugs.append(PlugInfo(plug, pstate, front, paths.absolute(back) if back else None))
+        for plug in sorted(await xs.ls(paths.plugsDir, missingOk=True)):
+            pp = paths.plug(plug)
+            pstate, front, back = await gatherResults(
+                [
+                    xs.readOrNone(pp.state),
+                    xs.readOrNone(pp.frontend),
+                    xs.readOrNone(pp.backend),
+                ],
+                consumeErrors=True,
+            )
+            plugs.append(PlugInfo(plug, pstate, front, paths.absolute(back) if back else None))
         return ObjectInfo(paths.objectClass.name, paths.name, state, request, target, tuple(plugs))
 
 
 async def _rmPlug(tx: ITransaction | IXenStore, paths: ControlPaths, plugPaths: PlugPaths) -> None:
     """Remove a plug's directory, and the plugs directory if it is now empty."""
     removed = tx.rm(plugPaths.base, missingOk=True)
-    left = _lsOrNone(tx, paths.plugsDir)
+    # Sent behind the removal, so it lists what is left.
+    left = tx.ls(paths.plugsDir, missingOk=True)
     await removed
-    if await left == []:
-        await tx.rm(paths.plugsDir)
-
-
-def _lsOrNone(ops: Any, path: str) -> Deferred[list[str] | None]:
-    """C{ls}, or None if C{path} does not exist (one request, not two)."""
-    d: Deferred[Any] = ops.ls(path)
-    return d.addErrback(lambda f: f.trap(NoEntryError) and None)
-
-
-def _lsOrEmpty(ops: Any, path: str) -> Deferred[list[str]]:
-    return _lsOrNone(ops, path).addCallback(lambda names: names or [])
+    if not await left:
+        await tx.rm(paths.plugsDir, missingOk=True)
 
 
 async def _rmIfEmpty(xs: IXenStore, path: str) -> None:
-    """Remove C{path} if it exists and has no children."""
+    """Remove C{path} if it has no children."""
     try:
-        if await _lsOrNone(xs, path) == []:
+        if not await xs.ls(path, missingOk=True):
             await xs.rm(path, missingOk=True)
     except Exception:
         pass  # the caller is already reporting a failure

@@ -26,7 +26,6 @@ C{finishDeviceCleanup}.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -47,25 +46,29 @@ from xenddev.toolstack.client import (
     populateFrontend,
 )
 from xenddev.xenbus import (
+    DEVID_MAX,
+    DeviceIdentity,
     HotplugStatus,
     Waiting,
+    XenbusPathError,
     XenbusState,
+    domainPath,
+    frontendClassPath,
+    parseBackendPath,
+    recordClassPath,
     waitForHotplugStatus,
     waitForState,
 )
-from xenddev.xenstore.errors import NoEntryError, XenStoreError, XenStoreTimeout
-from xenddev.xenstore.paths import Perm, validateDomid
+from xenddev.xenstore.errors import XenStoreError, XenStoreTimeout
+from xenddev.xenstore.paths import Perm
 
 #: libxl's device timeouts (xend used 100 s).
 DEFAULT_CREATE_TIMEOUT = 10.0
 DEFAULT_DESTROY_TIMEOUT = 10.0
 #: How long to wait for a driver domain to answer one request.
 DEFAULT_REQUEST_TIMEOUT = 30.0
-_DOMAIN_PATH = re.compile(r"/local/domain/(\d+)/")
 #: A DeviceDetails devid asking for the lowest free id.
 ALLOCATE = -1
-#: libxl's device kinds (its record directories) that are a device class's.
-LIBXL_KINDS: Mapping[str, tuple[str, ...]] = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}
 #: How many times an attach removes a frontend directory the guest made
 #: before it gives up (a guest that may create one can make it again).
 _GUEST_FRONTEND_REMOVALS = 3
@@ -156,6 +159,9 @@ class DeviceDetails:
     @ivar backendDomid: the driver domain.
     @ivar config: the normalised configuration, recorded for
         C{getDeviceConfiguration}.
+    @ivar parsed: what the class parsed the configuration into (a disk
+        spec...), for its own hooks: a configuration is parsed once per
+        operation, and this travels with the details instead.
     """
 
     devid: int
@@ -164,6 +170,7 @@ class DeviceDetails:
     backendDomid: int = 0
     backendExtras: Mapping[str, str] = attrs.field(factory=dict)
     config: Mapping[str, str] = attrs.field(factory=dict)
+    parsed: Any = attrs.field(default=None, eq=False)
 
 
 class _GuestFrontend(XenddevError):
@@ -200,9 +207,11 @@ class DevController:
 
     @param xs: the toolstack's XenStore connection.
     @param domain: the guest.
-    @param driverDomains: gives the protocol client of a driver domain
-        (the L{DeviceManager} shares one per driver domain); by default the
-        controller makes its own.
+    @param driverDomains: gives the protocol client of a driver domain:
+        the L{DeviceManager}'s, its only owner (one client, hence one lock
+        table, per driver domain). A controller made without it serves
+        only what needs no driver domain (checking configurations, paths,
+        records).
     """
 
     deviceClass: ClassVar[str] = "base"
@@ -211,6 +220,13 @@ class DevController:
     frontendClass: ClassVar[str | None] = None
     #: The backend directory class (Blktap2 maps tap2 to vbd).
     backendClass: ClassVar[str | None] = None
+    #: Classes of device expressions this class takes when no controller
+    #: of their own is served (xm sends tap:* unames as class tap; the vbd
+    #: controller takes them).
+    alsoTakes: ClassVar[tuple[str, ...]] = ()
+    #: Frontend keys a listing reports besides the common ones (a vif's
+    #: two rings).
+    listedFrontendKeys: ClassVar[tuple[str, ...]] = ()
 
     log = Logger()
 
@@ -229,27 +245,40 @@ class DevController:
         self.createTimeout = createTimeout
         self.destroyTimeout = destroyTimeout
         self.requestTimeout = requestTimeout
-        self._ddClients: dict[int, DriverDomainClient] = {}
-        self._sharedDriverDomains = driverDomains
+        self._driverDomains = driverDomains
 
-    # Paths (xend's names)
+    # Paths (xend's names), all derived from the device's identity
+
+    def identity(self, devid: int, backendDomid: int = 0) -> DeviceIdentity:
+        """The device C{devid} of this class and guest, served by C{backendDomid}."""
+        return DeviceIdentity(
+            self.domid,
+            self.deviceClass,
+            devid,
+            backendDomid=backendDomid,
+            frontendClass=self.frontendClass,
+            backendClass=self.backendClass,
+        )
 
     def frontendRoot(self) -> str:
         """C{/local/domain/<domid>/device/<class>}."""
-        return f"/local/domain/{self.domid}/device/{self.frontendClass or self.deviceClass}"
+        return frontendClassPath(self.domid, self.frontendClass or self.deviceClass)
 
     def frontendPath(self, devid: int) -> str:
         """The frontend directory of a device."""
-        return f"{self.frontendRoot()}/{int(devid)}"
+        return self.identity(devid).frontendPath
 
     def backendPath(self, backdom: int, devid: int) -> str:
         """Where the backend of a device lives in driver domain C{backdom}."""
-        cls = self.backendClass or self.deviceClass
-        return f"/local/domain/{validateDomid(backdom)}/backend/{cls}/{self.domid}/{int(devid)}"
+        return self.identity(devid, backdom).backendPath
 
     def devicePath(self, devid: int) -> str:
         """The toolstack's record of a device: C{/vm/<uuid>/device/<class>/<devid>}."""
-        return f"{self.domain.vmPath}/device/{self.deviceClass}/{int(devid)}"
+        return self.identity(devid).recordPath(self.domain.vmPath)
+
+    def recordRoot(self) -> str:
+        """The toolstack's records of this class: C{/vm/<uuid>/device/<class>}."""
+        return recordClassPath(self.domain.vmPath, self.deviceClass)
 
     def vdiName(self, devid: int) -> str:
         """The name of the device's object in the driver domain's control area."""
@@ -278,6 +307,29 @@ class DevController:
         d: Deferred[int] = Deferred()
         d.callback(_plainDevid(devid))
         return d
+
+    @classmethod
+    def devidFromConfig(cls, config: Mapping[str, str]) -> int | str | None:
+        """
+        The device a configuration names, for a reconfiguration given
+        without a device id (xend's C{device_configure}): a number or a
+        name L{convertToDeviceNumber} resolves; C{None} if it names none.
+        """
+        return None
+
+    @classmethod
+    def deviceName(cls, devid: int) -> str | None:
+        """A person's name for a device id (a disk's vdev), or C{None}."""
+        return None
+
+    @classmethod
+    def listingFacts(cls, devid: int) -> dict[str, str]:
+        """What a listing adds for a device of this class (a disk's C{vdev})."""
+        return {}
+
+    def listingHandle(self, devid: int) -> int:
+        """The C{handle} column of a listing (xl block-list: the guest)."""
+        return self.domid
 
     def withDevid(self, details: DeviceDetails, devid: int) -> DeviceDetails:
         """The details once an allocated device id is known (see L{ALLOCATE})."""
@@ -411,19 +463,22 @@ class DevController:
     # Lifecycle
 
     def _driverDomain(self, domid: int) -> DriverDomainClient:
-        if self._sharedDriverDomains is not None:
-            return self._sharedDriverDomains(domid)
-        client = self._ddClients.get(domid)
-        if client is None:
-            client = self._ddClients[domid] = DriverDomainClient(
-                self.xs, domid, self.requestTimeout
+        if self._driverDomains is None:
+            # A second client would have a lock table of its own: requests
+            # on one object would no longer be queued behind each other.
+            raise RuntimeError(
+                f"{type(self).__name__} for domain {self.domid} was made without a "
+                "DeviceManager's driverDomains: it cannot reach a driver domain"
             )
-        return client
+        return self._driverDomains(domid)
 
     def _waits(self, backendPath: str) -> IXenStore | Waiting:
         """What to wait on a backend path with (its driver domain's standing watch)."""
-        m = _DOMAIN_PATH.match(backendPath)
-        return self._driverDomain(int(m.group(1))).waits(backendPath) if m else self.xs
+        try:
+            backend = parseBackendPath(backendPath)
+        except XenbusPathError:
+            return self.xs
+        return self._driverDomain(backend.backendDomid).waits(backendPath)
 
     def createDevice(self, config: Mapping[str, Any]) -> Deferred[int]:
         """
@@ -431,7 +486,14 @@ class DevController:
         hotplug script has connected it. Cancelling the Deferred runs the
         compensating chain (the tree ends as it began).
         """
-        details = self.getDeviceDetails(config)  # raises before anything is written
+        return self.create(self.getDeviceDetails(config))  # raises before anything is written
+
+    def create(self, details: DeviceDetails) -> Deferred[int]:
+        """
+        L{createDevice} from the details of a configuration already parsed
+        (the L{DeviceManager} derives them once, to know which device to
+        serialise the operation on).
+        """
         return Deferred.fromCoroutine(self._create(details))
 
     async def _create(self, details: DeviceDetails) -> int:
@@ -504,14 +566,13 @@ class DevController:
         """
 
         async def claim(tx: ITransaction) -> int:
-            if not await tx.exists(f"/local/domain/{self.domid}"):
+            if not await tx.exists(domainPath(self.domid)):
                 raise UnknownDomainError(f"Domain {self.domid} does not exist")
             # Only the toolstack's own records count (XSA-178: never trust
             # data a backend or guest may have written).
             devid = details.devid
-            root = f"{self.domain.vmPath}/device/{self.deviceClass}"
             if devid == ALLOCATE:
-                used = set(await tx.ls(root)) if await tx.exists(root) else set()
+                used = set(await tx.ls(self.recordRoot(), missingOk=True))
                 devid = next(n for n in range(len(used) + 1) if str(n) not in used)
             record = self.devicePath(devid)
             front = self.frontendPath(devid)
@@ -551,10 +612,8 @@ class DevController:
 
     async def _libxlOwns(self, tx: ITransaction, devid: int) -> bool:
         """Whether libxl (xl) has a record of this device (writable by dom0 only)."""
-        kinds = LIBXL_KINDS.get(self.deviceClass, (self.deviceClass,))
         found = await gatherResults(
-            [tx.exists(f"/libxl/{self.domid}/device/{k}/{int(devid)}") for k in kinds],
-            consumeErrors=True,
+            [tx.exists(path) for path in self.identity(devid).libxlPaths], consumeErrors=True
         )
         return any(found)
 
@@ -641,7 +700,7 @@ class DevController:
         ddId = int(backendId)
         # The driver domain's home (a read, not an exists: same answer, and
         # xenstored answers either in one round trip).
-        if await self.xs.readOrNone(f"/local/domain/{ddId}") is None:
+        if await self.xs.readOrNone(domainPath(ddId)) is None:
             await self._cleanToolstackSide(devid, ddId, vdi, "driver domain is gone")
             return
         if backend is not None and mode is not DestroyMode.FORCE:
@@ -715,7 +774,7 @@ class DevController:
         if state is None:
             return  # the backend is gone already
         await tx.write(f"{backend}/online", "0")
-        if state != str(int(XenbusState.Closed)):
+        if XenbusState.parse(state) is not XenbusState.Closed:
             await tx.write(f"{backend}/state", str(int(XenbusState.Closing)))
 
     async def _cleanToolstackSide(self, devid: int, ddId: int, vdi: str, why: str) -> None:
@@ -776,21 +835,14 @@ class DevController:
 
     # Reading
 
-    async def _ls(self, path: str) -> list[str]:
-        return list(await self.xs.ls(path)) if await self.xs.exists(path) else []
-
     def deviceIDs(self) -> Deferred[list[int]]:
         """The ids of this class's devices (from the toolstack's records)."""
-
-        async def ids() -> list[int]:
-            root = f"{self.domain.vmPath}/device/{self.deviceClass}"
-            return sorted(int(n) for n in await self._ls(root) if n.isdigit())
-
-        return Deferred.fromCoroutine(ids())
+        d: Deferred[list[str]] = self.xs.ls(self.recordRoot(), missingOk=True)
+        return d.addCallback(lambda names: sorted(int(n) for n in names if n.isdigit()))
 
     def allocateDeviceID(self) -> Deferred[int]:
         """xend's monotonic counter in C{device-misc/<class>/nextDeviceID}."""
-        path = f"/local/domain/{self.domid}/device-misc/{self.deviceClass}/nextDeviceID"
+        path = f"{domainPath(self.domid)}/device-misc/{self.deviceClass}/nextDeviceID"
 
         async def bump(tx: ITransaction) -> int:
             current = int(await tx.readOrNone(path) or 0)
@@ -804,7 +856,7 @@ class DevController:
 
         async def read() -> dict[str, str]:
             base = f"{self.devicePath(devid)}/config"
-            keys = await self._ls(base)
+            keys = await self.xs.ls(base, missingOk=True)
             if not keys and not await self.xs.exists(self.devicePath(devid)):
                 raise DeviceNotFoundError(f"Device {devid} not connected")
             values = await gatherResults(
@@ -838,10 +890,10 @@ class DevController:
 
         async def read() -> list[list[Any]]:
             out: list[list[Any]] = []
-            for name in sorted(await self._ls(self.frontendRoot())):
+            for name in sorted(await self.xs.ls(self.frontendRoot(), missingOk=True)):
                 if not name.isdigit():
                     continue
-                keys = await self._ls(f"{self.frontendRoot()}/{name}")
+                keys = await self.xs.ls(f"{self.frontendRoot()}/{name}", missingOk=True)
                 values = await gatherResults(
                     [self.xs.readOrNone(f"{self.frontendRoot()}/{name}/{k}") for k in keys],
                     consumeErrors=True,
@@ -905,21 +957,23 @@ class DevController:
 
 
 def _plainDevid(devid: object) -> int:
+    text = devid.rsplit("/", 1)[-1] if isinstance(devid, str) else ""
     if isinstance(devid, int) and not isinstance(devid, bool):
-        return devid
-    if isinstance(devid, str):
-        text = devid.rsplit("/", 1)[-1]
-        if text.isascii() and text.isdigit():
-            return int(text)
-    raise DeviceConfigError(f"invalid device id {devid!r}")
+        number = devid
+    elif text.isascii() and text.isdigit():
+        number = int(text)
+    else:
+        raise DeviceConfigError(f"invalid device id {devid!r}")
+    if not 0 <= number <= DEVID_MAX:
+        # No device has such an id: no path can even be made for it.
+        raise DeviceNotFoundError(f"Device {devid} not connected")
+    return number
 
 
 async def _pruneEmpty(tx: ITransaction, path: str) -> None:
-    """Remove C{path} if it exists and has no children."""
-    left: Deferred[Any] = tx.ls(path)
-    left.addErrback(lambda f: f.trap(NoEntryError) and None)
-    if await left == []:
-        await tx.rm(path)
+    """Remove C{path} if it has no children (missing or empty, it is gone after)."""
+    if not await tx.ls(path, missingOk=True):
+        await tx.rm(path, missingOk=True)
 
 
 async def _rmPruned(tx: ITransaction, path: str, ancestors: int = 1) -> None:
@@ -930,15 +984,14 @@ async def _rmPruned(tx: ITransaction, path: str, ancestors: int = 1) -> None:
     """
     removed = tx.rm(path, missingOk=True)
     parent = path.rsplit("/", 1)[0]
-    # Sent behind the removal, so it lists what is left (None: no parent).
-    left: Deferred[Any] = tx.ls(parent)
-    left.addErrback(lambda f: f.trap(NoEntryError) and None)
+    # Sent behind the removal, so it lists what is left.
+    left = tx.ls(parent, missingOk=True)
     await removed
-    if await left == []:
+    if not await left:
         if ancestors > 1:
             await _rmPruned(tx, parent, ancestors - 1)
         else:
-            await tx.rm(parent)
+            await tx.rm(parent, missingOk=True)
 
 
 def guestPerms(domid: int, backend: int) -> list[Perm]:

@@ -3,36 +3,50 @@
 The DeviceManager: the toolstack's entry point for devices of any class and
 any domain.
 
-It finds (or makes) the controller for a (domain, class), serialises
-operations on the same device while letting everything else run in
-parallel, answers C{getBlockDeviceClass} from XenStore (seed 001), releases
-all of a domain's devices at once, and lists devices like C{xl block-list}
-and C{xl network-list}.
+It finds (or makes) the controller for a (domain, class), owns the one
+protocol client of each driver domain, serialises operations on the same
+device while letting everything else run in parallel, logs one line per
+device operation, answers C{getBlockDeviceClass} from XenStore (seed 001),
+releases all of a domain's devices at once, and lists devices like C{xl
+block-list} and C{xl network-list}.
 """
 
 from __future__ import annotations
 
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    FirstError,
+    gatherResults,
+)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from xenddev.errors import XenddevError
 from xenddev.interfaces import ITransaction, IXenStore
 from xenddev.toolstack.client import DriverDomainClient
 from xenddev.toolstack.controller import (
     ALLOCATE,
     DEFAULT_REQUEST_TIMEOUT,
-    LIBXL_KINDS,
     DevController,
     DeviceConfigError,
+    DeviceNotFoundError,
     DomainInfo,
     UnknownDomainError,
 )
-from xenddev.xenbus import XenbusPathError, parseBackendPath
-from xenddev.xenstore.errors import NoEntryError
+from xenddev.xenbus import (
+    LIBXL_KINDS,
+    XenbusPathError,
+    domainPath,
+    libxlClassPath,
+    parseBackendPath,
+)
 from xenddev.xenstore.paths import Perm, validateDomid
 
 T = TypeVar("T")
@@ -57,6 +71,57 @@ class DeviceRow:
     #: Which toolstack made the device: C{xenddev}, or C{libxl} for one
     #: made by C{xl} (listed from libxl's records, as C{xl} lists it).
     toolstack: str = "xenddev"
+    #: What the device's class says of it (a disk's C{vdev}). Like
+    #: C{extras}, left out of the hash: a row stays hashable.
+    facts: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+    #: The frontend keys its class lists besides the ones above (a vif's
+    #: two rings), as read.
+    extras: Mapping[str, str | None] = attrs.field(factory=dict, hash=False)
+
+
+def underlyingError(error: BaseException) -> BaseException:
+    """
+    The error a failure is about: C{gatherResults} (and C{DeferredList}
+    with C{fireOnOneErrback}) fail with a L{FirstError} wrapping the first
+    failure of the Deferreds they gathered, which may itself be one.
+    """
+    while isinstance(error, FirstError):
+        inner = error.subFailure.value
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def outcomeOf(result: object) -> str:
+    """
+    How a device operation ended, for its log line: C{ok}, C{cancelled},
+    C{fault <code>: <message>} for an error declaring its fault code, else
+    the error's class and text.
+    """
+    if not isinstance(result, Failure):
+        return "ok"
+    assert result.value is not None
+    error = underlyingError(result.value)
+    if isinstance(error, CancelledError):
+        return "cancelled"
+    if isinstance(error, XenddevError):
+        return f"fault {int(error.faultCode)}: {error.faultMessage()}"
+    return f"error: {type(error).__name__}: {error}"
+
+
+@attrs.define
+class _Shown:
+    """The device an operation's log line names, filled in as the operation learns it."""
+
+    devid: object
+    vdev: str | None = None
+
+    def learn(self, ctrl: DevController, devid: int, named: bool = True) -> None:
+        """The device is C{devid} (shown as such unless the caller C{named} it otherwise)."""
+        if named:
+            self.devid = devid
+        self.vdev = ctrl.deviceName(devid)
 
 
 class DeviceManager:
@@ -67,6 +132,8 @@ class DeviceManager:
     @param controllers: device class → controller class; the daemon's wiring
         passes L{xenddev.controllers.defaultControllers} (nothing in the
         toolstack package knows the device classes).
+    @param reactor: the clock of the operations' durations (by default
+        the connection's).
     @param controllerArgs: passed to every controller (timeouts).
     """
 
@@ -76,9 +143,12 @@ class DeviceManager:
         self,
         xs: IXenStore,
         controllers: Mapping[str, type[DevController]],
+        *,
+        reactor: Any = None,
         **controllerArgs: Any,
     ) -> None:
         self.xs = xs
+        self.reactor: Any = reactor if reactor is not None else getattr(xs, "reactor", None)
         self.controllerClasses = dict(controllers)
         self.controllerArgs = controllerArgs
         self._locks: dict[tuple[int, str, int], DeferredLock] = {}
@@ -101,7 +171,7 @@ class DeviceManager:
         vmPath = f"/vm/{uuid or uuidlib.uuid4()}"
 
         async def make(tx: ITransaction) -> DomainInfo:
-            home = f"/local/domain/{domid}"
+            home = domainPath(domid)
             existing = await tx.readOrNone(f"{home}/vm")
             if existing is not None:
                 return DomainInfo(domid, existing)
@@ -126,7 +196,7 @@ class DeviceManager:
 
         async def read() -> DomainInfo:
             d = validateDomid(domid)
-            vm = await self.xs.readOrNone(f"/local/domain/{d}/vm")
+            vm = await self.xs.readOrNone(f"{domainPath(d)}/vm")
             if vm is None:
                 raise UnknownDomainError(f"Domain {d} does not exist")
             return DomainInfo(d, vm)
@@ -144,15 +214,31 @@ class DeviceManager:
                 f"(known: {', '.join(sorted(self.controllerClasses))})"
             )
         d = self.domainInfo(domid)
-        return d.addCallback(
-            lambda info: cls(self.xs, info, driverDomains=self.driverDomain, **self.controllerArgs)
-        )
+        return d.addCallback(lambda info: self._make(cls, info))
+
+    def _make(self, cls: type[DevController], info: DomainInfo) -> DevController:
+        return cls(self.xs, info, driverDomains=self.driverDomain, **self.controllerArgs)
+
+    def servedClass(self, devclass: str) -> str:
+        """
+        The class serving expressions of class C{devclass}: itself if a
+        controller serves it, else the first served class whose controller
+        also takes it (L{DevController.alsoTakes}: the vbd controller takes
+        xm's tap expressions), else C{devclass} (for the caller to refuse).
+        """
+        if devclass in self.controllerClasses:
+            return devclass
+        for name, cls in self.controllerClasses.items():
+            if devclass in cls.alsoTakes:
+                return name
+        return devclass
 
     def driverDomain(self, domid: int) -> DriverDomainClient:
         """
-        The protocol client of a driver domain, one per driver domain for
-        every controller: its control area is set up once, and requests on
-        one object are queued however many callers there are.
+        The protocol client of a driver domain: the manager is the only
+        owner of one (controllers, the XML-RPC service, the reaper and the
+        pausers all ask here), so its control area is set up once and
+        requests on one object are queued however many callers there are.
         """
         client = self._driverDomains.get(domid)
         if client is None:
@@ -180,46 +266,98 @@ class DeviceManager:
         return d.addBoth(release)
 
     def createDevice(self, domid: int, devclass: str, config: Mapping[str, Any]) -> Deferred[int]:
-        """Create a device; fires with its devid once connected."""
+        """Create a device; fires with its devid once connected. Logged."""
+        shown = _Shown("new")
 
         async def run() -> int:
             ctrl = await self.controller(domid, devclass)
+            # Parsed once: the details name the device to serialise on and
+            # are what the controller creates.
             details = ctrl.getDeviceDetails(config)
             if details.devid == ALLOCATE:
-                return await ctrl.createDevice(config)
-            return await self._serialised(
-                (domid, devclass, details.devid), lambda: ctrl.createDevice(config)
-            )
+                devid = await ctrl.create(details)
+            else:
+                shown.learn(ctrl, details.devid)
+                devid = await self._serialised(
+                    (domid, devclass, details.devid), lambda: ctrl.create(details)
+                )
+            shown.learn(ctrl, devid)
+            return devid
 
-        return Deferred.fromCoroutine(run())
+        return self._logged("attach", domid, devclass, shown, run)
 
     def destroyDevice(
         self, domid: int, devclass: str, devid: object, force: bool = False
     ) -> Deferred[None]:
-        """Destroy a device (xend's destroyDevice)."""
+        """Destroy a device (xend's destroyDevice). Logged."""
+        shown = _Shown(devid)
 
         async def run() -> None:
             ctrl = await self.controller(domid, devclass)
             number = await ctrl.convertToDeviceNumber(devid)
+            shown.learn(ctrl, number, named=False)
             await self._serialised(
                 (domid, devclass, number), lambda: ctrl.destroyDevice(number, force)
             )
 
-        return Deferred.fromCoroutine(run())
+        return self._logged("detach", domid, devclass, shown, run)
 
     def reconfigureDevice(
         self, domid: int, devclass: str, devid: object, config: Mapping[str, Any]
     ) -> Deferred[int]:
-        """Reconfigure a device in place (cdrom media change)."""
+        """Reconfigure a device in place (cdrom media change). Logged."""
+        shown = _Shown(devid)
 
         async def run() -> int:
             ctrl = await self.controller(domid, devclass)
             number = await ctrl.convertToDeviceNumber(devid)
+            shown.learn(ctrl, number, named=False)
             return await self._serialised(
                 (domid, devclass, number), lambda: ctrl.reconfigureDevice(number, config)
             )
 
-        return Deferred.fromCoroutine(run())
+        return self._logged("configure", domid, devclass, shown, run)
+
+    def _logged(
+        self,
+        op: str,
+        domid: int,
+        devclass: str,
+        shown: _Shown,
+        run: Callable[[], Coroutine[Any, Any, T]],
+    ) -> Deferred[T]:
+        """
+        Run one device operation and log its one line: domain, class,
+        device (as the caller named it, or its id; a disk's vdev too),
+        outcome and duration.
+        """
+        clock = self._clock()
+        began = clock.seconds()
+
+        def done(result: object) -> object:
+            self.log.info(
+                "device {op}: domain={domid} class={devclass} devid={devid}{named} "
+                "outcome={outcome} duration={duration:.3f}s",
+                op=op,
+                domid=domid,
+                devclass=devclass,
+                devid=shown.devid,
+                vdev=shown.vdev,
+                named=f" ({shown.vdev})" if shown.vdev and shown.vdev != str(shown.devid) else "",
+                outcome=outcomeOf(result),
+                duration=clock.seconds() - began,
+            )
+            return result
+
+        return Deferred.fromCoroutine(run()).addBoth(done)
+
+    def _clock(self) -> Any:
+        """The reactor that times operations (the global one only without any)."""
+        if self.reactor is None:
+            from twisted.internet import reactor
+
+            return reactor
+        return self.reactor
 
     # Questions
 
@@ -234,10 +372,10 @@ class DeviceManager:
             for devclass in BLOCK_CLASSES:
                 if devclass not in self.controllerClasses:
                     continue
-                ctrl = self.controllerClasses[devclass](self.xs, info, **self.controllerArgs)
+                ctrl = self._make(self.controllerClasses[devclass], info)
                 try:
                     number = await ctrl.convertToDeviceNumber(dev)
-                except DeviceConfigError:
+                except (DeviceConfigError, DeviceNotFoundError):
                     continue
                 if await self.xs.exists(ctrl.devicePath(number)):
                     return devclass
@@ -288,24 +426,27 @@ class DeviceManager:
         toolstack: str,
     ) -> DeviceRow:
         front = ctrl.frontendPath(devid)
-        keys = ("state", "event-channel", "ring-ref", "tx-ring-ref", "mac")
-        state, evtchn, ring, txRing, mac = await gatherResults(
-            [self.xs.readOrNone(f"{front}/{k}") for k in keys],
-            consumeErrors=True,
+        common = ("state", "event-channel", "ring-ref", "tx-ring-ref", "mac")
+        # The class's keys (a vif's rings) are read in the same round.
+        keys = common + tuple(k for k in ctrl.listedFrontendKeys if k not in common)
+        read = await gatherResults(
+            [self.xs.readOrNone(f"{front}/{k}") for k in keys], consumeErrors=True
         )
+        values = dict(zip(keys, read, strict=True))
+        state, ring = values["state"], values["ring-ref"]
         return DeviceRow(
             ctrl.deviceClass,
             devid,
             int(backendId) if backendId is not None and backendId.isdigit() else None,
-            # xl block-list's "handle" column is the frontend's domain, xl
-            # network-list's the device id.
-            devid if ctrl.deviceClass == "vif" else ctrl.domid,
+            ctrl.listingHandle(devid),
             int(state) if state is not None and state.isdigit() else None,
-            evtchn,
-            ring if ring is not None else txRing,
+            values["event-channel"],
+            ring if ring is not None else values["tx-ring-ref"],
             backend,
-            mac,
+            values["mac"],
             toolstack,
+            ctrl.listingFacts(devid),
+            {k: values[k] for k in ctrl.listedFrontendKeys},
         )
 
     async def _libxlDevices(self, domid: int, devclass: str) -> list[tuple[int, str | None]]:
@@ -316,12 +457,8 @@ class DeviceManager:
         """
         found = []
         for kind in LIBXL_KINDS.get(devclass, (devclass,)):
-            root = f"/libxl/{int(domid)}/device/{kind}"
-            try:
-                names = await self.xs.ls(root)
-            except NoEntryError:
-                continue
-            for name in names:
+            root = libxlClassPath(domid, kind)
+            for name in await self.xs.ls(root, missingOk=True):
                 if name.isdigit():
                     found.append((int(name), await self.xs.readOrNone(f"{root}/{name}/backend")))
         return found

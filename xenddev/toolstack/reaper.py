@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from xenddev.backendctrl.protocol import OBJECT_CLASSES
 from xenddev.interfaces import IWatchHandle, IXenStore
 from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
-from xenddev.xenbus import XenbusPathError, parseFrontendPath
+from xenddev.xenbus import XenbusPathError, domainPath, parseFrontendPath
 
 
 def frontendDomain(path: str | None) -> int | None:
@@ -137,7 +137,7 @@ class DeadDomainReaper:
         for guest in guests:
             assert guest is not None
             if guest not in alive:
-                alive[guest] = await self.xs.exists(f"/local/domain/{guest}")
+                alive[guest] = await self.xs.exists(domainPath(guest))
             if alive[guest]:
                 return False
         return True

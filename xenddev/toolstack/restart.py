@@ -42,7 +42,13 @@ from xenddev.toolstack.client import (
     PlugResult,
 )
 from xenddev.toolstack.reconnect import ResumingXenStore, reconnectGuest, suspendGuest
-from xenddev.xenbus import XenbusPathError, XenbusState, parseFrontendPath
+from xenddev.xenbus import (
+    DeviceIdentity,
+    XenbusPathError,
+    XenbusState,
+    domainPath,
+    parseFrontendPath,
+)
 from xenddev.xenctrl import IDomainControl
 from xenddev.xenstore.paths import Perm
 
@@ -107,10 +113,10 @@ async def _repointRecord(tx: ITransaction, result: PlugResult) -> None:
         where = parseFrontendPath(result.frontendPath)
     except XenbusPathError:
         return
-    vm = await tx.readOrNone(f"/local/domain/{where.domid}/vm")
+    vm = await tx.readOrNone(f"{domainPath(where.domid)}/vm")
     if vm is None:
         return
-    record = f"{vm}/device/{where.devclass}/{where.devid}"
+    record = DeviceIdentity(where.domid, where.devclass, where.devid).recordPath(vm)
     if await tx.readOrNone(f"{record}/frontend") != result.frontendPath:
         return
     await tx.write(f"{record}/backend-id", str(result.driverDomid))
