@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
@@ -26,7 +28,7 @@ from xenddev.backendctrl.errors import DriverDomainError
 from xenddev.backendctrl.protocol import VDI, ControlPaths, privateDir
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.toolstack.client import DriverDomainClient
-from xenddev.xenstore.errors import ConflictError, InvalidPathError
+from xenddev.xenstore.errors import AccessDeniedError, ConflictError, InvalidPathError
 
 
 class ConflictStorm:
@@ -39,9 +41,12 @@ class ConflictStorm:
     @ivar conflicts: how many transactions it failed.
     """
 
-    def __init__(self, xs: Any, raging: Callable[[str], bool]) -> None:
+    def __init__(
+        self, xs: Any, raging: Callable[[str], bool], refused: frozenset[str] = frozenset()
+    ) -> None:
         self._xs = xs
         self._raging = raging
+        self._refused = refused
         self.conflicts = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -51,7 +56,7 @@ class ConflictStorm:
         """The store's C{transact}, with the storm's conflicts at the end of C{fn}."""
 
         async def attempt(tx: Any) -> Any:
-            watched = _ResultWatch(tx)
+            watched = _ResultWatch(tx, self._refused)
             value = fn(watched)
             if isinstance(value, Awaitable):
                 value = await value
@@ -64,10 +69,14 @@ class ConflictStorm:
 
 
 class _ResultWatch:
-    """A transaction that notes the C{result} it writes."""
+    """
+    A transaction that notes the C{result} it writes, and whose writes of
+    the C{refused} paths fail as xenstored refuses them (EACCES).
+    """
 
-    def __init__(self, tx: Any) -> None:
+    def __init__(self, tx: Any, refused: frozenset[str]) -> None:
         self._tx = tx
+        self._refused = refused
         self.result: str | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -77,7 +86,13 @@ class _ResultWatch:
         """Write, noting an object's C{result}."""
         if path.endswith("/result"):
             self.result = value
+        if path in self._refused:
+            return deferLater(reactor, 0, _refuse, path)
         return self._tx.write(path, value)
+
+
+def _refuse(path: str) -> None:
+    raise AccessDeniedError("EACCES", "WRITE", path)
 
 
 class CompletionSuite(HostSuite):
@@ -92,10 +107,13 @@ class CompletionSuite(HostSuite):
         await self.client.ensureArea()
 
     async def startAgent(
-        self, raging: Callable[[str], bool], **options: Any
+        self, raging: Callable[[str], bool], refused: frozenset[str] = frozenset(), **options: Any
     ) -> tuple[BackendCtrlAgent, ConflictStorm]:
-        """An agent whose completions meet a storm while C{raging(result)}."""
-        storm = ConflictStorm(self.agentXs, raging)
+        """
+        An agent whose completions meet a storm while C{raging(result)},
+        and whose writes of C{refused} paths xenstored refuses.
+        """
+        storm = ConflictStorm(self.agentXs, raging, refused)
         agent = BackendCtrlAgent(storm, DD, [self.kind], **options)  # type: ignore[arg-type]
         await agent.start()
         self.addCleanup(agent.stop)
@@ -191,6 +209,26 @@ class CompletionSuite(HostSuite):
         self.kind.deactivateWrites = {}
         await self.client.deactivate("disk0")
         self.assertEqual(await self.xs.read(self.paths().state), "inactive")
+
+    async def test_refusalByXenstoredAnsweredEIO(self) -> None:
+        """
+        A completion whose write xenstored refuses (EACCES, in its reply) is
+        answered with EIO too: the refusal comes out of the batch of writes
+        itself, not wrapped, and the request is not left pending.
+        """
+        marker = f"{privateDir(DD)}/refused"
+        await self.startAgent(lambda result: False, frozenset({marker}))
+        await self.client.prepare("disk0", TARGET)
+        await self.client.activate("disk0")
+        self.kind.deactivateWrites = {marker: "x"}
+        e = await self.assertFails(self.client.deactivate("disk0"), DriverDomainError)
+        self.assertEqual((e.errname, e.request), ("EIO", "deactivate"))
+        self.assertIn("AccessDeniedError", e.message)
+        self.assertEqual(len(self.flushLoggedErrors(AccessDeniedError)), 1)
+        self.assertEqual(await self.xs.read(self.paths().state), "active")
+        self.assertFalse(await self.xs.exists(marker))
+        self.kind.deactivateWrites = {}
+        await self.client.deactivate("disk0")
 
 
 class RealXenstoredCompletionTests(CompletionSuite, RealXenstoredFixture, TestCase):

@@ -146,7 +146,7 @@ class BackendCtrlAgent:
     async def stop(self) -> None:
         """Stop watching, then let running jobs finish."""
         handles, self._handles = self._handles, []
-        await gatherResults([h.stop() for h in handles])
+        await gatherResults([h.stop() for h in handles], consumeErrors=True)
         await self._requests.whenIdle()
         await self.dispatcher.whenIdle()
 
@@ -203,7 +203,8 @@ class BackendCtrlAgent:
                 self.xs.readOrNone(paths.request),
                 self.xs.readOrNone(self.records.journal(paths)),
                 self.xs.readOrNone(paths.state),
-            ]
+            ],
+            consumeErrors=True,
         )
         if text is None:
             return  # no request: changes to the object are ignored
@@ -267,7 +268,8 @@ class BackendCtrlAgent:
                 [
                     self.xs.rm(self.records.journal(paths), missingOk=True),
                     self.xs.rm(self.records.objectRecords(paths), missingOk=True),
-                ]
+                ],
+                consumeErrors=True,
             )
         self.log.info(
             "{request!r} on {path}: result {result}{msg}",

@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -235,13 +235,29 @@ class CompletionTransaction:
         current = tx.readOrNone(paths.request)
         if not keep:
             ops.append(tx.rm(paths.request, missingOk=True))
-        await gatherResults(ops + chains)
+        try:
+            await _all(ops + chains)
+        except BaseException:
+            current.addErrback(lambda _: None)
+            raise
         if not keep and await current != answer.text:
             raise _RequestReplaced()
 
 
 class _RequestReplaced(XenddevError):
     """The request changed while it was executed: complete without deleting it."""
+
+
+async def _all(ds: list[Deferred[Any]]) -> None:
+    """
+    Wait for every one of C{ds}; raise the first failure itself, not
+    wrapped in L{FirstError} (so C{transact} retries a conflict and
+    L{CompletionTransaction.complete} sees a refusal), the others consumed.
+    """
+    try:
+        await gatherResults(ds, consumeErrors=True)
+    except FirstError as e:
+        e.subFailure.raiseException()
 
 
 def _applyOps(tx: ITransaction, outcome: Outcome) -> list[Deferred[Any]]:

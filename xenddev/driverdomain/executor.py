@@ -112,7 +112,9 @@ class RequestExecutor:
             # concurrent prepares' completions do not all modify
             # objects/<class> (and conflict); removed by the agent if the
             # prepare fails.
-            journaled = gatherResults([journaled, self.xs.mkdir(self.records.objectRecords(paths))])
+            journaled = gatherResults(
+                [journaled, self.xs.mkdir(self.records.objectRecords(paths))], consumeErrors=True
+            )
         gathered = Deferred.fromCoroutine(self._gather(paths, request, state))
         try:
             await journaled
@@ -156,7 +158,7 @@ class RequestExecutor:
             ]
         elif rule.refusedWithPlugs:
             reads.append(Deferred.fromCoroutine(self.objects.plugged(paths)))
-        target, kindName, *rest = await gatherResults(reads)
+        target, kindName, *rest = await gatherResults(reads, consumeErrors=True)
         snap = ObjectSnapshot(state, None)
         plugSpec: PlugSpec | None = None
         takeover = False

@@ -178,7 +178,8 @@ class HotplugDispatcher:
                 self.xs.readOrNone(f"{backend}/online"),
                 self.xs.readOrNone(paths.state),
                 self.xs.readOrNone(self.records.hotplug(ref)),
-            ]
+            ],
+            consumeErrors=True,
         )
         kind = await self.objects.kind(paths)
         ctx = self.objects.context(paths, await self.objects.target(paths))

@@ -187,7 +187,9 @@ class ServedObjects:
     async def plugged(self, paths: ControlPaths) -> list[str]:
         """The names of the object's plugs in state C{ok}."""
         names = [n for n in await self.xs.ls(paths.plugsDir, missingOk=True) if _validName(n)]
-        states = await gatherResults([self.xs.readOrNone(paths.plug(n).state) for n in names])
+        states = await gatherResults(
+            [self.xs.readOrNone(paths.plug(n).state) for n in names], consumeErrors=True
+        )
         return [n for n, s in zip(names, states, strict=True) if s == PLUGGED]
 
     async def pluggedSpecs(self, paths: ControlPaths) -> list[PlugSpec]:
@@ -199,7 +201,8 @@ class ServedObjects:
         for name in await self.plugged(paths):
             pp = paths.plug(name)
             frontend, relative = await gatherResults(
-                [self.xs.readOrNone(pp.frontend), self.xs.readOrNone(pp.backend)]
+                [self.xs.readOrNone(pp.frontend), self.xs.readOrNone(pp.backend)],
+                consumeErrors=True,
             )
             if relative is not None:
                 backend = paths.absolute(relative)
@@ -211,7 +214,7 @@ class ServedObjects:
 async def readTarget(xs: IXenStoreOps, directory: str) -> dict[str, str]:
     """The keys and values under C{directory} (C{t/} or C{n/}); empty if missing."""
     keys = await xs.ls(directory, missingOk=True)
-    values = await gatherResults([xs.read(f"{directory}/{k}") for k in keys])
+    values = await gatherResults([xs.read(f"{directory}/{k}") for k in keys], consumeErrors=True)
     return dict(zip(keys, values, strict=True))
 
 
