@@ -33,7 +33,7 @@ DEFAULT_PROFILE = "quick"
 QUICK_EXAMPLES = 50
 
 settings.register_profile("quick", max_examples=QUICK_EXAMPLES)
-settings.register_profile("thorough", max_examples=settings.default.max_examples)
+settings.register_profile("thorough", max_examples=settings.get_profile("default").max_examples)
 
 
 def activeProfile(environ: Mapping[str, str] | None = None) -> str:
