@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -24,7 +25,7 @@ from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixtur
 from tests.support.host import HostSuite
 from tests.support.treedump import dumpTree
 from tests.test_driverdomain import DD, FRONT, TARGET, RecordingKind
-from xenddev.backendctrl.errors import DriverDomainError
+from xenddev.backendctrl.errors import DriverDomainError, DriverDomainTimeout
 from xenddev.backendctrl.protocol import VDI, ControlPaths, privateDir
 from xenddev.driverdomain.agent import BackendCtrlAgent
 from xenddev.toolstack.client import DriverDomainClient
@@ -229,6 +230,25 @@ class CompletionSuite(HostSuite):
         self.assertFalse(await self.xs.exists(marker))
         self.kind.deactivateWrites = {}
         await self.client.deactivate("disk0")
+
+    async def test_answerAfterWithdrawalDropped(self) -> None:
+        """
+        A slow agent answering after the toolstack gave up: the toolstack
+        abandoned the object (its directory removed); the late completion
+        writes nothing, so no directory comes back that nobody waits for,
+        and the tree is as it began.
+        """
+        agent, _ = await self.startAgent(lambda result: False)
+        before = await dumpTree(self.xs)
+        gate: Deferred[None] = Deferred()
+        self.kind.gates["disk0"] = gate
+        impatient = DriverDomainClient(self.xs, DD, timeout=0.2)
+        await self.assertFails(impatient.prepare("disk0", TARGET), DriverDomainTimeout)
+        await impatient.abandon("disk0")
+        gate.callback(None)
+        await agent.whenIdle()
+        self.assertFalse(await self.xs.exists(self.paths().base))
+        await self.assertTreeIs(before, agent)
 
 
 class RealXenstoredCompletionTests(CompletionSuite, RealXenstoredFixture, TestCase):

@@ -49,6 +49,9 @@ INTERNAL = {
     "xenddev.driverdomain.completion._RequestReplaced": (
         "the completion transaction's control flow, caught inside it"
     ),
+    "xenddev.driverdomain.completion._RequestWithdrawn": (
+        "the completion transaction's control flow, caught inside it"
+    ),
     "xenddev.toolstack.controller._GuestFrontend": (
         "the toolstack's control flow at attach, caught inside it"
     ),

@@ -154,6 +154,29 @@ class CompletionTransaction:
             except _RequestReplaced:
                 keepRequest = True
                 continue  # not a conflict: again at once
+            except _RequestWithdrawn:
+                # The toolstack gave up and removed the object (abandon):
+                # an answer now would make its directory again, an orphan
+                # nobody waits for. Only the journal entry is ours to end.
+                self.log.warn(
+                    "{request} of {path} answered after the toolstack withdrew it; "
+                    "its result is dropped",
+                    request=answer.text,
+                    path=answer.paths.base,
+                )
+                paths = answer.paths
+                if await self.xs.exists(paths.base):
+                    await self.xs.write(self.records.journal(paths), "")
+                else:
+                    # Gone with its directory: its records go too.
+                    await gatherResults(
+                        [
+                            self.xs.rm(self.records.journal(paths), missingOk=True),
+                            self.xs.rm(self.records.objectRecords(paths), missingOk=True),
+                        ],
+                        consumeErrors=True,
+                    )
+                return True
             except TransactionRetriesExhausted:
                 pass
             now = self.reactor.seconds()
@@ -240,12 +263,19 @@ class CompletionTransaction:
         except BaseException:
             current.addErrback(lambda _: None)
             raise
-        if not keep and await current != answer.text:
+        found = await current
+        if found is None and not keep:
+            raise _RequestWithdrawn()
+        if not keep and found != answer.text:
             raise _RequestReplaced()
 
 
 class _RequestReplaced(XenddevError):
     """The request changed while it was executed: complete without deleting it."""
+
+
+class _RequestWithdrawn(XenddevError):
+    """The request is gone (the toolstack abandoned the object): write nothing."""
 
 
 async def _all(ds: list[Deferred[Any]]) -> None:
