@@ -693,7 +693,7 @@ class XenddevService(MultiService):
         xs = await self._connect("simulator", address)
         dd = self.config.driver_domain.domid
         guests = []
-        for name in await _lsOrEmpty(xs, "/local/domain"):
+        for name in await xs.ls("/local/domain", missingOk=True):
             if name.isdigit() and int(name) != dd and await xs.exists(f"/local/domain/{name}/vm"):
                 guests.append(int(name))
         self.log.warn(
@@ -860,16 +860,6 @@ class XenddevService(MultiService):
             _removeSocket(path)
         self.log.info("xenddev stopped")
         self._stopLogging()
-
-
-async def _lsOrEmpty(xs: Any, path: str) -> list[str]:
-    from xenddev.xenstore.errors import NoEntryError
-
-    try:
-        names: list[str] = await xs.ls(path)
-    except NoEntryError:
-        return []
-    return names
 
 
 @implementer(IRealm)
