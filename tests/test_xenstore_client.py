@@ -1610,43 +1610,6 @@ class FastPathTests(ClientTestMixin, SynchronousTestCase):
         for raw in samples:
             self.assertEqual(_names(raw), [_text(n) for n in splitStrings(raw)], raw)
 
-    def test_wrappedRequestSeesEverything(self):
-        """
-        A wrapper of the protocol's request (as the benchmarks install, with
-        request's exact signature) sees every request of the client, and the
-        results are unchanged.
-        """
-        client, fake, _ = self.makeClient()
-        fake.setNode("/a", b"1")
-        proto = client.protocol
-        original = proto.request
-        seen = []
-
-        def request(op, payload, txId=0, context=None):
-            seen.append(op)
-            return original(op, payload, txId, context)
-
-        proto.request = request
-        self.assertEqual(self.call(fake, client.read("/a")), "1")
-        self.assertIsNone(self.call(fake, client.readOrNone("/missing")))
-        self.assertIsNone(self.call(fake, client.write("/b", "2")))
-        self.assertIs(self.call(fake, client.exists("/missing")), False)
-        self.assertEqual(self.call(fake, client.ls("/")), ["a", "b"])
-        self.assertEqual(self.call(fake, client.transact(lambda tx: tx.read("/b"))), "2")
-        self.assertEqual(
-            seen,
-            [
-                Op.READ,
-                Op.READ,
-                Op.WRITE,
-                Op.READ,
-                Op.DIRECTORY,
-                Op.TRANSACTION_START,
-                Op.READ,
-                Op.TRANSACTION_END,
-            ],
-        )
-
     def test_standInProtocol(self):
         """
         Any object with XenStoreProtocol.request's signature still serves as

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from types import MethodType
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -80,7 +79,7 @@ def addConversion(d: Deferred[bytes], convert: Convert, answers: Answers) -> Def
     """
     Add to C{d}, a Deferred from a C{request()}, the callbacks doing what
     L{XenStoreProtocol.send} does before firing (for requests that cannot
-    go through it: a replaced C{request}, or a stand-in protocol).
+    go through it: a stand-in protocol).
     """
     if convert is not None:
         d.addCallback(convert)
@@ -95,75 +94,7 @@ def _answerError(f: Failure, answers: Mapping[str, Any]) -> Any:
     return f
 
 
-def _request(
-    self: XenStoreProtocol, op: int, payload: bytes, txId: int = 0, context: str | None = None
-) -> Deferred[bytes]:
-    return self._send(op, payload, txId, context, None, None)
-
-
-class _ReplaceableRequest:
-    """
-    L{XenStoreProtocol.request}: send one request and return a Deferred
-    firing with the reply payload.
-
-    The Deferred fails with a L{XenStoreError} subclass for an ERROR reply,
-    L{XenStoreConnectionLost} if the connection closes first, or
-    L{UnexpectedPacket} if the reply has the wrong type. Cancelling it
-    forgets the reply when it arrives (the request may still be executed).
-    Arguments: C{(op, payload, txId=0, context=None)}; C{context} is a path
-    or other detail for error messages. Raises L{InvalidPayloadError} if
-    C{payload} exceeds L{PAYLOAD_MAX}.
-
-    A wrapper may replace it on an instance (assign, then C{del} to
-    restore) or on the class: every request of L{XenStoreClient} then goes
-    through the wrapper. The replacement reroutes C{send} when it is made
-    (on the instance here, on the class in L{_RoutingType}), so C{send}
-    checks nothing per request.
-    """
-
-    def __get__(
-        self, obj: XenStoreProtocol | None, owner: type | None = None
-    ) -> Callable[..., Deferred[bytes]]:
-        if obj is None:
-            return self  # what patching the class saves and puts back
-        replacement = obj._requestReplacement
-        return replacement if replacement is not None else MethodType(_request, obj)
-
-    def __set__(self, obj: XenStoreProtocol, value: Callable[..., Deferred[bytes]]) -> None:
-        obj._requestReplacement = value
-        obj.send = obj._sendThroughRequest  # type: ignore[method-assign]
-
-    def __delete__(self, obj: XenStoreProtocol) -> None:
-        obj._requestReplacement = None
-        del obj.send
-
-    def __call__(
-        self,
-        protocol: XenStoreProtocol,
-        op: int,
-        payload: bytes,
-        txId: int = 0,
-        context: str | None = None,
-    ) -> Deferred[bytes]:
-        return _request(protocol, op, payload, txId, context)
-
-
-class _RoutingType(type):
-    """
-    The type of L{XenStoreProtocol}: replacing C{request} on the class
-    points the class's C{send} through it, and putting the original back
-    points C{send} back at the direct path.
-    """
-
-    def __setattr__(cls, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "request":
-            direct = isinstance(value, _ReplaceableRequest)
-            routed = cls._send if direct else cls._sendThroughRequest  # type: ignore[attr-defined]
-            super().__setattr__("send", routed)
-
-
-class XenStoreProtocol(Protocol, metaclass=_RoutingType):
+class XenStoreProtocol(Protocol):
     """
     Multiplexes XenStore requests over one connection.
 
@@ -195,7 +126,6 @@ class XenStoreProtocol(Protocol, metaclass=_RoutingType):
         #: Requests by operation number (default: the process-wide L{ROUND_TRIPS}).
         self.roundTrips = ROUND_TRIPS
         self.unexpectedPackets = 0
-        self._requestReplacement: Callable[..., Deferred[bytes]] | None = None
 
     # Connection lifecycle
 
@@ -245,22 +175,21 @@ class XenStoreProtocol(Protocol, metaclass=_RoutingType):
                 return rid
             rid = nxt
 
-    #: Every request of L{XenStoreClient} goes through C{request} once it
-    #: has been replaced (see L{_ReplaceableRequest}).
-    request = _ReplaceableRequest()
+    def request(
+        self, op: int, payload: bytes, txId: int = 0, context: str | None = None
+    ) -> Deferred[bytes]:
+        """
+        Send one request and return a Deferred firing with the reply payload.
 
-    def _sendThroughRequest(
-        self,
-        op: int,
-        payload: bytes,
-        txId: int,
-        context: str | None,
-        convert: Convert,
-        answers: Answers,
-    ) -> Deferred[Any]:
-        # send() while request is replaced: through the replacement, with
-        # the conversion added as callbacks.
-        return addConversion(self.request(op, payload, txId, context), convert, answers)
+        The Deferred fails with a L{XenStoreError} subclass for an ERROR
+        reply, L{XenStoreConnectionLost} if the connection closes first, or
+        L{UnexpectedPacket} if the reply has the wrong type. Cancelling it
+        forgets the reply when it arrives (the request may still be
+        executed). C{context} is a path or other detail for error messages.
+        Raises L{InvalidPayloadError} if C{payload} exceeds L{PAYLOAD_MAX}.
+        (No seam: benchmarks watch the transport, C{bench/_wiretap.py}.)
+        """
+        return self._send(op, payload, txId, context, None, None)
 
     def _send(
         self,
