@@ -5,7 +5,6 @@ Value types shared by the agent and the driver-domain kinds.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +13,8 @@ from twisted.internet.defer import Deferred, succeed
 
 from xenddev.backendctrl.protocol import XEN_ERRNO, ControlPaths
 from xenddev.errors import XenddevError
+from xenddev.xenbus import XenbusPathError, parseBackendPath, parseFrontendPath
 from xenddev.xenstore.paths import Perm
-
-_FRONTEND = re.compile(r"/local/domain/(\d+)/device/([a-z0-9]+)/(\d+)\Z")
-_BACKEND = re.compile(r"/local/domain/\d+/backend/([a-z0-9]+)/(\d+)/(\d+)\Z")
 
 
 class KindError(XenddevError):
@@ -47,12 +44,13 @@ class DeviceRef:
     @classmethod
     def fromFrontendPath(cls, path: str) -> DeviceRef:
         """Parse C{/local/domain/<d>/device/<class>/<devid>}."""
-        m = _FRONTEND.match(path)
-        if m is None:
+        try:
+            device = parseFrontendPath(path)
+        except XenbusPathError:
             raise KindError(
                 "EINVAL", f"frontend {path!r} is not /local/domain/<domid>/device/<class>/<devid>"
-            )
-        return cls(m.group(2), int(m.group(1)), int(m.group(3)))
+            ) from None
+        return cls(device.devclass, device.domid, device.devid)
 
     @classmethod
     def fromBackendPath(cls, path: str) -> DeviceRef:
@@ -60,10 +58,11 @@ class DeviceRef:
         Parse an absolute C{/local/domain/<dd>/backend/<class>/<domu>/<devid>}
         (the class is the backend's: C{tap} for a blktap1 vbd).
         """
-        m = _BACKEND.match(path)
-        if m is None:
-            raise KindError("EINVAL", f"{path!r} is not a backend directory")
-        return cls(m.group(1), int(m.group(2)), int(m.group(3)))
+        try:
+            device = parseBackendPath(path)
+        except XenbusPathError:
+            raise KindError("EINVAL", f"{path!r} is not a backend directory") from None
+        return cls(device.devclass, device.frontendDomid, device.devid)
 
     def backendRelative(self, backendClass: str | None = None) -> str:
         """C{backend/<class>/<domu>/<devid>}, relative to the driver domain's home."""
