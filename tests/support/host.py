@@ -239,14 +239,23 @@ async def attachByProtocol(
 
 
 async def closeBackend(xs: XenStoreClient, plug: PlugResult, timeout: float) -> None:
-    """The toolstack closes the backend (online 0, Closing) and waits for Closed."""
+    """
+    The toolstack closes the backend (online 0, Closing) and waits for
+    Closed; asked again if the driver's late switch to Connected (its
+    hotplug script reported after our write) overwrote the Closing, as
+    L{DevController} does.
+    """
 
     async def close(tx: Any) -> None:
         await tx.write(f"{plug.backendPath}/online", "0")
         await tx.write(f"{plug.backendPath}/state", "5")
 
-    await xs.transact(close)
-    await waitForState(xs, plug.backendPath, 6, timeout)
+    deadline = reactor.seconds() + timeout
+    while True:
+        await xs.transact(close)
+        left = max(deadline - reactor.seconds(), 0.0)
+        if await waitForState(xs, plug.backendPath, (4, 6), left) == 6:
+            return
 
 
 async def detachByProtocol(

@@ -756,18 +756,26 @@ class DevController:
         """
         clock = self._reactor()
         deadline = clock.seconds() + self.destroyTimeout
-        if not await self._transactWithin(lambda tx: self._close(tx, backend), self.destroyTimeout):
-            return False
-        try:
-            await waitForState(
-                self._waits(backend),
-                backend,
-                XenbusState.Closed,
-                max(deadline - clock.seconds(), 0.0),
-            )
-        except XenStoreTimeout:
-            return False
-        return True
+        while True:
+            left = max(deadline - clock.seconds(), 0.0)
+            if not await self._transactWithin(lambda tx: self._close(tx, backend), left):
+                return False
+            try:
+                reached = await waitForState(
+                    self._waits(backend),
+                    backend,
+                    (XenbusState.Closed, XenbusState.Connected),
+                    max(deadline - clock.seconds(), 0.0),
+                )
+            except XenStoreTimeout:
+                return False
+            if reached is XenbusState.Closed:
+                return True
+            # Back to Connected after our Closing: the driver's switch to
+            # Connected (deferred until its hotplug script reported) landed
+            # after our write, and xenbus_switch_state overwrites the node.
+            # Ask again, within the same deadline.
+            self.log.info("Backend {path} reconnected after Closing; closing again", path=backend)
 
     async def _close(self, tx: ITransaction, backend: str) -> None:
         state = await tx.readOrNone(f"{backend}/state")
