@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_controllers -*-
+# -*- test-case-name: tests.test_controllers,tests.test_inputchecks -*-
 """
 C{BlkifController}: virtual block devices (class C{vbd}).
 
@@ -35,6 +35,17 @@ from xenddev.diskspec import (
 from xenddev.toolstack.controller import DevController, DeviceConfigError, DeviceDetails
 
 KNOWN_KEYS = frozenset({"spec", "uname", "dev", "mode", "backend"})
+
+
+class NotACdromError(DeviceConfigError):
+    """
+    A medium change (C{cd-insert}, C{cd-eject}) asked of a drive that is
+    not a cdrom, or a cdrom drive reconfigured as something else: only a
+    cdrom's medium can be changed (xend's rule). Refused before anything
+    is written.
+    """
+
+    code = "not-a-cdrom"
 
 
 def diskSpecFromConfig(config: Mapping[str, Any]) -> DiskSpec:
@@ -114,16 +125,20 @@ class BlkifController(DevController):
         if spec.isEmpty:
             kind = "empty"
         mode = "w!" if spec.sharedWrite else spec.access
+        # What was checked is what is sent: a relative target is a path
+        # under /dev/ (xl-disk-configuration(5)); the driver domain takes
+        # absolute paths only (it answered EINVAL to target=loop0).
+        path = spec.hostPath or ""
         target = {
             "type": kind,
-            "params": spec.target or "",
+            "params": path,
             "format": spec.format,
             "mode": mode,
             "devtype": spec.devtype,
         }
         if spec.script:
             target["script"] = spec.script
-        uname = f"{'phy' if kind == 'phy' else 'file'}:{spec.target or ''}"
+        uname = f"{'phy' if kind == 'phy' else 'file'}:{path}"
         recorded = recordedConfig(spec, uname, mode, backend, choice.kind)
         return DeviceDetails(devid, target, frontendKeys(spec, devid), backend, config=recorded)
 
@@ -131,21 +146,26 @@ class BlkifController(DevController):
         self, devid: int, recorded: Mapping[str, str], details: DeviceDetails
     ) -> None:
         """xend's rule: only a cdrom's medium, same vdev, read-only."""
-        wasCdrom = recorded.get("dev", "").endswith(":cdrom")
-        if not wasCdrom or details.frontend.get("device-type") != "cdrom":
-            raise DeviceConfigError(
-                f"Refusing to reconfigure device {self.deviceClass}:{devid} to "
-                f"{dict(details.config)}: only a cdrom's medium can be changed"
+        device = f"Device {self.deviceLabel(devid)} of domain {self.domid}"
+        if not recorded.get("dev", "").endswith(":cdrom"):
+            raise NotACdromError(
+                f"{device} is not a cdrom drive: only a cdrom's medium can be changed"
+            )
+        if details.frontend.get("device-type") != "cdrom":
+            raise NotACdromError(
+                f"{device} is a cdrom drive: it can only be given a new medium "
+                "(devtype=cdrom), not made a disk"
             )
 
     def _isBlock(self, spec: DiskSpec, local: bool) -> bool:
         if "phy" in spec.legacyPrefixes or spec.backendType == "phy":
             return True
-        if not spec.target:
+        path = spec.hostPath
+        if not path:
             return False
         if local:
-            return self.statTarget(spec.target) == "block"
-        return spec.target.startswith("/dev/")
+            return self.statTarget(path) == "block"
+        return path.startswith("/dev/")
 
     def convertToDeviceNumber(self, devid: object) -> Deferred[int]:
         """Also accepts a vdev name: C{xvdb}, C{/dev/xvdb}, C{hda}."""

@@ -177,7 +177,7 @@ class BlktapController(BlkifController):
         if self.driver == "blktap1":
             self.log.warn(
                 "blktap1 (device class tap) is deprecated: {uname} for domain {domid}",
-                uname=f"tap:{typ}:{spec.target}",
+                uname=f"tap:{typ}:{spec.hostPath}",
                 domid=self.domid,
             )
         try:
@@ -186,7 +186,9 @@ class BlktapController(BlkifController):
             raise DeviceConfigError(str(e)) from None
         backend = backendDomid(disk.config, spec)
         mode = "w!" if spec.sharedWrite else spec.access
-        path = spec.target or ""
+        # A relative target names a path under /dev/ (xl-disk-configuration(5));
+        # the driver domain takes absolute paths only (it answered EINVAL).
+        path = spec.hostPath or ""
         target = {
             "type": "tap",
             "driver": self.driver,
@@ -312,7 +314,8 @@ class Blktap2Controller(BlktapController):
             if m is not None and "tap-ctl" in m.group("command"):
                 code = m.group("code")
                 return TapdiskError(
-                    f"Device {devid} ({self.deviceClass}) could not be connected: {e.message}",
+                    f"Device {self.deviceLabel(devid, withClass=True)} could not be "
+                    f"connected: {e.message}",
                     m.group("command"),
                     int(code) if code is not None else None,
                     m.group("stderr") or "",

@@ -1,18 +1,22 @@
-# -*- test-case-name: tests.test_controllers -*-
+# -*- test-case-name: tests.test_controllers,tests.test_inputchecks -*-
 """
 C{VifController}: network interfaces (class C{vif}), served through the
 C{vif} objects of the backendctrl protocol (the C{netback} kind).
 
 Configuration keys (xend's names): C{mac} (generated if absent: 00:16:3e
 then three random bytes, the first below 0x80), C{bridge}, C{script}
-(default C{vif-bridge}), C{ip}, C{vifname}, C{model}, C{rate} (xend's
-grammar, e.g. C{10Mb/s} or C{1MB/s@20ms}, stored as C{bytes,usecs}),
+(default C{vif-bridge}), C{ip} (one or more IPv4/IPv6 addresses, each with
+an optional C{/prefix}, separated by spaces, as xl takes them), C{vifname},
+C{model}, C{rate} (xend's grammar, e.g. C{10Mb/s} or C{1MB/s@20ms}, stored
+as C{bytes,usecs}; at most 2**64-1 bytes per second and per interval),
 C{backend} (the driver domain, default 0), C{devid} (default: the lowest
-free).
+free), C{type} (xl's: C{vif}, or C{ioemu}/C{vif_ioemu} for an emulated
+card beside the PV one; recorded, the backend is a PV vif either way).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -34,11 +38,20 @@ from xenddev.xenstore.paths import Perm
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
-_IPS = re.compile(r"[0-9a-fA-F.:/]+( [0-9a-fA-F.:/]+)*\Z")
 _RATE = re.compile(r"([0-9]+)([kKMG]?)([Bb])/s(?:@([0-9]+)([mu]?)s)?\Z")
 _MODEL = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 #: xend's default rate-limit interval.
 DEFAULT_RATE_INTERVAL_US = 50000
+#: The backend's rate is two counts netback reads as unsigned longs; xl
+#: refuses a rate beyond 64 bits too.
+RATE_MAX = 2**64 - 1
+#: Digits enough for any rate up to RATE_MAX in any unit; bounds int() on
+#: hostile input (a 5000-digit number is refused, not converted).
+_RATE_DIGITS = 24
+#: The most the driver domain's netback kind takes in C{ip}.
+IPS_MAX_LENGTH = 256
+#: xl's vif types (C{type=}), and libxl's names for them.
+VIF_TYPES = {"vif": "vif", "ioemu": "vif_ioemu", "vif_ioemu": "vif_ioemu"}
 KNOWN_KEYS = frozenset(
     {"mac", "bridge", "script", "ip", "vifname", "model", "rate", "backend", "devid", "type"}
 )
@@ -48,6 +61,11 @@ def randomMac(randbyte: Callable[[], int] = lambda: random.randrange(256)) -> st
     """A MAC in Xen's OUI 00:16:3e; the first random byte is below 0x80 (xend)."""
     a, b, c = randbyte() & 0x7F, randbyte(), randbyte()
     return f"00:16:3e:{a:02x}:{b:02x}:{c:02x}"
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A value for a message: quoted, cut short if long (hostile input can be)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def parseRate(text: str) -> str:
@@ -60,9 +78,16 @@ def parseRate(text: str) -> str:
     m = _RATE.match(text.strip())
     if m is None:
         raise DeviceConfigError(
-            f"invalid rate {text!r}: expected <number>[k|M|G]<B|b>/s[@<number>[m|u]s]"
+            f"invalid rate {_shown(text)}: expected <number>[k|M|G]<B|b>/s[@<number>[m|u]s]"
         )
     number, prefix, unit, interval, intervalUnit = m.groups()
+    tooBig = DeviceConfigError(
+        f"invalid rate {_shown(text)}: beyond {RATE_MAX} bytes per second or per interval"
+    )
+    if len(number) > _RATE_DIGITS:
+        raise tooBig
+    if interval is not None and len(interval) > _RATE_DIGITS:
+        raise DeviceConfigError(f"invalid rate {_shown(text)}: interval out of range")
     bytesPerSec = int(number) * {"": 1, "k": 1000, "K": 1000, "M": 10**6, "G": 10**9}[prefix]
     if unit == "b":
         bytesPerSec //= 8
@@ -70,11 +95,60 @@ def parseRate(text: str) -> str:
     if interval is not None:
         usecs = int(interval) * {"": 1000000, "m": 1000, "u": 1}[intervalUnit]
     if usecs <= 0 or usecs > 10**9:
-        raise DeviceConfigError(f"invalid rate {text!r}: interval out of range")
+        raise DeviceConfigError(f"invalid rate {_shown(text)}: interval out of range")
     perInterval = bytesPerSec * usecs // 1000000
+    if bytesPerSec > RATE_MAX or perInterval > RATE_MAX:
+        raise tooBig
     if perInterval <= 0:
-        raise DeviceConfigError(f"invalid rate {text!r}: less than one byte per interval")
+        raise DeviceConfigError(f"invalid rate {_shown(text)}: less than one byte per interval")
     return f"{perInterval},{usecs}"
+
+
+def parseIps(text: str) -> str:
+    """
+    A vif's C{ip}: one or more IPv4 or IPv6 addresses, each with an
+    optional C{/prefix}, separated by spaces (xl passes the list to the
+    vif-route and vif-nat scripts, which take each as an address or a
+    route). Returned with single spaces.
+
+    @raise DeviceConfigError: naming the field and the bad address.
+    """
+    words = text.split()
+    if not words:
+        raise DeviceConfigError(f"invalid ip {_shown(text)}: no address")
+    for word in words:
+        try:
+            # A zone (fe80::1%eth0) names an interface of this host, not
+            # the guest's; the scripts cannot use it.
+            if "%" in word:
+                raise ValueError(word)
+            ipaddress.ip_interface(word)
+        except ValueError:
+            raise DeviceConfigError(
+                f"invalid ip {_shown(text)}: {_shown(word)} is not an IPv4 or IPv6 address "
+                "(with an optional /prefix)"
+            ) from None
+    joined = " ".join(words)
+    if len(joined) > IPS_MAX_LENGTH:
+        raise DeviceConfigError(
+            f"invalid ip {_shown(text)}: longer than {IPS_MAX_LENGTH} characters"
+        )
+    return joined
+
+
+def vifType(text: str) -> str:
+    """
+    xl's C{type}: C{vif}, or C{ioemu} (libxl's C{vif_ioemu}), as libxl
+    names it.
+
+    @raise DeviceConfigError: naming the field and the values it takes.
+    """
+    kind = VIF_TYPES.get(text)
+    if kind is None:
+        raise DeviceConfigError(
+            f"invalid type {_shown(text)}: expected {', '.join(sorted(VIF_TYPES))}"
+        )
+    return kind
 
 
 class VifController(DevController):
@@ -109,7 +183,6 @@ class VifController(DevController):
         for key, pattern in (
             ("bridge", _IFNAME),
             ("vifname", _IFNAME),
-            ("ip", _IPS),
             ("model", _MODEL),
         ):
             value = config.get(key)
@@ -117,8 +190,12 @@ class VifController(DevController):
                 if not pattern.match(str(value)):
                     raise DeviceConfigError(f"invalid {key} {value!r}")
                 target[key] = str(value)
+        ip, typ = config.get("ip"), config.get("type")
+        if ip is not None and ip != "":
+            target["ip"] = parseIps(str(ip))
         if config.get("rate"):
             target["rate"] = parseRate(str(config["rate"]))
+        kind = vifType(str(typ)) if typ is not None and typ != "" else None
         backend = _int(config.get("backend", 0), "backend")
         devid = _int(config.get("devid", -1), "devid")
         if devid < -1 or devid > 0xFFFF:
@@ -128,6 +205,8 @@ class VifController(DevController):
         recorded = {**target, "backend": str(backend)}
         if model is not None:
             recorded["model"] = model
+        if kind is not None:
+            recorded["type"] = kind
         return DeviceDetails(devid, target, frontend, backend, config=recorded)
 
     async def _writeFrontend(

@@ -709,7 +709,7 @@ class CLISuite(CLIClientMixin, DeviceServiceFixture):
         self.assertEqual(await self.xs.read(f"{backend}/params"), "")
         code, _, err = await self.cli("cd-insert", str(GUEST), "xvdb", second)
         self.assertEqual(code, EXIT_BAD_CONFIG)
-        self.assertIn("Refusing to reconfigure device vbd:51728", err)
+        self.assertIn(f"Device xvdb (51728) of domain {GUEST} is not a cdrom drive", err)
         code, _, err = await self.cli("cd-insert", str(GUEST), "hdc", "bogus:/x")
         self.assertEqual(code, EXIT_BAD_CONFIG)
         self.assertIn("config parsing error in disk specification", err)

@@ -25,7 +25,7 @@ from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLo
 from tests.support.netns import NetNamespace, requireNetns
 from tests.support.treedump import diffTrees, dumpTree
 from xenddev.controllers import blkif, defaultControllers
-from xenddev.controllers.blkif import BlkifController
+from xenddev.controllers.blkif import BlkifController, NotACdromError
 from xenddev.controllers.blktap import BlktapController
 from xenddev.controllers.vif import VifController, parseRate, randomMac
 from xenddev.driverdomain.agent import BackendCtrlAgent
@@ -305,7 +305,7 @@ class ControllerSuite(ControllerFixture):
             self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,w"}),
             HotplugFailedError,
         )
-        self.assertTrue(str(e).startswith("Device 51728 (vbd) could not be connected. "))
+        self.assertTrue(str(e).startswith("Device xvdb (vbd 51728) could not be connected. "))
         await self.assertTreeIs(before)
         self.assertEqual(loopDevicesFor(img), [])
 
@@ -328,7 +328,7 @@ class ControllerSuite(ControllerFixture):
             HotplugFailedError,
         )
         self.assertEqual(
-            str(e), "Device 51728 (vbd) could not be connected. Hotplug scripts not working."
+            str(e), "Device xvdb (vbd 51728) could not be connected. Hotplug scripts not working."
         )
         await self.assertTreeIs(before)
 
@@ -415,17 +415,21 @@ class ControllerSuite(ControllerFixture):
             self.manager.reconfigureDevice(
                 GUEST, "vbd", disk, {"spec": f"{img},raw,xvdb,devtype=cdrom"}
             ),
-            DeviceConfigError,
+            NotACdromError,
         )
-        self.assertIn("Refusing to reconfigure device vbd:51728", str(e))
-        self.assertIn("only a cdrom", str(e))
+        self.assertEqual(
+            str(e),
+            f"Device xvdb (51728) of domain {GUEST} is not a cdrom drive: "
+            "only a cdrom's medium can be changed",
+        )
         e = await self.assertFails(
             self.manager.reconfigureDevice(
                 GUEST, "vbd", cd, {"spec": f"{img},raw,xvdd,devtype=cdrom", "backend": 3}
             ),
             DeviceConfigError,
         )
-        self.assertIn("another device", str(e))
+        self.assertIn("Refusing to reconfigure device xvdc (vbd 51744)", str(e))
+        self.assertIn("another device, xvdd (51760)", str(e))
         e = await self.assertFails(
             self.manager.reconfigureDevice(
                 GUEST, "vbd", cd, {"spec": f"{img},raw,xvdc,devtype=cdrom"}
@@ -494,7 +498,9 @@ class ControllerSuite(ControllerFixture):
             ),
             HotplugFailedError,
         )
-        self.assertEqual(str(e), f"Device {devid} (vbd) could not be connected. cannot read {bad}")
+        self.assertEqual(
+            str(e), f"Device xvdc (vbd {devid}) could not be connected. cannot read {bad}"
+        )
         (backend,) = await ctrl.readVm(devid, "backend")
         await waitForState(self.xs, backend, 4, 10)
         # The frontend connects after its backend.
@@ -723,7 +729,11 @@ class ControllerSuite(ControllerFixture):
         self.assertRaises(RuntimeError, alone._driverDomain, 0)
 
     def test_vifConfigErrors(self) -> None:
-        """Bad vif fields are refused naming the field, before anything is written."""
+        """
+        Bad vif fields are refused naming the field, before anything is
+        written: a type xl does not know, an ip that is not addresses
+        separated by spaces (issue 13, finding 9).
+        """
         ctrl = VifController(self.xs, DomainInfo(GUEST, "/vm/x"))
         for bad, field in (
             ({"mac": "01:00:00:00:00:00"}, "multicast"),
@@ -732,6 +742,14 @@ class ControllerSuite(ControllerFixture):
             ({"rate": "fast"}, "rate"),
             ({"script": "../evil"}, "script"),
             ({"colour": "red"}, "colour"),
+            ({"type": "junk"}, "invalid type 'junk'"),
+            ({"type": "VIF"}, "invalid type"),
+            ({"ip": "999.1.1.1"}, "invalid ip '999.1.1.1'"),
+            ({"ip": "10.0.0.1 nonsense"}, "'nonsense' is not an IPv4 or IPv6 address"),
+            ({"ip": "10.0.0.1/33"}, "invalid ip"),
+            ({"ip": "fe80::1%eth0"}, "invalid ip"),
+            ({"ip": " "}, "invalid ip"),
+            ({"ip": " ".join(["10.0.0.1"] * 40)}, "longer than 256"),
         ):
             e = self.assertRaises(DeviceConfigError, ctrl.getDeviceDetails, bad)
             self.assertIn(field, str(e))

@@ -428,7 +428,7 @@ class XMLRPCSuite(DeviceServiceFixture):
         )
         self.assertEqual(
             fault.faultString,
-            "Device 51728 (vbd) could not be connected. Hotplug scripts not working.",
+            "Device xvdb (vbd 51728) could not be connected. Hotplug scripts not working.",
         )
         await self.assertTreeIs(before)
 
@@ -448,7 +448,7 @@ class XMLRPCSuite(DeviceServiceFixture):
             FaultCode.HOTPLUG_FAILED, "xend.domain.waitForDevices", GUEST
         )
         self.assertEqual(
-            fault.faultString, "Device 51744 (vbd) could not be connected. no such file"
+            fault.faultString, "Device xvdc (vbd 51744) could not be connected. no such file"
         )
 
     # Driver-domain objects (vdi.*)

@@ -124,6 +124,26 @@ class UnknownDomainError(DeviceError):
     faultCode = FaultCode.INVALID_DOMAIN
 
 
+class NotAGuestError(UnknownDomainError):
+    """
+    The domain exists but has no C{/vm} record (dom0, or a domain another
+    toolstack is still building): the toolstack keeps its device records
+    there, so it attaches no device to it. Its devices made by xl are
+    still listed.
+    """
+
+    code = "not-a-guest"
+
+    def __init__(self, domid: int, name: str | None) -> None:
+        self.domid = domid
+        named = f" ({name})" if name else ""
+        if domid == 0:
+            why = "is dom0: xenddev attaches devices to guests only, not to dom0"
+        else:
+            why = "has no /vm record: xenddev attaches devices only to guests that have one"
+        super().__init__(f"Domain {domid}{named} {why}")
+
+
 class HotplugFailedError(DeviceError):
     """The hotplug script reported an error, was busy, or never reported."""
 
@@ -331,6 +351,19 @@ class DevController:
         """The C{handle} column of a listing (xl block-list: the guest)."""
         return self.domid
 
+    @classmethod
+    def deviceLabel(cls, devid: int, withClass: bool = False) -> str:
+        """
+        How messages name a device: its L{deviceName} beside its id when it
+        has one (C{xvdq (268439552)}: a person wrote C{xvdq}, and the number
+        alone does not say which disk it is), else its id; with the class,
+        C{xvdb (vbd 51728)} or C{0 (vif)}.
+        """
+        name = cls.deviceName(devid)
+        if name is None or name == str(devid):
+            return f"{devid} ({cls.deviceClass})" if withClass else str(devid)
+        return f"{name} ({cls.deviceClass} {devid})" if withClass else f"{name} ({devid})"
+
     def withDevid(self, details: DeviceDetails, devid: int) -> DeviceDetails:
         """The details once an allocated device id is known (see L{ALLOCATE})."""
         return attrs.evolve(details, devid=devid)
@@ -368,18 +401,23 @@ class DevController:
 
     async def _reconfigure(self, name: object, details: DeviceDetails) -> int:
         devid = await self.convertToDeviceNumber(name)
-        refusal = (
-            f"Refusing to reconfigure device {self.deviceClass}:{devid} to {dict(details.config)}"
-        )
+        # The device as a person named it: the configuration itself is no
+        # message (it printed as a Python dict).
+        refusal = f"Refusing to reconfigure device {self.deviceLabel(devid, withClass=True)}"
         if details.devid != devid:
-            raise DeviceConfigError(f"{refusal}: the new configuration is another device")
+            raise DeviceConfigError(
+                f"{refusal}: the new configuration is another device, "
+                f"{self.deviceLabel(details.devid)}"
+            )
         recorded = await self.getDeviceConfiguration(devid)
         vdi, backendId, backend = await self.readVm(devid, "vdi", "backend-id", "backend")
         if vdi is None or backendId is None or backend is None:
-            raise DeviceNotFoundError(f"Device {devid} not connected")
+            raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
+        # The class's refusal first: a disk that is not a cdrom is refused
+        # as such, whichever driver domain the new medium names.
+        self.checkReconfigure(devid, recorded, details)
         if int(backendId) != details.backendDomid:
             raise DeviceConfigError(f"{refusal}: the driver domain cannot change")
-        self.checkReconfigure(devid, recorded, details)
         dd = self._driverDomain(details.backendDomid)
         old = await dd.describe(vdi, self.objectClass)
         try:
@@ -551,10 +589,12 @@ class DevController:
         if isinstance(e, DeviceError | CancelledError):
             return e
         if isinstance(e, DriverDomainError):
-            return DeviceError(f"Device {devid} ({self.deviceClass}) could not be connected: {e}")
+            return DeviceError(
+                f"Device {self.deviceLabel(devid, withClass=True)} could not be connected: {e}"
+            )
         if isinstance(e, DriverDomainTimeout):
             return DeviceError(
-                f"Device {devid} ({self.deviceClass}) could not be connected: "
+                f"Device {self.deviceLabel(devid, withClass=True)} could not be connected: "
                 "the driver domain did not answer"
             )
         return e
@@ -607,7 +647,8 @@ class DevController:
                 )
                 await self.xs.rm(junk.path, missingOk=True)
         raise DeviceExistsError(
-            f"Device {details.devid}: the guest keeps making its frontend directory"
+            f"Device {self.deviceLabel(details.devid)}: the guest keeps making its "
+            "frontend directory"
         )
 
     async def _libxlOwns(self, tx: ITransaction, devid: int) -> bool:
@@ -625,24 +666,23 @@ class DevController:
         await tx.write(f"{self.devicePath(details.devid)}/backend", plug.backendPath)
 
     async def _waitConnected(self, devid: int, backendPath: str) -> None:
+        device = self.deviceLabel(devid, withClass=True)
         try:
             result = await waitForHotplugStatus(
                 self._waits(backendPath), backendPath, self.createTimeout
             )
         except XenStoreTimeout:
             raise HotplugFailedError(
-                f"Device {devid} ({self.deviceClass}) could not be connected. "
-                "Hotplug scripts not working."
+                f"Device {device} could not be connected. Hotplug scripts not working."
             ) from None
         if result.status is HotplugStatus.Error:
             raise HotplugFailedError(
-                f"Device {devid} ({self.deviceClass}) could not be connected. "
+                f"Device {device} could not be connected. "
                 f"{result.error or 'Hotplug script failed.'}"
             )
         if result.status is HotplugStatus.Busy:
             raise HotplugFailedError(
-                f"Device {devid} ({self.deviceClass}) could not be connected. "
-                f"{result.error or 'Device is busy.'}"
+                f"Device {device} could not be connected. {result.error or 'Device is busy.'}"
             )
 
     def waitForDevice(self, devid: int) -> Deferred[None]:
@@ -651,7 +691,7 @@ class DevController:
         async def wait() -> None:
             backend = await self.xs.readOrNone(f"{self.devicePath(devid)}/backend")
             if backend is None:
-                raise DeviceNotFoundError(f"Device {devid} not connected")
+                raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
             await self._waitConnected(devid, backend)
 
         return Deferred.fromCoroutine(wait())
@@ -695,7 +735,7 @@ class DevController:
             consumeErrors=True,
         )
         if vdi is None or backendId is None:
-            raise DeviceNotFoundError(f"Device {devid} not connected")
+            raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
         front = self.frontendPath(devid)
         ddId = int(backendId)
         # The driver domain's home (a read, not an exists: same answer, and
@@ -707,8 +747,8 @@ class DevController:
             if not await self._closeBackend(backend):
                 if mode is DestroyMode.SAFE:
                     raise DeviceError(
-                        f"Device {devid} ({self.deviceClass}) could not be disconnected: "
-                        "the guest did not close it"
+                        f"Device {self.deviceLabel(devid, withClass=True)} could not be "
+                        "disconnected: the guest did not close it"
                     )
                 self.log.warn(
                     "Guest {domid} did not close {cls} {devid}; detaching forcibly",
@@ -866,7 +906,7 @@ class DevController:
             base = f"{self.devicePath(devid)}/config"
             keys = await self.xs.ls(base, missingOk=True)
             if not keys and not await self.xs.exists(self.devicePath(devid)):
-                raise DeviceNotFoundError(f"Device {devid} not connected")
+                raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
             values = await gatherResults(
                 [self.xs.read(f"{base}/{k}") for k in keys], consumeErrors=True
             )
@@ -944,7 +984,7 @@ class DevController:
         async def write(tx: ITransaction) -> None:
             backend = await tx.readOrNone(f"{self.devicePath(devid)}/backend")
             if backend is None or not await tx.exists(backend):
-                raise DeviceNotFoundError(f"Device {devid} not connected")
+                raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
             for key, value in values.items():
                 await tx.write(f"{backend}/{key}", value)
 

@@ -38,6 +38,7 @@ from xenddev.toolstack.controller import (
     DeviceConfigError,
     DeviceNotFoundError,
     DomainInfo,
+    NotAGuestError,
     UnknownDomainError,
 )
 from xenddev.xenbus import (
@@ -192,12 +193,24 @@ class DeviceManager:
         return self.xs.transact(make)
 
     def domainInfo(self, domid: int) -> Deferred[DomainInfo]:
-        """The guest's vm path; L{UnknownDomainError} if it has no home."""
+        """
+        The guest's vm path; L{UnknownDomainError} if it has no home,
+        L{NotAGuestError} if it has one but no C{vm} (dom0: it exists, and
+        saying otherwise misled its users).
+        """
 
         async def read() -> DomainInfo:
             d = validateDomid(domid)
-            vm = await self.xs.readOrNone(f"{domainPath(d)}/vm")
+            home = domainPath(d)
+            vm = await self.xs.readOrNone(f"{home}/vm")
             if vm is None:
+                # Only on the refusal's path: the home and its name.
+                there, name = await gatherResults(
+                    [self.xs.exists(home), self.xs.readOrNone(f"{home}/name")],
+                    consumeErrors=True,
+                )
+                if there:
+                    raise NotAGuestError(d, name)
                 raise UnknownDomainError(f"Domain {d} does not exist")
             return DomainInfo(d, vm)
 
@@ -368,7 +381,10 @@ class DeviceManager:
         """
 
         async def find() -> str | None:
-            info = await self.domainInfo(domid)
+            try:
+                info = await self.domainInfo(domid)
+            except NotAGuestError:
+                return None  # dom0: no class of ours made any of its devices
             for devclass in BLOCK_CLASSES:
                 if devclass not in self.controllerClasses:
                     continue
@@ -400,9 +416,16 @@ class DeviceManager:
         """Rows like C{xl block-list} / C{xl network-list}."""
 
         async def rows() -> list[DeviceRow]:
-            ctrl = await self.controller(domid, devclass)
+            try:
+                ctrl = await self.controller(domid, devclass)
+                ours = await ctrl.deviceIDs()
+            except NotAGuestError:
+                # dom0 (no vm record) has none of our devices, but xl may
+                # have attached some: listed as for any domain. The
+                # controller only names paths here; it keeps no record.
+                ctrl = self._make(self.controllerClasses[devclass], DomainInfo(domid, ""))
+                ours = []
             out = []
-            ours = await ctrl.deviceIDs()
             for devid in ours:
                 backendId, backend = await ctrl.readVm(devid, "backend-id", "backend")
                 out.append(await self._row(ctrl, devid, backendId, backend, "xenddev"))
@@ -468,6 +491,10 @@ class DeviceManager:
 
         async def wait() -> None:
             for devclass in self.controllerClasses:
-                await (await self.controller(domid, devclass)).waitForDevices()
+                try:
+                    ctrl = await self.controller(domid, devclass)
+                except NotAGuestError:
+                    return  # dom0: none of its devices is ours to wait for
+                await ctrl.waitForDevices()
 
         return Deferred.fromCoroutine(wait())
