@@ -257,7 +257,7 @@ class ControllerSuite(ControllerFixture):
             self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"}),
             DeviceExistsError,
         )
-        self.assertEqual(str(e), "Device 51728 is already connected.")
+        self.assertEqual(str(e), "Device xvdb (51728) is already connected.")
         await self.assertTreeIs(before)
 
     async def test_unknownDomain(self) -> None:

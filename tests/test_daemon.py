@@ -827,7 +827,7 @@ class DaemonEndToEndSuite(
         f = await self.assertFault(
             FaultCode.DEVICE_EXISTS, "device.attach", GUEST, "vbd", {"spec": f"{image},raw,xvdb,r"}
         )
-        self.assertEqual(f.faultString, "Device 51728 is already connected.")
+        self.assertEqual(f.faultString, "Device xvdb (51728) is already connected.")
         await self.assertFault(FaultCode.NO_SUCH_DEVICE, "device.detach", GUEST, "vbd", "xvdc")
         await self.assertFault(FaultCode.INVALID_DOMAIN, "device.list", 70000)
         await self.assertFault(FaultCode.INVALID_DOMAIN, "device.list", "nosuchguest")

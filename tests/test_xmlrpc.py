@@ -361,7 +361,7 @@ class XMLRPCSuite(DeviceServiceFixture):
         f = await self.assertFault(
             FaultCode.DEVICE_EXISTS, "device.attach", GUEST, "vbd", {"spec": f"{img},raw,xvdb,r"}
         )
-        self.assertEqual(f.faultString, "Device 51728 is already connected.")
+        self.assertEqual(f.faultString, "Device xvdb (51728) is already connected.")
         await self.assertTreeIs(before)
         await self.assertFault(FaultCode.NO_SUCH_DEVICE, "device.detach", GUEST, "vbd", "xvdc")
         await self.assertFault(

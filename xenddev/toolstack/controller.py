@@ -620,10 +620,12 @@ class DevController:
                 [tx.exists(record), tx.exists(front)], consumeErrors=True
             )
             if ours:
-                raise DeviceExistsError(f"Device {devid} is already connected.")
+                raise DeviceExistsError(f"Device {self.deviceLabel(devid)} is already connected.")
             if there:
                 if await self._libxlOwns(tx, devid):
-                    raise DeviceExistsError(f"Device {devid} is already connected (by xl).")
+                    raise DeviceExistsError(
+                        f"Device {self.deviceLabel(devid)} is already connected (by xl)."
+                    )
                 raise _GuestFrontend(front)
             await tx.write(f"{record}/frontend", front)
             await tx.write(f"{record}/frontend-id", str(self.domid))
