@@ -32,6 +32,7 @@ from xenddev.diskspec import (
     parseXendDisk,
     vdevToNumber,
 )
+from xenddev.toolstack.activation import MODES, Claim
 from xenddev.toolstack.controller import DevController, DeviceConfigError, DeviceDetails
 
 KNOWN_KEYS = frozenset({"spec", "uname", "dev", "mode", "backend"})
@@ -141,6 +142,26 @@ class BlkifController(DevController):
         uname = f"{'phy' if kind == 'phy' else 'file'}:{path}"
         recorded = recordedConfig(spec, uname, mode, backend, choice.kind)
         return DeviceDetails(devid, target, frontendKeys(spec, devid), backend, config=recorded)
+
+    def activationClaim(self, details: DeviceDetails) -> Claim | None:
+        """
+        A disk claims its target's path (C{params}) in its mode: C{r}
+        shared with readers, C{w} exclusive, C{w!} exempt (xend's shared
+        write). An empty drive claims nothing. (The tap classes' targets
+        have the same two keys.)
+        """
+        path = details.target.get("params")
+        mode = MODES.get(details.target.get("mode", "r"))
+        if not path or mode is None:
+            return None
+        return Claim(
+            path,
+            mode,
+            self.domid,
+            self.devicePath(details.devid),
+            self.deviceLabel(details.devid, withClass=True),
+            details.backendDomid,
+        )
 
     def checkReconfigure(
         self, devid: int, recorded: Mapping[str, str], details: DeviceDetails

@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from xenddev.config import (
     Config,
     ConfigError,
+    PoolConfig,
     defaultRundir,
     defaultsAsMapping,
     loadConfig,
@@ -372,3 +373,45 @@ class OverrideTests(TestCase):
             f.write("bogus: 1\n")
         e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
         self.assertIn(f"{path}:1", str(e))
+
+
+class PoolTests(TestCase):
+    """C{pool:}: absent means one host; present, its keys are checked together at start."""
+
+    def test_absentByDefault(self) -> None:
+        """Without C{pool:} there is no pool."""
+        self.assertIsNone(parseConfig("xenstore: embedded\n").pool)
+
+    def test_parsed(self) -> None:
+        """Endpoints normalised (a list or a comma-separated string), the defaults filled in."""
+        config = parseConfig(
+            "pool:\n  endpoints: 10.0.0.1:2379, http://10.0.0.2:2379\n  host: h1\n  ttl: 4\n"
+            "  fence_after: 2\n",
+            "f.yaml",
+        )
+        self.assertEqual(
+            config.pool,
+            PoolConfig(("http://10.0.0.1:2379", "http://10.0.0.2:2379"), "h1", 4, 2.0, 2.0),
+        )
+
+    def test_refused(self) -> None:
+        """Each bad value is named with its key, value and line."""
+        for text, words in (
+            ("pool:\n", "f.yaml: pool.endpoints = []: required"),
+            ("pool:\n  endpoints: [https://e:1]\n", "f.yaml:2: pool.endpoints = "),
+            ("pool:\n  endpoints: [e:1, e:1]\n", "lists one member twice"),
+            ("pool:\n  endpoints: [e:1]\n  host: 'a b'\n", "f.yaml:3: pool.host = 'a b'"),
+            ("pool:\n  endpoints: [e:1]\n  ttl: 1.5\n", "pool.ttl = 1.5: must be a whole"),
+            (
+                "pool:\n  endpoints: [e:1]\n  ttl: 5\n  fence_after: 5\n",
+                "f.yaml:4: pool.fence_after = 5.0: pool lease TTL (5 s) must be longer",
+            ),
+            (
+                "pool:\n  endpoints: [e:1]\n  timeout: 6\n",
+                "f.yaml:3: pool.timeout = 6.0: must be at most pool.fence_after (5)",
+            ),
+            ("pool:\n  endpoints: [e:1]\n  tls: yes\n", "pool.tls: unknown key"),
+        ):
+            with self.assertRaises(ConfigError, msg=text) as cm:
+                parseConfig(text, "f.yaml")
+            self.assertIn(words, str(cm.exception))

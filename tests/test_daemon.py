@@ -48,7 +48,7 @@ from tests.support.host import (
     WatchedProcess,
     pythonEnv,
     shortTempDir,
-    stopSpawned,
+    spawnTwistd,
 )
 from tests.support.treedump import dumpTree
 from tests.test_cli import CLIClientMixin
@@ -635,17 +635,7 @@ class DaemonProcessMixin:
     async def startDaemon(self, *args: str) -> _Daemon:
         """Start the daemon; wait for its ready line; stop it at cleanup if alive."""
         proto = _Daemon()
-        env = pythonEnv()
-        env.pop("XENSTORED_PATH", None)
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            proto,
-            sys.executable,
-            [sys.executable, self.launcher, "-n", "--pidfile=", "xenddev", *args],
-            env=env,
-            path=self.rundir,
-        )
-        self.process = process
-        self.addCleanup(stopSpawned, process, proto.ended)
+        self.process = spawnTwistd(self, proto, self.rundir, "xenddev", *args)
         await proto.ready
         return proto
 

@@ -54,9 +54,16 @@ RULES: dict[str, tuple[str, ...]] = {
     # Device classes, on the toolstack wing only.
     "xenddev.controllers": (*_SHARED, "xenddev.toolstack"),
     # The daemon: config, storage control, the RPC face, the wiring.
-    "xenddev.config": ("xenddev.errors", "xenddev.driverdomain.kinds"),
+    "xenddev.config": ("xenddev.errors", "xenddev.driverdomain.kinds", "xenddev.pool"),
     "xenddev.storagectl": (*_SHARED,),
     "xenddev.metrics": ("xenddev.xenstore",),
+    # The activation guards (the toolstack knows only their interface):
+    # one host's from the toolstack's records, a pool's over etcd; the
+    # pool host's session and its self-fence on the data paths.
+    "xenddev.localguard": (*_SHARED, "xenddev.toolstack", "xenddev.pool"),
+    "xenddev.poolguard": (*_FOUNDATION, "xenddev.toolstack", "xenddev.pool", "xenddev.localguard"),
+    "xenddev.poolfence": _SHARED,
+    "xenddev.poolmember": ("xenddev.errors", "xenddev.pool", "xenddev.poolfence"),
     # Limits on the HTTP face; parts as child services; the fail-fast store.
     "xenddev.httplimits": (),
     "xenddev.lifecycle": (),
@@ -78,6 +85,11 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.config",
         "xenddev.storagectl",
         "xenddev.metrics",
+        "xenddev.localguard",
+        "xenddev.pool",
+        "xenddev.poolfence",
+        "xenddev.poolguard",
+        "xenddev.poolmember",
         "xenddev.xmlrpc",
         "xenddev.httplimits",
         "xenddev.lifecycle",

@@ -301,6 +301,41 @@ def networkTable(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hostsTable(hosts: Sequence[Mapping[str, Any]]) -> str:
+    """C{pool-hosts}' table: name (this host starred), state, lease seconds left, pid."""
+    lines = [f"{'Name':<24} {'State':<12} {'TTL':>4} {'PID':>7}"]
+    for h in hosts:
+        name = f"{h.get('name', '?')}{' *' if h.get('self') else ''}"
+        ttl = h.get("ttl")
+        lines.append(
+            f"{name:<24} {h.get('state', '-')!s:<12} {'-' if ttl is None else ttl!s:>4} "
+            f"{h.get('pid', '-')!s:>7}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def whereText(where: Mapping[str, Any]) -> str:
+    """C{vdi-where}'s answer: the target, its writer, its readers, this host's devices."""
+
+    def holder(h: Mapping[str, Any]) -> str:
+        token = h.get("token")
+        return f"{h.get('host')}" + (f" (token {token})" if token else "")
+
+    writer = where.get("writer")
+    readers = [holder(r) for r in where.get("readers") or []]
+    devices = [
+        f"domain {d.get('domain')} {d.get('device')} {d.get('mode')}"
+        + (f" (token {d['token']})" if d.get("token") else "")
+        for d in where.get("devices") or []
+    ]
+    return (
+        f"target   {where.get('target')}\n"
+        f"writer   {holder(writer) if writer else '-'}\n"
+        f"readers  {', '.join(readers) or '-'}\n"
+        f"devices  {'; '.join(devices) or '-'}\n"
+    )
+
+
 # Commands
 
 
@@ -422,6 +457,16 @@ class Client:
         """network-list."""
         rows = self.call("device.list", self.dom(), "vif")
         self.emit(rows, networkTable(rows))
+
+    def poolHosts(self) -> None:
+        """pool-hosts."""
+        hosts = self.call("pool.hosts")
+        self.emit(hosts, hostsTable(hosts))
+
+    def vdiWhere(self) -> None:
+        """vdi-where."""
+        where = self.call("pool.where", self.opts.target)
+        self.emit(where, whereText(where))
 
     def status(self) -> None:
         """status (with --wait, retry until the daemon answers or time runs out)."""
@@ -580,6 +625,23 @@ def buildParser(
     p = command("network-list", "list network interfaces", "List a domain's interfaces.")
     p.add_argument("dom", help="domain id or name")
     p.set_defaults(run=Client.networkList)
+
+    p = command(
+        "pool-hosts",
+        "list the hosts of the pool",
+        "List the hosts of the pool (this one starred) with their state, the seconds "
+        "left on their lease and their pid; without a pool, this host alone.",
+    )
+    p.set_defaults(run=Client.poolHosts)
+
+    p = command(
+        "vdi-where",
+        "say who holds a storage target",
+        "Say which host holds a storage target read-write, which hold it read-only, and "
+        "which devices of this host use it. TARGET: a path, file:PATH or dev:MAJOR:MINOR.",
+    )
+    p.add_argument("target", metavar="TARGET", help="a path, file:PATH or dev:MAJOR:MINOR")
+    p.set_defaults(run=Client.vdiWhere)
 
     p = command("status", "show the daemon's status", "Show whether the daemon runs, and how.")
     p.add_argument(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,8 @@ import yaml
 
 from xenddev.driverdomain.kinds import KIND_FACTORIES
 from xenddev.errors import XenddevError
+from xenddev.pool.errors import PoolConfigError
+from xenddev.pool.keys import checkHostName
 
 __all__ = [
     "DEFAULT_ROOT_RUNDIR",
@@ -35,6 +38,7 @@ __all__ = [
     "LimitsConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "PoolConfig",
     "TimeoutsConfig",
     "XmlRpcConfig",
     "defaultRundir",
@@ -169,6 +173,27 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class PoolConfig:
+    """
+    This host in a pool over etcd (C{pool:}); absent: one host, no etcd.
+
+    TLS and etcd's authentication are not supported yet (C{http://}
+    endpoints only).
+    """
+
+    #: The etcd members' client URLs (C{http://HOST:PORT}, or C{HOST:PORT}).
+    endpoints: tuple[str, ...] = ()
+    #: This host's name in the pool (unique: a second daemon with it is refused).
+    host: str = attrs.field(factory=socket.gethostname)
+    #: Seconds of the host's session lease (whole seconds, etcd's unit).
+    ttl: int = 10
+    #: Seconds after the last renewal at which the host pauses its data paths.
+    fence_after: float = 5.0
+    #: Seconds one etcd call may take, across members.
+    timeout: float = 2.0
+
+
+@attrs.frozen
 class Config:
     """
     The whole configuration.
@@ -186,6 +211,8 @@ class Config:
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    #: The pool (C{pool:}); None: one host, no etcd.
+    pool: PoolConfig | None = None
     source: str | None = None
 
     @property
@@ -394,6 +421,29 @@ def _checkEndpoint(text: str) -> None:
         raise ValueError(f"not a valid endpoint: {e}") from None
 
 
+def _endpoints(value: Any, node: yaml.Node) -> tuple[str, ...]:
+    from xenddev.pool.etcd import normaliseEndpoint
+
+    if isinstance(value, str):
+        value = [e.strip() for e in value.split(",") if e.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(e, str) for e in value):
+        raise ValueError("must be a non-empty list of etcd client URLs (http://HOST:PORT)")
+    try:
+        urls = tuple(normaliseEndpoint(e) for e in value)
+    except PoolConfigError as e:
+        raise ValueError(str(e)) from None
+    if len(set(urls)) != len(urls):
+        raise ValueError("lists one member twice")
+    return urls
+
+
+def _hostName(value: Any, node: yaml.Node) -> str:
+    try:
+        return checkHostName(_string(value, node))
+    except PoolConfigError as e:
+        raise ValueError(str(e)) from None
+
+
 def _interface(value: Any, node: yaml.Node) -> str:
     import ipaddress
 
@@ -462,6 +512,16 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
     "metrics": (
         MetricsConfig,
         {"enabled": _bool, "endpoint": _endpoint("tcp", "unix", "ssl")},
+    ),
+    "pool": (
+        PoolConfig,
+        {
+            "endpoints": _endpoints,
+            "host": _hostName,
+            "ttl": _integer(1),
+            "fence_after": _number(),
+            "timeout": _number(),
+        },
     ),
 }
 
@@ -582,6 +642,8 @@ def _lineOf(root: yaml.Node | None, section: str, key: str) -> int | None:
 
 
 def _crossCheck(config: Config, root: yaml.Node | None, source: str) -> None:
+    if config.pool is not None:
+        _checkPool(config.pool, root, source)
     rpc = config.xmlrpc
     if (rpc.tcp or rpc.tls) and not rpc.password_file:
         key = "tcp" if rpc.tcp else "tls"
@@ -589,6 +651,34 @@ def _crossCheck(config: Config, root: yaml.Node | None, source: str) -> None:
         raise ConfigError(
             f"{source}:{line}: xmlrpc.{key} = {getattr(rpc, key)!r}: a network listener "
             f"needs xmlrpc.password_file (HTTP Basic credentials, one user:password a line)"
+        )
+
+
+def _checkPool(pool: PoolConfig, root: yaml.Node | None, source: str) -> None:
+    """The pool's keys together: endpoints given, a host name, timings that can fence."""
+    from xenddev.pool.session import checkTiming
+
+    def refuse(key: str, value: Any, why: str) -> ConfigError:
+        line = _lineOf(root, "pool", key)
+        where = f"{source}:{line}" if line is not None else source
+        return ConfigError(f"{where}: pool.{key} = {value!r}: {why}")
+
+    if not pool.endpoints:
+        raise refuse("endpoints", [], "required: the etcd members' client URLs")
+    try:
+        checkHostName(pool.host)  # a host given was checked: this is the default
+    except PoolConfigError as e:
+        raise refuse("host", pool.host, f"this machine's name (the default): {e}") from None
+    try:
+        checkTiming(pool.ttl, pool.fence_after)
+    except PoolConfigError as e:
+        raise refuse("fence_after", pool.fence_after, str(e)) from None
+    if pool.timeout > pool.fence_after:
+        raise refuse(
+            "timeout",
+            pool.timeout,
+            f"must be at most pool.fence_after ({pool.fence_after:g}): a renewal that can "
+            "take longer than the self-fence deadline cannot keep the host live",
         )
 
 

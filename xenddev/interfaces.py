@@ -13,6 +13,7 @@ from zope.interface import Attribute, Interface
 from xenddev.xenstore.interfaces import ITransaction, IWatchHandle, IXenStore, IXenStoreOps
 
 __all__ = [
+    "IActivationGuard",
     "IBuiltinScript",
     "IDevController",
     "IDriverDomainKind",
@@ -276,4 +277,42 @@ class IBuiltinScript(Interface):
         Deferred firing when done, or failing with an exception whose
         C{message} (and C{status}: C{error} or C{busy}) it also wrote to
         C{hotplug-error} (and C{hotplug-status}).
+        """
+
+
+class IActivationGuard(Interface):
+    """
+    Who may use a storage target (seed 000: "no two vdis for the same
+    target will simultaneously be active"): one host's rule from the
+    toolstack's records, or a pool's over etcd. The toolstack consults it
+    before anything of an attach is written and gives back what it was
+    granted at detach and rollback; the daemon's wiring injects it.
+    """
+
+    def acquire(claim):
+        """
+        Take C{claim} (a L{xenddev.toolstack.activation.Claim}); fires with
+        a C{Grant} (the normalised target, the fencing token), or fails
+        with C{ActivationConflict} (fault 12) naming who holds the target,
+        or with fault 16 when the pool cannot be asked. Nothing is written
+        to XenStore either way.
+        """
+
+    def release(grant):
+        """
+        Give back C{grant} (a detach, a rollback); fires when done, never
+        fails (what could not be given back is logged).
+        """
+
+    def where(target):
+        """
+        Fires with who holds C{target} (a path, C{file:PATH} or
+        C{dev:MAJOR:MINOR}) as plain data: C{target} (normalised),
+        C{writer}, C{readers} (hosts), C{devices} (this host's).
+        """
+
+    def hosts():
+        """
+        Fires with the hosts the guard's answers span, as plain data (this
+        host alone without a pool).
         """

@@ -12,13 +12,15 @@ added once the parts it depends on are ready, so the children are in
 start-up order: run directory → embedded xenstored (or a probe of the
 local one) → the toolstack's XenStore connection → driver-domain area,
 the agent's connection and the agent → the simulator's connection and the
-simulators → quiesce handles → device operations → reaper → listeners;
-the line C{xenddev ready} is logged last. Shutdown stops the children one
-at a time in reverse (L{xenddev.lifecycle.stopInReverse}): the listeners
-close first (no new requests), the reaper stops, in-flight device
-operations get C{timeouts.shutdown} seconds to finish and are then
-cancelled (their compensation runs), quiesce handles still held are
-resumed, then the simulators, the agent, their connections and the
+simulators → quiesce handles → (with C{pool:}) the pool session →
+device operations → reaper → the activation guard's records and the
+recovery → listeners; the line C{xenddev ready} is logged last.
+Shutdown stops the children one at a time in reverse
+(L{xenddev.lifecycle.stopInReverse}): the listeners close first (no new
+requests), the reaper stops, in-flight device operations get
+C{timeouts.shutdown} seconds to finish and are then cancelled (their
+compensation runs), the host leaves the pool, quiesce handles still held
+are resumed, then the simulators, the agent, their connections and the
 embedded xenstored stop, and the sockets are removed.
 
 The toolstack's connection (the device manager's, so every XML-RPC
@@ -104,10 +106,11 @@ class RpcFactories(Protocol):
         limits: HttpLimits | None = None,
         reactor: Any = None,
         label: str = "XML-RPC",
+        guard: Any = None,
     ) -> Any:
         """A C{twisted.web.server.Site} serving the XML-RPC API, held to C{limits}."""
 
-    def rpcResource(self, manager: DeviceManager, *, storage: Any = None) -> Any:
+    def rpcResource(self, manager: DeviceManager, *, storage: Any = None, guard: Any = None) -> Any:
         """The XML-RPC resource (wrapped in HTTP Basic auth for TCP)."""
 
 
@@ -386,6 +389,11 @@ class XenddevService(MultiService):
         #: The L{xenddev.storagectl.StorageControl} over L{dataPaths}
         #: (C{datapath.*}: quiesce handles with their deadline).
         self.storage: Any = None
+        #: The activation guard (L{xenddev.interfaces.IActivationGuard}):
+        #: this host's, or the pool's with C{pool:}.
+        self.guard: Any = None
+        #: The L{xenddev.poolmember.PoolMembership}, with C{pool:}.
+        self.pool: Any = None
         self.simulated = False
         self.embedded = False
         self.xenstoreAddress: str | None = None
@@ -474,6 +482,18 @@ class XenddevService(MultiService):
             await self._startAgent(address)
         if self.simulated:
             await self._startSimulators(address)
+        from xenddev.datapath import DataPathControl
+        from xenddev.toolstack.pauser import protocolPausers
+
+        # Through each data path's agent: the toolstack cannot reach the
+        # tapdisks or QMP sockets of a remote driver domain. (The manager,
+        # which owns the agents' clients, is made below: asked when used.)
+        self.dataPaths = DataPathControl(xs, protocolPausers(self._driverDomain))
+        storage = self.storage = self._storageControl()
+        # No data path stays paused because a client's handle outlived us;
+        # stopped after the operations are drained (children stop in reverse).
+        await self._add(Part("quiesce handles", stop=storage.resumeAll))
+        guard = self.guard = await self._startGuard(xs)
         self.manager = ServiceDeviceManager(
             xs,
             self.reactor,
@@ -482,24 +502,17 @@ class XenddevService(MultiService):
             createTimeout=cfg.timeouts.create,
             destroyTimeout=cfg.timeouts.destroy,
             requestTimeout=cfg.timeouts.request,
+            guard=guard,
         )
         if self.guests is not None:
             self.guests.manager = self.manager
-        from xenddev.datapath import DataPathControl
-        from xenddev.toolstack.pauser import protocolPausers
-
-        # Through each data path's agent: the toolstack cannot reach the
-        # tapdisks or QMP sockets of a remote driver domain.
-        self.dataPaths = DataPathControl(xs, protocolPausers(self.manager.driverDomain))
-        storage = self.storage = self._storageControl()
-        # No data path stays paused because a client's handle outlived us;
-        # stopped after the operations are drained (children stop in reverse).
-        await self._add(Part("quiesce handles", stop=storage.resumeAll))
         manager = self.manager
         await self._add(
             Part("device operations", stop=lambda: manager.drain(cfg.timeouts.shutdown))
         )
         await self._startReaper(xs, self.manager)
+        # Before the rollbacks, which give back what they held.
+        await guard.start()
         await self._recover(self.manager)
         if rpc is not None:
             await self._listen(rpc, self.manager)
@@ -510,6 +523,69 @@ class XenddevService(MultiService):
             embedded=" (embedded xenstored)" if self.embedded else "",
             sim=" — SIMULATED backends and frontends" if self.simulated else "",
         )
+
+    def _driverDomain(self, domid: int) -> Any:
+        """The manager's protocol client of a driver domain (the data paths' pausers')."""
+        assert self.manager is not None, "no data path is paused before the manager exists"
+        return self.manager.driverDomain(domid)
+
+    async def _startGuard(self, xs: Any) -> Any:
+        """
+        The activation guard the toolstack claims storage targets from:
+        this host's (L{xenddev.localguard}) without C{pool:}; with it, the
+        pool's (L{xenddev.poolguard}) over a session joined here as the
+        part C{pool session} (L{xenddev.poolmember}), whose self-fence
+        pauses this host's data paths (L{xenddev.poolfence}).
+        """
+        import socket
+
+        from xenddev.localguard import LocalGuard
+
+        pool = self.config.pool
+        local = LocalGuard(xs, pool.host if pool is not None else socket.gethostname())
+        if pool is None:
+            return local
+        from xenddev.pool.activation import Activations
+        from xenddev.pool.errors import EtcdUnavailable, HostNameInUse
+        from xenddev.poolfence import DataPathFence
+        from xenddev.poolguard import PoolGuard
+        from xenddev.poolmember import PoolMembership
+
+        member = self.pool = PoolMembership(
+            self.reactor,
+            pool.host,
+            pool.endpoints,
+            pool.ttl,
+            pool.fence_after,
+            pool.timeout,
+            self.config.timeouts.connect,
+            DataPathFence(self.dataPaths),
+        )
+
+        async def join() -> None:
+            try:
+                await member.start()
+            except (EtcdUnavailable, HostNameInUse) as e:
+                raise StartupError(
+                    f"cannot join the pool as host {pool.host!r} "
+                    f"(etcd {', '.join(pool.endpoints)}): {e}"
+                ) from None
+
+        await self._add(Part("pool session", join, member.stop))
+        session = member.session
+        assert session is not None
+        guard = PoolGuard(local, Activations(member.etcd, session, self.reactor), session)
+        member.onLost(guard.lost)
+        self.log.info(
+            "Host {host} in the pool (etcd {endpoints}): lease {lease:x}, TTL {ttl} s, "
+            "self-fence after {fence:g} s",
+            host=pool.host,
+            endpoints=", ".join(pool.endpoints),
+            lease=session.lease,
+            ttl=session.ttl,
+            fence=pool.fence_after,
+        )
+        return guard
 
     async def _recover(self, manager: DeviceManager) -> None:
         """
@@ -749,6 +825,7 @@ class XenddevService(MultiService):
             limits=self.httpLimits(),
             reactor=self.reactor,
             label=f"XML-RPC on {path}",
+            guard=self.guard,
         )
         await self._listenOn(
             desc,
@@ -814,7 +891,7 @@ class XenddevService(MultiService):
                 f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
             )
         portal = Portal(
-            _RpcRealm(rpc.rpcResource(manager, storage=self.storage)),
+            _RpcRealm(rpc.rpcResource(manager, storage=self.storage, guard=self.guard)),
             [FilePasswordDB(passwords)],
         )
         wrapper = HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"xenddev")])

@@ -15,6 +15,8 @@ Namespaces (see C{docs/xmlrpc.md} for every method):
   - C{datapath.*}: the data paths of L{xenddev.datapath} (list, find,
     quiesce → handle, resume, handles, coalesce) through the daemon's
     L{IStorageControl}, which keeps the quiesce handles;
+  - C{pool.*}: the hosts of the pool and who holds a storage target,
+    through the daemon's L{IActivationGuard} (one host's without a pool);
   - C{daemon.status}; C{system.listMethods}, C{system.methodHelp},
     C{system.methodSignature}.
 
@@ -53,6 +55,7 @@ from xenddev.backendctrl.protocol import OBJECT_CLASSES, ObjectClass, validateNa
 from xenddev.backendctrl.records import DataPath
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.httplimits import HttpLimits, LimitedSite
+from xenddev.interfaces import IActivationGuard
 from xenddev.storagectl import HeldQuiesce, IStorageControl
 from xenddev.sxp import toConfig
 from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
@@ -733,6 +736,52 @@ class DataPathNamespace(_Namespace):
         return dataPathStruct(dp)
 
 
+class PoolNamespace(_Namespace):
+    """
+    C{pool.*}: the hosts of the pool and who holds a storage target
+    (L{IActivationGuard}); without a pool, this host alone.
+    """
+
+    prefix = "pool"
+
+    @property
+    def guard(self) -> IActivationGuard:
+        """The daemon's activation guard; fault 19 if this service has none."""
+        if self.service.guard is None:
+            raise rpcFault(FaultCode.UNSUPPORTED, "this service has no activation guard")
+        return self.service.guard
+
+    @rpcMethod([["array"]])
+    async def xmlrpc_hosts(self) -> list[dict[str, Any]]:
+        """
+        hosts() → [{name, state, pid, ...}, ...]
+
+        The hosts of the pool, by name: with a pool, each with its lease
+        (lease, ttl: seconds left, lease_ttl, fence_after, joined) and
+        this host's session state (live, fenced, rejoining); without one,
+        this host alone (state "single host"). Fault 16 if etcd cannot be
+        reached.
+        """
+        hosts: list[dict[str, Any]] = await self.guard.hosts()
+        return hosts
+
+    @rpcMethod([["struct", "string"]])
+    async def xmlrpc_where(self, target: object) -> dict[str, Any]:
+        """
+        where(target) → {target, writer, readers, devices}
+
+        Who holds a storage target (a path, file:PATH or dev:MAJOR:MINOR;
+        a path on this host is named by what it is: a block device by its
+        numbers, a file by its real path): the host holding it read-write
+        (writer: {host, mode, token}, or nil), those holding it read-only
+        (readers), and this host's devices using it (devices: {domain,
+        device, mode, token}). Fault 10 for a target that can name
+        nothing, 16 if etcd cannot be reached.
+        """
+        where: dict[str, Any] = await self.guard.where(checkString(target, "target"))
+        return where
+
+
 class DaemonNamespace(_Namespace):
     """C{daemon.*}: the service itself."""
 
@@ -770,16 +819,19 @@ class DeviceRPC(XMLRPC):
         manager: DeviceManager,
         clock: Callable[[], float] = time.monotonic,
         storage: IStorageControl | None = None,
+        guard: IActivationGuard | None = None,
     ) -> None:
         super().__init__(allowNone=True, useDateTime=False)
         self.manager = manager
         self.clock = clock
         self.storage = storage
+        self.guard = guard
         self.started = clock()
         self.putSubHandler("xend", XendNamespace(self))
         self.putSubHandler("device", DeviceNamespace(self))
         self.putSubHandler("vdi", VdiNamespace(self))
         self.putSubHandler("datapath", DataPathNamespace(self))
+        self.putSubHandler("pool", PoolNamespace(self))
         self.putSubHandler("daemon", DaemonNamespace(self))
         addIntrospection(self)
 
@@ -924,14 +976,17 @@ def rpcResource(
     manager: DeviceManager,
     clock: Callable[[], float] = time.monotonic,
     storage: IStorageControl | None = None,
+    guard: IActivationGuard | None = None,
 ) -> Resource:
     """
     The XML-RPC resource (any request path serves it).
 
     @param storage: the daemon's data-path control for C{datapath.*}
         (without it those methods give fault 19).
+    @param guard: the daemon's activation guard for C{pool.*} (without it
+        those methods give fault 19).
     """
-    return DeviceRPC(manager, clock, storage)
+    return DeviceRPC(manager, clock, storage, guard)
 
 
 def rpcSite(
@@ -941,10 +996,13 @@ def rpcSite(
     limits: HttpLimits | None = None,
     reactor: Any = None,
     label: str = "XML-RPC",
+    guard: IActivationGuard | None = None,
 ) -> LimitedSite:
     """
     A Site serving L{rpcResource} (listen on it with a UNIX or TCP
     endpoint), held to C{limits} (body size, request and idle timeouts,
     open connections; L{HttpLimits}' defaults if C{None}).
     """
-    return LimitedSite(rpcResource(manager, clock, storage), limits, reactor=reactor, label=label)
+    return LimitedSite(
+        rpcResource(manager, clock, storage, guard), limits, reactor=reactor, label=label
+    )

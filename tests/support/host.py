@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -389,6 +390,32 @@ class WatchedProcess(ProcessProtocol):
     def endedWith(self, end: Any) -> Any:
         """What C{ended} fires with, from C{ProcessDone}/C{ProcessTerminated}: the exit code."""
         return end.exitCode
+
+
+def spawnTwistd(
+    testCase: Cleanups, proto: WatchedProcess, rundir: str, *args: str
+) -> IProcessTransport:
+    """
+    Start C{twistd -n ARGS...} from this checkout (L{TWISTD_LAUNCHER},
+    written into C{rundir}, the process's working directory) with
+    C{proto}; it is stopped at cleanup if still alive (L{stopSpawned}).
+    The environment is L{pythonEnv}'s without C{XENSTORED_PATH}.
+    """
+    launcher = os.path.join(rundir, "launch.py")
+    if not os.path.exists(launcher):
+        with open(launcher, "w") as f:
+            f.write(TWISTD_LAUNCHER)
+    env = pythonEnv()
+    env.pop("XENSTORED_PATH", None)
+    process: IProcessTransport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        proto,
+        sys.executable,
+        [sys.executable, launcher, "-n", "--pidfile=", *args],
+        env=env,
+        path=rundir,
+    )
+    testCase.addCleanup(stopSpawned, process, proto.ended)
+    return process
 
 
 async def stopSpawned(

@@ -10,17 +10,20 @@ C{/vm/<uuid>/device/<class>/<devid>}. Subclasses (in C{controllers/}) give
 only class facts and hooks: how a configuration becomes a target and
 frontend keys, how a device id is derived, what cleanup follows a destroy.
 
-C{createDevice}: validate → reserve the device id in the records (refusing
-a duplicate, inside a transaction, from the toolstack's own records only)
-→ C{prepare} → C{plug} → one transaction writing the frontend, the
-backend cross-pointer, b-copy and the records → C{activate} → wait for
-C{hotplug-status}. Any failure, or C{cancel()}, runs the compensating chain
-in reverse, so the tree ends exactly as it began.
+C{createDevice}: validate → ask the activation guard for the storage
+target (L{IActivationGuard}: refused, naming the holder, before anything
+is written) → reserve the device id in the records, with the guard's
+grant (refusing a duplicate, inside a transaction, from the toolstack's
+own records only) → C{prepare} → C{plug} → one transaction writing the
+frontend, the backend cross-pointer, b-copy and the records → C{activate}
+→ wait for C{hotplug-status}. Any failure, or C{cancel()}, runs the
+compensating chain in reverse (the grant given back last), so the tree
+ends exactly as it began.
 
 C{destroyDevice}: C{online=0} and C{state=5} in one transaction → wait for
 Closed → remove the frontend → C{unplug} (the driver domain runs the remove
 script first) → C{deactivate} → C{unprepare} → remove the records →
-C{finishDeviceCleanup}.
+C{finishDeviceCleanup} → give the grant back to the guard.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ from zope.interface import implementer
 from xenddev.backendctrl.errors import DriverDomainError, DriverDomainTimeout
 from xenddev.backendctrl.protocol import VDI, ObjectClass
 from xenddev.errors import FaultCode, XenddevError
-from xenddev.interfaces import IDevController, ITransaction, IXenStore
+from xenddev.interfaces import IActivationGuard, IDevController, ITransaction, IXenStore
+from xenddev.toolstack.activation import (
+    GRANT_NODES,
+    Claim,
+    Grant,
+    activationPath,
+    grantFrom,
+    readGrant,
+    writeGrant,
+)
 from xenddev.toolstack.client import (
     DriverDomainClient,
     PlugResult,
@@ -232,6 +244,9 @@ class DevController:
         table, per driver domain). A controller made without it serves
         only what needs no driver domain (checking configurations, paths,
         records).
+    @param guard: the activation guard the storage targets of attaches
+        are claimed from (the daemon's: one host's, or the pool's); without
+        one nothing is claimed.
     """
 
     deviceClass: ClassVar[str] = "base"
@@ -258,8 +273,10 @@ class DevController:
         destroyTimeout: float = DEFAULT_DESTROY_TIMEOUT,
         requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
         driverDomains: Callable[[int], DriverDomainClient] | None = None,
+        guard: IActivationGuard | None = None,
     ) -> None:
         self.xs = xs
+        self.guard = guard
         self.domain = domain
         self.domid = domain.domid
         self.createTimeout = createTimeout
@@ -368,6 +385,14 @@ class DevController:
         """The details once an allocated device id is known (see L{ALLOCATE})."""
         return attrs.evolve(details, devid=devid)
 
+    def activationClaim(self, details: DeviceDetails) -> Claim | None:
+        """
+        Hook: the storage target a device's details claim from the
+        activation guard (called with the device id known), or None for
+        a device that uses none (a vif, an empty cdrom drive).
+        """
+        return None
+
     def finishDeviceCleanup(self, backpath: str, path: str) -> Deferred[None]:
         """Hook run after a device is destroyed (Blktap2 frees its tapdisk)."""
         d: Deferred[None] = Deferred()
@@ -397,9 +422,31 @@ class DevController:
         if not self.changesMedium:
             raise DeviceError(f"{self.deviceClass} devices may not be reconfigured")
         details = self.getDeviceDetails(config)  # raises before anything is written
-        return Deferred.fromCoroutine(self._reconfigure(devid, details))
+        return Deferred.fromCoroutine(self._newMedium(devid, details))
 
-    async def _reconfigure(self, name: object, details: DeviceDetails) -> int:
+    async def _newMedium(self, name: object, details: DeviceDetails) -> int:
+        """
+        L{_reconfigure} with the guard asked first for the new medium
+        (refused before anything changes), the new grant given back if the
+        change fails, and the old one once it is replaced.
+        """
+        previous = await readGrant(self.xs, self.devicePath(details.devid), self.domid)
+        grant = await self._acquire(details)
+        # The same target again is the same entry in the guard: kept.
+        same = grant is not None and previous is not None and grant.target == previous.target
+        try:
+            devid = await self._reconfigure(name, details, grant)
+        except BaseException:
+            if not same:
+                await self._release(grant)
+            raise
+        if not same:
+            await self._release(previous)
+        return devid
+
+    async def _reconfigure(
+        self, name: object, details: DeviceDetails, grant: Grant | None = None
+    ) -> int:
         devid = await self.convertToDeviceNumber(name)
         # The device as a person named it: the configuration itself is no
         # message (it printed as a Python dict).
@@ -441,6 +488,10 @@ class DevController:
         async def record(tx: ITransaction) -> None:
             await tx.rm(f"{self.devicePath(devid)}/config", missingOk=True)
             await self._writeConfig(tx, devid, details.config)
+            # The new medium's grant replaces the old one's (an empty drive has none).
+            await tx.rm(activationPath(self.devicePath(devid)), missingOk=True)
+            if grant is not None:
+                await writeGrant(tx, grant)
 
         await self.xs.transact(record, self.transactAttempts)
         return devid
@@ -537,10 +588,20 @@ class DevController:
     async def _create(self, details: DeviceDetails) -> int:
         devid = details.devid
         dd = self._driverDomain(details.backendDomid)
-        # Before anything is written: a domain without an agent would
-        # never answer (NoAgentError, nothing left behind).
-        await dd.checkAgent()
+        # Before anything is written: the storage target may be in use by
+        # another guest or host (ActivationConflict, naming the holder);
+        # a domain without an agent would never answer (NoAgentError).
+        # Nothing is left behind either way.
+        grant = await self._acquire(details)
+        try:
+            await dd.checkAgent()
+        except BaseException:
+            await self._release(grant)
+            raise
         undo = _Compensation()
+        # The first step pushed is undone last: the grant goes back once
+        # nothing of the device is left.
+        undo.push("grant", lambda: self._release(grant))
         #: Whether the driver domain failed to answer a request: the undo
         #: then gives the object up at once instead of waiting again.
         unanswered = False
@@ -555,7 +616,7 @@ class DevController:
             await dd.abandon(vdi, self.objectClass)
 
         try:
-            devid = await self._reserve(details)
+            devid = await self._reserve(details, grant)
             details = self.withDevid(details, devid)
             undo.push("reservation", lambda: self._removeRecord(devid))
             vdi = self.vdiName(devid)
@@ -599,10 +660,24 @@ class DevController:
             )
         return e
 
-    async def _reserve(self, details: DeviceDetails) -> int:
+    async def _acquire(self, details: DeviceDetails) -> Grant | None:
+        """The guard's grant of the details' storage target (None: nothing claimed)."""
+        claim = self.activationClaim(details)
+        if claim is None or self.guard is None:
+            return None
+        grant: Grant = await self.guard.acquire(claim)
+        return grant
+
+    async def _release(self, grant: Grant | None) -> None:
+        """Give a grant back to the guard (which logs what it could not give back)."""
+        if grant is not None and self.guard is not None:
+            await self.guard.release(grant)
+
+    async def _reserve(self, details: DeviceDetails, grant: Grant | None = None) -> int:
         """
         Claim the device id in our own records, or refuse a duplicate; with
-        L{ALLOCATE}, claim the lowest free id. Fires with the id.
+        L{ALLOCATE}, claim the lowest free id. The guard's C{grant} is kept
+        in the record. Fires with the id.
         """
 
         async def claim(tx: ITransaction) -> int:
@@ -632,6 +707,8 @@ class DevController:
             await tx.write(f"{record}/backend-id", str(details.backendDomid))
             await tx.write(f"{record}/vdi", self.vdiName(devid))
             await self._writeConfig(tx, devid, details.config)
+            if grant is not None:
+                await writeGrant(tx, grant)
             return devid
 
         for _ in range(_GUEST_FRONTEND_REMOVALS):
@@ -728,14 +805,18 @@ class DevController:
     async def _destroy(self, name: object, mode: DestroyMode) -> None:
         devid = await self.convertToDeviceNumber(name)
         record = self.devicePath(devid)
-        backend, vdi, backendId = await gatherResults(
+        granted = activationPath(record)
+        # The grant's nodes in the same round trip as the rest.
+        backend, vdi, backendId, *values = await gatherResults(
             [
                 self.xs.readOrNone(f"{record}/backend"),
                 self.xs.readOrNone(f"{record}/vdi"),
                 self.xs.readOrNone(f"{record}/backend-id"),
+                *(self.xs.readOrNone(f"{granted}/{node}") for node in GRANT_NODES),
             ],
             consumeErrors=True,
         )
+        grant = grantFrom(values, self.domid, record)
         if vdi is None or backendId is None:
             raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
         front = self.frontendPath(devid)
@@ -744,6 +825,7 @@ class DevController:
         # xenstored answers either in one round trip).
         if await self.xs.readOrNone(domainPath(ddId)) is None:
             await self._cleanToolstackSide(devid, ddId, vdi, "driver domain is gone")
+            await self._release(grant)
             return
         if backend is not None and mode is not DestroyMode.FORCE:
             if not await self._closeBackend(backend):
@@ -763,9 +845,17 @@ class DevController:
             await self._driverDomain(ddId).teardown(vdi, self.objectClass)
         except DriverDomainTimeout:
             await self._cleanToolstackSide(devid, ddId, vdi, "driver domain did not answer")
+            await self._release(grant)
             return
-        await self._removeRecord(devid)
-        await self.finishDeviceCleanup(backend or self.backendPath(ddId, devid), front)
+        # The device's data path is gone with the teardown: its target is
+        # free for others, given back while the record goes (in a pool, an
+        # etcd round trip beside XenStore's).
+        released = Deferred.fromCoroutine(self._release(grant))
+        try:
+            await self._removeRecord(devid)
+            await self.finishDeviceCleanup(backend or self.backendPath(ddId, devid), front)
+        finally:
+            await released
 
     def _reactor(self) -> Any:
         """The reactor that times this controller's deadlines."""
