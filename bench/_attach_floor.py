@@ -354,7 +354,9 @@ class FloorToolstack:
         await self._request(disk, f"unplug {PLUG}")
         await self._request(disk, "deactivate")
         await self._request(disk, "unprepare", removeObject=True)
-        await xs.transact(lambda tx: _pruned(tx, record))
+        # The record, its class directory and <vm>/device while empty, as
+        # the framework's _removeRecord does.
+        await xs.transact(lambda tx: _prunedTwice(tx, record))
 
 
 @attrs.define

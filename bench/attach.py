@@ -363,10 +363,16 @@ class FrameworkImpl(Impl):
         self.xs = await connect(self.socketPath)
         self.counts = Counts()
         countRequests(self.xs.protocol, self.counts)
-        # Generous timeouts: a hundred operations in flight must not fail
-        # for lack of patience (failures are counted and reported).
+        # Generous timeouts: a thousand operations in flight must not fail
+        # for lack of patience (failures are counted and reported); the
+        # floor waits without a deadline. With the daemon's 30 s request
+        # timeout a plug queued behind 999 others on a loaded host timed out.
         self.manager = DeviceManager(
-            self.xs, defaultControllers(), createTimeout=120.0, destroyTimeout=120.0
+            self.xs,
+            defaultControllers(),
+            createTimeout=120.0,
+            destroyTimeout=120.0,
+            requestTimeout=120.0,
         )
 
     def attach(self, disk: Disk) -> Awaitable[object]:
