@@ -165,7 +165,7 @@ class VifFieldTests(SynchronousTestCase):
         self.assertEqual(ctrl.getDeviceDetails({"type": "vif"}).config["type"], "vif")
         self.assertEqual(ctrl.getDeviceDetails({"type": "vif_ioemu"}).config["type"], "vif_ioemu")
 
-    @settings(max_examples=examples(2000), deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(st.text(alphabet="0123456789abcdefABCDEF.:/% \t", max_size=60))
     def test_ipsTheAgentTakes(self, text: str) -> None:
         """Whatever parseIps accepts, the driver domain's netback kind accepts too."""
@@ -175,7 +175,7 @@ class VifFieldTests(SynchronousTestCase):
             return
         self.assertTrue(AGENT_IPS.match(ips), ips)
 
-    @settings(max_examples=examples(2000), deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(st.from_regex(r"\A[0-9]{1,30}[kKMG]?[Bb]/s(@[0-9]{1,12}[mu]?s)?\Z", fullmatch=True))
     def test_rateFitsTheBackend(self, text: str) -> None:
         """Any rate parseRate accepts is two counts netback reads as 64-bit numbers."""
