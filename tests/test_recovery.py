@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 from typing import Any
 
 from twisted.internet import reactor
@@ -43,10 +42,10 @@ from xenddev.toolstack.recovery import recoverDevices
 from xenddev.xenbus import XenbusState, waitForState
 from xenddev.xenstore.client import XenStoreClient
 from xenddev.xenstore.errors import XenStoreConnectionLost
+from xenddev.xenstore.wire import HEADER
 
 GUEST = 5
 XVDB = 51728
-_HEADER = struct.Struct("<IIII")
 
 
 class _Cut:
@@ -90,8 +89,8 @@ class _Cut:
             return
         offset = 0
         while offset < len(data):
-            length = _HEADER.unpack_from(data, offset)[3]
-            end = offset + _HEADER.size + length
+            length = HEADER.unpack_from(data, offset)[3]
+            end = offset + HEADER.size + length
             self.sent += 1
             if self.sent == self.at:
                 real.write(data[:offset])
