@@ -54,7 +54,12 @@ RULES: dict[str, tuple[str, ...]] = {
     # Device classes, on the toolstack wing only.
     "xenddev.controllers": (*_SHARED, "xenddev.toolstack"),
     # The daemon: config, storage control, the RPC face, the wiring.
-    "xenddev.config": ("xenddev.errors", "xenddev.driverdomain.kinds", "xenddev.pool"),
+    "xenddev.config": (
+        "xenddev.errors",
+        "xenddev.driverdomain.kinds",
+        "xenddev.pool",
+        "xenddev.poolpeers",
+    ),
     "xenddev.storagectl": (*_SHARED,),
     "xenddev.metrics": ("xenddev.xenstore",),
     # The activation guards (the toolstack knows only their interface):
@@ -64,6 +69,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.poolguard": (*_FOUNDATION, "xenddev.toolstack", "xenddev.pool", "xenddev.localguard"),
     "xenddev.poolfence": _SHARED,
     "xenddev.poolmember": ("xenddev.errors", "xenddev.pool", "xenddev.poolfence"),
+    # The other hosts' daemons, asked over XML-RPC.
+    "xenddev.poolpeers": ("xenddev.errors", "xenddev.interfaces", "xenddev.pool"),
     # Limits on the HTTP face; parts as child services; the fail-fast store.
     "xenddev.httplimits": (),
     "xenddev.lifecycle": (),
@@ -90,6 +97,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.poolfence",
         "xenddev.poolguard",
         "xenddev.poolmember",
+        "xenddev.poolpeers",
         "xenddev.xmlrpc",
         "xenddev.httplimits",
         "xenddev.lifecycle",

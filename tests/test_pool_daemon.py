@@ -41,7 +41,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support.etcdcluster import SHARED, EtcdCluster, report, startCluster
+from tests.support.etcdcluster import SHARED, EtcdCluster, freePorts, report, startCluster
 from tests.support.host import WatchedProcess, shortTempDir, spawnTwistd
 from tests.support.treedump import diffTrees, dumpTree
 from tests.test_cli import run
@@ -54,6 +54,9 @@ from xenddev.xenstore.connection import connectXenStore
 
 GUEST = 5
 TTL = 3
+#: The credentials daemons started with peers call one another with.
+PEER_USER = "peer"
+PEER_PASSWORD = "pool-secret"
 FENCE_AFTER = 1.0
 RENEW_EVERY = FENCE_AFTER / 4
 
@@ -73,6 +76,8 @@ class Host:
     proto: _Daemon
     process: Any
     xs: Any = None
+    #: Its XML-RPC URL on loopback, when started with peers.
+    url: str | None = None
 
     @property
     def socket(self) -> str:
@@ -106,14 +111,24 @@ class PoolHostsMixin:
     assertIn: Any
     fail: Any
 
-    async def startHost(self, name: str, endpoints: list[str] | None) -> Host:
-        """A daemon with C{pool:} on C{endpoints} (None: no pool), ready; stopped at cleanup."""
+    async def startHost(
+        self, name: str, endpoints: list[str] | None, peers: bool = False, **extra: Any
+    ) -> Host:
+        """
+        A daemon with C{pool:} on C{endpoints} (None: no pool), ready;
+        stopped at cleanup. With C{peers}, it listens on a loopback TCP
+        port with HTTP Basic (L{PEER_USER}:L{PEER_PASSWORD}), advertises it,
+        and calls the other hosts with the same credentials. C{extra}:
+        more top-level configuration.
+        """
         rundir = shortTempDir(self, f"xp{name[-1]}-")
-        config = {
+        config: dict[str, Any] = {
             "rundir": os.path.join(rundir, "run"),
             "xenstore": "embedded",
             "timeouts": {"shutdown": 2, "connect": 3, "create": 10},
+            **extra,
         }
+        url = None
         if endpoints is not None:
             config["pool"] = {
                 "endpoints": endpoints,
@@ -122,13 +137,22 @@ class PoolHostsMixin:
                 "fence_after": FENCE_AFTER,
                 "timeout": 0.5,
             }
+            if peers:
+                (port,) = freePorts(1)
+                url = f"http://127.0.0.1:{port}/RPC2"
+                passwords = os.path.join(rundir, "passwords")
+                fd = os.open(passwords, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{PEER_USER}:{PEER_PASSWORD}\n")
+                config["xmlrpc"] = {"tcp": f"tcp:{port}", "password_file": passwords}
+                config["pool"].update(advertise=url, peer_password_file=passwords)
         path = os.path.join(rundir, "xenddev.yaml")
         with open(path, "w") as f:
             json.dump(config, f)  # JSON is YAML
         proto = _Daemon()
         process = spawnTwistd(self, proto, rundir, "xenddev", "--config", path)
         await proto.ready
-        host = Host(name, rundir, proto, process)
+        host = Host(name, rundir, proto, process, url=url)
         host.xs = await connectXenStore(reactor, endpoint=UNIXClientEndpoint(reactor, host.store))
         self.addCleanup(host.xs.disconnect)
         return host

@@ -191,6 +191,11 @@ class PoolConfig:
     fence_after: float = 5.0
     #: Seconds one etcd call may take, across members.
     timeout: float = 2.0
+    #: The URL the other hosts' daemons reach this one at (its own
+    #: C{xmlrpc.tcp}/C{xmlrpc.tls} listener), published in its membership.
+    advertise: str | None = None
+    #: One C{user:password} line this daemon calls the other hosts with.
+    peer_password_file: str | None = None
 
 
 @attrs.frozen
@@ -309,7 +314,7 @@ def _optionalString(value: Any, node: yaml.Node) -> str | None:
 
 
 #: Keys holding file paths; relative ones are taken from the config's directory.
-PATH_KEYS = frozenset({"script_dir", "socket", "file", "password_file"})
+PATH_KEYS = frozenset({"script_dir", "socket", "file", "password_file", "peer_password_file"})
 
 
 def _path(value: Any, node: yaml.Node) -> str:
@@ -444,6 +449,12 @@ def _hostName(value: Any, node: yaml.Node) -> str:
         raise ValueError(str(e)) from None
 
 
+def _advertise(value: Any, node: yaml.Node) -> str:
+    from xenddev.poolpeers import checkAdvertise
+
+    return checkAdvertise(_string(value, node))
+
+
 def _interface(value: Any, node: yaml.Node) -> str:
     import ipaddress
 
@@ -521,6 +532,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
             "ttl": _integer(1),
             "fence_after": _number(),
             "timeout": _number(),
+            "advertise": _advertise,
+            "peer_password_file": _optionalPath,
         },
     ),
 }
@@ -645,6 +658,12 @@ def _crossCheck(config: Config, root: yaml.Node | None, source: str) -> None:
     if config.pool is not None:
         _checkPool(config.pool, root, source)
     rpc = config.xmlrpc
+    if config.pool is not None and config.pool.advertise and not (rpc.tcp or rpc.tls):
+        line = _lineOf(root, "pool", "advertise")
+        raise ConfigError(
+            f"{source}:{line}: pool.advertise = {config.pool.advertise!r}: the other hosts "
+            "reach this daemon on a network listener: set xmlrpc.tcp or xmlrpc.tls"
+        )
     if (rpc.tcp or rpc.tls) and not rpc.password_file:
         key = "tcp" if rpc.tcp else "tls"
         line = _lineOf(root, "xmlrpc", key)
@@ -679,6 +698,13 @@ def _checkPool(pool: PoolConfig, root: yaml.Node | None, source: str) -> None:
             pool.timeout,
             f"must be at most pool.fence_after ({pool.fence_after:g}): a renewal that can "
             "take longer than the self-fence deadline cannot keep the host live",
+        )
+    if pool.advertise is not None and pool.peer_password_file is None:
+        raise refuse(
+            "advertise",
+            pool.advertise,
+            "needs pool.peer_password_file (the user:password this daemon calls the other "
+            "hosts with)",
         )
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "IHotplugRunner",
     "IMediumChanger",
     "INbdAttacher",
+    "IPoolPeers",
     "ITapCtl",
     "ITransaction",
     "IWatchHandle",
@@ -315,4 +316,23 @@ class IActivationGuard(Interface):
         """
         Fires with the hosts the guard's answers span, as plain data (this
         host alone without a pool).
+        """
+
+
+class IPoolPeers(Interface):
+    """
+    The other hosts' daemons of a pool, asked over their XML-RPC faces
+    (L{xenddev.poolpeers}).
+    """
+
+    timeout = Attribute("Seconds one call may take in all.")
+
+    def address(host):
+        """Fires with the URL C{host}'s daemon advertises (fault 16 if none or not live)."""
+
+    def call(host, method, *args):
+        """
+        Call C{method} on C{host}'s daemon; fires with its answer, or fails
+        with C{PeerFault} (its refusal, with its fault code) or
+        C{PeerUnavailable} (fault 16: not asked, unreachable, or timed out).
         """

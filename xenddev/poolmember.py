@@ -48,6 +48,7 @@ class PoolMembership:
     @param connect: seconds to keep trying to reach etcd at start.
     @param fence: pauses and resumes this host's data paths.
     @param etcd: the etcd client (tests); one on C{endpoints} unless given.
+    @param info: what the host publishes of itself (C{rpc}: its daemon's address).
     @ivar session: the live session, once joined.
     """
 
@@ -64,6 +65,7 @@ class PoolMembership:
         connect: float,
         fence: DataPathFence,
         etcd: IEtcd | None = None,
+        info: dict[str, Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -71,6 +73,8 @@ class PoolMembership:
         self.fenceAfter = fenceAfter
         self.connect = connect
         self.fence = fence
+        #: What the host says of itself in its membership (C{rpc}: its address).
+        self.info = dict(info or {})
         self.etcd: IEtcd = etcd or EtcdClient(reactor, endpoints, timeout=timeout)
         self.session: HostSession | None = None
         self._onLost: list[Callable[[frozenset[bytes]], object]] = []
@@ -84,7 +88,9 @@ class PoolMembership:
         began = self.reactor.seconds()
         said = False
         while True:
-            session = HostSession(self.etcd, self.reactor, self.host, self.ttl, self.fenceAfter)
+            session = HostSession(
+                self.etcd, self.reactor, self.host, self.ttl, self.fenceAfter, info=self.info
+            )
             try:
                 await session.start()
                 break

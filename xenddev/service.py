@@ -107,10 +107,13 @@ class RpcFactories(Protocol):
         reactor: Any = None,
         label: str = "XML-RPC",
         guard: Any = None,
+        peers: Any = None,
     ) -> Any:
         """A C{twisted.web.server.Site} serving the XML-RPC API, held to C{limits}."""
 
-    def rpcResource(self, manager: DeviceManager, *, storage: Any = None, guard: Any = None) -> Any:
+    def rpcResource(
+        self, manager: DeviceManager, *, storage: Any = None, guard: Any = None, peers: Any = None
+    ) -> Any:
         """The XML-RPC resource (wrapped in HTTP Basic auth for TCP)."""
 
 
@@ -394,6 +397,9 @@ class XenddevService(MultiService):
         self.guard: Any = None
         #: The L{xenddev.poolmember.PoolMembership}, with C{pool:}.
         self.pool: Any = None
+        #: The other hosts' daemons (L{xenddev.interfaces.IPoolPeers}), with
+        #: C{pool.advertise}.
+        self.peers: Any = None
         self.simulated = False
         self.embedded = False
         self.xenstoreAddress: str | None = None
@@ -560,6 +566,7 @@ class XenddevService(MultiService):
             pool.timeout,
             self.config.timeouts.connect,
             DataPathFence(self.dataPaths),
+            info={"rpc": pool.advertise} if pool.advertise else None,
         )
 
         async def join() -> None:
@@ -576,6 +583,16 @@ class XenddevService(MultiService):
         assert session is not None
         guard = PoolGuard(local, Activations(member.etcd, session, self.reactor), session)
         member.onLost(guard.lost)
+        if pool.advertise and pool.peer_password_file:
+            from xenddev.poolpeers import PoolPeers, readPeerCredentials
+
+            try:
+                user, password = readPeerCredentials(pool.peer_password_file)
+            except (OSError, ValueError) as e:
+                raise StartupError(f"pool.peer_password_file: {e}") from None
+            self.peers = PoolPeers(
+                self.reactor, member.etcd, user, password, self.config.timeouts.request
+            )
         self.log.info(
             "Host {host} in the pool (etcd {endpoints}): lease {lease:x}, TTL {ttl} s, "
             "self-fence after {fence:g} s",
@@ -826,6 +843,7 @@ class XenddevService(MultiService):
             reactor=self.reactor,
             label=f"XML-RPC on {path}",
             guard=self.guard,
+            peers=self.peers,
         )
         await self._listenOn(
             desc,
@@ -891,7 +909,9 @@ class XenddevService(MultiService):
                 f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
             )
         portal = Portal(
-            _RpcRealm(rpc.rpcResource(manager, storage=self.storage, guard=self.guard)),
+            _RpcRealm(
+                rpc.rpcResource(manager, storage=self.storage, guard=self.guard, peers=self.peers)
+            ),
             [FilePasswordDB(passwords)],
         )
         wrapper = HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"xenddev")])

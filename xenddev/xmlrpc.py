@@ -55,7 +55,7 @@ from xenddev.backendctrl.protocol import OBJECT_CLASSES, ObjectClass, validateNa
 from xenddev.backendctrl.records import DataPath
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.httplimits import HttpLimits, LimitedSite
-from xenddev.interfaces import IActivationGuard
+from xenddev.interfaces import IActivationGuard, IPoolPeers
 from xenddev.storagectl import HeldQuiesce, IStorageControl
 from xenddev.sxp import toConfig
 from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
@@ -820,12 +820,15 @@ class DeviceRPC(XMLRPC):
         clock: Callable[[], float] = time.monotonic,
         storage: IStorageControl | None = None,
         guard: IActivationGuard | None = None,
+        peers: IPoolPeers | None = None,
     ) -> None:
         super().__init__(allowNone=True, useDateTime=False)
         self.manager = manager
         self.clock = clock
         self.storage = storage
         self.guard = guard
+        #: The other hosts' daemons (a pool with C{pool.advertise}), or None.
+        self.peers = peers
         self.started = clock()
         self.putSubHandler("xend", XendNamespace(self))
         self.putSubHandler("device", DeviceNamespace(self))
@@ -977,6 +980,7 @@ def rpcResource(
     clock: Callable[[], float] = time.monotonic,
     storage: IStorageControl | None = None,
     guard: IActivationGuard | None = None,
+    peers: IPoolPeers | None = None,
 ) -> Resource:
     """
     The XML-RPC resource (any request path serves it).
@@ -985,8 +989,9 @@ def rpcResource(
         (without it those methods give fault 19).
     @param guard: the daemon's activation guard for C{pool.*} (without it
         those methods give fault 19).
+    @param peers: the other hosts' daemons (work that spans hosts).
     """
-    return DeviceRPC(manager, clock, storage, guard)
+    return DeviceRPC(manager, clock, storage, guard, peers)
 
 
 def rpcSite(
@@ -997,6 +1002,7 @@ def rpcSite(
     reactor: Any = None,
     label: str = "XML-RPC",
     guard: IActivationGuard | None = None,
+    peers: IPoolPeers | None = None,
 ) -> LimitedSite:
     """
     A Site serving L{rpcResource} (listen on it with a UNIX or TCP
@@ -1004,5 +1010,5 @@ def rpcSite(
     open connections; L{HttpLimits}' defaults if C{None}).
     """
     return LimitedSite(
-        rpcResource(manager, clock, storage, guard), limits, reactor=reactor, label=label
+        rpcResource(manager, clock, storage, guard, peers), limits, reactor=reactor, label=label
     )
