@@ -105,15 +105,21 @@ def _roundTrips(text: str) -> dict[str, int]:
     }
 
 
-def _httpGetUnix(path: str) -> str:
-    """GET / over a UNIX socket (blocking; run in a thread); the body."""
+def _httpUnix(path: str, request: bytes) -> bytes:
+    """Send C{request} over a UNIX socket (blocking; run in a thread); the whole answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(path)
-        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        s.sendall(request)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
+    return data
+
+
+def _httpGetUnix(path: str) -> str:
+    """GET / over a UNIX socket (blocking; run in a thread); the body."""
+    data = _httpUnix(path, b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
     return body.decode()
@@ -153,12 +159,13 @@ class DrainTests(TestCase):
         self.assertEqual(self.manager.operations, set())
 
     def test_refusesAfterDrain(self) -> None:
-        """Once draining, new operations are refused with a busy error."""
+        """Once draining, new operations are refused with a busy error (fault 16)."""
         self.successResultOf(self.manager.drain(1))
         e = self.assertRaises(
             ShuttingDownError, self.manager._run, "create", 5, "vbd", "new", Deferred
         )
         self.assertEqual(e.code, "busy")
+        self.assertEqual(e.faultCode, FaultCode.UNAVAILABLE)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
@@ -723,7 +730,9 @@ class DaemonEndToEndSuite(
         """
         block-attach, block-list (table), xenstore-ls on the store, detach;
         the sockets are 600; the metrics count the attach and its XenStore
-        round trips; SIGTERM stops the daemon cleanly, removing its socket.
+        round trips, and their endpoint keeps the listeners' limits (a body
+        over C{limits.body_size} is refused with 413 unread); SIGTERM stops
+        the daemon cleanly, removing its socket.
         """
         if shutil.which("xenstore-ls") is None:
             raise SkipTest("xenstore-ls (xenstore-utils) is not installed")
@@ -731,6 +740,12 @@ class DaemonEndToEndSuite(
         self.assertIn(b"SIMULATED", proto.output)
         self.assertEqual(stat.S_IMODE(os.stat(self.rpcPath).st_mode), 0o600)
         trips = _roundTrips(await self.metrics())
+        big = await deferToThread(
+            _httpUnix,
+            os.path.join(self.rundir, "metrics.sock"),
+            b"POST /metrics HTTP/1.0\r\nContent-Length: 50000000\r\n\r\n",
+        )
+        self.assertTrue(big.startswith(b"HTTP/1.1 413") or big.startswith(b"HTTP/1.0 413"), big)
         image = _image(self.rundir)
         await self.ok("block-attach", str(GUEST), "format=raw", "vdev=xvda", f"target={image}")
         await self.connected("vbd", 51712)

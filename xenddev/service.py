@@ -64,7 +64,7 @@ from zope.interface import implementer
 from xenddev import xmlrpc
 from xenddev.config import Config
 from xenddev.controllers import defaultControllers
-from xenddev.errors import XenddevError
+from xenddev.errors import FaultCode, XenddevError
 from xenddev.httplimits import HttpLimits, LimitedSite
 from xenddev.lifecycle import Part, stopInReverse
 from xenddev.toolstack.controller import DevController, DeviceError
@@ -90,9 +90,14 @@ class StartupError(XenddevError):
 
 
 class ShuttingDownError(DeviceError):
-    """The daemon is shutting down and accepts no new device operations."""
+    """
+    The daemon is shutting down and accepts no new device operations
+    (fault 16, as for a connection lost: transient, retry against the
+    daemon that replaces it).
+    """
 
     code = "busy"
+    faultCode = FaultCode.UNAVAILABLE
 
 
 class RpcFactories(Protocol):
@@ -856,10 +861,17 @@ class XenddevService(MultiService):
             if spec:
                 await self._listenNetwork(rpc, manager, spec)
         if cfg.metrics.enabled:
-            from xenddev.metrics import metricsSite
+            from xenddev.metrics import MetricsResource
 
             endpoint = self._withInterface(cfg.metrics.endpoint)
-            await self._listenOn(endpoint, metricsSite(self), f"cannot listen on {endpoint}: {{e}}")
+            # The same limits as the XML-RPC listeners: a scraper is a client too.
+            site = LimitedSite(
+                MetricsResource(self),
+                self.httpLimits(),
+                reactor=self.reactor,
+                label=f"metrics on {endpoint}",
+            )
+            await self._listenOn(endpoint, site, f"cannot listen on {endpoint}: {{e}}")
             self.log.info("Metrics on {endpoint}", endpoint=cfg.metrics.endpoint)
 
     async def _listenOn(self, description: str, factory: Any, failure: str) -> None:
