@@ -76,6 +76,7 @@ class SessionLogicTests(TestCase):
         self.session.onFence(lambda: self.events.append((self.clock.seconds(), "fence", None)))
         self.session.onRecover(lambda: self.events.append((self.clock.seconds(), "recover", None)))
         self.session.onLost(lambda keys: self.events.append((self.clock.seconds(), "lost", keys)))
+        self.session.onRejoin(lambda: self.events.append((self.clock.seconds(), "rejoin", None)))
         self.successResultOf(self.session.start())
         self.addCleanup(self.session.stop, False)
 
@@ -148,7 +149,8 @@ class SessionLogicTests(TestCase):
         """
         When etcd answers that the lease expired, the keys held under it
         are reported lost (after the fence, never resumed) and the host
-        joins again under a new lease with nothing held.
+        joins again under a new lease with nothing held, and says so to
+        its rejoin callbacks (not at the first join).
         """
         self.session.hold(b"/xenddev/pool/active/file:%2Fa")
         self.session.hold(b"/xenddev/pool/active/file:%2Fb")
@@ -161,7 +163,11 @@ class SessionLogicTests(TestCase):
         self.clock.advance(1)
         self.assertEqual(
             [(e[1], e[2]) for e in self.events],
-            [("fence", None), ("lost", frozenset({b"/xenddev/pool/active/file:%2Fa"}))],
+            [
+                ("fence", None),
+                ("lost", frozenset({b"/xenddev/pool/active/file:%2Fa"})),
+                ("rejoin", None),
+            ],
         )
         self.assertEqual(self.session.state, LIVE)
         self.assertNotEqual(self.session.lease, old)

@@ -120,6 +120,9 @@ class IHostSession(Interface):
     def onLost(callback):
         """Call C{callback(keys)} with the keys lost when the lease expired."""
 
+    def onRejoin(callback):
+        """Call C{callback()} once joined again under a new lease after a lost one."""
+
     def hosts():
         """Fires with the hosts of the pool (L{session.HostInfo}), by name."""
 

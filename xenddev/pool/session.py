@@ -185,6 +185,7 @@ class HostSession:
         self._onFence: list[FenceCallback] = []
         self._onRecover: list[FenceCallback] = []
         self._onLost: list[LostCallback] = []
+        self._onRejoin: list[FenceCallback] = []
 
     @property
     def held(self) -> frozenset[bytes]:
@@ -273,6 +274,14 @@ class HostSession:
         """Call C{callback(keys)} with the keys lost with an expired lease."""
         self._onLost.append(callback)
 
+    def onRejoin(self, callback: FenceCallback) -> None:
+        """
+        Call C{callback()} when the host has joined again under a new lease
+        after losing the old one (what it publishes under its lease must be
+        written again).
+        """
+        self._onRejoin.append(callback)
+
     # --- the pool's hosts ---------------------------------------------------
 
     def hosts(self) -> Deferred[list[HostInfo]]:
@@ -360,6 +369,7 @@ class HostSession:
             self._rejoining = False
         if self.state == REJOINING:
             self.state = LIVE
+            self._run(self._onRejoin, ())
         elif self.state == STOPPED:
             self._cancelDeadline()
             await self._revokeQuietly(self.lease)
