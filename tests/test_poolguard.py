@@ -77,7 +77,7 @@ class PoolGuardTests(EmbeddedXenstoredFixture, TestCase):
         """
         grant = await self.h1.acquire(claim(5, RW))
         self.assertGreater(grant.token, 0)
-        self.assertEqual(self.etcd.kvs[activeKey(TARGET)].createRevision, grant.token)
+        self.assertEqual(self.etcd.kvs[activeKey(TARGET)].modRevision, grant.token)
         for mode in (RW, RO):
             e = await self.assertFailure(self.h2.acquire(claim(6, mode)), ActivationConflict)
             self.assertEqual((e.holder, e.token), ("h1", grant.token))

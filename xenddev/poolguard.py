@@ -7,7 +7,7 @@ in one.
 
 A host takes a target in etcd once for all its guests that use it —
 read-write while one of them writes, else read-only — and gives it back
-when the last of them detaches. The activation's create revision, the
+when the last of them detaches. The activation's mod revision, the
 fencing token, is the token of each of their grants, kept in their
 device records. A claim is refused before anything is written: by the
 local rule (L{LocalActivationConflict}), by etcd (L{ActivationConflict}

@@ -17,10 +17,15 @@ C{/xenddev/pool/readers/<target>/} if no writer exists; any number of
 hosts may share a target so, and a writer is refused while any reader is
 there (and a reader while a writer is).
 
-The B{fencing token} is the etcd revision that created the activation
-key: it grows with every activation of any target, so a storage layer
-that remembers the highest token it has seen can refuse a write carrying
-an older one (a host that was fenced and came back too late).
+The B{fencing token} is the key's mod revision: the etcd revision at which
+this holder got it — when it created the key, or when a migration's
+handover moved the key to it (L{xenddev.pool.migration}: etcd refuses a
+delete and a put of one key in one transaction, so the handover overwrites
+the key, which keeps its create revision). It grows with every activation
+and every handover of any target, so a storage layer that remembers the
+highest token it has seen can refuse a write carrying an older one (a host
+that was fenced and came back too late, or the source of a migration after
+the handover).
 
 Deactivation deletes only our own keys: each delete is guarded by a
 comparison of the key's lease with ours, so a host whose lease expired and
@@ -57,7 +62,7 @@ class Activation:
     """
     A target active on this host.
 
-    @ivar token: the fencing token (the revision that created the key).
+    @ivar token: the fencing token (the key's mod revision: when this host got it).
     @ivar key: the activation's key in etcd.
     """
 
@@ -71,7 +76,7 @@ class Activation:
 
 @attrs.frozen
 class Holder:
-    """A host holding a target, in a mode, since the revision C{token}."""
+    """A host holding a target, in a mode, since the revision C{token} (the key's mod revision)."""
 
     host: str
     mode: Mode
@@ -210,14 +215,22 @@ class Activations:
             result = await self._etcd.txn(
                 wire.Txn(
                     compare=[wire.Compare.absent(key)],
-                    success=[wire.Put(mine, self._record(target, "ro"), lease), wire.Range(mine)],
+                    success=[
+                        # Put unless ours already: a retried activation keeps
+                        # its token (the key's mod revision).
+                        wire.Txn(
+                            compare=[wire.Compare.leaseIs(mine, lease)],
+                            failure=[wire.Put(mine, self._record(target, "ro"), lease)],
+                        ),
+                        wire.Range(mine),
+                    ],
                     failure=self._reads(target),
                 )
             )
             if result.succeeded:
                 found = result.responses[1]
                 assert isinstance(found, wire.RangeResult) and found.kvs
-                return self._took(target, "ro", mine, lease, found.kvs[0].createRevision)
+                return self._took(target, "ro", mine, lease, found.kvs[0].modRevision)
             holders = _holders(target, result.responses)
             if holders.writer is not None:
                 raise _conflict(holders)
@@ -269,7 +282,8 @@ def _holder(kv: wire.KeyValue, mode: Mode) -> Holder:
         host = str(json.loads(kv.value)["host"])
     except (ValueError, KeyError, TypeError):
         host = "(unreadable record)"
-    return Holder(host=host, mode=mode, lease=kv.lease, token=kv.createRevision)
+    # The mod revision: a key moved by a handover keeps its create revision.
+    return Holder(host=host, mode=mode, lease=kv.lease, token=kv.modRevision)
 
 
 def _conflict(holders: Holders) -> ActivationConflict:

@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.test_pool_etcd -*-
 """
 The pool's contracts: the etcd client (L{IEtcd}, L{IWatch}), a host's
-session (L{IHostSession}) and exclusive activation (L{IActivations}).
+session (L{IHostSession}), exclusive activation (L{IActivations}) and the
+moves of activations a migration makes (L{IMigrations}).
 """
 
 from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IActivations", "IEtcd", "IHostSession", "IWatch"]
+__all__ = ["IActivations", "IEtcd", "IHostSession", "IMigrations", "IWatch"]
 
 
 class IEtcd(Interface):
@@ -142,3 +143,30 @@ class IActivations(Interface):
 
     def where(target):
         """Fires with the L{activation.Holders} of C{target}."""
+
+
+class IMigrations(Interface):
+    """A migration's intents and the moves of activation keys between hosts."""
+
+    def intend(target, source, domain):
+        """
+        Record this host's intent to take C{target} from host C{source}
+        (its writer, or nobody) for guest C{domain}, under our lease;
+        fires with the L{migration.Intent}.
+        """
+
+    def withdraw(target):
+        """Delete our intent of C{target}; fires with whether one was."""
+
+    def intents():
+        """Fires with every migration intent of the pool."""
+
+    def handover(target, fromHost, toHost, released=True):
+        """
+        Move C{target}'s activation key from C{fromHost} to C{toHost} (whose
+        intent stands) in one transaction; fires with the new
+        L{activation.Activation} (its token: the move's revision).
+        """
+
+    def handback(target, fromHost, toHost):
+        """The reverse of a handover (an abort); fires with the L{activation.Activation}."""

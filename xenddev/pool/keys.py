@@ -7,9 +7,13 @@ The pool's keys in etcd, and the identity of a target.
     itself). It exists exactly as long as the session's lease.
   - C{/xenddev/pool/active/<target>}: the read-write activation of a
     target, under the holder's session lease (JSON: host, mode, since).
-    Its create revision is the activation's fencing token.
+    Its mod revision (the revision at which this holder got it: created,
+    or moved to it by a migration's handover) is the fencing token.
   - C{/xenddev/pool/readers/<target>/<host>}: a read-only activation, one
     key per host, under that host's lease.
+  - C{/xenddev/pool/migrations/<target>}: a migration's intent to move the
+    target's activation to its destination, under the destination's
+    lease (JSON: from, to, domain, since; L{xenddev.pool.migration}).
 
 A target is named by what it I{is}, not by the path used to reach it: a
 block device as C{dev:<major>:<minor>}, a file as C{file:<real path>}
@@ -32,6 +36,7 @@ from xenddev.pool.errors import InvalidTarget, PoolConfigError
 __all__ = [
     "ACTIVE",
     "HOSTS",
+    "MIGRATIONS",
     "READERS",
     "ROOT",
     "activeKey",
@@ -39,15 +44,18 @@ __all__ = [
     "checkTarget",
     "hostKey",
     "hostOf",
+    "migrationKey",
     "normaliseTarget",
     "readerKey",
     "readersPrefix",
+    "targetOf",
 ]
 
 ROOT = b"/xenddev/pool/"
 HOSTS = ROOT + b"hosts/"
 ACTIVE = ROOT + b"active/"
 READERS = ROOT + b"readers/"
+MIGRATIONS = ROOT + b"migrations/"
 
 #: A host name: what a DNS label allows, plus dots and underscores.
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -137,3 +145,16 @@ def readersPrefix(target: str) -> bytes:
 def readerKey(target: str, host: str) -> bytes:
     """C{host}'s read-only activation key of C{target}."""
     return readersPrefix(target) + _segment(checkHostName(host))
+
+
+def migrationKey(target: str) -> bytes:
+    """The migration intent key of C{target}."""
+    return MIGRATIONS + _segment(checkTarget(target))
+
+
+def targetOf(key: bytes) -> str:
+    """The target an activation or intent key names (C{active/<t>}, C{migrations/<t>})."""
+    for prefix in (ACTIVE, MIGRATIONS):
+        if key.startswith(prefix):
+            return checkTarget(unquote(key[len(prefix) :].decode("ascii")))
+    raise ValueError(f"not an activation or intent key: {key!r}")
