@@ -71,6 +71,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.poolmember": ("xenddev.errors", "xenddev.pool", "xenddev.poolfence"),
     # The other hosts' daemons, asked over XML-RPC.
     "xenddev.poolpeers": ("xenddev.errors", "xenddev.interfaces", "xenddev.pool"),
+    # The pool-wide data-path registry: publishing, finding, pool-wide quiesce.
+    "xenddev.pooldatapaths": (*_SHARED, "xenddev.pool", "xenddev.storagectl"),
     # Limits on the HTTP face; parts as child services; the fail-fast store.
     "xenddev.httplimits": (),
     "xenddev.lifecycle": (),
@@ -98,6 +100,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.poolguard",
         "xenddev.poolmember",
         "xenddev.poolpeers",
+        "xenddev.pooldatapaths",
         "xenddev.xmlrpc",
         "xenddev.httplimits",
         "xenddev.lifecycle",

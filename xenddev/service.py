@@ -598,6 +598,7 @@ class XenddevService(MultiService):
             self.peers = PoolPeers(
                 self.reactor, member.etcd, user, password, self.config.timeouts.request
             )
+        await self._startPoolDataPaths(xs, member, session)
         self.log.info(
             "Host {host} in the pool (etcd {endpoints}): lease {lease:x}, TTL {ttl} s, "
             "self-fence after {fence:g} s",
@@ -608,6 +609,29 @@ class XenddevService(MultiService):
             fence=pool.fence_after,
         )
         return guard
+
+    async def _startPoolDataPaths(self, xs: Any, member: Any, session: Any) -> None:
+        """
+        The pool-wide data-path registry (L{xenddev.pooldatapaths}): this
+        host's data paths published in etcd (the part C{pool data paths}),
+        and the storage control's view of the other hosts.
+        """
+        from xenddev.pooldatapaths import DataPathPublisher, PoolDataPaths
+
+        pool = self.config.pool
+        assert pool is not None
+        self.storage.pool = PoolDataPaths(member.etcd, pool.host, self.peers, self.reactor)
+        dd = self.config.driver_domain
+        here = [dd.domid] if dd.enabled else []
+        publisher = DataPathPublisher(
+            xs,
+            member.etcd,
+            session,
+            self.reactor,
+            lambda: [*here, *(self.manager.knownDriverDomains() if self.manager else ())],
+            pauser={"via": "daemon", "host": pool.host, "rpc": pool.advertise},
+        )
+        await self._add(Part("pool data paths", publisher.start, publisher.stop))
 
     async def _recover(self, manager: DeviceManager) -> None:
         """

@@ -22,12 +22,27 @@ at once: each costs the daemon a timer and a record until it is resumed
 or its deadline passes (an unused image's quiesce pauses nothing but still
 gets one), so one more is refused (L{TooManyHandlesError}) before anything
 is looked up or paused.
+
+In a pool (L{IPoolDataPaths}, given by the daemon's wiring with C{pool:}),
+the same operations span the hosts: C{find} and C{scan} add what the other
+hosts publish in etcd (each data path names its host), C{quiesce} pauses
+this host's users of the image and then every other host's, through that
+host's daemon (its local-only C{quiesceLocal}, so it never recurses), and
+the one handle holds the peers' handles (L{RemoteHold}): resumed with it,
+at its deadline too. A host failing in the middle fails the quiesce with
+everything already paused resumed (the pool's error names the host). Each
+peer's handle also expires on that peer, so a coordinator that dies leaves
+nothing paused for longer than the peer's own C{timeouts.quiesce}.
+C{coalesceImage} merges an image into its parent while every user of it,
+on every host, is quiesced, and resumes them (with reload) whatever the
+merge did.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -44,11 +59,15 @@ __all__ = [
     "DEFAULT_MAX_HANDLES",
     "DEFAULT_QUIESCE_BOUND",
     "HeldQuiesce",
+    "IPoolDataPaths",
     "IStorageControl",
+    "MergeConflictError",
     "NoCoalesceError",
     "NoSuchDataPathError",
     "NothingToMergeError",
     "QuiesceBusyError",
+    "RemoteHold",
+    "RemoteResumeError",
     "StorageControl",
     "TooManyHandlesError",
     "UnknownHandleError",
@@ -96,6 +115,43 @@ class NothingToMergeError(XenddevError, ValueError):
     faultCode = FaultCode.BAD_CONFIG
 
 
+class MergeConflictError(XenddevError):
+    """
+    The parent of the image to merge is also read by data paths that do
+    not go through the image: merging would change what they read.
+    """
+
+    faultCode = FaultCode.DEVICE_EXISTS
+
+
+class RemoteResumeError(XenddevError):
+    """
+    Other hosts' data paths of a handle could not be resumed (yet): the
+    handle keeps them and is retried; each peer's own deadline resumes
+    them too.
+    """
+
+    faultCode = FaultCode.DATAPATH_FAILED
+
+
+@attrs.define
+class RemoteHold:
+    """
+    Another host's quiesce handle, held by a pool-wide handle here.
+
+    @ivar host: the host whose daemon holds it.
+    @ivar handle: its handle id there.
+    @ivar paused: the data paths it paused (each naming C{host}).
+    @ivar deadline: when (this clock's seconds) that host resumes it by
+        itself (its own C{timeouts.quiesce}).
+    """
+
+    host: str
+    handle: str
+    paused: list[DataPath]
+    deadline: float
+
+
 @attrs.define
 class HeldQuiesce:
     """
@@ -105,6 +161,7 @@ class HeldQuiesce:
     @ivar handle: the lower layer's handle (the data paths still paused).
     @ivar deadline: when (clock seconds) it is resumed automatically.
     @ivar resumeFailures: failed resumes so far (client's or automatic).
+    @ivar remote: the other hosts' handles it holds (a pool-wide quiesce).
     """
 
     id: str
@@ -115,11 +172,40 @@ class HeldQuiesce:
     call: IDelayedCall | None = None
     resuming: bool = False
     resumeFailures: int = 0
+    remote: list[RemoteHold] = attrs.Factory(list)
 
     @property
     def paused(self) -> list[DataPath]:
-        """The data paths this handle still holds paused."""
-        return list(self.handle.paused)
+        """The data paths this handle still holds paused (other hosts' too)."""
+        return [*self.handle.paused, *(dp for r in self.remote for dp in r.paused)]
+
+
+class IPoolDataPaths(Interface):
+    """
+    The other hosts of a pool, as the storage control sees them
+    (L{xenddev.pooldatapaths.PoolDataPaths}).
+    """
+
+    host = Attribute("This host's name in the pool.")
+
+    def others(image=None, host=None):  # noqa: N805
+        """
+        Fire with the data paths the other hosts publish (those using
+        C{image}; only C{host}'s), each naming its host.
+        """
+
+    def quiesce(image):  # noqa: N805
+        """
+        Pause the other hosts' users of C{image} through their daemons;
+        fire with a L{RemoteHold} per host. If one host fails, the others
+        are resumed and the error names the host.
+        """
+
+    def resume(holds, reload):  # noqa: N805
+        """
+        Resume the holds; fire with those still paused (never fails: a
+        hold that could not be resumed is kept and logged).
+        """
 
 
 class IStorageControl(Interface):
@@ -127,8 +213,8 @@ class IStorageControl(Interface):
 
     clock = Attribute("The IReactorTime the handles' deadlines are measured on.")
 
-    def scan():
-        """Fire with every registered data path."""
+    def scan(host=None):  # noqa: N805
+        """Fire with every registered data path (only C{host}'s)."""
 
     def find(image):  # noqa: N805
         """Fire with the data paths serving C{image} or reading it in a chain."""
@@ -139,6 +225,9 @@ class IStorageControl(Interface):
     def quiesce(image):  # noqa: N805
         """Pause every data path using C{image}; fire with a L{HeldQuiesce}."""
 
+    def quiesceLocal(image):  # noqa: N805
+        """L{quiesce} on this host only (what another host's pool-wide quiesce asks)."""
+
     def resume(handleId, reload):  # noqa: N805
         """Resume a handle's data paths; L{UnknownHandleError} if no such handle."""
 
@@ -147,6 +236,9 @@ class IStorageControl(Interface):
 
     def coalesce(driverDomid, vdi):  # noqa: N805
         """Merge the top of a data path's chain into its parent, live."""
+
+    def coalesceImage(image):  # noqa: N805
+        """Quiesce every user of C{image}, merge it into its parent, resume them."""
 
     def resumeAll():
         """Resume every handle (at shutdown)."""
@@ -163,6 +255,9 @@ class StorageControl:
     @param clock: schedules the deadlines (default: C{reactor}).
     @param timeout: seconds a coalesce may take.
     @param maxHandles: quiesce handles held (or being made) at once.
+    @param pool: the other hosts of the pool (None: this host alone).
+    @param merge: merges an image into its parent (C{coalesceImage});
+        L{mergeIntoParent<xenddev.datapath.coalesce.mergeIntoParent>} by default.
     """
 
     log = Logger()
@@ -175,8 +270,12 @@ class StorageControl:
         clock: IReactorTime | None = None,
         timeout: float = 60.0,
         maxHandles: int = DEFAULT_MAX_HANDLES,
+        pool: IPoolDataPaths | None = None,
+        merge: Callable[[str], Awaitable[Any]] | None = None,
     ) -> None:
         self.control = control
+        self.pool = pool
+        self._merge = merge
         self.reactor = reactor
         self.bound = bound
         self.clock: IReactorTime = clock if clock is not None else reactor
@@ -190,13 +289,45 @@ class StorageControl:
 
     # Finding
 
-    def scan(self) -> Deferred[list[DataPath]]:
-        """Every registered data path, in every driver domain."""
-        return Deferred.fromCoroutine(scanRegistry(self.control.xs))
+    def _here(self, dataPaths: Sequence[DataPath]) -> list[DataPath]:
+        """This host's data paths, named by its pool host name in a pool."""
+        if self.pool is None:
+            return list(dataPaths)
+        host = self.pool.host
+        return [dp if dp.host == host else attrs.evolve(dp, host=host) for dp in dataPaths]
+
+    def scan(self, host: str | None = None) -> Deferred[list[DataPath]]:
+        """
+        Every registered data path, in every driver domain (only those of
+        C{host}); in a pool, the other hosts' too.
+        """
+
+        async def run() -> list[DataPath]:
+            pool = self.pool
+            if pool is None or host in (None, pool.host):
+                here = self._here(await scanRegistry(self.control.xs))
+                here = [dp for dp in here if host is None or dp.host == host]
+            else:
+                here = []
+            if pool is None or host == pool.host:
+                return here
+            return here + list(await pool.others(None, host))
+
+        return Deferred.fromCoroutine(run())
 
     def find(self, image: str) -> Deferred[list[DataPath]]:
-        """The data paths serving C{image} or reading it in a backing chain."""
-        return self.control.find(image)
+        """
+        The data paths serving C{image} or reading it in a backing chain;
+        in a pool, on every host.
+        """
+
+        async def run() -> list[DataPath]:
+            here = self._here(await self.control.find(image))
+            if self.pool is None:
+                return here
+            return here + list(await self.pool.others(image, None))
+
+        return Deferred.fromCoroutine(run())
 
     def get(self, driverDomid: int, vdi: str) -> Deferred[DataPath]:
         """One data path; L{NoSuchDataPathError} if that VDI has none."""
@@ -221,11 +352,19 @@ class StorageControl:
     def quiesce(self, image: str) -> Deferred[HeldQuiesce]:
         """
         Pause every data path using C{image} (all or none) and hold them
-        under a new handle, resumed automatically after L{bound} seconds.
+        under a new handle, resumed automatically after L{bound} seconds;
+        in a pool, on every host (the other hosts' handles held by this one).
 
         @raise QuiesceBusyError: a data path is held by another handle.
         @raise TooManyHandlesError: L{maxHandles} are held or being made.
         """
+        return self._quiesceWhere(image, everywhere=True)
+
+    def quiesceLocal(self, image: str) -> Deferred[HeldQuiesce]:
+        """L{quiesce} of this host's data paths only (another host's pool-wide quiesce asks it)."""
+        return self._quiesceWhere(image, everywhere=False)
+
+    def _quiesceWhere(self, image: str, everywhere: bool) -> Deferred[HeldQuiesce]:
         if len(self._held) + self._making >= self.maxHandles:
             return _failed(
                 TooManyHandlesError(
@@ -237,15 +376,15 @@ class StorageControl:
 
         async def run() -> HeldQuiesce:
             try:
-                return await self._quiesce(image)
+                return await self._quiesce(image, everywhere)
             finally:
                 self._making -= 1
 
         self._making += 1
         return Deferred.fromCoroutine(run())
 
-    async def _quiesce(self, image: str) -> HeldQuiesce:
-        found = await self.control.find(image)
+    async def _quiesce(self, image: str, everywhere: bool) -> HeldQuiesce:
+        found = self._here(await self.control.find(image))
         hid = uuid.uuid4().hex
         keys = [(dp.driverDomid, dp.vdi) for dp in found]
         for key in keys:
@@ -263,19 +402,52 @@ class StorageControl:
             for key in keys:
                 self._owners.pop(key, None)
             raise
+        remote: list[RemoteHold] = []
+        if everywhere and self.pool is not None:
+            try:
+                remote = list(await self.pool.quiesce(image))
+            except BaseException:
+                await self._undo(hid, image, handle)
+                raise
         now = self.clock.seconds()
-        held = HeldQuiesce(hid, image, handle, now, now + self.bound)
+        held = HeldQuiesce(hid, image, handle, now, now + self.bound, remote=remote)
         self._held[hid] = held
         self._arm(held)
         self.log.info(
-            "Quiesced {image}: {n} data path(s) paused under handle {handle} "
+            "Quiesced {image}: {n} data path(s) paused under handle {handle}{hosts} "
             "(resumed automatically after {bound:g}s)",
             image=image,
-            n=len(handle.paused),
+            n=len(held.paused),
             handle=hid,
+            hosts="".join(f", {len(r.paused)} on host {r.host}" for r in remote),
             bound=self.bound,
         )
         return held
+
+    async def _undo(self, hid: str, image: str, handle: QuiesceHandle) -> None:
+        """
+        Resume what this host paused for a quiesce that failed elsewhere; what
+        cannot be resumed now is kept under the handle (resumed at its deadline).
+        """
+        try:
+            await self.control.resume(handle, reload=False)
+        except Exception as e:
+            now = self.clock.seconds()
+            held = HeldQuiesce(hid, image, handle, now, now + self.bound, resumeFailures=1)
+            self._held[hid] = held
+            self._release(held, keep=handle.paused)
+            self._arm(held)
+            self.log.error(
+                "Quiesce of {image} failed on another host and {n} data path(s) here could "
+                "not be resumed ({error}); kept under handle {handle}, retried in {bound:g}s",
+                image=image,
+                n=len(handle.paused),
+                error=e,
+                handle=hid,
+                bound=self.bound,
+            )
+            return
+        self._release(HeldQuiesce(hid, image, handle, 0.0, 0.0), keep=[])
 
     def resume(self, handleId: str, reload: bool = True) -> Deferred[HeldQuiesce]:
         """
@@ -303,7 +475,23 @@ class StorageControl:
         held.call = None
         try:
             await self._dropVanished(held)
-            await self.control.resume(held.handle, reload)
+            failure: BaseException | None = None
+            try:
+                await self.control.resume(held.handle, reload)
+            except Exception as e:
+                failure = e
+            if held.remote:
+                # The other hosts' too, even if this host's failed.
+                assert self.pool is not None
+                held.remote = list(await self.pool.resume(held.remote, reload))
+                if held.remote and failure is None:
+                    failure = RemoteResumeError(
+                        "resume failed on host(s) "
+                        + ", ".join(sorted({r.host for r in held.remote}))
+                        + " (retried; each host also resumes at its own deadline)"
+                    )
+            if failure is not None:
+                raise failure
         except BaseException as e:
             held.resumeFailures += 1
             held.deadline = self.clock.seconds() + self.bound
@@ -315,7 +503,7 @@ class StorageControl:
                 handle=held.id,
                 image=held.image,
                 error=e,
-                n=len(held.handle.paused),
+                n=len(held.paused),
                 bound=self.bound,
             )
             raise
@@ -417,6 +605,71 @@ class StorageControl:
             return await coalesceQemu(self.reactor, self.control.xs, dp, self.timeout)
 
         return Deferred.fromCoroutine(run())
+
+    def coalesceImage(self, image: str) -> Deferred[list[DataPath]]:
+        """
+        Merge C{image} into its parent while every data path reading it (in
+        a pool: on every host) is quiesced, then resume them all with reload
+        — also when the merge fails. Fires with the data paths that were
+        paused.
+
+        @raise MergeConflictError: the parent is also read by data paths
+            that do not go through C{image} (nothing paused).
+        @raise QuiesceBusyError: a user is held by another handle.
+        @raise CoalesceError: the merge failed (the users were resumed).
+        @raise ResumeError: merged, but some users are still paused (the
+            handle is kept and retried).
+        """
+
+        async def run() -> list[DataPath]:
+            users = await self.find(image)
+            parent = _parentOf(image, users)
+            if parent is not None:
+                bypass = [dp for dp in await self.find(parent) if not dp.uses(image)]
+                if bypass:
+                    raise MergeConflictError(
+                        f"cannot merge {image} into {parent}: the parent is also read by "
+                        + ", ".join(
+                            f"{dp.vdi} (host {dp.host}, domain {dp.driverDomid})" for dp in bypass
+                        )
+                        + ", whose data would change"
+                    )
+            merge = self._merge
+            if merge is None:
+                from xenddev.datapath.coalesce import mergeIntoParent
+
+                def merge(path: str) -> Awaitable[Any]:
+                    return mergeIntoParent(self.reactor, path, self.timeout)
+
+            held = await self.quiesce(image)
+            paused = held.paused
+            try:
+                await merge(image)
+            except BaseException:
+                try:
+                    await self.resume(held.id, True)
+                except Exception:
+                    pass  # logged by _resume, retried at the handle's deadline
+                raise
+            await self.resume(held.id, True)
+            self.log.info(
+                "Coalesced {image}: merged into its parent with {n} data path(s) quiesced",
+                image=image,
+                n=len(paused),
+            )
+            return paused
+
+        return Deferred.fromCoroutine(run())
+
+
+def _parentOf(image: str, users: Sequence[DataPath]) -> str | None:
+    """The image after C{image} in a user's chain (its parent), if any says."""
+    want = os.path.realpath(image)
+    for dp in users:
+        chain = [os.path.realpath(i) for i in dp.images]
+        if want in chain and chain.index(want) + 1 < len(chain):
+            return dp.images[chain.index(want) + 1]
+    return None
 
 
 def _failed(error: BaseException) -> Deferred[Any]:

@@ -650,17 +650,19 @@ class DataPathNamespace(_Namespace):
             raise rpcFault(FaultCode.UNSUPPORTED, "this service has no data-path control")
         return self.service.storage
 
-    @rpcMethod([["array"]])
-    async def xmlrpc_list(self) -> list[dict[str, Any]]:
+    @rpcMethod([["array"], ["array", "string"]])
+    async def xmlrpc_list(self, host: object = None) -> list[dict[str, Any]]:
         """
-        list() → [{domain, vdi, kind, host, image, format, chain, pid, minor,
-        qmp, extra}, ...]
+        list([host]) → [{domain, vdi, kind, host, image, format, chain, pid,
+        minor, qmp, extra}, ...]
 
         Every registered data path, in every driver domain: the process
         serving an active vdi, the image it serves and its backing chain
-        (top first).
+        (top first). In a pool, every host's (each names its host), or
+        only those of host.
         """
-        return [dataPathStruct(dp) for dp in await self.storage.scan()]
+        name = None if host is None else checkString(host, "host", _NAME)
+        return [dataPathStruct(dp) for dp in await self.storage.scan(name)]
 
     @rpcMethod([["array", "string"]])
     async def xmlrpc_find(self, image: object) -> list[dict[str, Any]]:
@@ -688,6 +690,18 @@ class DataPathNamespace(_Namespace):
         held = await storage.quiesce(checkImage(image))
         return self.service.handleStruct(held)
 
+    @rpcMethod([["struct", "string"]])
+    async def xmlrpc_quiesceLocal(self, image: object) -> dict[str, Any]:
+        """
+        quiesceLocal(image) → {handle, image, paused, expires-in}
+
+        datapath.quiesce of this host's data paths only: what another
+        host's pool-wide quiesce asks of this one (it never asks further).
+        """
+        storage = self.storage
+        held = await storage.quiesceLocal(checkImage(image))
+        return self.service.handleStruct(held)
+
     @rpcMethod([["boolean", "string"], ["boolean", "string", "boolean"]])
     async def xmlrpc_resume(self, handle: object, reload: object = True) -> bool:
         """
@@ -713,18 +727,29 @@ class DataPathNamespace(_Namespace):
         """
         return [self.service.handleStruct(h) for h in self.storage.handles()]
 
-    @rpcMethod([["struct", "int", "string"]])
-    async def xmlrpc_coalesce(self, dd: object, vdi: object) -> dict[str, Any]:
+    @rpcMethod([["struct", "int", "string"], ["struct", "string"]])
+    async def xmlrpc_coalesce(self, dd: object, vdi: object = None) -> dict[str, Any]:
         """
         coalesce(dd, vdi) → {domain, vdi, kind, image, chain, ...}
+        coalesce(image) → {image, paused: [{host, domain, vdi, ...}]}
 
-        Merge the top image of a data path's chain into its parent while it
-        keeps serving (qemu data paths: block-commit), and return the
-        updated data path. Fault 19 for kinds that cannot (tapdisks: quiesce,
-        merge offline, resume), 10 if the image has no parent, 11 if the vdi
-        has no data path, 18 if the merge failed.
+        With dd and vdi: merge the top image of a data path's chain into
+        its parent while it keeps serving (qemu data paths: block-commit),
+        and return the updated data path. Fault 19 for kinds that cannot
+        (tapdisks: quiesce, merge offline, resume), 10 if the image has no
+        parent, 11 if the vdi has no data path, 18 if the merge failed.
+
+        With an image: merge it into its parent (qemu-img commit, vhd-util
+        coalesce) while every data path reading it — in a pool, on every
+        host — is quiesced, then resume them with reload, also when the
+        merge fails (18). Fault 12 if the parent is also read by data
+        paths not through the image; a host failing is named in the fault.
         """
         storage = self.storage
+        if vdi is None:
+            image = checkImage(dd)
+            paused = await storage.coalesceImage(image)
+            return {"image": image, "paused": [dataPathStruct(dp) for dp in paused]}
         domid = await self.service.resolveDomain(dd)
         name = validateName(vdi, "vdi")
         try:
@@ -918,6 +943,7 @@ class DeviceRPC(XMLRPC):
             "paused": [dataPathStruct(dp) for dp in held.paused],
             "expires-in": round(max(0.0, held.deadline - now), 3),
             "resume-failures": held.resumeFailures,
+            "peers": [{"host": r.host, "handle": r.handle} for r in held.remote],
         }
 
     def deviceSxpr(self, sxpr: object) -> tuple[str, dict[str, str]]:

@@ -24,7 +24,12 @@ from xenddev.backendctrl.records import (
     scanDriverDomain,
     scanRegistry,
 )
-from xenddev.datapath.coalesce import CoalesceError, coalesceQemu, coalesceQuiesced
+from xenddev.datapath.coalesce import (
+    CoalesceError,
+    coalesceQemu,
+    coalesceQuiesced,
+    mergeIntoParent,
+)
 from xenddev.datapath.images import ImageError, ImageInfo, imageChain
 from xenddev.datapath.quiesce import (
     DataPathControl,
@@ -56,6 +61,7 @@ __all__ = [
     "findDataPaths",
     "holdPath",
     "imageChain",
+    "mergeIntoParent",
     "readRecord",
     "recordPath",
     "registryDir",

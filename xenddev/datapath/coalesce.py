@@ -15,19 +15,28 @@ Coalesce: merge an image into its parent.
   - L{coalesceQuiesced}: for data paths that cannot merge by themselves
     (tapdisks), quiesce every data path using the image, run the merge
     (injected: C{vhd-util coalesce} in production, a stand-in in tests),
-    then resume them with reload, also when the merge fails.
+    then resume them with reload, also when the merge fails;
+  - L{mergeIntoParent}: the offline merge of one image of a chain into its
+    parent, for data paths that are quiesced (qcow2 and the other
+    qemu-img formats: C{qemu-img commit}, which leaves the image empty so
+    its children read the merged parent through it; VHD: C{vhd-util
+    coalesce}). A pool-wide coalesce (L{xenddev.storagectl}) runs it while
+    every user of the image, on every host, is paused.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.utils import getProcessOutputAndValue
 
 from xenddev.backendctrl.records import DataPath, updateRecord
 from xenddev.datapath import qemu as graph
+from xenddev.datapath.images import ImageError, imageChain, vhdParent
 from xenddev.datapath.quiesce import DataPathControl
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.qmp import QMPEvent, QMPTimeout, connectQMP
@@ -129,3 +138,53 @@ def coalesce(
 ) -> Deferred[DataPath]:
     """L{coalesceQemu} as a Deferred."""
     return Deferred.fromCoroutine(coalesceQemu(reactor, xs, dataPath, timeout))
+
+
+#: Formats C{qemu-img commit} merges (into the backing file).
+COMMIT_FORMATS = ("qcow2", "qcow", "qed")
+
+
+async def mergeIntoParent(
+    reactor: Any,
+    image: str,
+    timeout: float = 600.0,
+    qemuImg: str = "qemu-img",
+    vhdUtil: str = "vhd-util",
+) -> str:
+    """
+    Merge C{image} into its parent, offline (every data path reading it
+    must be quiesced); fire with the parent's path. Its children keep
+    pointing at it and read the merged data through it (emptied).
+
+    @raise CoalesceError: no parent, a format that cannot be merged, or the
+        tool failed (its message).
+    """
+    path = os.path.abspath(image)
+    if path.endswith(".vhd"):
+        try:
+            parent = vhdParent(path)
+        except ImageError as e:
+            raise CoalesceError(str(e)) from None
+        executable, args = vhdUtil, ["coalesce", "-n", path]
+    else:
+        try:
+            chain = await imageChain(reactor, path, qemuImg=qemuImg)
+        except ImageError as e:
+            raise CoalesceError(f"{path}: {e}") from None
+        top = chain[0]
+        parent = chain[1].filename if len(chain) > 1 else None
+        if parent is not None and top.format not in COMMIT_FORMATS:
+            raise CoalesceError(f"{path}: cannot merge a {top.format} image into its parent")
+        executable, args = qemuImg, ["commit", "-q", "-f", top.format, path]
+    if parent is None:
+        raise CoalesceError(f"{path} has no parent to merge into")
+    d = getProcessOutputAndValue(executable, args, env={"LC_ALL": "C"}, reactor=reactor)
+    d.addTimeout(timeout, reactor)
+    try:
+        out, err, code = await d
+    except OSError as e:
+        raise CoalesceError(f"{executable}: {e}") from None
+    if code != 0:
+        message = (err or out).decode("utf-8", "replace").strip() or f"exit {code}"
+        raise CoalesceError(f"merging {path} into {parent}: {executable}: {message}")
+    return parent
