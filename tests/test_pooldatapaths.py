@@ -13,6 +13,9 @@ etcd cluster, is in C{tests.test_pool_datapaths}.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -21,7 +24,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -31,7 +34,7 @@ from tests.test_datapath import tapRecord
 from tests.test_storagectl import RecordingPauser
 from xenddev.backendctrl.records import registryDir, updateRecord
 from xenddev.datapath import DataPath, DataPathControl
-from xenddev.datapath.coalesce import CoalesceError
+from xenddev.datapath.coalesce import CoalesceError, mergeIntoParent
 from xenddev.errors import FaultCode
 from xenddev.interfaces import IPoolPeers
 from xenddev.pool import etcdwire as wire
@@ -694,3 +697,65 @@ class PublisherTests(EmbeddedXenstoredFixture, TestCase):
         for callback in self.session.recover:
             callback()
         await self.until(lambda: (0, "t0") in self.published(), "t0 put back")
+
+
+class MergeTests(EmbeddedXenstoredFixture, TestCase):
+    """L{mergeIntoParent} with the real C{qemu-img}; L{StorageControl.coalesceImage} on one host."""
+
+    def setUp(self) -> None:
+        """qemu-img is needed."""
+        if shutil.which("qemu-img") is None:
+            raise SkipTest("qemu-img missing (qemu-utils)")
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def qemuImg(self, *args: str) -> None:
+        """Run qemu-img (no shell); it must succeed."""
+        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def chain(self) -> tuple[str, str]:
+        """base <- top, top holding a cluster of data; (top, base)."""
+        base, top = os.path.join(self.dir, "base.qcow2"), os.path.join(self.dir, "top.qcow2")
+        self.qemuImg("create", "-q", "-f", "qcow2", base, "1M")
+        self.qemuImg("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        io = ["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 64k", top]
+        self.assertEqual(subprocess.run(io, capture_output=True, check=False).returncode, 0)
+        return top, base
+
+    def holds(self, image: str) -> bool:
+        """Whether C{image} itself (not its backing file) holds the written cluster."""
+        out = subprocess.run(
+            ["qemu-img", "map", "--output=json", "-f", "qcow2", image],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return any(e["data"] and e["depth"] == 0 for e in json.loads(out))
+
+    async def test_mergeIntoParent(self) -> None:
+        """The top's data lands in the parent, whose path is returned; the top is emptied."""
+        top, base = self.chain()
+        self.assertEqual((self.holds(top), self.holds(base)), (True, False))
+        self.assertEqual(await mergeIntoParent(reactor, top), base)
+        self.assertEqual((self.holds(top), self.holds(base)), (False, True))
+
+    async def test_nothingToMerge(self) -> None:
+        """An image without a parent, or one qemu-img cannot read, is a CoalesceError naming it."""
+        _, base = self.chain()
+        with self.assertRaises(CoalesceError) as cm:
+            await mergeIntoParent(reactor, base)
+        self.assertIn("no parent", str(cm.exception))
+        with self.assertRaises(CoalesceError) as cm:
+            await mergeIntoParent(reactor, os.path.join(self.dir, "nosuch.qcow2"))
+        self.assertIn("nosuch.qcow2", str(cm.exception))
+
+    async def test_coalesceImageOnOneHost(self) -> None:
+        """Without a pool coalesceImage merges an image no data path uses, pausing nothing."""
+        top, base = self.chain()
+        self.startServer()
+        xs = await self.connect()
+        storage = StorageControl(DataPathControl(xs, {}), reactor=reactor, clock=Clock())
+        self.assertEqual(await storage.coalesceImage(top), [])
+        self.assertTrue(self.holds(base))
+        self.assertEqual(storage.handles(), [])
