@@ -23,10 +23,13 @@ from xenddev.backendctrl.errors import (
     DriverDomainTimeout,
     InvalidNameError,
     PreconditionError,
+    StaleTokenError,
 )
 from xenddev.backendctrl.protocol import VDI, VIF, ControlPaths
 from xenddev.driverdomain.agent import BackendCtrlAgent
+from xenddev.driverdomain.fencing import FencingTokens
 from xenddev.driverdomain.kinds.base import KindContext, KindError, Outcome, PlugSpec
+from xenddev.errors import FaultCode
 from xenddev.interfaces import IDriverDomainKind, IMediumChanger
 from xenddev.toolstack.client import DriverDomainClient, populateFrontend
 from xenddev.xenstore.paths import Perm
@@ -393,6 +396,113 @@ class DriverDomainSuite(HostSuite):
         self.assertFalse(
             await self.xs.readOrNone(f"/local/domain/{DD}/private/xenddev/inflight/vdi/crash")
         )
+
+    # Fencing tokens (docs/protocol.md, "Fencing tokens")
+
+    def fencing(self) -> FencingTokens:
+        """A reader of the agent's fencing records (as the agent keeps them)."""
+        return FencingTokens(self.xs, DD)
+
+    async def test_tokenRecordedAndConsumed(self) -> None:
+        """
+        An activate's token is recorded for its target in the agent's
+        private area, and the request's token node goes with its answer.
+        """
+        await self.client.prepare("disk0", TARGET)
+        await self.client.activate("disk0", token=7)
+        fencing = self.fencing()
+        self.assertEqual(await self.xs.read(fencing.record("file:/srv/a.img")), "7 file:/srv/a.img")
+        self.assertEqual(await fencing.served("file:/srv/a.img"), 7)
+        self.assertFalse(await self.xs.exists(self.paths().token))
+        self.assertEqual(await self.xs.read(self.paths().state), "active")
+
+    async def test_staleTokenRefused(self) -> None:
+        """
+        A second object of the same target activated with a lower token is
+        refused (EACCES, StaleTokenError, fault 12) before the kind is
+        called; the tree is as it was. An equal or higher token is accepted
+        and a higher one recorded.
+        """
+        await self.client.prepare("disk0", TARGET)
+        await self.client.prepare("disk1", TARGET)
+        await self.client.activate("disk0", token=9)
+        before = await dumpTree(self.xs)
+        calls = len(self.kind.calls)
+        e = await self.assertFails(self.client.activate("disk1", token=5), StaleTokenError)
+        self.assertEqual((e.errname, e.errno, e.request), ("EACCES", 13, "activate"))
+        self.assertEqual(e.faultCode, FaultCode.DEVICE_EXISTS)
+        self.assertIn("stale fencing token 5 for file:/srv/a.img: token 9", e.message)
+        self.assertEqual(len(self.kind.calls), calls)
+        await self.assertTreeUnchanged(before)
+        await self.client.activate("disk1", token=9)
+        await self.client.deactivate("disk1")
+        await self.client.activate("disk1", token=12)
+        self.assertEqual(await self.fencing().served("file:/srv/a.img"), 12)
+
+    async def test_noTokenAcceptedAfterOne(self) -> None:
+        """
+        Token 0 (no pool vouches: one host, or w!) is accepted after a
+        non-zero one and leaves the record as it was; a token of another
+        target is not compared.
+        """
+        await self.client.prepare("disk0", TARGET)
+        await self.client.prepare("other", {**TARGET, "params": "/srv/b.img"})
+        await self.client.activate("disk0", token=30)
+        await self.client.deactivate("disk0")
+        await self.client.activate("disk0")
+        await self.client.activate("other", token=2)
+        self.assertEqual(await self.fencing().served("file:/srv/a.img"), 30)
+        self.assertEqual(await self.fencing().served("file:/srv/b.img"), 2)
+
+    async def test_tokenSurvivesAgentRestart(self) -> None:
+        """The highest token is read from XenStore: a restarted agent refuses a lower one."""
+        await self.client.prepare("disk0", TARGET)
+        await self.client.prepare("disk1", TARGET)
+        await self.client.activate("disk0", token=40)
+        await self.agent.stop()
+        self.kind = RecordingKind()
+        self.agent = BackendCtrlAgent(self.agentXs, DD, [self.kind])
+        await self.agent.start()
+        before = await dumpTree(self.xs)
+        await self.assertFails(self.client.activate("disk1", token=39), StaleTokenError)
+        self.assertEqual(self.kind.calls, [])
+        await self.assertTreeUnchanged(before)
+
+    async def test_agentChecksTokenWrittenPastClient(self) -> None:
+        """
+        The check is the agent's: a token written past the client (another
+        toolstack) is refused with result 13, a malformed one with EINVAL;
+        the token node goes with the answer either way.
+        """
+        await self.client.prepare("disk0", TARGET)
+        await self.client.prepare("disk1", TARGET)
+        await self.client.activate("disk0", token=100)
+        p = self.paths("disk1")
+        for token, result in (("99", "13"), ("ten", "22"), ("-1", "22")):
+            await self.xs.transact(
+                lambda tx, token=token: gatherResults(
+                    [tx.write(p.token, token), tx.write(p.request, "activate")]
+                )
+            )
+            await self.xs.waitFor(p.request, lambda v: v is None, 5)
+            self.assertEqual(await self.xs.read(p.result), result, token)
+            self.assertFalse(await self.xs.exists(p.token))
+            self.assertEqual(await self.xs.read(p.state), "inactive")
+        self.assertNotIn(("activate", "disk1", False), self.kind.calls)
+
+    async def test_badTokenRefusedBeforeWriting(self) -> None:
+        """A token that is not an integer in 0..2**63-1 is refused by the client, unwritten."""
+        await self.client.prepare("disk0", TARGET)
+        before = await dumpTree(self.xs)
+        for bad in (-1, 2**63, True, "5", 1.0):
+            self.assertRaises(InvalidNameError, self.client.activate, "disk0", VDI, bad)
+        await self.assertTreeUnchanged(before)
+
+    async def test_vifTokenIgnored(self) -> None:
+        """An object naming no storage (a vif) has nothing to fence: its token is accepted."""
+        await self.client.prepare("nic0", {"mac": "00:16:3e:00:00:01"}, objectClass=VIF)
+        await self.client.activate("nic0", VIF, token=3)
+        self.assertEqual(await self.xs.ls(self.fencing().directory, missingOk=True), [])
 
     # Plugs
 

@@ -56,6 +56,21 @@ class DriverDomainError(XenddevError):
         return f"{text}: {self.message}" if self.message else text
 
 
+class StaleTokenError(DriverDomainError):
+    """
+    The driver domain refused an C{activate} (C{EACCES}) because the
+    fencing token it carried is lower than one it has already served for
+    the same storage target: a newer holder activated the target there, so
+    this one was superseded (docs/protocol.md, "Fencing tokens"). Nothing
+    was changed. Fault 12, as the activation guard's conflicts: someone
+    else holds the target.
+    """
+
+    def __init__(self, errno: int, errname: str, message: str, request: str, path: str) -> None:
+        super().__init__(errno, errname, message, request, path)
+        self.faultCode = FaultCode.DEVICE_EXISTS
+
+
 class PreconditionError(DriverDomainError):
     """
     The toolstack found a precondition of the request violated and wrote

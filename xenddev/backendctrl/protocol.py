@@ -70,6 +70,19 @@ RELOAD = "reload"
 TARGET_DIR = "t"
 NEW_TARGET_DIR = "n"
 
+#: Our extension: the node of the object's directory holding the fencing
+#: token an C{activate} carries (decimal; written with the request, removed
+#: with its answer). The driver domain refuses a token lower than one it
+#: has served for the same storage target (docs/protocol.md, "Fencing
+#: tokens"); absent or C{0}: no pool vouches, nothing is checked.
+TOKEN = "token"
+#: Tokens are etcd revisions: non-negative int64 values.
+TOKEN_MAX = 2**63 - 1
+#: The result of an C{activate} whose token is stale. Xen's errno table
+#: has no C{ESTALE}; C{EACCES} ("permission denied") says what happened:
+#: the token no longer entitles its holder to the target.
+STALE_TOKEN = "EACCES"
+
 #: The syntax of vdi, vif and plug names (L{validateName} also bounds the length).
 NAME_SYNTAX = re.compile(r"[A-Za-z0-9_-]+\Z")
 _TARGET_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -109,6 +122,30 @@ def validateName(value: object, what: str) -> str:
             what, value, f"must match [A-Za-z0-9_-]+ and be at most {NAME_MAX} characters"
         )
     return value
+
+
+def validateToken(value: object) -> int:
+    """
+    A fencing token the toolstack sends: an integer in 0..L{TOKEN_MAX}.
+
+    @raise InvalidNameError: for anything else (nothing is written).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= TOKEN_MAX:
+        raise InvalidNameError("fencing token", value, f"must be an integer in 0..{TOKEN_MAX}")
+    return value
+
+
+def parseToken(text: str | None) -> int:
+    """
+    The fencing token a C{token} node holds (absent: 0, no pool).
+
+    @raise ValueError: for a value that is not a decimal in 0..L{TOKEN_MAX}.
+    """
+    if text is None:
+        return 0
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(TOKEN_MAX)):
+        raise ValueError(f"fencing token {text[:40]!r} is not a decimal integer")
+    return validateToken(int(text))
 
 
 def validateTarget(target: Mapping[str, object]) -> dict[str, str]:
@@ -205,6 +242,11 @@ class ControlPaths:
     def newTarget(self, key: str) -> str:
         """The path of replacement target key C{key}."""
         return f"{self.newTargetDir}/{key}"
+
+    @property
+    def token(self) -> str:
+        """C{token}: the fencing token an C{activate} carries (L{TOKEN})."""
+        return self.child(TOKEN)
 
     @property
     def plugsDir(self) -> str:

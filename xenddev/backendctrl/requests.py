@@ -103,6 +103,12 @@ class RequestRule:
     @ivar reopensImage: with C{resume}: reopen the image first.
     @ivar hotplug: what it means for hotplug scripts (L{HOTPLUG_ADD},
         L{HOTPLUG_READD}, L{HOTPLUG_REMOVE}) besides its plug's own.
+    @ivar fenced: it carries the activation's fencing token
+        (L{TOKEN<xenddev.backendctrl.protocol.TOKEN>}), written by the
+        toolstack with the request when a pool vouches for it; the agent
+        refuses a token lower than one it served for the object's storage
+        target before the kind is called, and the answer's transaction
+        removes the node.
     """
 
     name: str
@@ -119,6 +125,7 @@ class RequestRule:
     dataPath: str | None = None
     reopensImage: bool = False
     hotplug: str | None = None
+    fenced: bool = False
 
     def __attrs_post_init__(self) -> None:
         # A rule that refuses some prepared state must say how.
@@ -183,6 +190,7 @@ REQUESTS: Mapping[str, RequestRule] = {
             stateAfter=ACTIVE,
             kindMethod="activate",
             hotplug=HOTPLUG_ADD,
+            fenced=True,
         ),
         RequestRule(
             DEACTIVATE,

@@ -246,6 +246,9 @@ class CompletionTransaction:
                     chains.append(_rmWithEmptyParents(tx, backend, f"{home}/backend"))
                 record = records.device(hotplugRef(answer.plugSpec))
                 chains.append(_rmWithEmptyParents(tx, record, records.devices))
+        if answer.request is not None and answer.request.rule.fenced:
+            # The request's token is consumed with it, answered either way.
+            ops.append(tx.rm(paths.token, missingOk=True))
         ops.append(tx.write(paths.result, str(answer.result)))
         if answer.message:
             ops.append(tx.write(paths.resultMsg, answer.message))

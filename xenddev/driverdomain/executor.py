@@ -3,8 +3,10 @@
 The request executor: one request performed through the object's
 driver-domain kind (or the data-path pauser), as its rule in
 L{xenddev.backendctrl.requests} says, after its journal entry is written.
-It writes nothing else to XenStore: every effect is in the L{Answer} it
-returns, for the completion transaction.
+It writes nothing else to XenStore — every effect is in the L{Answer} it
+returns, for the completion transaction — but the highest fencing token
+of a target, recorded before the kind activates it
+(L{xenddev.driverdomain.fencing}).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from xenddev.backendctrl.requests import (
     checkPreconditions,
 )
 from xenddev.driverdomain.completion import Answer
+from xenddev.driverdomain.fencing import FencingTokens
 from xenddev.driverdomain.hotplugdispatch import HotplugDispatcher
 from xenddev.driverdomain.kinds.base import DeviceRef, KindContext, KindError, Outcome, PlugSpec
 from xenddev.driverdomain.objects import AgentRecords, ServedObjects, hotplugRef, readTarget
@@ -46,6 +49,8 @@ class _Inputs:
     takeover: bool
     kindName: str | None
     target: dict[str, str]
+    #: The C{token} node of a fenced request (None: absent).
+    token: str | None = None
 
 
 class RequestExecutor:
@@ -58,6 +63,8 @@ class RequestExecutor:
     @param hotplug: runs the remove scripts an unplug or a change waits for.
     @param pausers: data-path kind -> the pauser serving C{pause},
         C{resume} and C{reload}.
+    @param fencing: the fencing tokens served (default: this agent's,
+        read from and kept in its records).
     """
 
     log = Logger()
@@ -69,12 +76,14 @@ class RequestExecutor:
         objects: ServedObjects,
         hotplug: HotplugDispatcher,
         pausers: Mapping[str, Any],
+        fencing: FencingTokens | None = None,
     ) -> None:
         self.xs = xs
         self.records = records
         self.objects = objects
         self.hotplug = hotplug
         self.pausers = pausers
+        self.fencing = fencing if fencing is not None else FencingTokens(xs, records.domid)
         self.executed = 0
 
     async def execute(
@@ -158,7 +167,9 @@ class RequestExecutor:
             ]
         elif rule.refusedWithPlugs:
             reads.append(Deferred.fromCoroutine(self.objects.plugged(paths)))
-        target, kindName, *rest = await gatherResults(reads, consumeErrors=True)
+        # In the same round trip as the rest.
+        reads.append(xs.readOrNone(paths.token) if rule.fenced else succeed(None))
+        target, kindName, *rest, token = await gatherResults(reads, consumeErrors=True)
         snap = ObjectSnapshot(state, None)
         plugSpec: PlugSpec | None = None
         takeover = False
@@ -175,7 +186,7 @@ class RequestExecutor:
             )
         elif rule.refusedWithPlugs:
             snap = ObjectSnapshot(state, None, plugCount=len(rest[0]))
-        return _Inputs(snap, plugSpec, takeover, kindName, target)
+        return _Inputs(snap, plugSpec, takeover, kindName, target, token)
 
     async def _perform(
         self,
@@ -198,6 +209,9 @@ class RequestExecutor:
         else:
             kind = self.objects.kindNamed(inputs.kindName)
         ctx = self.objects.context(paths, inputs.target, recovering)
+        if rule.fenced:
+            # Before the kind: a stale token touches nothing.
+            await self.fencing.admit(paths, inputs.target, inputs.token)
         target: Mapping[str, str] | None = inputs.target if rule.input is not None else None
         plugSpec = inputs.plugSpec
         if rule.dataPath is not None:

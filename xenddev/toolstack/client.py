@@ -25,6 +25,7 @@ from xenddev.backendctrl.errors import (
     DriverDomainTimeout,
     NoAgentError,
     PreconditionError,
+    StaleTokenError,
 )
 from xenddev.backendctrl.protocol import (
     ACTIVATE,
@@ -37,6 +38,7 @@ from xenddev.backendctrl.protocol import (
     PREPARE,
     RELOAD,
     RESUME,
+    STALE_TOKEN,
     UNPLUG,
     UNPREPARE,
     VDI,
@@ -50,6 +52,7 @@ from xenddev.backendctrl.protocol import (
     privateDir,
     validateName,
     validateTarget,
+    validateToken,
 )
 from xenddev.backendctrl.requests import ObjectSnapshot, Request, checkPreconditions
 from xenddev.interfaces import ITransaction, IXenStore
@@ -151,10 +154,18 @@ class DriverDomainClient:
         checkTransactionSize(writes)
         return self._serialised(paths, lambda: self._simple(paths, Request(PREPARE), writes))
 
-    def activate(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
-        """Make the object active (I/O may flow)."""
+    def activate(self, name: str, objectClass: ObjectClass = VDI, token: int = 0) -> Deferred[None]:
+        """
+        Make the object active (I/O may flow).
+
+        @param token: the fencing token of the target's activation (its
+            grant's; 0: no pool vouches, none is sent). The driver domain
+            refuses one lower than a token it served for the target
+            (L{StaleTokenError}, fault 12); docs/protocol.md.
+        """
         paths = self.paths(name, objectClass)
-        return self._serialised(paths, lambda: self._simple(paths, Request(ACTIVATE)))
+        writes = {paths.token: str(token)} if validateToken(token) else {}
+        return self._serialised(paths, lambda: self._simple(paths, Request(ACTIVATE), writes))
 
     def deactivate(self, name: str, objectClass: ObjectClass = VDI) -> Deferred[None]:
         """Make the object inactive again."""
@@ -575,23 +586,26 @@ class DriverDomainClient:
                 await answer.result
         except XenStoreTimeout:
             raise DriverDomainTimeout(str(request), paths.base, self.timeout) from None
-        result, message, backend, bcopy, gone = await self._collect(self.xs, paths, request)
+        fenced = paths.token in writes
+        result, message, backend, bcopy, gone = await self._collect(self.xs, paths, request, fenced)
         if gone:
             await self.xs.rm(paths.base, missingOk=True)
         if result != 0:
-            raise DriverDomainError(
+            stale = fenced and result == XEN_ERRNO[STALE_TOKEN]
+            raise (StaleTokenError if stale else DriverDomainError)(
                 result, XEN_ERRNO_NAME.get(result, "E?"), message, str(request), paths.base
             )
         return backend, bcopy
 
     async def _collect(
-        self, tx: IXenStore, paths: ControlPaths, request: Request
+        self, tx: IXenStore, paths: ControlPaths, request: Request, fenced: bool = False
     ) -> tuple[int, str, str | None, dict[str, str], bool]:
         """
-        Read C{result}/C{result_msg} and tidy up: remove them and a failed
-        plug's directory; say whether the whole object no longer exists
-        (failed prepare, successful unprepare), for the caller to remove —
-        so the tree is as before. For a plug, also read what the toolstack
+        Read C{result}/C{result_msg} and tidy up: remove them, a failed
+        plug's directory and (C{fenced}: one was sent) the token, which an
+        agent older than tokens leaves; say whether the whole object no
+        longer exists (failed prepare, successful unprepare), for the
+        caller to remove — so the tree is as before. For a plug, also read what the toolstack
         needs (backend, b-copy).
 
         No transaction: once the request is answered, only this object's
@@ -618,6 +632,8 @@ class DriverDomainClient:
         if request.rule.replacesTarget:
             # The agent consumes n/* on success; a refused change leaves it.
             removals.append(tx.rm(paths.newTargetDir, missingOk=True))
+        if fenced:
+            removals.append(tx.rm(paths.token, missingOk=True))
         raw, message, state, *plugReads = await gatherResults(reads, consumeErrors=True)
         await gatherResults(removals, consumeErrors=True)
         try:

@@ -38,7 +38,7 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xenddev.backendctrl.errors import DriverDomainError, DriverDomainTimeout
+from xenddev.backendctrl.errors import DriverDomainError, DriverDomainTimeout, StaleTokenError
 from xenddev.backendctrl.protocol import VDI, ObjectClass
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.interfaces import IActivationGuard, IDevController, ITransaction, IXenStore
@@ -631,7 +631,8 @@ class DevController:
             await self.xs.transact(
                 lambda tx: self._writeFrontend(tx, details, plug, ready), self.transactAttempts
             )
-            await dd.activate(vdi, self.objectClass)
+            # The driver domain checks the grant's fencing token (0: none).
+            await dd.activate(vdi, self.objectClass, token=grant.token if grant else 0)
             await self._waitConnected(devid, plug.backendPath)
         except BaseException as e:
             self.log.info(
@@ -647,7 +648,8 @@ class DevController:
         return devid
 
     def _explain(self, e: BaseException, devid: int) -> BaseException:
-        if isinstance(e, DeviceError | CancelledError):
+        # A stale fencing token keeps its own fault (12: a newer holder).
+        if isinstance(e, DeviceError | CancelledError | StaleTokenError):
             return e
         if isinstance(e, DriverDomainError):
             return DeviceError(
