@@ -184,6 +184,23 @@ class PoolDataPathTests(PoolHostsMixin, TestCase):
         self.assertEqual(await self.call(a, "datapath.handles"), [])
         self.assertEqual(await self.call(b, "datapath.handles"), [])
 
+        # The coordinator stops while it holds b's handle: its shutdown
+        # resumes it (not b's deadline, timeouts.quiesce: 60 s).
+        held = await self.call(a, "datapath.quiesce", self.mid)
+        self.assertEqual([p["host"] for p in held["peers"]], [b.name])
+        self.assertFalse(await self.exported(byHost[b.name]))
+        mine = byHost[a.name]
+        self.addCleanup(shutil.rmtree, os.path.dirname(mine["qmp"]), True)
+        self.addCleanup(_kill, mine["pid"])
+        stopped = time.monotonic()
+        a.process.signalProcess("TERM")
+        await a.proto.ended
+        self.assertEqual(await self.call(b, "datapath.handles"), [])
+        self.assertTrue(await self.exported(byHost[b.name]))
+        report(
+            "coordinator stopped, the other host's data path resumed", time.monotonic() - stopped
+        )
+
     async def test_killedHost(self) -> None:
         """
         The other host is killed: a pool-wide quiesce fails naming it
