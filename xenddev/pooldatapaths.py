@@ -61,6 +61,7 @@ from xenddev.pool.datapaths import (
     hostPrefix,
 )
 from xenddev.pool.interfaces import IEtcd, IHostSession
+from xenddev.pool.session import LIVE
 from xenddev.storagectl import IPoolDataPaths, RemoteHold
 
 __all__ = [
@@ -463,7 +464,7 @@ class DataPathPublisher:
     async def _run(self) -> None:
         try:
             while (self._dirty or self._full) and not self._stopped:
-                if self.session.state != "live":
+                if self.session.state != LIVE:
                     # Fenced or rejoining: no lease to publish under (the
                     # check publishes everything once it is live again).
                     return
@@ -583,7 +584,7 @@ class DataPathPublisher:
         Publish everything after a rejoin or when a full resync is due,
         what is pending once the session is live again; watch new domains.
         """
-        if self._stopped or self.session.state != "live":
+        if self._stopped or self.session.state != LIVE:
             return
         new = set(self._driverDomains()) - set(self._watches)
         if new:
