@@ -163,6 +163,25 @@ class BlkifController(DevController):
             details.backendDomid,
         )
 
+    def migrationConfig(self, recorded: Mapping[str, str]) -> dict[str, Any]:
+        """
+        The disk again from its record: xl's spec, so its format is kept
+        (xend's triple has none), with its driver domain; xend's triple for
+        C{w!}, which xl cannot say.
+        """
+        uname, dev = recorded.get("uname", ""), recorded.get("dev", "")
+        mode, backend = recorded.get("mode", "r"), recorded.get("backend", "0")
+        if mode == "w!":
+            return {"uname": uname, "dev": dev, "mode": mode, "backend": backend}
+        path = uname.split(":", 1)[1] if ":" in uname else uname
+        vdev, _, devtype = dev.partition(":")
+        parts = [f"vdev={vdev}", "access=" + ("ro" if mode == "r" else "rw")]
+        if devtype == "cdrom":
+            parts.append("devtype=cdrom")
+        if path:
+            parts += [f"format={recorded.get('format', 'raw')}", f"target={path}"]
+        return {"spec": ", ".join(parts), "backend": backend}
+
     def checkReconfigure(
         self, devid: int, recorded: Mapping[str, str], details: DeviceDetails
     ) -> None:

@@ -167,6 +167,11 @@ class BlktapController(BlkifController):
         """None: a blktap device is reconfigured by its device id only (as before)."""
         return None
 
+    def migrationConfig(self, recorded: Mapping[str, str]) -> dict[str, Any]:
+        """The disk again from its record: xend's triple (C{tap:<type>:<path>}), its backend."""
+        keys = ("uname", "dev", "mode", "backend")
+        return {key: recorded[key] for key in keys if key in recorded}
+
     def getDeviceDetails(self, config: Mapping[str, Any]) -> DeviceDetails:
         """A C{tap:<type>:<path>} disk into a C{type=tap} target."""
         return self.tapDetails(tapDisk(config))

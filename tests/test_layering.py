@@ -71,6 +71,14 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.poolmember": ("xenddev.errors", "xenddev.pool", "xenddev.poolfence"),
     # The other hosts' daemons, asked over XML-RPC.
     "xenddev.poolpeers": ("xenddev.errors", "xenddev.interfaces", "xenddev.pool"),
+    # The storage side of migration across hosts: the coordinator.
+    "xenddev.poolmigration": (
+        *_FOUNDATION,
+        "xenddev.toolstack",
+        "xenddev.pool",
+        "xenddev.poolguard",
+        "xenddev.poolpeers",
+    ),
     # The pool-wide data-path registry: publishing, finding, pool-wide quiesce.
     "xenddev.pooldatapaths": (*_SHARED, "xenddev.pool", "xenddev.storagectl"),
     # Limits on the HTTP face; parts as child services; the fail-fast store.
@@ -101,6 +109,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.poolmember",
         "xenddev.poolpeers",
         "xenddev.pooldatapaths",
+        "xenddev.poolmigration",
         "xenddev.xmlrpc",
         "xenddev.httplimits",
         "xenddev.lifecycle",

@@ -21,6 +21,7 @@ __all__ = [
     "IMediumChanger",
     "INbdAttacher",
     "IPoolPeers",
+    "IStorageMigration",
     "ITapCtl",
     "ITransaction",
     "IWatchHandle",
@@ -199,8 +200,12 @@ class IDevController(Interface):
     def finishDeviceCleanup(backpath, path):
         """Class-specific cleanup after the backend is gone (a Deferred)."""
 
-    def migrate(deviceConfig, network, dst, step, domName):
-        """xend's external-migration-tool steps 0-3; fires with 0 on success."""
+    def migrate(deviceConfig, network, dst, step, domName, recover=False):
+        """
+        xend's migration steps 0-3 on the source host (C{dst}: the
+        destination host; with C{recover}, xend's C{recover_migrate}: undo
+        after a failed step); fires with 0 on success.
+        """
 
 
 class ITapCtl(Interface):
@@ -335,4 +340,21 @@ class IPoolPeers(Interface):
         Call C{method} on C{host}'s daemon; fires with its answer, or fails
         with C{PeerFault} (its refusal, with its fault code) or
         C{PeerUnavailable} (fault 16: not asked, unreachable, or timed out).
+        """
+
+
+class IStorageMigration(Interface):
+    """
+    The storage side of migrating a guest to another host of the pool, as
+    xend's migration steps ask for it on the source (C{xenddev.poolmigration}):
+    the device controllers of storage classes call it from C{migrate}.
+    """
+
+    def step(domid, dst, step, domName, recover=False):
+        """
+        Do step C{step} (0 check, 1 prepare on C{dst}, 2 hand over, 3
+        finish) of guest C{domid}'s migration to host C{dst}, where it is
+        named C{domName}; with C{recover}, undo after a failed step. Done
+        once per guest and step however many of its devices ask; fires
+        with 0, or fails with a typed error.
         """

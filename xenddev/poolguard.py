@@ -27,6 +27,16 @@ to the records); one another host took meanwhile is logged as such. When
 the session loses its lease (L{lost}), its activations are gone: they are
 forgotten here and logged with their devices, which the fence paused and
 which are not resumed (another host may hold their targets now).
+
+Migration (L{xenddev.poolmigration}): a claim for a guest migrating in
+(C{Claim.migratingFrom}: the source host) is granted, read-write, while the
+target's writer is that source (or nobody): the host records its intent
+(L{Migrations.intend<xenddev.pool.migration.Migrations.intend>}, under its
+lease) instead of taking the key, and the grant's token is 0 until the
+handover moves the key here (L{adopt}: the grants and their records get
+the new token). A detach before it withdraws the intent. On the source,
+L{forget} drops an activation moved away, L{reclaim} takes one handed back.
+A read-only claim is an ordinary one: readers share.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -43,7 +53,9 @@ from xenddev.interfaces import IActivationGuard
 from xenddev.localguard import LocalGuard
 from xenddev.pool.activation import Activation
 from xenddev.pool.errors import ActivationConflict
-from xenddev.pool.interfaces import IActivations, IHostSession
+from xenddev.pool.interfaces import IActivations, IHostSession, IMigrations
+from xenddev.pool.keys import migrationKey
+from xenddev.pool.migration import Intent
 from xenddev.toolstack.activation import RO, RW, SHARED, Claim, Grant, Mode, activationPath
 
 __all__ = ["PoolGuard"]
@@ -59,22 +71,38 @@ class PoolGuard:
     @param local: this host's guard (its grants are this host's devices).
     @param activations: the pool's activations under this host's session.
     @param session: this host's session (live or not, its hosts).
+    @param migrations: the migrations' intents and handovers (without it a
+        claim for a guest migrating in is refused).
     """
 
     log = Logger()
 
-    def __init__(self, local: LocalGuard, activations: IActivations, session: IHostSession) -> None:
+    def __init__(
+        self,
+        local: LocalGuard,
+        activations: IActivations,
+        session: IHostSession,
+        migrations: IMigrations | None = None,
+    ) -> None:
         self.local = local
         self._activations = activations
         self._session = session
+        self._migrations = migrations
         #: target -> this host's activation of it in etcd
         self._held: dict[str, Activation] = {}
+        #: target -> this host's intent to take it (a guest migrating in)
+        self._incoming: dict[str, Intent] = {}
         self._locks: dict[str, DeferredLock] = {}
 
     @property
     def held(self) -> dict[str, Activation]:
         """This host's activations in etcd, by target."""
         return dict(self._held)
+
+    @property
+    def incoming(self) -> dict[str, Intent]:
+        """This host's migration intents, by target."""
+        return dict(self._incoming)
 
     def acquire(self, claim: Claim) -> Deferred[Grant]:
         """This host's rule, then the pool's; the grant carries the fencing token."""
@@ -85,6 +113,12 @@ class PoolGuard:
             if grant.mode == SHARED:
                 return grant
             try:
+                if claim.migratingFrom is not None and grant.mode == RW:
+                    source = claim.migratingFrom
+                    await self._serialised(
+                        grant.target, lambda: self._intend(grant.target, source, claim.domid)
+                    )
+                    return grant  # token 0: the key is the source's until the handover
                 taken = await self._serialised(
                     grant.target, lambda: self._take(grant.target, grant.mode)
                 )
@@ -169,12 +203,83 @@ class PoolGuard:
 
         return Deferred.fromCoroutine(start())
 
+    def adopt(self, activation: Activation) -> Deferred[None]:
+        """
+        C{activation} is this host's now (moved here by a handover, or
+        handed back): the intent is done, the devices' grants of its target
+        carry its token, in memory and in their records.
+        """
+
+        async def adopt() -> None:
+            target = activation.target
+            self._incoming.pop(target, None)
+            self._held[target] = activation
+            grants = [g for g in self.local.grants(target) if g.mode != SHARED]
+            for grant in grants:
+                self.local.hold(attrs.evolve(grant, token=activation.token))
+            await gatherResults(
+                [
+                    self.local.xs.write(f"{activationPath(g.record)}/token", str(activation.token))
+                    for g in grants
+                ],
+                consumeErrors=True,
+            )
+
+        return Deferred.fromCoroutine(adopt())
+
+    def reclaim(self, target: str) -> Deferred[Activation]:
+        """
+        Take back C{target}, handed back to this host by an aborted
+        migration's destination (its key under our lease again), and adopt
+        it; L{ActivationConflict} if another host holds it.
+        """
+
+        async def reclaim() -> Activation:
+            activation = await self._activations.activate(target, "rw")
+            await self.adopt(activation)
+            return activation
+
+        return Deferred.fromCoroutine(reclaim())
+
+    def forget(self, target: str) -> Deferred[bool]:
+        """
+        Drop this host's activation of C{target} if its key is no longer
+        under our lease (a handover moved it away): our devices of it keep
+        their grants, but a detach gives nothing back to etcd. Fires with
+        whether it was dropped.
+        """
+
+        async def forget() -> bool:
+            held = self._held.get(target)
+            if held is None:
+                return False
+            writer = (await self._activations.where(target)).writer
+            if writer is not None and writer.lease == held.lease:
+                return False  # still ours
+            del self._held[target]
+            self._session.release(held.key)
+            self.log.info(
+                "Pool activation of {target} moved to {host}: forgotten here",
+                target=target,
+                host=writer.host if writer is not None else "(nobody)",
+            )
+            return True
+
+        return Deferred.fromCoroutine(forget())
+
     def lost(self, keys: frozenset[bytes]) -> None:
         """
         The session's lease expired with C{keys}: forget the activations
         among them and say which devices stay paused (a session C{onLost}
         callback).
         """
+        for target in [t for t in self._incoming if migrationKey(t) in keys]:
+            del self._incoming[target]
+            self.log.error(
+                "The migration intent of {target} was lost with the lease: the migration "
+                "cannot be committed; abort it",
+                target=target,
+            )
         for target, activation in sorted(self._held.items()):
             if activation.key not in keys:
                 continue
@@ -203,10 +308,27 @@ class PoolGuard:
         self._held[target] = activation
         return activation
 
+    async def _intend(self, target: str, source: str, domid: int) -> None:
+        """Record this host's intent to take C{target} from C{source} (a guest migrating in)."""
+        if self._migrations is None:
+            raise ActivationConflict(target, source, (), 0)
+        self._incoming[target] = await self._migrations.intend(target, source, str(domid))
+
     async def _giveBack(self, target: str) -> None:
         """Deactivate C{target} in etcd if no guest here uses it any more."""
         if any(g.mode != SHARED for g in self.local.grants(target)):
             return
+        if self._incoming.pop(target, None) is not None and self._migrations is not None:
+            # A migration that did not happen: its intent goes.
+            try:
+                await self._migrations.withdraw(target)
+            except Exception as e:
+                self.log.warn(
+                    "Could not withdraw the migration intent of {target}: {error}; it goes "
+                    "with this host's lease",
+                    target=target,
+                    error=e,
+                )
         if self._held.pop(target, None) is None:
             return
         try:

@@ -405,6 +405,8 @@ class XenddevService(MultiService):
         #: The other hosts' daemons (L{xenddev.interfaces.IPoolPeers}), with
         #: C{pool.advertise}.
         self.peers: Any = None
+        #: The storage side of migrations (L{xenddev.poolmigration}), with C{pool:}.
+        self.migrations: Any = None
         self.simulated = False
         self.embedded = False
         self.xenstoreAddress: str | None = None
@@ -514,6 +516,7 @@ class XenddevService(MultiService):
             destroyTimeout=cfg.timeouts.destroy,
             requestTimeout=cfg.timeouts.request,
             guard=guard,
+            migration=self.migrations,
         )
         if self.guests is not None:
             self.guests.manager = self.manager
@@ -586,7 +589,12 @@ class XenddevService(MultiService):
         await self._add(Part("pool session", join, member.stop))
         session = member.session
         assert session is not None
-        guard = PoolGuard(local, Activations(member.etcd, session, self.reactor), session)
+        from xenddev.pool.migration import Migrations
+
+        migrations = Migrations(member.etcd, session, self.reactor)
+        guard = PoolGuard(
+            local, Activations(member.etcd, session, self.reactor), session, migrations
+        )
         member.onLost(guard.lost)
         if pool.advertise and pool.peer_password_file:
             from xenddev.poolpeers import PoolPeers, readPeerCredentials
@@ -598,6 +606,18 @@ class XenddevService(MultiService):
             self.peers = PoolPeers(
                 self.reactor, member.etcd, user, password, self.config.timeouts.request
             )
+        from xenddev.poolmigration import PoolMigrations
+        from xenddev.toolstack.migration import DomainStorage
+
+        # The manager is made once the guard is: asked when used.
+        self.migrations = PoolMigrations(
+            self.reactor,
+            pool.host,
+            lambda: DomainStorage(cast(DeviceManager, self.manager)),
+            guard,
+            migrations,
+            self.peers,
+        )
         await self._startPoolDataPaths(xs, member, session)
         self.log.info(
             "Host {host} in the pool (etcd {endpoints}): lease {lease:x}, TTL {ttl} s, "

@@ -71,6 +71,10 @@ class Claim:
     @ivar backendDomid: the driver domain that will serve it (a path is
         looked at on this host only when the driver domain is dom0).
     @ivar device: how messages name the device (C{vbd 51728 (xvdb)}).
+    @ivar migratingFrom: for a guest migrating in, the host it comes from:
+        the device is prepared but not activated, and the claim is granted
+        while that host still holds the target (it hands it over at the
+        migration's commit).
     """
 
     path: str
@@ -79,6 +83,7 @@ class Claim:
     record: str
     device: str
     backendDomid: int = 0
+    migratingFrom: str | None = None
 
 
 @attrs.frozen

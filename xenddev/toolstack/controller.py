@@ -24,6 +24,14 @@ C{destroyDevice}: C{online=0} and C{state=5} in one transaction → wait for
 Closed → remove the frontend → C{unplug} (the driver domain runs the remove
 script first) → C{deactivate} → C{unprepare} → remove the records →
 C{finishDeviceCleanup} → give the grant back to the guard.
+
+Migration (seed 000: "a vbd may be created with the vdi inactive"):
+C{prepareIncoming} makes a device for a guest migrating in as
+C{createDevice} does, but stops before C{activate} (the backend does not
+connect: no hotplug script runs for an inactive object); C{activateDevice}
+finishes it at the commit, C{deactivateDevice} stops a source's I/O at the
+handover. C{migrate} is xend's per-device entry to the steps, which the
+injected L{IStorageMigration} does once per guest.
 """
 
 from __future__ import annotations
@@ -39,9 +47,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenddev.backendctrl.errors import DriverDomainError, DriverDomainTimeout, StaleTokenError
-from xenddev.backendctrl.protocol import VDI, ObjectClass
+from xenddev.backendctrl.protocol import ACTIVE, VDI, ObjectClass
 from xenddev.errors import FaultCode, XenddevError
-from xenddev.interfaces import IActivationGuard, IDevController, ITransaction, IXenStore
+from xenddev.interfaces import (
+    IActivationGuard,
+    IDevController,
+    IStorageMigration,
+    ITransaction,
+    IXenStore,
+)
 from xenddev.toolstack.activation import (
     GRANT_NODES,
     Claim,
@@ -247,6 +261,8 @@ class DevController:
     @param guard: the activation guard the storage targets of attaches
         are claimed from (the daemon's: one host's, or the pool's); without
         one nothing is claimed.
+    @param migration: the storage side of migrations to other hosts (a
+        pool's); without it C{migrate} has nothing to do.
     """
 
     deviceClass: ClassVar[str] = "base"
@@ -274,9 +290,11 @@ class DevController:
         requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
         driverDomains: Callable[[int], DriverDomainClient] | None = None,
         guard: IActivationGuard | None = None,
+        migration: IStorageMigration | None = None,
     ) -> None:
         self.xs = xs
         self.guard = guard
+        self.migration = migration
         self.domain = domain
         self.domid = domain.domid
         self.createTimeout = createTimeout
@@ -392,6 +410,14 @@ class DevController:
         a device that uses none (a vif, an empty cdrom drive).
         """
         return None
+
+    def migrationConfig(self, recorded: Mapping[str, str]) -> dict[str, Any]:
+        """
+        Hook: the configuration that makes this device again on another
+        host (a migration's destination), from the one its record keeps
+        (L{getDeviceConfiguration}); by default the record's as it is.
+        """
+        return dict(recorded)
 
     def finishDeviceCleanup(self, backpath: str, path: str) -> Deferred[None]:
         """Hook run after a device is destroyed (Blktap2 frees its tapdisk)."""
@@ -585,14 +611,63 @@ class DevController:
         """
         return Deferred.fromCoroutine(self._create(details))
 
-    async def _create(self, details: DeviceDetails) -> int:
+    def prepareIncoming(self, details: DeviceDetails, source: str) -> Deferred[int]:
+        """
+        A device for a guest migrating in from host C{source}: made as
+        L{create} makes one, with its object prepared and its vbd plugged
+        and the frontend written, but the object B{not} activated, so the
+        backend does not connect (seed 000: "a vbd may be created with the
+        vdi inactive"). Its claim names the source: a pool's guard grants
+        it while the source still holds the target. Fires with the device
+        id; L{activateDevice} finishes it at the migration's commit. A
+        failure leaves nothing behind.
+        """
+        return Deferred.fromCoroutine(self._create(details, incoming=source))
+
+    def activateDevice(self, devid: int) -> Deferred[None]:
+        """
+        Activate a device's object (if it is not active) and wait until
+        its backend is connected (a migration's commit, or a source taking
+        its guest back).
+        """
+
+        async def activate() -> None:
+            dd, vdi, backend = await self._objectOf(devid)
+            if await self.xs.readOrNone(dd.paths(vdi, self.objectClass).state) != ACTIVE:
+                await dd.activate(vdi, self.objectClass)
+            await self._waitConnected(devid, backend)
+
+        return Deferred.fromCoroutine(activate())
+
+    def deactivateDevice(self, devid: int) -> Deferred[None]:
+        """
+        Deactivate a device's object if it is active: its I/O stops (a data
+        path flushes and pauses), the vbd stays plugged (a migration's
+        source at the handover).
+        """
+
+        async def deactivate() -> None:
+            dd, vdi, _ = await self._objectOf(devid)
+            if await self.xs.readOrNone(dd.paths(vdi, self.objectClass).state) == ACTIVE:
+                await dd.deactivate(vdi, self.objectClass)
+
+        return Deferred.fromCoroutine(deactivate())
+
+    async def _objectOf(self, devid: int) -> tuple[DriverDomainClient, str, str]:
+        """A device's driver domain client, object name and backend path (from its record)."""
+        vdi, backendId, backend = await self.readVm(devid, "vdi", "backend-id", "backend")
+        if vdi is None or backendId is None or not backendId.isdigit() or backend is None:
+            raise DeviceNotFoundError(f"Device {self.deviceLabel(devid)} not connected")
+        return self._driverDomain(int(backendId)), vdi, backend
+
+    async def _create(self, details: DeviceDetails, incoming: str | None = None) -> int:
         devid = details.devid
         dd = self._driverDomain(details.backendDomid)
         # Before anything is written: the storage target may be in use by
         # another guest or host (ActivationConflict, naming the holder);
         # a domain without an agent would never answer (NoAgentError).
         # Nothing is left behind either way.
-        grant = await self._acquire(details)
+        grant = await self._acquire(details, incoming)
         try:
             await dd.checkAgent()
         except BaseException:
@@ -631,9 +706,10 @@ class DevController:
             await self.xs.transact(
                 lambda tx: self._writeFrontend(tx, details, plug, ready), self.transactAttempts
             )
-            # The driver domain checks the grant's fencing token (0: none).
-            await dd.activate(vdi, self.objectClass, token=grant.token if grant else 0)
-            await self._waitConnected(devid, plug.backendPath)
+            if incoming is None:
+                # The driver domain checks the grant's fencing token (0: none).
+                await dd.activate(vdi, self.objectClass, token=grant.token if grant else 0)
+                await self._waitConnected(devid, plug.backendPath)
         except BaseException as e:
             self.log.info(
                 "Creating {cls} {devid} for domain {domid} failed ({error}); undoing",
@@ -662,11 +738,16 @@ class DevController:
             )
         return e
 
-    async def _acquire(self, details: DeviceDetails) -> Grant | None:
-        """The guard's grant of the details' storage target (None: nothing claimed)."""
+    async def _acquire(self, details: DeviceDetails, incoming: str | None = None) -> Grant | None:
+        """
+        The guard's grant of the details' storage target (None: nothing
+        claimed); C{incoming}: the host a migrating guest comes from.
+        """
         claim = self.activationClaim(details)
         if claim is None or self.guard is None:
             return None
+        if incoming is not None:
+            claim = attrs.evolve(claim, migratingFrom=incoming)
         grant: Grant = await self.guard.acquire(claim)
         return grant
 
@@ -1085,17 +1166,38 @@ class DevController:
         return self.xs.transact(write)
 
     def migrate(
-        self, deviceConfig: Mapping[str, Any], network: bool, dst: str, step: int, domName: str
+        self,
+        deviceConfig: Mapping[str, Any],
+        network: bool,
+        dst: str,
+        step: int,
+        domName: str,
+        recover: bool = False,
     ) -> Deferred[int]:
         """
-        xend's external-migration-tool steps 0–3. No device class here needs
-        one, so every step succeeds at once (xend: 0 when no tool is set).
+        xend's migration steps for this device, on the source host: 0
+        checks that host C{dst} is live in the pool and can take the
+        guest's storage targets, 1 prepares the guest's disks there
+        (prepared and plugged, not activated), 2 (the guest suspended) is
+        the handover — each vdi deactivated here, the activation keys moved
+        to C{dst} in etcd, the vdis activated there —, 3 finishes here.
+        With C{recover} (xend's C{recover_migrate}, C{step} the last step
+        that succeeded) everything is put back. The steps are the guest's,
+        done once however many of its disks ask (L{IStorageMigration}).
+        A class that serves no storage, or a toolstack without a pool's
+        migration, has nothing to do: 0 at once (xend's answer without an
+        external migration tool).
         """
-        if step not in (0, 1, 2, 3):
+        if isinstance(step, bool) or step not in (0, 1, 2, 3):
             raise DeviceConfigError(f"migration step must be 0..3, not {step!r}")
-        d: Deferred[int] = Deferred()
-        d.callback(0)
-        return d
+        if not isinstance(dst, str) or not dst:
+            raise DeviceConfigError(f"migration destination must be a host name, not {dst!r}")
+        if self.migration is None or self.objectClass != VDI:
+            d: Deferred[int] = Deferred()
+            d.callback(0)
+            return d
+        result: Deferred[int] = self.migration.step(self.domid, dst, step, domName, recover)
+        return result
 
 
 def _plainDevid(devid: object) -> int:

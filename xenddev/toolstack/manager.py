@@ -299,6 +299,53 @@ class DeviceManager:
 
         return self._logged("attach", domid, devclass, shown, run)
 
+    def prepareIncoming(
+        self, domid: int, devclass: str, config: Mapping[str, Any], source: str
+    ) -> Deferred[int]:
+        """
+        Make a device of a guest migrating in from host C{source}, its
+        object prepared and plugged but not activated
+        (L{DevController.prepareIncoming}); fires with its devid. Logged.
+        """
+        shown = _Shown("new")
+
+        async def run() -> int:
+            ctrl = await self.controller(domid, devclass)
+            details = ctrl.getDeviceDetails(config)
+            if details.devid == ALLOCATE:
+                devid = await ctrl.prepareIncoming(details, source)
+            else:
+                shown.learn(ctrl, details.devid)
+                devid = await self._serialised(
+                    (domid, devclass, details.devid),
+                    lambda: ctrl.prepareIncoming(details, source),
+                )
+            shown.learn(ctrl, devid)
+            return devid
+
+        return self._logged("migrate-prepare", domid, devclass, shown, run)
+
+    def activateDevice(self, domid: int, devclass: str, devid: int) -> Deferred[None]:
+        """Activate a device's object and wait until it is connected. Logged."""
+        return self._onDevice("activate", domid, devclass, devid, "activateDevice")
+
+    def deactivateDevice(self, domid: int, devclass: str, devid: int) -> Deferred[None]:
+        """Deactivate a device's object (its vbd stays plugged). Logged."""
+        return self._onDevice("deactivate", domid, devclass, devid, "deactivateDevice")
+
+    def _onDevice(
+        self, op: str, domid: int, devclass: str, devid: int, method: str
+    ) -> Deferred[None]:
+        """Run the controller's C{method} on one device, serialised and logged as C{op}."""
+        shown = _Shown(devid)
+
+        async def run() -> None:
+            ctrl = await self.controller(domid, devclass)
+            shown.learn(ctrl, devid)
+            await self._serialised((domid, devclass, devid), lambda: getattr(ctrl, method)(devid))
+
+        return self._logged(op, domid, devclass, shown, run)
+
     def destroyDevice(
         self, domid: int, devclass: str, devid: object, force: bool = False
     ) -> Deferred[None]:
