@@ -60,6 +60,7 @@ from xenddev.storagectl import HeldQuiesce, IStorageControl
 from xenddev.sxp import toConfig
 from xenddev.toolstack.client import DriverDomainClient, ObjectInfo
 from xenddev.toolstack.manager import DeviceManager, DeviceRow, underlyingError
+from xenddev.toolstack.objectguard import GuardedObjects
 from xenddev.xenstore.errors import (
     AccessDeniedError,
     TransactionRetriesExhausted,
@@ -526,10 +527,17 @@ class VdiNamespace(_Namespace):
     """
     C{vdi.*}: the objects of the driver-domain protocol (C{vdi}, and our
     C{vif}) in one driver domain, through L{DriverDomainClient}. Every
-    argument is checked before anything is written.
+    argument is checked before anything is written. An activation claims
+    its target from the daemon's activation guard as an attach does
+    (L{GuardedObjects}).
     """
 
     prefix = "vdi"
+
+    @functools.cached_property
+    def guarded(self) -> GuardedObjects:
+        """The activations' claims from the daemon's guard (one table of locks)."""
+        return GuardedObjects(self.manager.xs, self.service.guard)
 
     @rpcMethod([["array", "int"], ["array", "int", "string"]])
     async def xmlrpc_list(self, dd: object, objectClass: object = None) -> list[dict[str, Any]]:
@@ -597,10 +605,13 @@ class VdiNamespace(_Namespace):
         activate(dd, name[, class]) → {domain, class, name, state, ...}
 
         Make a prepared (inactive) object active: its data path starts
-        serving. Fault 17 if it is active already, 11 if not prepared.
+        serving. Its target is claimed as an attach claims it: fault 12 if
+        another guest or host holds it (or the driver domain served a newer
+        fencing token), 16 if the pool cannot vouch. Fault 17 if it is
+        active already, 11 if not prepared.
         """
         domid, cls, client, vname = await self._object(dd, name, objectClass)
-        await client.activate(vname, cls)
+        await self.guarded.activate(client, vname, cls)
         return await self.service.describeObject(domid, client, vname, cls)
 
     @rpcMethod([["struct", "int", "string"], ["struct", "int", "string", "string"]])
@@ -608,10 +619,11 @@ class VdiNamespace(_Namespace):
         """
         deactivate(dd, name[, class]) → {domain, class, name, state, ...}
 
-        Make an active object inactive again. Fault 17 if it is not active.
+        Make an active object inactive again (its target's claim is given
+        back). Fault 17 if it is not active.
         """
         domid, cls, client, vname = await self._object(dd, name, objectClass)
-        await client.deactivate(vname, cls)
+        await self.guarded.deactivate(client, vname, cls)
         return await self.service.describeObject(domid, client, vname, cls)
 
     @rpcMethod([["boolean", "int", "string"], ["boolean", "int", "string", "string"]])
@@ -623,7 +635,7 @@ class VdiNamespace(_Namespace):
         it still has plugs, 11 if there is no such object.
         """
         _, cls, client, vname = await self._object(dd, name, objectClass)
-        await client.unprepare(vname, cls)
+        await self.guarded.unprepare(client, vname, cls)
         return True
 
     async def _object(

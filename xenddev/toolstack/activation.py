@@ -31,6 +31,7 @@ from xenddev.interfaces import ITransaction, IXenStoreOps
 __all__ = [
     "GRANT_NODES",
     "MODES",
+    "OBJECT_RECORDS",
     "RO",
     "RW",
     "SHARED",
@@ -39,6 +40,7 @@ __all__ = [
     "Mode",
     "activationPath",
     "grantFrom",
+    "objectRecord",
     "readGrant",
     "recordedGrants",
     "writeGrant",
@@ -105,6 +107,18 @@ class Grant:
     token: int = 0
 
 
+#: The toolstack's records of the objects an operator activates through
+#: C{vdi.*} (no guest, no device of ours):
+#: C{<OBJECT_RECORDS>/<dd>/<class>/<name>}, each keeping its grant as a
+#: device's record does (L{xenddev.toolstack.objectguard}).
+OBJECT_RECORDS = "/tool/xenddev/objects"
+
+
+def objectRecord(driverDomid: int, objectClass: str, name: str) -> str:
+    """The record of object C{name} of C{objectClass} in driver domain C{driverDomid}."""
+    return f"{OBJECT_RECORDS}/{int(driverDomid)}/{objectClass}/{name}"
+
+
 def activationPath(record: str) -> str:
     """Where a device's record keeps its grant: C{<record>/activation}."""
     return f"{record}/activation"
@@ -153,7 +167,9 @@ def grantFrom(values: Sequence[str | None], domid: int, record: str) -> Grant | 
 async def recordedGrants(xs: IXenStoreOps) -> list[Grant]:
     """
     Every grant the toolstack's records hold: the devices of every guest
-    with a C{/vm} record (C{<vm>/device/<class>/<devid>/activation}).
+    with a C{/vm} record (C{<vm>/device/<class>/<devid>/activation}), and
+    the objects activated through C{vdi.*} in driver domains that exist
+    (L{objectRecord}; their domid is the driver domain's).
     """
     names = [n for n in await xs.ls("/local/domain", missingOk=True) if n.isascii() and n.isdigit()]
     vms = await gatherResults(
@@ -171,4 +187,25 @@ async def recordedGrants(xs: IXenStoreOps) -> list[Grant]:
                 consumeErrors=True,
             )
             found.extend(g for g in grants if g is not None)
+    live = set(names)
+    for dd in await xs.ls(OBJECT_RECORDS, missingOk=True):
+        if dd not in live:
+            continue  # gone with its driver domain
+        for cls in await xs.ls(f"{OBJECT_RECORDS}/{dd}", missingOk=True):
+            root = f"{OBJECT_RECORDS}/{dd}/{cls}"
+            for name in await xs.ls(root, missingOk=True):
+                used = Deferred.fromCoroutine(_objectInUse(xs, int(dd), cls, name))
+                grant = await readGrant(xs, f"{root}/{name}", int(dd))
+                # A record whose object is gone (a reused domid) holds nothing.
+                if await used and grant is not None:
+                    found.append(grant)
     return found
+
+
+async def _objectInUse(xs: IXenStoreOps, driverDomid: int, objectClass: str, name: str) -> bool:
+    """Whether the object is active, or has a request pending (an activate, maybe)."""
+    base = f"/local/domain/{driverDomid}/backendctrl/{objectClass}/{name}"
+    state, request = await gatherResults(
+        [xs.readOrNone(f"{base}/state"), xs.readOrNone(f"{base}/request")], consumeErrors=True
+    )
+    return state == "active" or request is not None
