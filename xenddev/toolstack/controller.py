@@ -634,7 +634,9 @@ class DevController:
         async def activate() -> None:
             dd, vdi, backend = await self._objectOf(devid)
             if await self.xs.readOrNone(dd.paths(vdi, self.objectClass).state) != ACTIVE:
-                await dd.activate(vdi, self.objectClass)
+                # The record's token: the pool's, once the handover moved the key here.
+                grant = await readGrant(self.xs, self.devicePath(devid), self.domid)
+                await dd.activate(vdi, self.objectClass, token=grant.token if grant else 0)
             await self._waitConnected(devid, backend)
 
         return Deferred.fromCoroutine(activate())
