@@ -28,7 +28,10 @@ setup(
     package_data={"twisted.plugins": ["*.py"]},
     entry_points={"console_scripts": ["xenddev = xenddev.cli:main"]},
     install_requires=[
-        "twisted>=24.3.0",
+        # [tls]: pyOpenSSL and service_identity, for Twisted's TLS (the pool's
+        # https:// etcd members, the xmlrpc.tls listener); cryptography with them
+        # reads the certificates and keys the daemon is given.
+        "twisted[tls]>=24.3.0",
         "zope.interface>=6.0",
         # Pinned: we reuse its exception classes and opcode numbering and work
         # around bugs that exist in exactly this release.

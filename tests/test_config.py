@@ -398,7 +398,7 @@ class PoolTests(TestCase):
         """Each bad value is named with its key, value and line."""
         for text, words in (
             ("pool:\n", "f.yaml: pool.endpoints = []: required"),
-            ("pool:\n  endpoints: [https://e:1]\n", "f.yaml:2: pool.endpoints = "),
+            ("pool:\n  endpoints: [ftp://e:1]\n", "f.yaml:2: pool.endpoints = "),
             ("pool:\n  endpoints: [e:1, e:1]\n", "lists one member twice"),
             ("pool:\n  endpoints: [e:1]\n  host: 'a b'\n", "f.yaml:3: pool.host = 'a b'"),
             ("pool:\n  endpoints: [e:1]\n  ttl: 1.5\n", "pool.ttl = 1.5: must be a whole"),

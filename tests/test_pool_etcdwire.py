@@ -209,10 +209,11 @@ class ClientSettingsTests(SynchronousTestCase):
     """The client's endpoints and gateway prefix."""
 
     def test_endpoints(self) -> None:
-        """C{host:port} means http; anything else but http://HOST:PORT is refused."""
+        """C{host:port} means http; anything but http(s)://HOST:PORT is refused."""
         self.assertEqual(normaliseEndpoint("127.0.0.1:2379"), "http://127.0.0.1:2379")
         self.assertEqual(normaliseEndpoint("http://[::1]:2379/"), "http://[::1]:2379")
-        for bad in ("https://a:1", "http://a", "http://a:1/x", "http://a:port"):
+        self.assertEqual(normaliseEndpoint("https://e.example:2379"), "https://e.example:2379")
+        for bad in ("ftp://a:1", "http://a", "http://a:1/x", "http://a:port", "https://a"):
             self.assertRaises(PoolConfigError, normaliseEndpoint, bad)
         self.assertRaises(PoolConfigError, EtcdClient, Clock(), [])
         self.assertRaises(PoolConfigError, EtcdClient, Clock(), "a:1")

@@ -177,11 +177,11 @@ class PoolConfig:
     """
     This host in a pool over etcd (C{pool:}); absent: one host, no etcd.
 
-    TLS and etcd's authentication are not supported yet (C{http://}
-    endpoints only).
+    TLS and etcd's users (C{ca_file} ... C{password_file}) are checked
+    together, files read, by L{xenddev.pool.etcdsecurity.loadEtcdSecurity}.
     """
 
-    #: The etcd members' client URLs (C{http://HOST:PORT}, or C{HOST:PORT}).
+    #: The etcd members' client URLs (C{http(s)://HOST:PORT}, or C{HOST:PORT}).
     endpoints: tuple[str, ...] = ()
     #: This host's name in the pool (unique: a second daemon with it is refused).
     host: str = attrs.field(factory=socket.gethostname)
@@ -196,6 +196,15 @@ class PoolConfig:
     advertise: str | None = None
     #: One C{user:password} line this daemon calls the other hosts with.
     peer_password_file: str | None = None
+    #: The CA certificates the etcd members' certificates must chain to
+    #: (C{https://}; without it, the system's trust store).
+    ca_file: str | None = None
+    #: This host's client certificate and its key, for etcd's C{--client-cert-auth}.
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: The etcd user (etcd's authentication) and the file holding its password.
+    user: str | None = None
+    password_file: str | None = None
 
 
 @attrs.frozen
@@ -315,6 +324,8 @@ def _optionalString(value: Any, node: yaml.Node) -> str | None:
 
 #: Keys holding file paths; relative ones are taken from the config's directory.
 PATH_KEYS = frozenset({"script_dir", "socket", "file", "password_file", "peer_password_file"})
+#: The pool's TLS files (its C{password_file} is named above).
+PATH_KEYS = PATH_KEYS | {"ca_file", "cert_file", "key_file"}
 
 
 def _path(value: Any, node: yaml.Node) -> str:
@@ -449,6 +460,13 @@ def _hostName(value: Any, node: yaml.Node) -> str:
         raise ValueError(str(e)) from None
 
 
+def _etcdUser(value: Any, node: yaml.Node) -> str:
+    text = _string(value, node)
+    if not text or len(text) > 256 or not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError("must be an etcd user name: 1-256 printable characters, no spaces")
+    return text
+
+
 def _advertise(value: Any, node: yaml.Node) -> str:
     from xenddev.poolpeers import checkAdvertise
 
@@ -534,6 +552,11 @@ SCHEMA: dict[str, tuple[type, dict[str, Converter]]] = {
             "timeout": _number(),
             "advertise": _advertise,
             "peer_password_file": _optionalPath,
+            "ca_file": _optionalPath,
+            "cert_file": _optionalPath,
+            "key_file": _optionalPath,
+            "user": _etcdUser,
+            "password_file": _optionalPath,
         },
     ),
 }
@@ -674,7 +697,12 @@ def _crossCheck(config: Config, root: yaml.Node | None, source: str) -> None:
 
 
 def _checkPool(pool: PoolConfig, root: yaml.Node | None, source: str) -> None:
-    """The pool's keys together: endpoints given, a host name, timings that can fence."""
+    """
+    The pool's keys together: endpoints given, a host name, timings that
+    can fence, TLS and etcd's user usable (their files read and checked).
+    """
+    from xenddev.pool.errors import PoolSettingError
+    from xenddev.pool.etcdsecurity import loadEtcdSecurity
     from xenddev.pool.session import checkTiming
 
     def refuse(key: str, value: Any, why: str) -> ConfigError:
@@ -706,6 +734,17 @@ def _checkPool(pool: PoolConfig, root: yaml.Node | None, source: str) -> None:
             "needs pool.peer_password_file (the user:password this daemon calls the other "
             "hosts with)",
         )
+    try:
+        loadEtcdSecurity(
+            pool.endpoints,
+            caFile=pool.ca_file,
+            certFile=pool.cert_file,
+            keyFile=pool.key_file,
+            user=pool.user,
+            passwordFile=pool.password_file,
+        )
+    except PoolSettingError as e:
+        raise refuse(e.field, e.value, e.why) from None
 
 
 def loadConfig(path: str) -> Config:

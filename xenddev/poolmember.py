@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from xenddev.pool.errors import EtcdUnavailable, HostNameInUse
 from xenddev.pool.etcd import EtcdClient
+from xenddev.pool.etcdsecurity import EtcdSecurity
 from xenddev.pool.interfaces import IEtcd
 from xenddev.pool.session import HostSession
 from xenddev.poolfence import DataPathFence
@@ -48,6 +49,7 @@ class PoolMembership:
     @param connect: seconds to keep trying to reach etcd at start.
     @param fence: pauses and resumes this host's data paths.
     @param etcd: the etcd client (tests); one on C{endpoints} unless given.
+    @param security: TLS and the etcd user for that client (C{pool.ca_file} ...).
     @param info: what the host publishes of itself (C{rpc}: its daemon's address).
     @ivar session: the live session, once joined.
     """
@@ -66,6 +68,7 @@ class PoolMembership:
         fence: DataPathFence,
         etcd: IEtcd | None = None,
         info: dict[str, Any] | None = None,
+        security: EtcdSecurity | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -75,7 +78,9 @@ class PoolMembership:
         self.fence = fence
         #: What the host says of itself in its membership (C{rpc}: its address).
         self.info = dict(info or {})
-        self.etcd: IEtcd = etcd or EtcdClient(reactor, endpoints, timeout=timeout)
+        self.etcd: IEtcd = etcd or EtcdClient(
+            reactor, endpoints, timeout=timeout, security=security
+        )
         self.session: HostSession | None = None
         self._onLost: list[Callable[[frozenset[bytes]], object]] = []
 

@@ -560,11 +560,29 @@ class XenddevService(MultiService):
         if pool is None:
             return local
         from xenddev.pool.activation import Activations
-        from xenddev.pool.errors import EtcdUnavailable, HostNameInUse
+        from xenddev.pool.errors import (
+            EtcdAuthError,
+            EtcdUnavailable,
+            HostNameInUse,
+            PoolConfigError,
+        )
+        from xenddev.pool.etcdsecurity import loadEtcdSecurity
         from xenddev.poolfence import DataPathFence
         from xenddev.poolguard import PoolGuard
         from xenddev.poolmember import PoolMembership
 
+        try:
+            # Checked with the config already: read again, as the client uses them.
+            security = loadEtcdSecurity(
+                pool.endpoints,
+                caFile=pool.ca_file,
+                certFile=pool.cert_file,
+                keyFile=pool.key_file,
+                user=pool.user,
+                passwordFile=pool.password_file,
+            )
+        except PoolConfigError as e:
+            raise StartupError(str(e)) from None
         member = self.pool = PoolMembership(
             self.reactor,
             pool.host,
@@ -575,12 +593,13 @@ class XenddevService(MultiService):
             self.config.timeouts.connect,
             DataPathFence(self.dataPaths),
             info={"rpc": pool.advertise} if pool.advertise else None,
+            security=security,
         )
 
         async def join() -> None:
             try:
                 await member.start()
-            except (EtcdUnavailable, HostNameInUse) as e:
+            except (EtcdUnavailable, HostNameInUse, EtcdAuthError) as e:
                 raise StartupError(
                     f"cannot join the pool as host {pool.host!r} "
                     f"(etcd {', '.join(pool.endpoints)}): {e}"

@@ -12,11 +12,18 @@ leaves an etcd behind.
 The raft timings are shortened (heartbeat 50 ms, election 500 ms) so a
 killed leader is replaced in about a second; the election timeout stays
 ten heartbeats so two busy cores do not start spurious elections.
+
+Optionally (never by default) the members serve their client URLs over
+TLS (L{ServerTLS}: C{--cert-file}, C{--key-file}, C{--trusted-ca-file},
+C{--client-cert-auth}), with a short C{--auth-token-ttl}, and
+L{EtcdCluster.enableAuth} turns etcd's authentication on through the
+gateway (the root user, then users with read-write on key prefixes).
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import ctypes
 import io
 import json
@@ -28,6 +35,7 @@ import subprocess
 import tempfile
 import time
 import unittest
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -39,7 +47,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 #: Set to C{"1"} to turn "etcd unavailable" skips into failures.
 REQUIRE_ENV = "XENDDEV_REQUIRE_ETCD"
@@ -95,11 +105,12 @@ class EtcdMember:
     logPath: str
     process: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    scheme: str = "http"
 
     @property
     def clientURL(self) -> str:
         """The member's client URL (where the v3 JSON gateway answers)."""
-        return f"http://127.0.0.1:{self.clientPort}"
+        return f"{self.scheme}://127.0.0.1:{self.clientPort}"
 
     @property
     def peerURL(self) -> str:
@@ -124,10 +135,39 @@ def _dieWithParent() -> None:
         pass
 
 
+@attrs.frozen
+class ServerTLS:
+    """
+    TLS on the members' client URLs: their certificate and key, the CA
+    their clients' certificates must chain to, and whether one is required.
+    """
+
+    certFile: str
+    keyFile: str
+    caFile: str
+    clientCertAuth: bool = True
+
+
+@implementer(IPolicyForHTTPS)
+class _ClientPolicy:
+    """The cluster's own HTTPS connections (health, status) with a client's TLS."""
+
+    def __init__(self, tls: Any) -> None:
+        self._tls = tls
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        """The client's TLS settings for C{hostname}."""
+        return self._tls.creatorFor(hostname.decode("ascii"))
+
+
 class EtcdCluster:
     """
     A real etcd cluster of C{size} members on loopback.
 
+    @param tls: serve the client URLs over TLS (default: plain http).
+    @param clientTLS: the L{xenddev.pool.etcdtls.ClientTLS} the cluster's
+        own requests use (needed with C{tls}).
+    @param authTokenTTL: etcd's C{--auth-token-ttl} (seconds), when given.
     @ivar members: the members, in start order.
     """
 
@@ -137,9 +177,14 @@ class EtcdCluster:
         baseDir: str | None = None,
         size: int = 3,
         binary: str = "etcd",
+        tls: ServerTLS | None = None,
+        clientTLS: Any = None,
+        authTokenTTL: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._binary = binary
+        self.tls = tls
+        self._authTokenTTL = authTokenTTL
         self._ownsBase = baseDir is None
         self.baseDir = baseDir or tempfile.mkdtemp(prefix="xenddev-etcd-")
         os.makedirs(self.baseDir, exist_ok=True)
@@ -154,11 +199,18 @@ class EtcdCluster:
                 peerPort=ports[2 * i + 1],
                 dataDir=os.path.join(self.baseDir, f"m{i}.etcd"),
                 logPath=os.path.join(self.baseDir, f"m{i}.log"),
+                scheme="https" if tls is not None else "http",
             )
             for i in range(size)
         ]
         self._pool = HTTPConnectionPool(reactor, persistent=False)
-        self._agent = Agent(reactor, connectTimeout=1, pool=self._pool)
+        if tls is not None:
+            assert clientTLS is not None, "a TLS cluster needs the client TLS its helpers use"
+            self._agent = Agent(
+                reactor, _ClientPolicy(clientTLS), connectTimeout=1, pool=self._pool
+            )
+        else:
+            self._agent = Agent(reactor, connectTimeout=1, pool=self._pool)
 
     @property
     def endpoints(self) -> list[str]:
@@ -194,7 +246,26 @@ class EtcdCluster:
             "500",
             "--log-level",
             "warn",
+            *self._securityFlags(),
         ]
+
+    def _securityFlags(self) -> list[str]:
+        """The TLS and authentication flags, when asked for."""
+        flags = []
+        if self.tls is not None:
+            flags += [
+                "--cert-file",
+                self.tls.certFile,
+                "--key-file",
+                self.tls.keyFile,
+                "--trusted-ca-file",
+                self.tls.caFile,
+            ]
+            if self.tls.clientCertAuth:
+                flags.append("--client-cert-auth")
+        if self._authTokenTTL is not None:
+            flags += ["--auth-token-ttl", str(self._authTokenTTL)]
+        return flags
 
     def _spawn(self, member: EtcdMember) -> None:
         """Start one member's process (its log appended to its log file)."""
@@ -257,6 +328,52 @@ class EtcdCluster:
         response = await d
         answer: dict[str, Any] = json.loads(await readBody(response))
         return answer
+
+    async def post(self, path: str, body: Mapping[str, Any], token: str = "") -> dict[str, Any]:
+        """
+        POST C{body} to the gateway's C{path} (C{/v3/...}) on the first
+        running member; its JSON answer (an C{error} in it is raised).
+        """
+        member = next(m for m in self.members if m.running and not m.paused)
+        headers = Headers({b"content-type": [b"application/json"]})
+        if token:
+            headers.addRawHeader(b"authorization", token.encode("ascii"))
+        d = self._agent.request(
+            b"POST",
+            (member.clientURL + path).encode(),
+            headers,
+            FileBodyProducer(io.BytesIO(json.dumps(body).encode())),
+        )
+        d.addTimeout(10.0, self._reactor)
+        response = await d
+        answer: dict[str, Any] = json.loads(await readBody(response))
+        if "error" in answer:
+            raise RuntimeError(f"etcd {path}: {answer}")
+        return answer
+
+    async def enableAuth(
+        self, rootPassword: str, users: Mapping[str, tuple[str, Sequence[bytes]]] | None = None
+    ) -> None:
+        """
+        Turn etcd's authentication on: each of C{users} (name -> password,
+        key prefixes) with a role of its own granting read-write on each
+        prefix, the C{root} user with the C{root} role, then C{auth/enable}.
+        """
+
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode("ascii")
+
+        for name, (password, prefixes) in (users or {}).items():
+            await self.post("/v3/auth/user/add", {"name": name, "password": password})
+            await self.post("/v3/auth/role/add", {"name": name})
+            for prefix in prefixes:
+                end = prefix[:-1] + bytes([prefix[-1] + 1])
+                perm = {"permType": "READWRITE", "key": b64(prefix), "range_end": b64(end)}
+                await self.post("/v3/auth/role/grant", {"name": name, "perm": perm})
+            await self.post("/v3/auth/user/grant", {"user": name, "role": name})
+        await self.post("/v3/auth/user/add", {"name": "root", "password": rootPassword})
+        await self.post("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        await self.post("/v3/auth/enable", {})
 
     async def leader(self, timeout: float = 10.0) -> EtcdMember:
         """

@@ -18,6 +18,7 @@ from xenddev.errors import FaultCode, XenddevError
 
 __all__ = [
     "ActivationConflict",
+    "EtcdAuthError",
     "EtcdBadAnswer",
     "EtcdError",
     "EtcdTimeout",
@@ -26,7 +27,9 @@ __all__ = [
     "InvalidTarget",
     "LeaseNotFound",
     "PoolConfigError",
+    "PoolSettingError",
     "SessionNotLive",
+    "TokenRejected",
     "WatchCompacted",
 ]
 
@@ -90,6 +93,30 @@ class LeaseNotFound(EtcdError):
         super().__init__(GRPC_NOT_FOUND, message, 404)
 
 
+class EtcdAuthError(EtcdError):
+    """
+    etcd refused this host's credentials or what its user asked for: a
+    wrong user name or password, a user without permission on the pool's
+    keys, authentication on in etcd with no C{pool.user} here. The message
+    says what to change; it never holds the password or a token.
+    """
+
+    faultCode = FaultCode.PERMISSION
+
+    def __init__(self, code: int, message: str, status: int = 0, advice: str = "") -> None:
+        super().__init__(code, message, status)
+        if advice:
+            self.args = (f"{advice} (etcd: {message}, code {code})",)
+
+
+class TokenRejected(EtcdAuthError):
+    """
+    etcd no longer accepts the token the request carried (expired, made by
+    a member that restarted, or older than a change of users or roles):
+    the client renews it once and runs the request again.
+    """
+
+
 class EtcdBadAnswer(EtcdError):
     """The gateway answered something this client cannot read."""
 
@@ -115,6 +142,23 @@ class PoolConfigError(XenddevError, ValueError):
     """The pool's settings are unsafe or malformed (named with their values)."""
 
     faultCode = FaultCode.BAD_CONFIG
+
+
+class PoolSettingError(PoolConfigError):
+    """
+    One C{pool:} setting cannot be used (a missing or unsafe file, a
+    certificate that does not fit its key, ...).
+
+    @ivar field: the key under C{pool:} (C{key_file}).
+    @ivar value: its value (a path, a user name; never a secret).
+    @ivar why: what is wrong and what to do.
+    """
+
+    def __init__(self, field: str, value: object, why: str) -> None:
+        self.field = field
+        self.value = value
+        self.why = why
+        super().__init__(f"pool.{field} = {value!r}: {why}")
 
 
 class HostNameInUse(XenddevError):

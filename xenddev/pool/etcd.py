@@ -28,6 +28,15 @@ delete "only if ours"), so repeating them is harmless.
 The gateway's path prefix: etcd 3.4 serves C{/v3/} (and still
 C{/v3beta/}), 3.3 only C{/v3beta/}, 3.2 C{/v3alpha/}. Unless told, the
 client reads the cluster version (C{GET /version}) once and picks it.
+
+Security (L{EtcdSecurity}): C{https://} members are reached over TLS
+(L{xenddev.pool.etcdtls}: the members' certificates checked against the
+CA file or the system's store, a client certificate shown when given); a
+TLS handshake that fails counts as a refused connection (nothing was
+sent), so a wrong CA is reported at once rather than after the timeout.
+With an etcd user (L{xenddev.pool.etcdauth}) every request carries the
+user's token; a token etcd no longer accepts is renewed once and the
+request sent again, within the same call's C{timeout}.
 """
 
 from __future__ import annotations
@@ -40,7 +49,12 @@ from urllib.parse import urlsplit
 
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -69,13 +83,18 @@ from zope.interface import implementer
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.pool import etcdwire as wire
 from xenddev.pool.errors import (
+    EtcdAuthError,
     EtcdBadAnswer,
     EtcdError,
     EtcdTimeout,
     EtcdUnavailable,
     LeaseNotFound,
     PoolConfigError,
+    TokenRejected,
 )
+from xenddev.pool.etcdauth import NO_TOKEN, TokenKeeper, classify, isAuthOff
+from xenddev.pool.etcdsecurity import EtcdSecurity
+from xenddev.pool.etcdtls import ClientTLS
 from xenddev.pool.etcdwatch import Watch
 from xenddev.pool.interfaces import IEtcd
 
@@ -93,6 +112,10 @@ PERSISTENT_PER_MEMBER = 8
 
 _JSON = Headers({b"content-type": [b"application/json"]})
 
+#: What etcd 3.4's gateway answers (HTTP 400, plain text) to a client
+#: certificate with a Common Name once authentication is on.
+_GATEWAY_CN = b"CommonName of client sending a request against gateway"
+
 #: Errors of a connection that was never made: the member is down (or
 #: not there), so the request was certainly not applied.
 _REFUSED = (neterror.ConnectError, neterror.DNSLookupError)
@@ -100,21 +123,21 @@ _REFUSED = (neterror.ConnectError, neterror.DNSLookupError)
 
 def normaliseEndpoint(endpoint: str) -> str:
     """
-    C{endpoint} as C{http://host:port} (C{host:port} alone means http);
-    L{PoolConfigError} for anything else (TLS is not supported yet).
+    C{endpoint} as C{http://host:port} or C{https://host:port}
+    (C{host:port} alone means http); L{PoolConfigError} for anything else.
     """
     url = endpoint if "://" in endpoint else "http://" + endpoint
     parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise PoolConfigError(f"etcd endpoint {endpoint!r}: only http:// is supported")
+    if parts.scheme not in ("http", "https"):
+        raise PoolConfigError(f"etcd endpoint {endpoint!r}: only http:// and https:// are known")
     try:
         port = parts.port
     except ValueError as e:
         raise PoolConfigError(f"etcd endpoint {endpoint!r}: bad port") from e
     if not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise PoolConfigError(f"etcd endpoint {endpoint!r}: expected http://HOST:PORT")
+        raise PoolConfigError(f"etcd endpoint {endpoint!r}: expected {parts.scheme}://HOST:PORT")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"http://{host}:{port}"
+    return f"{parts.scheme}://{host}:{port}"
 
 
 def apiPrefixFor(clusterVersion: str) -> str | None:
@@ -140,23 +163,30 @@ class _MemberEndpoints:
     Connects to a member: an IP address directly, a name through
     L{HostnameEndpoint}. (Agent's default, L{HostnameEndpoint} for every
     host, reports a refused connection only at its next 0.3 s attempt
-    tick, and "every member is down" should be said at once.)
+    tick, and "every member is down" should be said at once.) An
+    C{https} member gets TLS over that connection.
     """
 
-    def __init__(self, reactor: Any, connectTimeout: float) -> None:
+    def __init__(self, reactor: Any, connectTimeout: float, tls: ClientTLS | None) -> None:
         self._reactor = reactor
         self._timeout = connectTimeout
+        self._tls = tls
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """The endpoint of C{uri}'s host and port."""
         host = uri.host.decode("ascii").strip("[]")
+        endpoint: IStreamClientEndpoint
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        if address.version == 6:
-            return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            tcp = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+            endpoint = tcp(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            assert self._tls is not None, "the client makes TLS settings for https members"
+            return wrapClientTLS(self._tls.creatorFor(host), endpoint)
+        return endpoint
 
 
 @implementer(IBodyProducer)
@@ -252,6 +282,9 @@ class EtcdClient:
     @param apiPrefix: the gateway's path prefix (C{/v3}); read from the
         cluster's version unless given.
     @param agent: the HTTP agent (tests); a pooled L{Agent} unless given.
+    @param security: TLS for C{https://} members (the system's trust store
+        unless given) and the etcd user whose token every request carries.
+    @ivar tokens: the user's tokens, with a user (None without).
     """
 
     log = Logger()
@@ -265,6 +298,7 @@ class EtcdClient:
         attemptTimeout: float | None = None,
         apiPrefix: str | None = None,
         agent: Any = None,
+        security: EtcdSecurity | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             raise PoolConfigError("etcd endpoints: expected a list of URLs, got one string")
@@ -283,10 +317,27 @@ class EtcdClient:
             )
         self._reactor = reactor
         self._apiPrefix = apiPrefix
+        security = security or EtcdSecurity()
+        tls = security.tls
+        if any(e.startswith("https://") for e in self.endpoints):
+            tls = tls or ClientTLS(None, ())
+        elif tls is not None:
+            raise PoolConfigError("etcd TLS settings given for http:// endpoints")
+        credentials = security.credentials
+        #: The etcd user requests are made as (None: none).
+        self.user = credentials.user if credentials is not None else None
+        self.tokens: TokenKeeper | None = None
+        if credentials is not None:
+            name, password = credentials.user, credentials.password
+
+            async def authenticate() -> str:
+                return await self._authenticate(name, password)
+
+            self.tokens = TokenKeeper(name, authenticate)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = PERSISTENT_PER_MEMBER
         self._agent = agent or Agent.usingEndpointFactory(
-            reactor, _MemberEndpoints(reactor, self.attemptTimeout), pool=self._pool
+            reactor, _MemberEndpoints(reactor, self.attemptTimeout, tls), pool=self._pool
         )
         self._current = 0
         self._watches: set[Watch] = set()
@@ -376,9 +427,32 @@ class EtcdClient:
         startRevision: int = 0,
         prevKv: bool = False,
     ) -> Watch:
-        """Watch C{key} (or the range) from C{startRevision} (0: from now)."""
+        """
+        Watch C{key} (or the range) from C{startRevision} (0: from now).
+        Each of its streams is opened with the user's token; etcd checks it
+        when the watch is created, and a rejected one is renewed once.
+        """
+        used = [NO_TOKEN]  # the token the watch's latest stream was opened with
+
+        async def opener(path: str, body: dict[str, Any]) -> IResponse:
+            response, token = await self._openStream(path, body)
+            used[0] = token
+            return response
+
+        def tokenRejected() -> None:
+            if self.tokens is not None:
+                self.tokens.rejected(used[0])
+
         watch = Watch(
-            self._reactor, self._openStream, key, callback, rangeEnd, startRevision, prevKv
+            self._reactor,
+            opener,
+            key,
+            callback,
+            rangeEnd,
+            startRevision,
+            prevKv,
+            refusal=lambda error: classify(error, self.user),
+            tokenRejected=tokenRejected,
         )
         self._watches.add(watch)
         watch.whenDone().addBoth(lambda _: self._watches.discard(watch))
@@ -415,6 +489,101 @@ class EtcdClient:
     ) -> dict[str, Any]:
         """POST C{body} to the gateway's C{path}; the answer, or a typed error."""
         payload = json.dumps(body).encode("utf-8")
+        deadline = self._reactor.seconds() + self.timeout
+
+        async def send(headers: Headers) -> dict[str, Any]:
+            async def attempt(endpoint: str, timeout: float) -> dict[str, Any]:
+                prefix = await self._prefix(endpoint)
+                response = await self._agent.request(
+                    b"POST", (endpoint + prefix + path).encode("ascii"), headers, _Body(payload)
+                )
+                data = await _readBody(response)
+                return self._answer(response.code, data, lease)
+
+            return await self._failover(path, attempt, deadline)
+
+        answer, _ = await self._withToken(path, send, deadline)
+        return answer
+
+    async def _openStream(self, path: str, body: dict[str, Any]) -> tuple[IResponse, str]:
+        """
+        POST a streaming request; the response once a member accepted it,
+        and the token it carried.
+        """
+        payload = json.dumps(body).encode("utf-8")
+        deadline = self._reactor.seconds() + self.timeout
+
+        async def send(headers: Headers) -> IResponse:
+            async def attempt(endpoint: str, timeout: float) -> IResponse:
+                prefix = await self._prefix(endpoint)
+                response: IResponse = await self._agent.request(
+                    b"POST", (endpoint + prefix + path).encode("ascii"), headers, _Body(payload)
+                )
+                if response.code != 200:
+                    self._answer(response.code, await _readBody(response), None)
+                return response
+
+            return await self._failover(path, attempt, deadline)
+
+        return await self._withToken(path, send, deadline)
+
+    async def _withToken(
+        self, operation: str, send: Callable[[Headers], Awaitable[T]], deadline: float
+    ) -> tuple[T, str]:
+        """
+        Run C{send} with the user's token in its headers (none without a
+        user); when etcd rejects the token, renew it once and send again.
+        The result, and the token it went with.
+        """
+        if self.tokens is None:
+            return await send(_JSON), NO_TOKEN
+        renewed = False
+        while True:
+            token = await self._beforeDeadline(self.tokens.token(), operation, deadline)
+            try:
+                return await send(_withAuthorization(token)), token
+            except TokenRejected as e:
+                self.tokens.rejected(token)
+                if renewed:
+                    raise
+                renewed = True
+                self.log.info(
+                    "etcd no longer accepts user {user}'s token ({why}); renewing it",
+                    user=self.user,
+                    why=e.message,
+                )
+
+    async def _beforeDeadline(self, d: Deferred[T], operation: str, deadline: float) -> T:
+        """What C{d} fires with, or L{EtcdTimeout} at the call's C{deadline}."""
+        if d.called:
+            return await d
+        timedOut = False
+
+        def expire() -> None:
+            nonlocal timedOut
+            timedOut = True
+            d.cancel()
+
+        timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), expire)
+        try:
+            return await d
+        except CancelledError:
+            if timedOut:
+                raise EtcdTimeout(
+                    operation, self.timeout, {"authenticate": "no token in time"}
+                ) from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _authenticate(self, user: str, password: str) -> str:
+        """
+        A new token for C{user} (L{NO_TOKEN} when etcd has authentication
+        off). Neither the password nor the token goes into a message.
+        """
+        payload = json.dumps({"name": user, "password": password}).encode("utf-8")
+        path = "/auth/authenticate"
 
         async def attempt(endpoint: str, timeout: float) -> dict[str, Any]:
             prefix = await self._prefix(endpoint)
@@ -422,34 +591,41 @@ class EtcdClient:
                 b"POST", (endpoint + prefix + path).encode("ascii"), _JSON, _Body(payload)
             )
             data = await _readBody(response)
-            return self._answer(response.code, data, lease)
+            return self._answer(response.code, data, None, secret=True)
 
-        return await self._failover(path, attempt)
+        try:
+            answer = await self._failover(path, attempt, self._reactor.seconds() + self.timeout)
+        except EtcdError as e:
+            if isAuthOff(e):
+                return NO_TOKEN
+            raise
+        token = answer.get("token")
+        if not isinstance(token, str) or not token or not token.isascii():
+            raise EtcdBadAnswer("authenticate answered without a usable token")
+        return token
 
-    async def _openStream(self, path: str, body: dict[str, Any]) -> IResponse:
-        """POST a streaming request; the response once a member accepted it."""
-        payload = json.dumps(body).encode("utf-8")
-
-        async def attempt(endpoint: str, timeout: float) -> IResponse:
-            prefix = await self._prefix(endpoint)
-            response: IResponse = await self._agent.request(
-                b"POST", (endpoint + prefix + path).encode("ascii"), _JSON, _Body(payload)
-            )
-            if response.code != 200:
-                self._answer(response.code, await _readBody(response), None)
-            return response
-
-        return await self._failover(path, attempt)
-
-    def _answer(self, status: int, data: bytes, lease: int | None) -> dict[str, Any]:
+    def _answer(
+        self, status: int, data: bytes, lease: int | None, secret: bool = False
+    ) -> dict[str, Any]:
         """
         Read an answer: the JSON of a success; otherwise the error, as
-        L{_Retry} when another member may serve it.
+        L{_Retry} when another member may serve it, typed when it is a
+        refusal of this host's credentials (L{classify}). C{secret}: the
+        answer may hold a token, so none of it goes into an error.
         """
         try:
             answer = dict(wire.decodeJSON(data.split(b"\n", 1)[0] if data else b""))
         except EtcdBadAnswer as e:
-            raise EtcdBadAnswer(f"HTTP {status}: {data[:200]!r}", status) from e
+            if status == 400 and data.startswith(_GATEWAY_CN):
+                raise EtcdAuthError(
+                    -1,
+                    data.decode("utf-8", "replace").strip(),
+                    status,
+                    "etcd's gateway refuses this host's client certificate (pool.cert_file): "
+                    "it has a Common Name and authentication is on; issue it without a CN",
+                ) from None
+            shown = "(not shown: it may hold a token)" if secret else repr(data[:200])
+            raise EtcdBadAnswer(f"HTTP {status}: {shown}", status) from e
         if status == 200 and not _isError(answer):
             return answer
         error = wire.errorFrom(status, answer)
@@ -457,7 +633,7 @@ class EtcdClient:
             raise _Retry(f"{error.message} (code {error.code})")
         if lease is not None and error.code == 5 and "lease not found" in error.message:
             raise LeaseNotFound(lease, error.message)
-        raise error
+        raise classify(error, self.user)
 
     async def _prefix(self, endpoint: str) -> str:
         """The gateway's path prefix (read once from the cluster's version)."""
@@ -475,12 +651,14 @@ class EtcdClient:
         self._apiPrefix = prefix
         return prefix
 
-    async def _failover(self, operation: str, attempt: Callable[[str, float], Awaitable[T]]) -> T:
+    async def _failover(
+        self, operation: str, attempt: Callable[[str, float], Awaitable[T]], deadline: float
+    ) -> T:
         """
         Run C{attempt} on the current member, then the next ones, in rounds
-        until one answers or C{timeout} runs out (see the module's doc).
+        until one answers or the call's C{deadline} passes (see the
+        module's doc).
         """
-        deadline = self._reactor.seconds() + self.timeout
         reasons: dict[str, str] = {}
         backoff = 0.05
         while True:
@@ -537,6 +715,10 @@ class EtcdClient:
         except Exception as e:
             if timedOut:
                 raise _Retry(f"no answer within {timeout:g} s") from e
+            handshake = _tlsFailure(e)
+            if handshake is not None:
+                # The handshake failed: no request reached etcd.
+                raise _Retry(handshake, refused=True) from e
             if _isConnectionFailure(e):
                 raise _Retry(_describe(e)) from e
             raise
@@ -578,6 +760,39 @@ def _isConnectionFailure(e: Exception) -> bool:
             neterror.TimeoutError,
         ),
     )
+
+
+def _withAuthorization(token: str) -> Headers:
+    """The request headers, with C{token} when there is one."""
+    if token == NO_TOKEN:
+        return _JSON
+    return Headers(
+        {b"content-type": [b"application/json"], b"authorization": [token.encode("ascii")]}
+    )
+
+
+def _tlsFailure(e: Exception) -> str | None:
+    """Why the TLS handshake failed, when that is why C{e} (a request's failure) happened."""
+    for reason in getattr(e, "reasons", None) or ():
+        if not isinstance(reason, Failure):
+            continue
+        if reason.check("service_identity.exceptions.VerificationError"):
+            return f"TLS: the member's certificate does not name its address ({reason.value})"
+        if reason.check("OpenSSL.SSL.Error") and reason.value is not None:
+            return "TLS: " + _sslErrorText(reason.value)
+    return None
+
+
+def _sslErrorText(error: BaseException) -> str:
+    """OpenSSL's reasons (C{[(library, function, reason), ...]}) as text."""
+    parts = []
+    for arg in error.args:
+        if isinstance(arg, list):
+            for item in arg:
+                parts.append(str(item[-1]) if isinstance(item, tuple) and item else str(item))
+        else:
+            parts.append(str(arg))
+    return ", ".join(p for p in parts if p) or type(error).__name__
 
 
 def _describe(e: BaseException) -> str:

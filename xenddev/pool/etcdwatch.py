@@ -12,6 +12,15 @@ revision, so no event is lost or seen twice. A watch etcd cancels because
 its revisions were compacted cannot resume: it ends with
 L{WatchCompacted}.
 
+With etcd's authentication on, a watch is checked when it is created
+(with the token its stream carried; it goes on after the token expires).
+etcd refuses one by answering C{created} and C{canceled} together, the
+reason a gRPC error's text (C{rpc error: code = Unauthenticated desc =
+etcdserver: invalid auth token}). The client's C{refusal} types it: a
+rejected token is dropped (C{tokenRejected}) and the watch opened again
+with a new one, once until a stream is created; any other refusal of the
+credentials (permission denied, no user) ends the watch with it.
+
 This module knows nothing of the client: it is handed an I{opener}, a
 function that sends one streaming request with failover and fires with
 the response once a member accepted it.
@@ -19,6 +28,7 @@ the response once a member accepted it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -30,11 +40,11 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
-from xenddev.pool.errors import WatchCompacted
+from xenddev.pool.errors import EtcdAuthError, EtcdError, TokenRejected, WatchCompacted
 from xenddev.pool.etcdwire import WatchEvent, WatchResponse, decodeJSON, watchRequest
 from xenddev.pool.interfaces import IWatch
 
-__all__ = ["LineStream", "Opener", "Watch"]
+__all__ = ["LineStream", "Opener", "Watch", "cancelError"]
 
 #: Sends a streaming request (gateway path, JSON body) with failover.
 Opener = Callable[[str, dict[str, Any]], Awaitable[IResponse]]
@@ -47,6 +57,26 @@ MAX_LINE = 64 * 1024 * 1024
 #: Seconds between a broken stream and the attempt to resume it, so a
 #: member that drops every stream at once is not hammered.
 RESUME_DELAY = 0.05
+
+#: gRPC's code names, as a cancel reason spells them, and their numbers.
+_GRPC_CODES = {
+    "InvalidArgument": 3,
+    "PermissionDenied": 7,
+    "FailedPrecondition": 9,
+    "Unauthenticated": 16,
+}
+_RPC_ERROR = re.compile(r"rpc error: code = (\w+) desc = (.*)", re.DOTALL)
+
+
+def cancelError(reason: str) -> EtcdError | None:
+    """
+    The error in a watch's cancel reason (C{rpc error: code = NAME desc =
+    MESSAGE}), or None when the reason is not one.
+    """
+    match = _RPC_ERROR.search(reason)
+    if match is None:
+        return None
+    return EtcdError(_GRPC_CODES.get(match.group(1), -1), match.group(2), 200)
 
 
 class LineStream(Protocol):
@@ -109,8 +139,14 @@ class Watch:
         rangeEnd: bytes = b"",
         startRevision: int = 0,
         prevKv: bool = False,
+        refusal: Callable[[EtcdError], EtcdError] | None = None,
+        tokenRejected: Callable[[], object] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._refusal = refusal
+        self._tokenRejected = tokenRejected
+        #: A stream was refused for its token since the last one created.
+        self._renewed = False
         self._opener = opener
         self._key = key
         self._rangeEnd = rangeEnd
@@ -194,6 +230,8 @@ class Watch:
             self._finish(Failure())
             return
         if response.canceled:
+            if response.created and self._refused(response.cancelReason):
+                return
             if response.compactRevision:
                 self._finish(Failure(WatchCompacted(response.compactRevision)))
             else:
@@ -205,6 +243,7 @@ class Watch:
                 self._dropStream()
             return
         if response.created:
+            self._renewed = False
             if not self.nextRevision:
                 # A watch "from now" resumes after what existed at creation.
                 self.nextRevision = response.revision + 1
@@ -225,6 +264,28 @@ class Watch:
         if not response.events:
             # A progress notification: everything up to its revision was sent.
             self.nextRevision = max(self.nextRevision, response.revision + 1)
+
+    def _refused(self, reason: str) -> bool:
+        """
+        Whether etcd refused to create the watch for its credentials (see
+        the module's doc); if so, the watch is opened again with a new
+        token, or ends.
+        """
+        error = cancelError(reason)
+        if error is None or self._refusal is None:
+            return False
+        typed = self._refusal(error)
+        if isinstance(typed, TokenRejected) and not self._renewed:
+            self._renewed = True
+            if self._tokenRejected is not None:
+                self._tokenRejected()
+            self.log.info("etcd refused a watch's token ({why}); renewing it", why=error.message)
+            self._dropStream()
+            return True
+        if isinstance(typed, EtcdAuthError):
+            self._finish(Failure(typed))
+            return True
+        return False
 
     def _ended(self, reason: Failure) -> None:
         """The stream broke: resume on whichever member answers, unless finished."""
