@@ -1,7 +1,8 @@
 """
 The agent as a real process (python -m xenddev.driverdomain.run), killed with
 SIGKILL in the middle of a request: restarted, it completes the request and
-the toolstack sees exactly one result.
+the toolstack sees exactly one result; killed after serving a fencing
+token, restarted, it still refuses a lower one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
 from tests.support.host import pythonEnv, stopProcess
+from xenddev.backendctrl.errors import StaleTokenError
 from xenddev.backendctrl.protocol import VDI, ControlPaths
 from xenddev.toolstack.client import DriverDomainClient
 
@@ -29,6 +31,8 @@ class AgentProcessSuite:
     connect: Any
     socketPath: str
     assertEqual: Any
+    assertFailure: Any
+    assertIn: Any
     addCleanup: Any
     mktemp: Any
 
@@ -98,6 +102,31 @@ class AgentProcessSuite:
         self.assertEqual(
             lines, ["prepare crashy recovering=False", "prepare crashy recovering=True"]
         )
+
+    async def test_tokenRefusedAfterKill(self) -> None:
+        """
+        The agent process serves token 20 for an image and is killed
+        (SIGKILL); the one started after it refuses token 10 for the same
+        image (another object), from what the first left in XenStore.
+        """
+        self.startServer()
+        xs = await self.connect()
+        log = os.path.abspath(self.mktemp())
+        client = DriverDomainClient(xs, 0, timeout=30)
+        await client.ensureArea()
+        first = self.spawnAgent(log)
+        target = {"type": "slow", "params": "/srv/fenced.img"}
+        await client.prepare("one", target)
+        await client.prepare("two", target)
+        await client.activate("one", token=20)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        self.spawnAgent(log)
+        stale = client.activate("two", token=10)
+        e = await self.assertFailure(stale, StaleTokenError)
+        self.assertIn("token 20 was served here", e.message)
+        self.assertEqual(await xs.read(ControlPaths(VDI, 0, "two").state), "inactive")
+        await client.activate("two", token=20)
 
 
 class RealXenstoredAgentProcessTests(AgentProcessSuite, RealXenstoredFixture, TestCase):
