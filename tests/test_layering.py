@@ -79,6 +79,13 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.poolguard",
         "xenddev.poolpeers",
     ),
+    # Its XML-RPC face (migrate.*), added by the wiring beside xmlrpc's namespaces.
+    "xenddev.migraterpc": (
+        *_FOUNDATION,
+        "xenddev.pool",
+        "xenddev.poolmigration",
+        "xenddev.xmlrpc",
+    ),
     # The pool-wide data-path registry: publishing, finding, pool-wide quiesce.
     "xenddev.pooldatapaths": (*_SHARED, "xenddev.pool", "xenddev.storagectl"),
     # Limits on the HTTP face; parts as child services; the fail-fast store.
@@ -110,6 +117,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.poolpeers",
         "xenddev.pooldatapaths",
         "xenddev.poolmigration",
+        "xenddev.migraterpc",
         "xenddev.xmlrpc",
         "xenddev.httplimits",
         "xenddev.lifecycle",

@@ -5,13 +5,26 @@ The storage side of migration across a pool (issue 14).
     cluster (the shared one): the destination's intent under its lease, the
     handover moving the activation key in one transaction with a larger
     fencing token, the handback, a source that died (its key taken once its
-    lease expired, not before), conflicts named.
+    lease expired, not before), conflicts named;
+  - two daemons as hosts of a pool (C{twistd -n xenddev}, each with its own
+    embedded store and SIMULATED ends, calling each other over the peer
+    channel; tests/test_pool_daemon.py's L{PoolHostsMixin}), driven through
+    the CLI and XML-RPC as an operator would: prepare then commit (the key
+    and the vdis move, the token grows), prepare then abort (both stores and
+    etcd as before, a commit after it refused), and the source killed in the
+    middle of the handover (the destination takes the target once the
+    source's lease expired, not before; nothing doubly active).
+
+Timings: lease TTL 3 s, self-fence after 1 s for the daemons (2 s and 1 s for
+the transactions' tests).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -20,6 +33,11 @@ from zope.interface.verify import verifyObject
 
 from tests.support.etcdcluster import SHARED, report, sleep
 from tests.support.fakeetcd import FakeEtcd
+from tests.support.host import shortTempDir
+from tests.support.treedump import diffTrees, dumpTree
+from tests.test_pool_daemon import GUEST, RENEW_EVERY, Host, PoolHostsMixin, _image
+from tests.test_pool_daemon import TTL as DAEMON_TTL
+from xenddev.cli import EXIT_EXISTS, EXIT_OK
 from xenddev.pool.activation import Activations
 from xenddev.pool.errors import ActivationConflict
 from xenddev.pool.etcd import EtcdClient
@@ -33,6 +51,7 @@ from xenddev.pool.migration import (
     StillHeld,
 )
 from xenddev.pool.session import HostSession
+from xenddev.xenbus import waitForState
 
 TARGET = "file:/srv/pool/guest.img"
 
@@ -274,3 +293,150 @@ class RealMigrationTests(TestCase):
         self.assertGreaterEqual(took, TTL - src.renewEvery - 0.05)
         self.assertGreater(moved.token, held.token)
         self.assertEqual((await etcd.get(activeKey(self.target))).lease, dst.lease)
+
+
+XVDB = 51728
+VDI = f"vbd-{GUEST}-{XVDB}"
+FRONTEND = f"/local/domain/{GUEST}/device/vbd/{XVDB}"
+
+
+class DaemonMigrationTests(PoolHostsMixin, TestCase):
+    """Two daemons as hosts on the shared cluster, calling each other (peers)."""
+
+    async def setUp(self) -> None:
+        """The shared cluster, a directory for images, an etcd client to look with."""
+        self.cluster = await SHARED.get(self)
+        self.images = os.path.realpath(shortTempDir(self, "xmimg-"))
+        self.etcd = EtcdClient(reactor, self.cluster.endpoints, timeout=2)
+        self.addCleanup(self.etcd.close)
+
+    async def running(self, prefix: str) -> tuple[Host, Host, str]:
+        """
+        Source and destination daemons; the guest exists on both (a vif);
+        on the source it has a raw image read-write as xvdb, connected.
+        """
+        src, dst = [
+            await self.startHost(f"{prefix}-{n}", self.cluster.endpoints, peers=True)
+            for n in ("src", "dst")
+        ]
+        for host in (src, dst):
+            await self.call(host, "device.attach", GUEST, "vif", {})
+        image = _image(self.images, f"{prefix}.img")
+        self.assertIsInstance(await self.attach(src, image, "xvdb"), dict)
+        await self.connected(src, XVDB)
+        return src, dst, image
+
+    async def cliJson(self, host: Host, *argv: str) -> Any:
+        """A CLI command with --json against C{host}; its answer (exit 0 asserted)."""
+        code, out, err = await self.cli(host, *argv, "--json")
+        self.assertEqual(code, EXIT_OK, err)
+        return json.loads(out)
+
+    async def state(self, host: Host) -> str:
+        """The guest's vdi's state on C{host}."""
+        info = await self.call(host, "vdi.get", 0, VDI)
+        return str(info["state"])
+
+    async def writer(self, image: str) -> tuple[str, int, int]:
+        """The image's activation key: its holder, lease and token (mod revision)."""
+        kv = await self.etcd.get(activeKey(f"file:{image}"))
+        self.assertIsNotNone(kv)
+        return json.loads(kv.value)["host"], kv.lease, kv.modRevision
+
+    async def test_prepareCommit(self) -> None:
+        """
+        migrate-prepare on the destination: its disk there is prepared and
+        plugged, inactive, not connected; the source still writes.
+        migrate-commit: the key is the destination's (vdi-where says so,
+        the token grew), the source's vdi is inactive, the destination's
+        active and connected; the source's detach leaves the key alone.
+        """
+        src, dst, image = await self.running("mc")
+        holder, _, before = await self.writer(image)
+        self.assertEqual(holder, src.name)
+        prepared = await self.cliJson(dst, "migrate-prepare", str(GUEST), "--from", src.name)
+        self.assertEqual(prepared["state"], "prepared")
+        self.assertEqual([d["devid"] for d in prepared["devices"]], [XVDB])
+        self.assertEqual((await self.state(dst), await self.state(src)), ("inactive", "active"))
+        await waitForState(dst.xs, f"/local/domain/0/backend/vbd/{GUEST}/{XVDB}", 2, 10)
+        self.assertNotEqual(await dst.xs.read(f"{FRONTEND}/state"), "4")
+        intent = await self.etcd.get(migrationKey(f"file:{image}"))
+        self.assertEqual(json.loads(intent.value)["to"], dst.name)
+        committed = await self.cliJson(dst, "migrate-commit", str(GUEST))
+        self.assertEqual(committed["state"], "committed")
+        timings = committed["timings-ms"]
+        report("handover window (daemons, peers over HTTP)", timings["window"] / 1000)
+        where = await self.cliJson(src, "vdi-where", image)
+        self.assertEqual(where["writer"]["host"], dst.name)
+        self.assertGreater(where["writer"]["token"], before)
+        self.assertEqual(committed["moved"], {f"file:{image}": str(where["writer"]["token"])})
+        self.assertEqual((await self.state(src), await self.state(dst)), ("inactive", "active"))
+        await waitForState(dst.xs, FRONTEND, 4, 10)
+        (device,) = (await self.call(dst, "pool.where", image))["devices"]
+        self.assertEqual(device["token"], where["writer"]["token"])
+        self.assertIsNone(await self.etcd.get(migrationKey(f"file:{image}")))
+        # The source's guest goes: its detach gives nothing back to etcd.
+        self.assertTrue(await self.call(src, "device.detach", GUEST, "vbd", "xvdb"))
+        self.assertEqual(await self.writer(image), (dst.name, *(await self.writer(image))[1:]))
+        self.assertEqual((await self.writer(image))[2], where["writer"]["token"])
+
+    async def test_prepareAbort(self) -> None:
+        """
+        migrate-prepare then migrate-abort: both stores and the image's
+        keys in etcd are as before; a migrate-commit after it is refused.
+        """
+        src, dst, image = await self.running("ma")
+        trees = {h.name: await dumpTree(h.xs) for h in (src, dst)}
+        keys = await self.writer(image)
+        await self.cliJson(dst, "migrate-prepare", str(GUEST), "--from", src.name)
+        aborted = await self.cliJson(dst, "migrate-abort", str(GUEST))
+        self.assertEqual((aborted["state"], aborted["reinstated"]), ("aborted", True))
+        for host in (src, dst):
+            self.assertEqual(diffTrees(trees[host.name], await dumpTree(host.xs)), [], host.name)
+        self.assertEqual(await self.writer(image), keys)
+        self.assertIsNone(await self.etcd.get(migrationKey(f"file:{image}")))
+        code, _, err = await self.cli(dst, "migrate-commit", str(GUEST))
+        self.assertNotEqual(code, EXIT_OK)
+        self.assertIn("no migration of guest 5 is prepared", err)
+        f = await self.fault(dst, "migrate.commit", GUEST)
+        self.assertEqual(f.faultCode, 17)
+
+    async def test_sourceKilledMidHandover(self) -> None:
+        """
+        The source has released (its vdi inactive) and is killed with
+        SIGKILL before the key moved: migrate-commit is refused, naming it
+        (its lease still holds the target), and activates nothing; once the
+        lease expired it takes the target with a larger token.
+        """
+        src, dst, image = await self.running("mk")
+        _, _, before = await self.writer(image)
+        await self.cliJson(dst, "migrate-prepare", str(GUEST), "--from", src.name)
+        await self.call(src, "migrate.release", GUEST, dst.name)
+        self.assertEqual(await self.state(src), "inactive")
+        tree = await dumpTree(dst.xs)
+        killed = time.monotonic()
+        src.process.signalProcess("KILL")
+        refusals = 0
+        while True:
+            code, out, err = await self.cli(dst, "migrate-commit", str(GUEST), "--json")
+            if code == EXIT_OK:
+                break
+            self.assertEqual(code, EXIT_EXISTS, err)
+            self.assertIn(f"still held read-write by host {src.name}", err)
+            if not refusals:
+                self.assertEqual(diffTrees(tree, await dumpTree(dst.xs)), [])
+                self.assertEqual(await self.state(dst), "inactive")
+            refusals += 1
+            await sleep(reactor, 0.1)
+            self.assertLess(time.monotonic() - killed, DAEMON_TTL + 5)
+        took = time.monotonic() - killed
+        report("source killed mid-handover to the destination's commit", took)
+        self.assertGreater(refusals, 0)
+        self.assertGreaterEqual(took, DAEMON_TTL - RENEW_EVERY - 0.05)
+        committed = json.loads(out)
+        self.assertFalse(committed["released"])
+        holder, _, token = await self.writer(image)
+        self.assertEqual(holder, dst.name)
+        self.assertGreater(token, before)
+        self.assertEqual(await self.state(dst), "active")
+        await waitForState(dst.xs, FRONTEND, 4, 10)

@@ -13,7 +13,9 @@ The same with daemons as hosts on a real etcd: tests/test_pool_migration.py.
 
 from __future__ import annotations
 
+import io
 import os
+import xmlrpc.client
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,11 +29,13 @@ from zope.interface.verify import verifyObject
 from tests.support.fakeetcd import FakeEtcd
 from tests.support.fixtures import EmbeddedXenstoredFixture
 from tests.support.host import HostSuite, startDriverDomain
+from xenddev import cli
 from xenddev.controllers import defaultControllers
 from xenddev.driverdomain.kinds.blkback import BlkbackKind
 from xenddev.errors import XenddevError
 from xenddev.interfaces import IPoolPeers, IStorageMigration
 from xenddev.localguard import LocalGuard
+from xenddev.migraterpc import MigrateNamespace, checkHost, checkRemoteDomain
 from xenddev.pool.activation import Activations
 from xenddev.pool.errors import ActivationConflict
 from xenddev.pool.keys import activeKey, migrationKey
@@ -616,3 +620,66 @@ class DomainStorageSuite(HostSuite):
 
 class EmbeddedDomainStorageTests(DomainStorageSuite, EmbeddedXenstoredFixture, TestCase):
     """On the embedded xenstored."""
+
+
+class RpcAndCliTests(TestCase):
+    """migrate.*'s checks and the CLI's, without a daemon."""
+
+    async def test_withoutPoolFault19(self) -> None:
+        """Every migrate.* method of a daemon without a pool is fault 19, saying what is missing."""
+
+        class Service:
+            manager = None
+
+        namespace = MigrateNamespace(Service(), None)  # type: ignore[arg-type]
+        with self.assertRaises(xmlrpc.client.Fault) as caught:
+            await namespace.xmlrpc_list()
+        self.assertEqual(caught.exception.faultCode, 19)
+        self.assertIn("pool.advertise", caught.exception.faultString)
+
+    async def test_argumentsNamed(self) -> None:
+        """A bad host or source domain is refused naming the argument, before the pool is asked."""
+
+        class Service:
+            manager = None
+
+        namespace = MigrateNamespace(Service(), None)  # type: ignore[arg-type]
+        for args, code, named in (
+            (("bad host", 5, 5), 10, "source"),
+            (("h1", 99999, 5), 3, "source domain id"),
+            (("h1", "no/slash", 5), 10, "source domain"),
+        ):
+            with self.assertRaises(xmlrpc.client.Fault) as caught:
+                await namespace.xmlrpc_prepare(*args)
+            self.assertEqual(caught.exception.faultCode, code, args)
+            self.assertIn(named, caught.exception.faultString)
+        self.assertEqual(checkRemoteDomain("guest-1"), "guest-1")
+        self.assertEqual(checkRemoteDomain("7"), 7)
+        self.assertEqual(checkHost("h-1.pool", "x"), "h-1.pool")
+
+    def test_cliChecksHost(self) -> None:
+        """migrate-prepare refuses a bad --from (exit 4, naming it) without asking the daemon."""
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(
+            ["migrate-prepare", "5", "--from", "bad host", "--socket", "/nonexistent/sock"],
+            stdout=out,
+            stderr=err,
+        )
+        self.assertEqual(code, 4)
+        self.assertIn("--from 'bad host'", err.getvalue())
+
+    def test_cliText(self) -> None:
+        """The text of a committed migration names each disk's new token and the window."""
+        text = cli.migrationText(
+            {
+                "domain": 5,
+                "from": "h1",
+                "state": "committed",
+                "devices": [{"class": "vbd", "devid": 51728, "target": TARGET, "mode": "rw"}],
+                "moved": {TARGET: "42"},
+                "timings-ms": {"window": 12.5, "release": 3, "handover": 4, "activate": 5.5},
+            }
+        )
+        self.assertIn("guest 5 from host h1: committed", text)
+        self.assertIn(f"vbd 51728  {TARGET}  rw  token 42", text)
+        self.assertIn("handover window 12.5 ms", text)

@@ -230,6 +230,23 @@ def deviceArgument(text: str) -> int | str:
     return number
 
 
+def hostArgument(text: str, what: str) -> str:
+    """
+    A pool host name (1-64 letters, digits, C{.}, C{_} or C{-}, starting
+    with a letter or digit), checked here as the daemon checks it.
+
+    @raise CommandError: naming C{what} (exit 4, as the daemon's fault).
+    """
+    ok = 0 < len(text) <= 64 and text.isascii() and text[0].isalnum()
+    if not ok or not all(c.isalnum() or c in "._-" for c in text):
+        raise CommandError(
+            f"{what} {text!r}: a pool host name is 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            EXIT_BAD_CONFIG,
+        )
+    return text
+
+
 def _socketPath(text: str) -> str:
     """An argparse type: a socket path (not empty, no NUL)."""
     import argparse
@@ -334,6 +351,29 @@ def whereText(where: Mapping[str, Any]) -> str:
         f"readers  {', '.join(readers) or '-'}\n"
         f"devices  {'; '.join(devices) or '-'}\n"
     )
+
+
+def migrationText(m: Mapping[str, Any]) -> str:
+    """A migration's state (C{migrate-*}): the guest, the source, its disks, the handover."""
+    lines = [f"guest {m.get('domain')} from host {m.get('from')}: {m.get('state')}"]
+    moved = m.get("moved") or {}
+    for d in m.get("devices") or []:
+        target = d.get("target") or "-"
+        token = moved.get(target) or (d.get("token") if d.get("token") not in ("0", 0) else None)
+        lines.append(
+            f"  {d.get('class')} {d.get('devid')}  {target}  {d.get('mode') or '-'}"
+            + (f"  token {token}" if token else "")
+        )
+    timings = m.get("timings-ms") or {}
+    if timings:
+        lines.append(
+            f"handover window {timings.get('window', 0):.1f} ms (release "
+            f"{timings.get('release', 0):.1f}, keys {timings.get('handover', 0):.1f}, "
+            f"activate {timings.get('activate', 0):.1f})"
+        )
+    if m.get("reinstated") is False:
+        lines.append("the source could not be asked to activate its disks again")
+    return "\n".join(lines) + "\n"
 
 
 # Commands
@@ -467,6 +507,24 @@ class Client:
         """vdi-where."""
         where = self.call("pool.where", self.opts.target)
         self.emit(where, whereText(where))
+
+    def migratePrepare(self) -> None:
+        """migrate-prepare (on the destination)."""
+        source = hostArgument(self.opts.source, "--from")
+        dom = self.dom()
+        sourceDom = domainArgument(self.opts.source_dom) if self.opts.source_dom else dom
+        result = self.call("migrate.prepare", source, sourceDom, dom)
+        self.emit(result, migrationText(result))
+
+    def migrateCommit(self) -> None:
+        """migrate-commit (on the destination)."""
+        result = self.call("migrate.commit", self.dom())
+        self.emit(result, migrationText(result))
+
+    def migrateAbort(self) -> None:
+        """migrate-abort (on the destination)."""
+        result = self.call("migrate.abort", self.dom())
+        self.emit(result, migrationText(result))
 
     def status(self) -> None:
         """status (with --wait, retry until the daemon answers or time runs out)."""
@@ -643,6 +701,42 @@ def buildParser(
     p.add_argument("target", metavar="TARGET", help="a path, file:PATH or dev:MAJOR:MINOR")
     p.set_defaults(run=Client.vdiWhere)
 
+    p = command(
+        "migrate-prepare",
+        "prepare a guest's storage for its migration here",
+        "On the destination host, while the guest still runs on the source: make the "
+        "guest's disks here as the source has them, prepared and plugged but not active, "
+        "and record the migration's intent in the pool.",
+    )
+    p.add_argument("dom", help="the guest here: domain id or name")
+    p.add_argument("--from", dest="source", required=True, metavar="HOST", help="the source host")
+    p.add_argument(
+        "--source-dom",
+        metavar="DOM",
+        default=None,
+        help="the guest as the source names it (default: DOM)",
+    )
+    p.set_defaults(run=Client.migratePrepare)
+
+    p = command(
+        "migrate-commit",
+        "hand a migrating guest's storage over to this host",
+        "On the destination host, the guest suspended on the source: the source "
+        "deactivates its disks, their activation keys move here (new fencing tokens), the "
+        "disks here are activated. Prints the handover window.",
+    )
+    p.add_argument("dom", help="the guest here: domain id or name")
+    p.set_defaults(run=Client.migrateCommit)
+
+    p = command(
+        "migrate-abort",
+        "put a migration's storage back",
+        "On the destination host: the keys go back to the source (after a commit), the "
+        "source's disks are active again, the disks made here are detached.",
+    )
+    p.add_argument("dom", help="the guest here: domain id or name")
+    p.set_defaults(run=Client.migrateAbort)
+
     p = command("status", "show the daemon's status", "Show whether the daemon runs, and how.")
     p.add_argument(
         "--wait",
@@ -694,6 +788,8 @@ _TEXT_ARGUMENTS = (
     ("vdev", "VDEV"),
     ("target", "TARGET"),
     ("settings", "KEY=VALUE"),
+    ("source", "--from"),
+    ("source_dom", "--source-dom"),
 )
 
 

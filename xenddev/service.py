@@ -913,6 +913,7 @@ class XenddevService(MultiService):
             guard=self.guard,
             peers=self.peers,
         )
+        self._addNamespaces(site.resource)
         await self._listenOn(
             desc,
             site,
@@ -936,6 +937,15 @@ class XenddevService(MultiService):
             )
             await self._listenOn(endpoint, site, f"cannot listen on {endpoint}: {{e}}")
             self.log.info("Metrics on {endpoint}", endpoint=cfg.metrics.endpoint)
+
+    def _addNamespaces(self, resource: Any) -> None:
+        """
+        The namespaces of the daemon's parts beside C{xenddev.xmlrpc}'s own:
+        C{migrate.*} (L{xenddev.migraterpc}; fault 19 without a pool).
+        """
+        from xenddev.migraterpc import addMigrateNamespace
+
+        addMigrateNamespace(resource, self.migrations)
 
     async def _listenOn(self, description: str, factory: Any, failure: str) -> None:
         """
@@ -983,12 +993,11 @@ class XenddevService(MultiService):
                 f"xmlrpc.password_file {passwords} is readable by others "
                 f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
             )
-        portal = Portal(
-            _RpcRealm(
-                rpc.rpcResource(manager, storage=self.storage, guard=self.guard, peers=self.peers)
-            ),
-            [FilePasswordDB(passwords)],
+        resource = rpc.rpcResource(
+            manager, storage=self.storage, guard=self.guard, peers=self.peers
         )
+        self._addNamespaces(resource)
+        portal = Portal(_RpcRealm(resource), [FilePasswordDB(passwords)])
         wrapper = HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"xenddev")])
         full = self._withInterface(spec)
         site = LimitedSite(
