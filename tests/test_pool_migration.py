@@ -440,3 +440,24 @@ class DaemonMigrationTests(PoolHostsMixin, TestCase):
         self.assertGreater(token, before)
         self.assertEqual(await self.state(dst), "active")
         await waitForState(dst.xs, FRONTEND, 4, 10)
+
+    async def test_abortAfterCommit(self) -> None:
+        """
+        migrate-abort after migrate-commit: the key goes back to the source
+        (a larger token again, in its device's record too), its vdi is
+        active again, the destination's disk is gone.
+        """
+        src, dst, image = await self.running("mb")
+        await self.cliJson(dst, "migrate-prepare", str(GUEST), "--from", src.name)
+        committed = await self.cliJson(dst, "migrate-commit", str(GUEST))
+        moved = int(committed["moved"][f"file:{image}"])
+        aborted = await self.cliJson(dst, "migrate-abort", str(GUEST))
+        self.assertTrue(aborted["reinstated"])
+        holder, _, token = await self.writer(image)
+        self.assertEqual(holder, src.name)
+        self.assertGreater(token, moved)
+        self.assertEqual(await self.state(src), "active")
+        (device,) = (await self.call(src, "pool.where", image))["devices"]
+        self.assertEqual(device["token"], token)
+        self.assertEqual(await self.call(dst, "vdi.list", 0, "vdi"), [])
+        self.assertIsNone(await dst.xs.readOrNone(FRONTEND))
