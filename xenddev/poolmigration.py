@@ -295,17 +295,20 @@ class PoolMigrations:
             results = await _settle(
                 [self.migrations.handover(t, incoming.source, self.host, released) for t in pending]
             )
-            failures = []
+            failures, adopted = [], []
             for target, result in zip(pending, results, strict=True):
                 if isinstance(result, Failure):
                     failures.append(result)
                     continue
                 incoming.moved[target] = result.token
-                await self.guard.adopt(result)
+                adopted.append(self.guard.adopt(result))
             if failures:
+                await _all(adopted)
                 raise _first(failures)
             movedAt = clock.seconds()
-            await self.storage.activate(domid, incoming.devices)
+            # The grants' records take the new tokens while the vdis activate
+            # (the keys are ours already: nothing waits for the records).
+            await _all([*adopted, self.storage.activate(domid, incoming.devices)])
             done = clock.seconds()
             incoming.state = COMMITTED
             incoming.timings = {
@@ -622,6 +625,13 @@ async def _settle(ds: Sequence[Deferred[T]]) -> list[T | Failure]:
         except Exception:
             out.append(Failure())
     return out
+
+
+async def _all(ds: Sequence[Deferred[Any]]) -> None:
+    """Wait for all; then raise the first one's error, if one failed."""
+    failures = [r for r in await _settle(ds) if isinstance(r, Failure)]
+    if failures:
+        raise _first(failures)
 
 
 def _first(failures: Sequence[Failure]) -> BaseException:

@@ -179,6 +179,9 @@ class Migrations:
         self._etcd = etcd
         self._session = session
         self._clock = clock
+        #: target -> (source, the source's writer lease) read when we intended
+        #: it: the handover's first try compares with it, saving a read.
+        self._seen: dict[str, tuple[str, int]] = {}
 
     # --- the intent --------------------------------------------------------
 
@@ -230,6 +233,8 @@ class Migrations:
             )
             if result.succeeded:
                 self._session.hold(key)
+                if writer is not None:
+                    self._seen[target] = (source, writer.lease)
                 return Intent(
                     target, source, self._session.host, domain, since, lease, result.revision
                 )
@@ -241,6 +246,7 @@ class Migrations:
         """Delete our intent of C{target} (only ours); fires with whether one was."""
         checkTarget(target)
         key = migrationKey(target)
+        self._seen.pop(target, None)
 
         async def withdraw() -> bool:
             result = await self._etcd.txn(
@@ -289,6 +295,22 @@ class Migrations:
         key, intentKey = activeKey(target), migrationKey(target)
         prefix = readersPrefix(target)
         toLease = await self._leaseOf(toHost)
+        seen = self._seen.pop(target, None)
+        if released and seen is not None and seen[0] == fromHost:
+            # The writer we saw when we intended it is likely still there:
+            # one transaction, no read first. Anything else: read and decide.
+            moved = await self._move(
+                target,
+                fromHost,
+                toHost,
+                toLease,
+                [
+                    wire.Compare.leaseIs(key, seen[1]),
+                    wire.Compare.leaseIs(intentKey, toLease),
+                ],
+            )
+            if moved is not None:
+                return moved
         for _ in range(MAX_ATTEMPTS):
             state = await self._read(target, fromHost)
             writer = state.writer
@@ -313,26 +335,44 @@ class Migrations:
                     wire.Compare.absent(prefix, wire.prefixEnd(prefix)),
                     wire.Compare.leaseIs(intentKey, toLease),
                 ]
-            result = await self._etcd.txn(
-                wire.Txn(
-                    compare=compare,
-                    success=[
-                        wire.Put(key, self._record(target, toHost, fromHost), toLease),
-                        wire.Delete(intentKey),
-                    ],
-                )
-            )
-            if result.succeeded:
-                self._session.release(intentKey)
-                self.log.info(
-                    "Handover of {target}: {source} -> {destination}, token {token}",
-                    target=target,
-                    source=fromHost,
-                    destination=toHost,
-                    token=result.revision,
-                )
-                return self._took(target, toHost, toLease, result.revision)
+            moved = await self._move(target, fromHost, toHost, toLease, compare)
+            if moved is not None:
+                return moved
         raise ActivationConflict(target, None, ("(changing too fast to move)",))
+
+    async def _move(
+        self,
+        target: str,
+        fromHost: str,
+        toHost: str,
+        toLease: int,
+        compare: list[wire.Compare],
+    ) -> Activation | None:
+        """
+        The handover's transaction: if C{compare} holds, the key under
+        C{toLease} and the intent deleted; None if it did not hold.
+        """
+        intentKey = migrationKey(target)
+        result = await self._etcd.txn(
+            wire.Txn(
+                compare=compare,
+                success=[
+                    wire.Put(activeKey(target), self._record(target, toHost, fromHost), toLease),
+                    wire.Delete(intentKey),
+                ],
+            )
+        )
+        if not result.succeeded:
+            return None
+        self._session.release(intentKey)
+        self.log.info(
+            "Handover of {target}: {source} -> {destination}, token {token}",
+            target=target,
+            source=fromHost,
+            destination=toHost,
+            token=result.revision,
+        )
+        return self._took(target, toHost, toLease, result.revision)
 
     def handback(self, target: str, fromHost: str, toHost: str) -> Deferred[Activation]:
         """

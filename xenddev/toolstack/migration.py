@@ -119,23 +119,16 @@ class DomainStorage:
         """The guest's disks, from the toolstack's records, by class and id."""
 
         async def devices() -> list[MigratingDevice]:
-            found = []
+            found: list[tuple[str, int]] = []
             for devclass in self.storageClasses():
                 ctrl = await self.manager.controller(domid, devclass)
-                for devid in await ctrl.deviceIDs():
-                    config = ctrl.migrationConfig(await ctrl.getDeviceConfiguration(devid))
-                    grant = await readGrant(self.manager.xs, ctrl.devicePath(devid), domid)
-                    found.append(
-                        MigratingDevice(
-                            devclass,
-                            devid,
-                            config,
-                            grant.target if grant is not None else None,
-                            grant.mode if grant is not None else None,
-                            grant.token if grant is not None else 0,
-                        )
-                    )
-            return found
+                found.extend((devclass, devid) for devid in await ctrl.deviceIDs())
+            # Each disk's records read at once: this is in the handover's window.
+            read: list[MigratingDevice] = await gatherResults(
+                [Deferred.fromCoroutine(self._readBack(domid, c, devid)) for c, devid in found],
+                consumeErrors=True,
+            )
+            return read
 
         return Deferred.fromCoroutine(devices())
 
@@ -186,10 +179,13 @@ class DomainStorage:
         return Deferred.fromCoroutine(self._detach(domid, [(d.devclass, d.devid) for d in devices]))
 
     async def _readBack(self, domid: int, devclass: str, devid: int) -> MigratingDevice:
-        """A disk as made here."""
+        """A disk as its records say (its configuration for another host, its grant)."""
         ctrl = await self.manager.controller(domid, devclass)
-        config = ctrl.migrationConfig(await ctrl.getDeviceConfiguration(devid))
-        grant = await readGrant(self.manager.xs, ctrl.devicePath(devid), domid)
+        # Both in one round: the record's configuration and its grant.
+        recording = ctrl.getDeviceConfiguration(devid)
+        granted = Deferred.fromCoroutine(readGrant(self.manager.xs, ctrl.devicePath(devid), domid))
+        config = ctrl.migrationConfig(await recording)
+        grant = await granted
         if grant is None:
             return MigratingDevice(devclass, devid, config)
         return MigratingDevice(devclass, devid, config, grant.target, grant.mode, grant.token)
