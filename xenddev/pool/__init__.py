@@ -12,6 +12,9 @@ XenStore is per host; what must hold across hosts lives in etcd:
   - L{activation}: exclusive (read-write) and shared (read-only)
     activation of a target under the session's lease, with the etcd
     revision as fencing token;
+  - L{migration}: a migration's intent and the handover moving an
+    activation key from the source's lease to the destination's in one
+    transaction;
   - L{keys}: the key layout under C{/xenddev/pool/} and target identities.
 
 docs/pool.md has the design. This package imports only the error root.

@@ -15,8 +15,10 @@ new host").
     the intent vanishes with the destination if it dies, and two
     destinations cannot prepare one target.
   - B{Handover} (L{Migrations.handover}): one transaction compares that
-    C{active/<target>} is under the source's lease (read from
-    C{hosts/<from>}) and that the intent is under the destination's, then
+    C{active/<target>} is under the source's lease (the lease its key had
+    when the intent was made, checked then against C{hosts/<from>}; read
+    again from C{hosts/<from>} if that fails) and that the intent is under
+    the destination's, then
     puts C{active/<target>} under the destination's lease (its value names
     the new host) and deletes the intent. The key is overwritten, not
     deleted and made again (etcd refuses a delete and a put of one key in
