@@ -244,6 +244,20 @@ class PoolDaemonTests(PoolHostsMixin, TestCase):
         listed = {line.split()[0]: line for line in out.splitlines()[1:]}
         self.assertIn("race-a *", listed["race-a"])
         self.assertIn("live", listed["race-b"])
+        # Each host's devices, as it published them: its vif and the disks it
+        # won, the five targets once each across the two.
+        deadline = time.monotonic() + 5
+        while True:
+            hosts = {h["name"]: h for h in await self.call(b, "pool.hosts")}
+            devices = [d for n in byName for d in hosts[n]["devices"] or []]
+            targets = sorted(d["target"] for d in devices if "target" in d)
+            if len(targets) == 5 or time.monotonic() > deadline:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(set(targets)), 5, devices)
+        for name in byName:
+            self.assertIn("vif", {d["class"] for d in hosts[name]["devices"]})
+        self.assertTrue(all(d["mode"] == "rw" and d["token"] > 0 for d in devices if "target" in d))
         code, out, err = await self.cli(b, "vdi-where", image, "--json")
         where = json.loads(out)
         self.assertEqual(where["target"], f"file:{image}")
@@ -354,6 +368,8 @@ class PoolDaemonTests(PoolHostsMixin, TestCase):
         code, out, err = await self.cli(host, "pool-hosts", "--json")
         (me,) = json.loads(out)
         self.assertEqual(me["state"], "single host")
+        shared = [d for d in me["devices"] if d["domain"] == 6 and d["class"] == "vbd"]
+        self.assertEqual([(d["target"], d["mode"]) for d in shared], [(f"file:{image}", "w!")])
         code, out, err = await self.cli(host, "vdi-where", image)
         self.assertIn(f"writer   {me['name']}", out)
         self.assertIn("domain 6 xvdc (vbd 51744) w!", out)

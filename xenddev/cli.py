@@ -319,14 +319,22 @@ def networkTable(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def hostsTable(hosts: Sequence[Mapping[str, Any]]) -> str:
-    """C{pool-hosts}' table: name (this host starred), state, lease seconds left, pid."""
-    lines = [f"{'Name':<24} {'State':<12} {'TTL':>4} {'PID':>7}"]
+    """
+    C{pool-hosts}' table: name (this host starred), state, lease seconds
+    left, pid, its devices (how many; of them holding a storage target).
+    """
+    lines = [f"{'Name':<24} {'State':<12} {'TTL':>4} {'PID':>7} {'Devices':>7} {'Storage':>7}"]
     for h in hosts:
         name = f"{h.get('name', '?')}{' *' if h.get('self') else ''}"
         ttl = h.get("ttl")
+        devices = h.get("devices")
+        count = storage = "-"
+        if isinstance(devices, list):
+            count = str(len(devices))
+            storage = str(sum(1 for d in devices if isinstance(d, dict) and d.get("target")))
         lines.append(
             f"{name:<24} {h.get('state', '-')!s:<12} {'-' if ttl is None else ttl!s:>4} "
-            f"{h.get('pid', '-')!s:>7}"
+            f"{h.get('pid', '-')!s:>7} {count:>7} {storage:>7}"
         )
     return "\n".join(lines) + "\n"
 

@@ -43,7 +43,16 @@ from zope.interface import implementer
 from xenddev.interfaces import IActivationGuard, IXenStoreOps
 from xenddev.pool.errors import ActivationConflict, InvalidTarget
 from xenddev.pool.keys import checkTarget, normaliseTarget
-from xenddev.toolstack.activation import RO, RW, SHARED, Claim, Grant, Mode, recordedGrants
+from xenddev.toolstack.activation import (
+    RO,
+    RW,
+    SHARED,
+    Claim,
+    Grant,
+    Mode,
+    hostDevices,
+    recordedGrants,
+)
 from xenddev.xenbus import domainPath
 
 __all__ = ["LocalActivationConflict", "LocalGuard", "excludes", "targetIdentity"]
@@ -239,8 +248,15 @@ class LocalGuard:
         ]
 
     def hosts(self) -> Deferred[list[dict[str, Any]]]:
-        """This host alone: there is no pool."""
-        return succeed([{"name": self.host, "state": "single host", "pid": os.getpid()}])
+        """This host alone (there is no pool), with its guests' devices."""
+
+        async def hosts() -> list[dict[str, Any]]:
+            devices = await hostDevices(self.xs, self.grants())
+            return [
+                {"name": self.host, "state": "single host", "pid": os.getpid(), "devices": devices}
+            ]
+
+        return Deferred.fromCoroutine(hosts())
 
     def hold(self, grant: Grant) -> None:
         """Keep C{grant} as its device's (replacing what that device held of its target)."""

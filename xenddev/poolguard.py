@@ -71,6 +71,8 @@ class PoolGuard:
     @param local: this host's guard (its grants are this host's devices).
     @param activations: the pool's activations under this host's session.
     @param session: this host's session (live or not, its hosts).
+    @param published: fires with the devices each host published, by
+        host (L{xenddev.pool.devices.readPoolDevices}).
     @param migrations: the migrations' intents and handovers (without it a
         claim for a guest migrating in is refused).
     """
@@ -83,11 +85,13 @@ class PoolGuard:
         activations: IActivations,
         session: IHostSession,
         migrations: IMigrations | None = None,
+        published: Callable[[], Deferred[dict[str, list[dict[str, Any]]]]] | None = None,
     ) -> None:
         self.local = local
         self._activations = activations
         self._session = session
         self._migrations = migrations
+        self._published = published
         #: target -> this host's activation of it in etcd
         self._held: dict[str, Activation] = {}
         #: target -> this host's intent to take it (a guest migrating in)
@@ -156,11 +160,14 @@ class PoolGuard:
 
         async def hosts() -> list[dict[str, Any]]:
             me = self._session.host
+            devices = await self._published() if self._published is not None else {}
             return [
                 {
                     **h.toJSON(),
                     "state": self._session.state if h.name == me else "live",
                     "self": h.name == me,
+                    # None: the host has published none (yet).
+                    "devices": devices.get(h.name),
                 }
                 for h in await self._session.hosts()
             ]

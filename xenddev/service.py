@@ -171,6 +171,8 @@ class ServiceDeviceManager(DeviceManager):
         self.counts: Counter[tuple[str, str, str]] = Counter()
         #: (operation, class) -> total seconds
         self.durations: Counter[tuple[str, str]] = Counter()
+        #: Called with no argument after each operation ends, however it ended.
+        self.onOperationDone: list[Callable[[], object]] = []
 
     def _run(
         self, op: str, domid: int, devclass: str, devid: object, start: Callable[[], Deferred[Any]]
@@ -195,6 +197,8 @@ class ServiceDeviceManager(DeviceManager):
                 outcome = "ok"
             self.counts[(op, devclass, outcome)] += 1
             self.durations[(op, devclass)] += duration
+            for callback in self.onOperationDone:
+                callback()
             return result
 
         return d.addBoth(done)
@@ -527,6 +531,8 @@ class XenddevService(MultiService):
         await self._startReaper(xs, self.manager)
         # Before the rollbacks, which give back what they held.
         await guard.start()
+        if self.pool is not None:
+            await self._startPoolDevices(xs, self.manager, guard)
         await self._recover(self.manager)
         if rpc is not None:
             await self._listen(rpc, self.manager)
@@ -611,8 +617,14 @@ class XenddevService(MultiService):
         from xenddev.pool.migration import Migrations
 
         migrations = Migrations(member.etcd, session, self.reactor)
+        from xenddev.pool.devices import readPoolDevices
+
         guard = PoolGuard(
-            local, Activations(member.etcd, session, self.reactor), session, migrations
+            local,
+            Activations(member.etcd, session, self.reactor),
+            session,
+            migrations,
+            published=lambda: readPoolDevices(member.etcd),
         )
         member.onLost(guard.lost)
         if pool.advertise and pool.peer_password_file:
@@ -648,6 +660,28 @@ class XenddevService(MultiService):
             fence=pool.fence_after,
         )
         return guard
+
+    async def _startPoolDevices(self, xs: Any, manager: ServiceDeviceManager, guard: Any) -> None:
+        """
+        The part C{pool devices} (L{xenddev.pool.devices}): this host's
+        devices in etcd, written again after device operations end.
+        """
+        from xenddev.pool.devices import DevicePublisher
+        from xenddev.toolstack.activation import hostDevices
+
+        session = self.pool.session
+        publisher = DevicePublisher(
+            self.reactor,
+            self.pool.etcd,
+            session,
+            lambda: Deferred.fromCoroutine(hostDevices(xs, guard.local.grants())),
+        )
+        manager.onOperationDone.append(publisher.changed)
+
+        async def stop() -> None:
+            publisher.stop()
+
+        await self._add(Part("pool devices", publisher.start, stop))
 
     async def _startPoolDataPaths(self, xs: Any, member: Any, session: Any) -> None:
         """

@@ -795,8 +795,10 @@ class PoolNamespace(_Namespace):
 
         The hosts of the pool, by name: with a pool, each with its lease
         (lease, ttl: seconds left, lease_ttl, fence_after, joined) and
-        this host's session state (live, fenced, rejoining); without one,
-        this host alone (state "single host"). Fault 16 if etcd cannot be
+        this host's session state (live, fenced, rejoining) and its
+        devices (as it published them: domain, class, devid, and a storage
+        device's target, mode, token); without one, this host alone (state
+        "single host", with its devices). Fault 16 if etcd cannot be
         reached.
         """
         hosts: list[dict[str, Any]] = await self.guard.hosts()

@@ -20,8 +20,8 @@ back exactly what was granted, and the token stays with the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -39,7 +39,9 @@ __all__ = [
     "Grant",
     "Mode",
     "activationPath",
+    "deviceRecords",
     "grantFrom",
+    "hostDevices",
     "objectRecord",
     "readGrant",
     "recordedGrants",
@@ -164,6 +166,45 @@ def grantFrom(values: Sequence[str | None], domid: int, record: str) -> Grant | 
     return Grant(target, mode, domid, record, label, number)
 
 
+async def deviceRecords(xs: IXenStoreOps) -> tuple[list[str], list[tuple[int, str, str, str]]]:
+    """
+    The toolstack's device records: the domains that exist (their names
+    under C{/local/domain}), and for every guest with a C{/vm} record each
+    device's C{(domid, class, devid, record path)}.
+    """
+    names = [n for n in await xs.ls("/local/domain", missingOk=True) if n.isascii() and n.isdigit()]
+    vms = await gatherResults(
+        [xs.readOrNone(f"/local/domain/{n}/vm") for n in names], consumeErrors=True
+    )
+    records: list[tuple[int, str, str, str]] = []
+    for name, vm in zip(names, vms, strict=True):
+        if vm is None:
+            continue
+        for devclass in sorted(await xs.ls(f"{vm}/device", missingOk=True)):
+            root = f"{vm}/device/{devclass}"
+            for devid in sorted(await xs.ls(root, missingOk=True)):
+                records.append((int(name), devclass, devid, f"{root}/{devid}"))
+    return names, records
+
+
+async def hostDevices(xs: IXenStoreOps, grants: Iterable[Grant] = ()) -> list[dict[str, Any]]:
+    """
+    This host's guests' devices from the toolstack's records
+    (C{<vm>/device/<class>/<devid>}), each with its grant's target, mode
+    and token if it holds one (C{grants}: the activation guard's, by record).
+    """
+    byRecord = {g.record: g for g in grants}
+    _, records = await deviceRecords(xs)
+    found: list[dict[str, Any]] = []
+    for domid, devclass, devid, record in records:
+        entry: dict[str, Any] = {"domain": domid, "class": devclass, "devid": devid}
+        grant = byRecord.get(record)
+        if grant is not None:
+            entry.update(target=grant.target, mode=grant.mode, token=grant.token)
+        found.append(entry)
+    return found
+
+
 async def recordedGrants(xs: IXenStoreOps) -> list[Grant]:
     """
     Every grant the toolstack's records hold: the devices of every guest
@@ -171,22 +212,12 @@ async def recordedGrants(xs: IXenStoreOps) -> list[Grant]:
     the objects activated through C{vdi.*} in driver domains that exist
     (L{objectRecord}; their domid is the driver domain's).
     """
-    names = [n for n in await xs.ls("/local/domain", missingOk=True) if n.isascii() and n.isdigit()]
-    vms = await gatherResults(
-        [xs.readOrNone(f"/local/domain/{n}/vm") for n in names], consumeErrors=True
+    names, records = await deviceRecords(xs)
+    grants: list[Grant | None] = await gatherResults(
+        [Deferred.fromCoroutine(readGrant(xs, r, domid)) for domid, _, _, r in records],
+        consumeErrors=True,
     )
-    found: list[Grant] = []
-    for name, vm in zip(names, vms, strict=True):
-        if vm is None:
-            continue
-        for devclass in await xs.ls(f"{vm}/device", missingOk=True):
-            root = f"{vm}/device/{devclass}"
-            records = [f"{root}/{devid}" for devid in await xs.ls(root, missingOk=True)]
-            grants: list[Grant | None] = await gatherResults(
-                [Deferred.fromCoroutine(readGrant(xs, r, int(name))) for r in records],
-                consumeErrors=True,
-            )
-            found.extend(g for g in grants if g is not None)
+    found: list[Grant] = [g for g in grants if g is not None]
     live = set(names)
     for dd in await xs.ls(OBJECT_RECORDS, missingOk=True):
         if dd not in live:
