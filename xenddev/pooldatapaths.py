@@ -411,6 +411,8 @@ class DataPathPublisher:
         """
         self.session.onRecover(lambda: self.poke(full=True))
         self.session.onLost(self._leaseLost)
+        # At once after a rejoin; the periodic check also notices the new lease.
+        self.session.onRejoin(lambda: self.poke(full=True))
         self._loop = LoopingCall(self._check)
         self._loop.clock = self.reactor
         self._loop.start(self.checkEvery, now=False)
