@@ -374,6 +374,10 @@ class DaemonMigrationTests(PoolHostsMixin, TestCase):
         await waitForState(dst.xs, FRONTEND, 4, 10)
         (device,) = (await self.call(dst, "pool.where", image))["devices"]
         self.assertEqual(device["token"], where["writer"]["token"])
+        # The destination's driver domain was sent the new token with the activate.
+        fencing = "/local/domain/0/private/xenddev/fencing"
+        served = [await dst.xs.read(f"{fencing}/{k}") for k in await dst.xs.ls(fencing)]
+        self.assertIn(f"{where['writer']['token']} file:{image}", served)
         self.assertIsNone(await self.etcd.get(migrationKey(f"file:{image}")))
         # The source's guest goes: its detach gives nothing back to etcd.
         self.assertTrue(await self.call(src, "device.detach", GUEST, "vbd", "xvdb"))

@@ -305,10 +305,12 @@ class PoolMigrations:
             if failures:
                 await _all(adopted)
                 raise _first(failures)
+            # The grants' records take the new tokens first: the activation
+            # sends each disk's record token to its driver domain, which
+            # refuses a lower one than it has served for the target.
+            await _all(adopted)
             movedAt = clock.seconds()
-            # The grants' records take the new tokens while the vdis activate
-            # (the keys are ours already: nothing waits for the records).
-            await _all([*adopted, self.storage.activate(domid, incoming.devices)])
+            await self.storage.activate(domid, incoming.devices)
             done = clock.seconds()
             incoming.state = COMMITTED
             incoming.timings = {
