@@ -69,6 +69,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.poolguard": (*_FOUNDATION, "xenddev.toolstack", "xenddev.pool", "xenddev.localguard"),
     "xenddev.poolfence": _SHARED,
     "xenddev.poolmember": ("xenddev.errors", "xenddev.pool", "xenddev.poolfence"),
+    # The fence watchdog (a process of its own) and the daemon's link to it.
+    "xenddev.fencewatchdog": _SHARED,
+    "xenddev.poolwatchdog": (*_SHARED, "xenddev.pool", "xenddev.fencewatchdog"),
     # The other hosts' daemons, asked over XML-RPC.
     "xenddev.poolpeers": ("xenddev.errors", "xenddev.interfaces", "xenddev.pool"),
     # The storage side of migration across hosts: the coordinator.
@@ -118,6 +121,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "xenddev.pooldatapaths",
         "xenddev.poolmigration",
         "xenddev.migraterpc",
+        "xenddev.poolwatchdog",
         "xenddev.xmlrpc",
         "xenddev.httplimits",
         "xenddev.lifecycle",

@@ -11,9 +11,11 @@ refused; etcd that cannot be reached is retried for C{connect} seconds.
 
 Leaving. A daemon that stops while its devices still hold activations
 does not revoke its lease: the devices keep running after it, and their
-targets stay held for the TTL (a daemon started again within it takes
-them back, see L{PoolGuard.start<xenddev.poolguard.PoolGuard.start>});
-with none, the lease is revoked and the host leaves the pool at once.
+targets stay held for the TTL, their data paths paused by the fence
+watchdog (L{xenddev.poolwatchdog}), until the next daemon takes them back
+(L{PoolGuard.start<xenddev.poolguard.PoolGuard.start>}) once that lease
+expired; with none, the lease is revoked and the host leaves the pool at
+once.
 """
 
 from __future__ import annotations

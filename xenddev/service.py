@@ -12,7 +12,8 @@ added once the parts it depends on are ready, so the children are in
 start-up order: run directory → embedded xenstored (or a probe of the
 local one) → the toolstack's XenStore connection → driver-domain area,
 the agent's connection and the agent → the simulator's connection and the
-simulators → quiesce handles → (with C{pool:}) the pool session →
+simulators → quiesce handles → (with C{pool:}) the pool session and its
+fence watchdog →
 device operations → reaper → the activation guard's records and the
 recovery → listeners; the line C{xenddev ready} is logged last.
 Shutdown stops the children one at a time in reverse
@@ -409,6 +410,9 @@ class XenddevService(MultiService):
         #: The other hosts' daemons (L{xenddev.interfaces.IPoolPeers}), with
         #: C{pool.advertise}.
         self.peers: Any = None
+        #: The fence watchdog's link (L{xenddev.poolwatchdog.WatchdogLink}),
+        #: with C{pool:} and the local agent.
+        self.fenceWatchdog: Any = None
         #: The storage side of migrations (L{xenddev.poolmigration}), with C{pool:}.
         self.migrations: Any = None
         self.simulated = False
@@ -533,6 +537,9 @@ class XenddevService(MultiService):
         await guard.start()
         if self.pool is not None:
             await self._startPoolDevices(xs, self.manager, guard)
+        if self.fenceWatchdog is not None:
+            # What a dead predecessor's watchdog paused, for the targets taken back.
+            await self.fenceWatchdog.takeOver(set(guard.held))
         await self._recover(self.manager)
         if rpc is not None:
             await self._listen(rpc, self.manager)
@@ -614,6 +621,7 @@ class XenddevService(MultiService):
         await self._add(Part("pool session", join, member.stop))
         session = member.session
         assert session is not None
+        await self._startFenceWatchdog(xs, session)
         from xenddev.pool.migration import Migrations
 
         migrations = Migrations(member.etcd, session, self.reactor)
@@ -682,6 +690,22 @@ class XenddevService(MultiService):
             publisher.stop()
 
         await self._add(Part("pool devices", publisher.start, stop))
+
+    async def _startFenceWatchdog(self, xs: Any, session: Any) -> None:
+        """
+        The part C{fence watchdog} (L{xenddev.poolwatchdog}): a process that
+        pauses the local agent's data paths if this daemon dies or stalls
+        past its lease. Without the local agent there is none it could reach.
+        """
+        from xenddev.poolwatchdog import WatchdogLink
+
+        dd = self.config.driver_domain
+        if not dd.enabled:
+            return
+        link = self.fenceWatchdog = WatchdogLink(
+            self.reactor, xs, session, self.dataPaths, self.config.rundir, [dd.domid]
+        )
+        await self._add(Part("fence watchdog", link.start, link.stop))
 
     async def _startPoolDataPaths(self, xs: Any, member: Any, session: Any) -> None:
         """
