@@ -114,7 +114,7 @@ class AdmitTests(SynchronousTestCase):
         e = self.failureResultOf(lower, KindError).value
         self.assertEqual(e.errname, "EACCES")
         self.assertEqual(self.xs.nodes[self.fencing.record("file:/a")], "12 file:/a")
-        self.assertEqual(self.fencing._locks, {})
+        self.assertEqual(len(self.fencing._locks), 0)
 
     def test_otherTargetsNotHeld(self) -> None:
         """A check of one target does not wait for another's."""

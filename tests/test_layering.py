@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: layer -> the layers under C{xenddev} its modules may import (itself
 #: always). Imports from outside C{xenddev} (the standard library, Twisted,
 #: zope, attrs, pyxs) are not limited here.
-_FOUNDATION = ("xenddev.errors", "xenddev.interfaces", "xenddev.xenstore")
+_FOUNDATION = ("xenddev.errors", "xenddev.interfaces", "xenddev.xenstore", "xenddev.keyedlocks")
 #: Facts of Xen that either wing may use: xenbus states and paths, disk
 #: specs, the tools' interfaces (tap-ctl, QMP, libxenctrl).
 _XEN = ("xenddev.xenbus", "xenddev.diskspec", "xenddev.tapctl", "xenddev.qmp", "xenddev.xenctrl")
@@ -34,6 +34,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.xenstore": (),
     "xenddev.interfaces": ("xenddev.xenstore",),
     "xenddev.rpcclient": (),
+    "xenddev.keyedlocks": (),
     # Facts of Xen and of its tools.
     "xenddev.xenbus": _FOUNDATION,
     "xenddev.diskspec": ("xenddev.errors",),

@@ -45,11 +45,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenddev.interfaces import IActivationGuard
+from xenddev.keyedlocks import KeyedLocks
 from xenddev.localguard import LocalGuard
 from xenddev.pool.activation import Activation
 from xenddev.pool.errors import ActivationConflict
@@ -96,7 +97,7 @@ class PoolGuard:
         self._held: dict[str, Activation] = {}
         #: target -> this host's intent to take it (a guest migrating in)
         self._incoming: dict[str, Intent] = {}
-        self._locks: dict[str, DeferredLock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     @property
     def held(self) -> dict[str, Activation]:
@@ -356,14 +357,4 @@ class PoolGuard:
 
     def _serialised(self, target: str, fn: Callable[[], Coroutine[Any, Any, T]]) -> Deferred[T]:
         """Run C{fn} after the others on C{target} (take and give back never interleave)."""
-        lock = self._locks.get(target)
-        if lock is None:
-            lock = self._locks[target] = DeferredLock()
-
-        def done(result: object) -> object:
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(target, None)
-            return result
-
-        d: Deferred[T] = lock.run(fn)
-        return d.addBoth(done)
+        return self._locks.run(target, fn)

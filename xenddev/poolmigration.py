@@ -55,13 +55,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenddev.errors import FaultCode, XenddevError
 from xenddev.interfaces import IPoolPeers, IStorageMigration
+from xenddev.keyedlocks import KeyedLocks
 from xenddev.pool.errors import ActivationConflict
 from xenddev.pool.interfaces import IMigrations
 from xenddev.pool.keys import checkHostName
@@ -199,7 +200,7 @@ class PoolMigrations:
         self.peers = peers
         self.incoming: dict[int, Incoming] = {}
         self.outgoing: dict[int, Outgoing] = {}
-        self._locks: dict[tuple[str, int], DeferredLock] = {}
+        self._locks: KeyedLocks[tuple[str, int]] = KeyedLocks()
         #: (domid, destination) -> step -> the step's one run (xend's steps;
         #: forgotten at the next step 0, a new migration)
         self._steps: dict[tuple[int, str], dict[Any, _Once]] = {}
@@ -570,18 +571,7 @@ class PoolMigrations:
         self, side: str, domid: int, fn: Callable[[], Coroutine[Any, Any, T]]
     ) -> Deferred[T]:
         """Run C{fn} after the other migration steps of the guest on this side."""
-        key = (side, domid)
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = DeferredLock()
-
-        def done(result: object) -> object:
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(key, None)
-            return result
-
-        d: Deferred[T] = lock.run(lambda: Deferred.fromCoroutine(fn()))
-        return d.addBoth(done)
+        return self._locks.run((side, domid), lambda: Deferred.fromCoroutine(fn()))
 
 
 class _Once:

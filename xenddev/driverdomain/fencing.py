@@ -36,12 +36,12 @@ import os
 import stat
 from collections.abc import Callable, Mapping
 
-from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
 from xenddev.backendctrl.protocol import STALE_TOKEN, ControlPaths, parseToken, privateDir
 from xenddev.driverdomain.kinds.base import KindError
 from xenddev.interfaces import IXenStoreOps
+from xenddev.keyedlocks import KeyedLocks
 
 __all__ = ["FencingTokens", "storageIdentity"]
 
@@ -94,7 +94,7 @@ class FencingTokens:
         self._identify = identify
         #: target -> the lock serialising its check and record: two
         #: activates of one target (two objects) are decided one by one.
-        self._locks: dict[str, DeferredLock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     def record(self, identity: str) -> str:
         """The node keeping the highest token accepted for C{identity}."""
@@ -128,10 +128,10 @@ class FencingTokens:
         identity = self._identify(target) if token else None
         if identity is None:
             return
-        lock = self._locks.setdefault(identity, DeferredLock())
-        await lock.acquire()
-        try:
-            recorded = await self.served(identity)
+        key: str = identity
+
+        async def check() -> None:
+            recorded = await self.served(key)
             if token < recorded:
                 self.log.warn(
                     "Refused activate of {path} with stale fencing token {token}: "
@@ -139,17 +139,16 @@ class FencingTokens:
                     path=paths.base,
                     token=token,
                     recorded=recorded,
-                    target=identity,
+                    target=key,
                 )
                 raise KindError(
                     STALE_TOKEN,
-                    f"stale fencing token {token} for {identity}: token {recorded} was "
+                    f"stale fencing token {token} for {key}: token {recorded} was "
                     "served here (a newer holder activated it); refused before the data "
                     "path was touched",
                 )
             if token > recorded:
-                await self.xs.write(self.record(identity), f"{token} {identity}")
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(identity, None)
+                await self.xs.write(self.record(key), f"{token} {key}")
+
+        # Two activates of one target are decided one after the other.
+        await self._locks.run(key, check)

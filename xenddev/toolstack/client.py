@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,6 +56,7 @@ from xenddev.backendctrl.protocol import (
 )
 from xenddev.backendctrl.requests import ObjectSnapshot, Request, checkPreconditions
 from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.keyedlocks import KeyedLocks
 from xenddev.xenbus import Waiting, domainPath
 from xenddev.xenstore.dispatch import PendingWait, WatchDispatch
 from xenddev.xenstore.errors import XenStoreTimeout
@@ -128,7 +129,7 @@ class DriverDomainClient:
         self.xs = xs
         self.driverDomid = validateDomid(driverDomid)
         self.timeout = timeout
-        self._locks: dict[tuple[str, str], DeferredLock] = {}
+        self._locks: KeyedLocks[tuple[str, str]] = KeyedLocks()
         #: The connection (ReconnectingXenStore.connections) on which the
         #: control area was last made: a restarted xenstored may have lost it.
         self._areaMadeOn: int | None = None
@@ -335,18 +336,7 @@ class DriverDomainClient:
     # Machinery
 
     def _serialised(self, paths: ControlPaths, fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
-        key = (paths.objectClass.name, paths.name)
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = DeferredLock()
-
-        def release(result: object) -> object:
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(key, None)
-            return result
-
-        d: Deferred[Any] = lock.run(fn)
-        return d.addBoth(release)
+        return self._locks.run((paths.objectClass.name, paths.name), fn)
 
     def _simple(
         self, paths: ControlPaths, request: Request, writes: Mapping[str, str] | None = None

@@ -21,7 +21,6 @@ import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredLock,
     FirstError,
     gatherResults,
 )
@@ -30,6 +29,7 @@ from twisted.python.failure import Failure
 
 from xenddev.errors import XenddevError
 from xenddev.interfaces import ITransaction, IXenStore
+from xenddev.keyedlocks import KeyedLocks
 from xenddev.toolstack.client import DriverDomainClient
 from xenddev.toolstack.controller import (
     ALLOCATE,
@@ -152,7 +152,7 @@ class DeviceManager:
         self.reactor: Any = reactor if reactor is not None else getattr(xs, "reactor", None)
         self.controllerClasses = dict(controllers)
         self.controllerArgs = controllerArgs
-        self._locks: dict[tuple[int, str, int], DeferredLock] = {}
+        self._locks: KeyedLocks[tuple[int, str, int]] = KeyedLocks()
         self._driverDomains: dict[int, DriverDomainClient] = {}
         self.inFlight = 0
 
@@ -264,19 +264,12 @@ class DeviceManager:
         return sorted(self._driverDomains)
 
     def _serialised(self, key: tuple[int, str, int], fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = DeferredLock()
-
-        def release(result: object) -> object:
+        def done(result: object) -> object:
             self.inFlight -= 1
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(key, None)
             return result
 
         self.inFlight += 1
-        d: Deferred[Any] = lock.run(fn)
-        return d.addBoth(release)
+        return self._locks.run(key, fn).addBoth(done)
 
     def createDevice(self, domid: int, devclass: str, config: Mapping[str, Any]) -> Deferred[int]:
         """Create a device; fires with its devid once connected. Logged."""

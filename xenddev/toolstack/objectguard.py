@@ -31,11 +31,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from xenddev.backendctrl.protocol import INACTIVE, VDI, ObjectClass
 from xenddev.interfaces import IActivationGuard, ITransaction, IXenStore
+from xenddev.keyedlocks import KeyedLocks
 from xenddev.toolstack.activation import (
     MODES,
     OBJECT_RECORDS,
@@ -97,7 +98,7 @@ class GuardedObjects:
         self.xs = xs
         self.guard = guard
         self.transactAttempts = transactAttempts
-        self._locks: dict[str, DeferredLock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     def activate(
         self, client: DriverDomainClient, name: str, objectClass: ObjectClass = VDI
@@ -178,17 +179,7 @@ class GuardedObjects:
 
     def _serialised(self, key: str, fn: Callable[[], Deferred[T]]) -> Deferred[T]:
         """Run C{fn} after the operations on the same object."""
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = DeferredLock()
-
-        def done(result: object) -> object:
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(key, None)
-            return result
-
-        d: Deferred[T] = lock.run(fn)
-        return d.addBoth(done)
+        return self._locks.run(key, fn)
 
 
 async def _rmPruned(tx: ITransaction, record: str) -> None:
