@@ -206,6 +206,24 @@ class PoolConfig:
     user: str | None = None
     password_file: str | None = None
 
+    def security(self) -> Any:
+        """
+        The TLS and credentials settings checked together and their files
+        read (an L{EtcdSecurity<xenddev.pool.etcdsecurity.EtcdSecurity>});
+        L{PoolSettingError<xenddev.pool.errors.PoolSettingError>} naming the
+        field otherwise.
+        """
+        from xenddev.pool.etcdsecurity import loadEtcdSecurity
+
+        return loadEtcdSecurity(
+            self.endpoints,
+            caFile=self.ca_file,
+            certFile=self.cert_file,
+            keyFile=self.key_file,
+            user=self.user,
+            passwordFile=self.password_file,
+        )
+
 
 @attrs.frozen
 class Config:
@@ -702,7 +720,6 @@ def _checkPool(pool: PoolConfig, root: yaml.Node | None, source: str) -> None:
     can fence, TLS and etcd's user usable (their files read and checked).
     """
     from xenddev.pool.errors import PoolSettingError
-    from xenddev.pool.etcdsecurity import loadEtcdSecurity
     from xenddev.pool.session import checkTiming
 
     def refuse(key: str, value: Any, why: str) -> ConfigError:
@@ -735,14 +752,7 @@ def _checkPool(pool: PoolConfig, root: yaml.Node | None, source: str) -> None:
             "hosts with)",
         )
     try:
-        loadEtcdSecurity(
-            pool.endpoints,
-            caFile=pool.ca_file,
-            certFile=pool.cert_file,
-            keyFile=pool.key_file,
-            user=pool.user,
-            passwordFile=pool.password_file,
-        )
+        pool.security()
     except PoolSettingError as e:
         raise refuse(e.field, e.value, e.why) from None
 

@@ -579,21 +579,13 @@ class XenddevService(MultiService):
             HostNameInUse,
             PoolConfigError,
         )
-        from xenddev.pool.etcdsecurity import loadEtcdSecurity
         from xenddev.poolfence import DataPathFence
         from xenddev.poolguard import PoolGuard
         from xenddev.poolmember import PoolMembership
 
         try:
             # Checked with the config already: read again, as the client uses them.
-            security = loadEtcdSecurity(
-                pool.endpoints,
-                caFile=pool.ca_file,
-                certFile=pool.cert_file,
-                keyFile=pool.key_file,
-                user=pool.user,
-                passwordFile=pool.password_file,
-            )
+            security = pool.security()
         except PoolConfigError as e:
             raise StartupError(str(e)) from None
         member = self.pool = PoolMembership(
