@@ -361,7 +361,9 @@ class DaemonMigrationTests(PoolHostsMixin, TestCase):
         await waitForState(dst.xs, f"/local/domain/0/backend/vbd/{GUEST}/{XVDB}", 2, 10)
         self.assertNotEqual(await dst.xs.read(f"{FRONTEND}/state"), "4")
         intent = await self.etcd.get(migrationKey(f"file:{image}"))
-        self.assertEqual(json.loads(intent.value)["to"], dst.name)
+        record = json.loads(intent.value)
+        self.assertEqual((record["from"], record["to"]), (src.name, dst.name))
+        self.assertEqual(record["domain"], f"simulated-guest-{GUEST}")
         committed = await self.cliJson(dst, "migrate-commit", str(GUEST))
         self.assertEqual(committed["state"], "committed")
         timings = committed["timings-ms"]

@@ -76,6 +76,12 @@ class FakeXs:
         """Every domain exists."""
         return succeed(True)
 
+    def readOrNone(self, path: str) -> Deferred[str | None]:
+        """Every guest is named C{guest-<domid>}."""
+        if path.startswith("/local/domain/") and path.endswith("/name"):
+            return succeed(f"guest-{path.split('/')[3]}")
+        return succeed(None)
+
 
 class FakeStorage(DomainStorage):
     """
@@ -305,7 +311,7 @@ class GuardIncomingTests(PoolTestCase):
         self.assertEqual(grant.token, 0)
         self.assertEqual(self.etcd.kvs[migrationKey(TARGET)].lease, self.dst.session.lease)
         self.assertEqual(self.etcd.kvs[activeKey(TARGET)].lease, self.src.session.lease)
-        self.assertIn(TARGET, self.dst.guard.incoming)
+        self.assertEqual(self.dst.guard.incoming[TARGET].domain, f"guest-{GUEST}")
         other = Host(self, "other")
         await self.assertFailure(
             other.guard.acquire(Claim(DISK, RW, 9, "/vm/y/device/vbd/1", "vbd 1", 0, "src")),

@@ -320,7 +320,9 @@ class PoolGuard:
         """Record this host's intent to take C{target} from C{source} (a guest migrating in)."""
         if self._migrations is None:
             raise ActivationConflict(target, source, (), 0)
-        self._incoming[target] = await self._migrations.intend(target, source, str(domid))
+        # The intent names the guest as people do (its id where it has no name).
+        name = await self.local.xs.readOrNone(f"/local/domain/{domid}/name")
+        self._incoming[target] = await self._migrations.intend(target, source, name or str(domid))
 
     async def _giveBack(self, target: str) -> None:
         """Deactivate C{target} in etcd if no guest here uses it any more."""
