@@ -410,3 +410,43 @@ class EtcdDownTests(PoolHostsMixin, TestCase):
             self.assertLess(time.monotonic(), deadline, a.output[-3000:])
             await deferLater(reactor, 0.2, lambda: None)
         await self.connected(a, 51744)
+
+    async def test_memberThenLeaderKilled(self) -> None:
+        """
+        A follower killed: quorum holds and the host notices nothing (no
+        self-fence, attaches work). The leader killed (the follower back):
+        after the election the host keeps its lease — its activation keys
+        stand under the same lease, nothing is reported lost — and attaches
+        work again.
+        """
+        cluster: EtcdCluster = await startCluster(self)
+        a = await self.startHost("quorum-a", cluster.endpoints)
+        images = os.path.realpath(shortTempDir(self, "xpimg-"))
+        self.assertIsInstance(await self.attach(a, _image(images, "one.img"), "xvdb"), dict)
+        observer = EtcdClient(reactor, cluster.endpoints, timeout=3)
+        self.addCleanup(observer.close)
+        key = activeKey(f"file:{os.path.join(images, 'one.img')}")
+        lease = (await observer.get(key)).lease
+        leader = await cluster.leader()
+        follower = next(m for m in cluster.members if m is not leader)
+        cluster.kill(follower)
+        began = time.monotonic()
+        self.assertIsInstance(await self.attach(a, _image(images, "two.img"), "xvdc"), dict)
+        report("attach with a follower dead", time.monotonic() - began)
+        await deferLater(reactor, TTL, lambda: None)
+        self.assertNotIn("fences itself", a.output)
+        await cluster.restart(follower)
+        await cluster.waitHealthy()
+        cluster.kill(leader)
+        began = time.monotonic()
+        deadline = began + 15
+        while not isinstance(
+            answer := await self.attach(a, _image(images, "three.img"), "xvdd"), dict
+        ):
+            # During the election: etcd unavailable (16) or too slow (13).
+            self.assertIn(answer.faultCode, (13, 16), answer.faultString)
+            self.assertLess(time.monotonic(), deadline, a.output[-3000:])
+            await deferLater(reactor, 0.2, lambda: None)
+        report("attach again after the leader was killed", time.monotonic() - began)
+        self.assertEqual((await observer.get(key)).lease, lease)
+        self.assertNotIn("lost its pool lease", a.output)
