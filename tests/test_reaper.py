@@ -13,7 +13,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.fixtures import EmbeddedXenstoredFixture, RealXenstoredFixture
-from tests.support.host import pollUntil
+from tests.support.host import pollUntil, startFrontend
 from tests.support.loopdev import acquireLoopTestLock, loopDevicesFor, requireLoopDevices
 from tests.support.treedump import Tree, dumpTree
 from tests.test_controllers import GUEST, ControllerFixture
@@ -71,6 +71,9 @@ class ReaperSuite(ControllerFixture):
         img = self.image(8 << 20)
         await self.startDriverDomain(hotplug=True, scriptDir=self.scripts())
         await self.manager.registerDomain(OTHER, name="other")
+        # The other guest is alive: its frontend answers, so the detach
+        # below closes at once instead of waiting out the destroy timeout.
+        await startFrontend(self, OTHER)
         before = await dumpTree(self.xs)
         await self.manager.createDevice(GUEST, "vbd", {"spec": f"{img},raw,xvdb,w"})
         other = await self.manager.createDevice(
