@@ -21,14 +21,26 @@ echo "== trial"
 root=$(pwd)
 "$py" tests/support/subprocesscoverage.py >/dev/null || status=1
 rm -f "$root"/.coverage "$root"/.coverage.*
+# Every Python process of the run (the daemons, the agents, the CLI, dom0
+# and the driver domains of the lane) reads our modules' bytecode instead of
+# compiling them again: PYTHONDONTWRITEBYTECODE may be set, and a driver
+# domain's initramfs takes the .pyc files it finds (tests/support/realxen/agentroot.py).
+"$py" -m compileall -q -j0 xenddev controllers tests twisted >/dev/null || status=1
 # The real-Xen lane (tests/test_realxen.py, tests/test_realxen_*.py) runs in a trial process of its
 # own, after the rest: its machine (QEMU under TCG, both cores) lives as long
 # as its process, and must not slow down the timing-sensitive tests.
+# trial -j hands the tests out in the order given: the modules holding the
+# longest single tests (30-60 s each under coverage) go first, so that none
+# of them starts last and runs on alone while the other workers idle.
+slowFirst=(tests.test_xenstored_differential tests.test_packaging tests.test_recovery
+           tests.test_inputchecks tests.test_diskspec tests.test_embed)
 runs=()
 if [ "${tests[*]}" = "tests" ]; then
     rest=() lane=()
+    for m in "${slowFirst[@]}"; do [ -f "${m//.//}.py" ] && rest+=("$m"); done
     for f in tests/test_*.py; do
         m=${f%.py}; m=${m//\//.}
+        case " ${slowFirst[*]} " in *" $m "*) continue ;; esac
         case $m in tests.test_realxen | tests.test_realxen_*) lane+=("$m") ;; *) rest+=("$m") ;; esac
     done
     runs=("${rest[*]}")
@@ -43,14 +55,17 @@ for run in "${runs[@]}"; do
     outs+=("$out")
     # shellcheck disable=SC2086 # a run is a space-separated module list
     # Every run but the lane's runs two workers per core: its tests wait on
-    # sockets, timers and subprocesses far more than they compute (on 2
-    # cores, under coverage: 645 s with 2 workers, about 290 s with 4). The
-    # lane's machine needs the cores.
+    # sockets, timers and subprocesses, and a second worker per core fills
+    # the waits (on 2 cores, under coverage: 645 s with 2 workers, about
+    # 290 s with 4, when the run used 500 s of CPU). The lane's machine
+    # needs the cores.
     jobs=()
     case $run in *tests.test_realxen*) ;; *) jobs=(-j "$(( $(nproc 2>/dev/null || echo 1) * 2 ))") ;; esac
+    started=$SECONDS
     XENDDEV_COVERAGE_RC="$root/.coveragerc" COVERAGE_FILE="$root/.coverage" \
         "$py" -m twisted.trial "${jobs[@]}" $run 2>&1 | tee "$out"
     [ "${PIPESTATUS[0]}" -ne 0 ] && trial_status=1
+    echo "== trial: $(wc -w <<<"$run") modules in $((SECONDS - started)) s"
 done
 echo "== coverage"
 "$py" -m coverage combine --quiet
