@@ -816,7 +816,9 @@ class XenddevService(MultiService):
         C{guarded}: a L{GuardedXenStore} (requests wait at most
         C{timeouts.connect} for a connection; the toolstack's, which
         clients wait on); else one that waits for xenstored to come back
-        (the agent's and the simulators' background work).
+        (the agent's and the simulators' background work). Either treats
+        a store silent for C{timeouts.connect} with requests outstanding
+        as gone (L{xenddev.xenstore.stall}).
         """
         from xenddev.xenstore.connection import ReconnectingXenStore
         from xenddev.xenstore.endpoints import endpointFor
@@ -825,9 +827,9 @@ class XenddevService(MultiService):
         endpoint = cast(Any, endpointFor(self.reactor, address))
         timeout = self.config.timeouts.connect
         xs = (
-            GuardedXenStore(endpoint, self.reactor, bound=timeout, address=address)
+            GuardedXenStore(endpoint, self.reactor, bound=timeout, address=address, stall=timeout)
             if guarded
-            else ReconnectingXenStore(endpoint, self.reactor)
+            else ReconnectingXenStore(endpoint, self.reactor, stall=timeout, address=address)
         )
 
         async def connect() -> None:

@@ -65,6 +65,7 @@ from xenddev.xenstore.errors import (
     AccessDeniedError,
     TransactionRetriesExhausted,
     XenStoreConnectionLost,
+    XenStoreStalled,
     XenStoreTimeout,
 )
 
@@ -93,6 +94,11 @@ FOREIGN_FAULTS: dict[type[BaseException], tuple[FaultCode, str]] = {
     TransactionRetriesExhausted: (
         FaultCode.DEVICE_EXISTS,
         "XenStore is busy ({error}); retry the operation",
+    ),
+    XenStoreStalled: (
+        FaultCode.UNAVAILABLE,
+        "XenStore is not answering ({error}); the store may still apply the last requests"
+        " when it runs again: check, and retry once it answers",
     ),
     XenStoreConnectionLost: (
         FaultCode.UNAVAILABLE,

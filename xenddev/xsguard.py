@@ -16,6 +16,11 @@ daemon's C{timeouts.connect}) for the next connection, then fails with
 L{XenStoreUnreachableError} (fault 16) and is dropped, never sent. So an
 operation refused this way writes nothing, then or later: its first
 request is never made, and the requests after it are never reached.
+
+A store that stops answering with its connection open is a lost connection
+too (the C{stall} rule of L{ReconnectingXenStore}, the same seconds): the
+requests it left unanswered fail (fault 16), and new ones wait for a
+connection on which it answers again, at most C{bound} seconds.
 """
 
 from __future__ import annotations
@@ -55,9 +60,8 @@ class GuardedXenStore(ReconnectingXenStore):
         address: str = "XenStore",
         **kwargs: Any,
     ) -> None:
-        super().__init__(endpoint, reactor, **kwargs)
+        super().__init__(endpoint, reactor, address=address, **kwargs)
         self.bound = bound
-        self.address = address
 
     def whenConnected(self, failAfterFailures: int | None = None) -> Deferred[XenStoreClient]:
         """
@@ -71,6 +75,13 @@ class GuardedXenStore(ReconnectingXenStore):
         return d
 
     def _unreachable(self, result: object, timeout: float) -> XenStoreClient:
+        if self.stalledSince is not None:
+            silent = self.reactor.seconds() - self.stalledSince
+            raise XenStoreUnreachableError(
+                f"XenStore is unreachable: {self.address} has not answered for {silent:.0f}s "
+                f"(no answering connection within {timeout:g}s, timeouts.connect); "
+                "nothing was written, retry once it is back"
+            )
         raise XenStoreUnreachableError(
             f"XenStore is unreachable: no connection to {self.address} within "
             f"{timeout:g}s (timeouts.connect); nothing was written, retry once it is back"

@@ -44,6 +44,13 @@ class Options(usage.Options):
         ["kinds", None, "blkback,netback", "Driver-domain kinds, in the order to try."],
         ["script-dir", None, "/etc/xen/scripts", "Directory of the hotplug scripts."],
         ["hotplug-timeout", None, "40", "Seconds before a hotplug script is killed."],
+        [
+            "xenstore-stall",
+            None,
+            "10",
+            "Seconds XenStore may leave requests unanswered before the connection is"
+            " treated as lost (aborted and made again).",
+        ],
     ]
     optFlags = [
         ["no-hotplug", None, "Do not run hotplug scripts."],
@@ -64,8 +71,11 @@ class Options(usage.Options):
             if self["domid"] != "auto":
                 self["domid"] = int(self["domid"])
             self["hotplug-timeout"] = float(self["hotplug-timeout"])
+            self["xenstore-stall"] = float(self["xenstore-stall"])
         except ValueError as e:
-            raise usage.UsageError(f"--domid/--hotplug-timeout: {e}") from None
+            raise usage.UsageError(f"--domid/--hotplug-timeout/--xenstore-stall: {e}") from None
+        if not self["xenstore-stall"] > 0:
+            raise usage.UsageError("--xenstore-stall: a positive number of seconds")
         names = [k for k in self["kinds"].split(",") if k]
         try:
             self["kindObjects"] = kindsByName(names) + [
@@ -99,7 +109,9 @@ async def runAgent(reactor: Any, options: Options) -> None:
         if address.kind == "xenbus"
         else UNIXClientEndpoint(reactor, address.path)
     )
-    xs = ReconnectingXenStore(endpoint, reactor)
+    xs = ReconnectingXenStore(
+        endpoint, reactor, stall=options["xenstore-stall"], address=options["xenstore"]
+    )
     xs.start()
     await xs.whenConnected()
     if options["domid"] == "auto":

@@ -25,6 +25,7 @@ from xenddev.xenstore.errors import (
     TransactionRetriesExhausted,
     XenStoreConnectionLost,
     XenStoreError,
+    XenStoreStalled,
     XenStoreTimeout,
 )
 from xenddev.xenstore.paths import Perm
@@ -53,6 +54,7 @@ __all__ = [
     "XenStoreClient",
     "XenStoreConnectionLost",
     "XenStoreError",
+    "XenStoreStalled",
     "XenStoreTimeout",
     "XenbusEndpoint",
     "connectXenStore",

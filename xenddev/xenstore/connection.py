@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenddev.xenstore.client import WatchCallback, XenStoreClient, newToken
 from xenddev.xenstore.endpoints import XenStoreAddress, endpointFor
+from xenddev.xenstore.errors import XenStoreConnectionLost, XenStoreError
 from xenddev.xenstore.interfaces import ITransaction, IWatchHandle, IXenStore
 from xenddev.xenstore.paths import (
     Perm,
@@ -26,6 +28,7 @@ from xenddev.xenstore.paths import (
     validateWatchPath,
 )
 from xenddev.xenstore.protocol import XenStoreClientFactory, XenStoreProtocol
+from xenddev.xenstore.stall import StallWatch
 
 T = TypeVar("T")
 
@@ -85,6 +88,25 @@ class ReconnectingXenStore:
     registered again, and xenstored fires each once on registration — which
     tells its subscriber that events may have been missed, so it re-reads
     what it cares about.
+
+    With C{stall} seconds, a store that stops answering while its
+    connection stays open is treated as gone (L{xenddev.xenstore.stall}):
+    the connection is aborted once requests have been outstanding that long
+    with nothing received, its requests fail with L{XenStoreStalled}, and
+    reconnecting takes over. A new connection is then only used once the
+    store has answered on it (the watches' registrations, else a probe),
+    each attempt bounded by the same rule: against a store that still does
+    not answer, requests keep waiting for a connection (and are never
+    written to a silent one), and attempts keep failing after C{stall}
+    seconds each until it answers again. The stall is logged as an error
+    once, and its end once.
+
+    @param endpoint: where xenstored is.
+    @param retryPolicy: seconds to wait before attempt I{n} (1, 2, ...) after
+        a failure or a lost connection.
+    @param stall: seconds a store may stay silent with requests outstanding
+        (None: wait for ever).
+    @param address: the store's address, for messages.
     """
 
     log = Logger()
@@ -95,68 +117,204 @@ class ReconnectingXenStore:
         reactor: Any = None,
         retryPolicy: Callable[[int], float] | None = None,
         maxInFlight: int | None = None,
+        stall: float | None = None,
+        address: str = "xenstored",
         **clientArgs: Any,
     ) -> None:
         self.reactor: IReactorTime = reactor if reactor is not None else _defaultReactor()
+        self._endpoint = endpoint
+        self._maxInFlight = maxInFlight
+        self._retryPolicy = retryPolicy or backoffPolicy(initialDelay=0.05, maxDelay=2.0)
+        self.stall = stall
+        self.address = address
         self._clientArgs = clientArgs
         self._watches: dict[str, tuple[str, WatchCallback]] = {}
         self._handles: dict[str, IWatchHandle] = {}
+        #: The connection in use (the store answered on it), if any.
         self._client: XenStoreClient | None = None
+        #: The connection being made or prepared, if any.
+        self._attempt: Deferred[Any] | None = None
+        self._preparing: XenStoreClient | None = None
+        self._retry: IDelayedCall | None = None
+        self._running = False
+        self._stopped = False
+        self._failures = 0
+        #: Callers waiting for a connection: (Deferred, failures left or None).
+        self._waiters: list[tuple[Deferred[XenStoreClient], int | None]] = []
         self.connections = 0
-        self._service = ClientService(
-            endpoint,
-            XenStoreClientFactory(maxInFlight, attach=self._attach),
-            retryPolicy=retryPolicy or backoffPolicy(initialDelay=0.05, maxDelay=2.0),
-            clock=self.reactor,
-            prepareConnection=self._prepare,  # type: ignore[arg-type]
-        )
+        #: When the store stopped answering (reactor time), while it has not
+        #: answered on any connection since; None otherwise.
+        self.stalledSince: float | None = None
 
     # Lifecycle
 
     def start(self) -> None:
         """Start connecting (and reconnecting)."""
-        self._service.startService()
+        if self._running:
+            return
+        self._running = True
+        self._stopped = False
+        self._connect()
 
     def stop(self) -> Deferred[None]:
         """Close the connection and stop reconnecting."""
+        self._running = False
+        self._stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        waiters, self._waiters = self._waiters, []
+        for d, _ in waiters:
+            if not d.called:
+                d.errback(CancelledError("the XenStore connection was stopped"))
+        closing = []
+        for client in (self._client, self._preparing):
+            if client is not None and client.connected:
+                closing.append(client.disconnect())
         self._client = None
-        return self._service.stopService()
+        if self._attempt is not None:
+            self._attempt.cancel()
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def whenConnected(self, failAfterFailures: int | None = None) -> Deferred[XenStoreClient]:
-        """Fire with the client of the current (or next) connection."""
-        if self._client is not None and self._client.connected:
-            # Also keeps us from re-entering ClientService's state machine,
-            # which refuses calls made from its own callbacks.
-            return succeed(self._client)
-        d: Deferred[Any] = self._service.whenConnected(failAfterFailures=failAfterFailures)
-        return d.addCallback(lambda proto: proto.xenstoreClient)
+        """
+        Fire with the client of the current (or next) connection; with
+        C{failAfterFailures}, fail with the error of that many failed
+        attempts in a row instead.
+        """
+        client = self._client
+        if client is not None and client.connected:
+            return succeed(client)
+        if self._stopped:
+            return fail(CancelledError("the XenStore connection was stopped"))
+
+        def forget(d: Deferred[XenStoreClient]) -> None:
+            self._waiters = [w for w in self._waiters if w[0] is not d]
+
+        d: Deferred[XenStoreClient] = Deferred(forget)
+        self._waiters.append((d, failAfterFailures))
+        return d
 
     @property
     def connected(self) -> bool:
         """Whether a connection is currently open."""
         return self._client is not None and self._client.connected
 
-    def _attach(self, protocol: XenStoreProtocol) -> None:
-        protocol.xenstoreClient = XenStoreClient(  # type: ignore[attr-defined]
-            protocol, self.reactor, **self._clientArgs
-        )
+    def _connect(self) -> None:
+        self._retry = None
+        if not self._running:
+            return
+        d: Deferred[Any] = self._endpoint.connect(XenStoreClientFactory(self._maxInFlight))
+        self._attempt = d
+        d.addCallback(self._prepare)
+        d.addCallbacks(self._ready, self._failed)
 
-    def _prepare(self, protocol: XenStoreProtocol) -> Deferred[None]:
-        # ``protocol`` is ClientService's proxy; attributes read through it
-        # come from the real protocol, which _attach gave its client.
-        client: XenStoreClient = protocol.xenstoreClient  # type: ignore[attr-defined]
+    def _prepare(self, protocol: XenStoreProtocol) -> Deferred[XenStoreClient]:
+        client = XenStoreClient(protocol, self.reactor, **self._clientArgs)
+        self._preparing = client
+        if self.stall is not None:
+            StallWatch(protocol, self.reactor, self.stall, self.address, self._stalled)
+        protocol.whenConnectionLost().addCallback(self._lost, client)
+        # The handles of the previous connection's watches died with it.
         self._handles = {}
         self.connections += 1
         if self.connections > 1:
             self.log.info(
                 "Reconnected to xenstored; re-registering {n} watches", n=len(self._watches)
             )
-        ds = [self._register(client, token) for token in list(self._watches)]
+        answers: list[Deferred[Any]] = [self._register(client, t) for t in list(self._watches)]
+        if self.stall is not None and not answers:
+            # Nothing to register: ask something, so that the store shows
+            # it answers before any caller's request is written here. Any
+            # reply will do; only a lost (or aborted) connection fails.
+            probe = client.getDomainPath(0)
+            probe.addErrback(lambda f: f.trap(XenStoreError) and None)
+            answers.append(probe)
 
-        def ready(_: object) -> None:
-            self._client = client
+        def answered(_: object) -> XenStoreClient:
+            if not client.connected:
+                raise XenStoreConnectionLost(
+                    f"connection to XenStore at {self.address} lost while it was being prepared"
+                )
+            return client
 
-        return DeferredList(ds, consumeErrors=True).addCallback(ready)
+        return DeferredList(answers, consumeErrors=True).addCallback(answered)
+
+    def _ready(self, client: XenStoreClient) -> None:
+        self._attempt = None
+        self._preparing = None
+        if not self._running:
+            client.disconnect()
+            return
+        self._client = client
+        self._failures = 0
+        if self.stalledSince is not None:
+            self.log.info(
+                "XenStore at {address} answers again, after {seconds:.1f} s",
+                address=self.address,
+                seconds=self.reactor.seconds() - self.stalledSince,
+            )
+            self.stalledSince = None
+        waiters, self._waiters = self._waiters, []
+        for d, _ in waiters:
+            if not d.called:
+                d.callback(client)
+
+    def _failed(self, f: Failure) -> None:
+        self._attempt = None
+        preparing, self._preparing = self._preparing, None
+        if preparing is not None and preparing.connected:
+            preparing.protocol.abort(XenStoreConnectionLost(f"not used: {f.getErrorMessage()}"))
+        if not self._running:
+            return
+        self._failures += 1
+        keep = []
+        for d, left in self._waiters:
+            if left is not None and left <= 1:
+                if not d.called:
+                    d.errback(f)
+            else:
+                keep.append((d, None if left is None else left - 1))
+        self._waiters = keep
+        self._scheduleRetry(f.getErrorMessage())
+
+    def _lost(self, _: object, client: XenStoreClient) -> None:
+        # A connection being prepared is retried by _failed.
+        if client is not self._client:
+            return
+        self._client = None
+        if self._running:
+            self._failures = 1
+            self._scheduleRetry("connection lost")
+
+    def _scheduleRetry(self, why: str) -> None:
+        delay = self._retryPolicy(self._failures)
+        self.log.info(
+            "XenStore at {address}: {why}; attempt {attempt} to connect in {delay:.2f} s",
+            address=self.address,
+            why=why,
+            attempt=self._failures,
+            delay=delay,
+        )
+        self._retry = self.reactor.callLater(delay, self._connect)
+
+    def _stalled(self, outstanding: int, silent: float) -> None:
+        if self.stalledSince is None:
+            self.stalledSince = self.reactor.seconds() - silent
+            self.log.error(
+                "XenStore at {address} stopped answering: {outstanding} requests outstanding "
+                "for {silent:.1f} s; the connection is aborted and its requests fail as on a "
+                "lost connection, reconnecting",
+                address=self.address,
+                outstanding=outstanding,
+                silent=silent,
+            )
+        else:
+            self.log.info(
+                "XenStore at {address} still not answering (since {seconds:.1f} s)",
+                address=self.address,
+                seconds=self.reactor.seconds() - self.stalledSince,
+            )
 
     # Watches
 

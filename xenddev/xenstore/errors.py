@@ -184,6 +184,15 @@ class XenStoreConnectionLost(_pyxs.ConnectionError):
         return self.reason
 
 
+class XenStoreStalled(XenStoreConnectionLost):
+    """
+    xenstored kept the connection open but stopped answering (stopped,
+    deadlocked, stuck in a live update), so the connection was aborted
+    (L{xenddev.xenstore.stall}). As for any lost connection, whether it
+    executed the request is unknown: it may still do so when it runs again.
+    """
+
+
 class UnexpectedPacket(_pyxs.UnexpectedPacket):
     """A reply did not match its request (wrong type), so it cannot be trusted."""
 

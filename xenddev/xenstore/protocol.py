@@ -126,6 +126,12 @@ class XenStoreProtocol(Protocol):
         #: Requests by operation number (default: the process-wide L{ROUND_TRIPS}).
         self.roundTrips = ROUND_TRIPS
         self.unexpectedPackets = 0
+        self.eventsReceived = 0
+        #: Called by the request that finds nothing outstanding while a
+        #: stall watch (L{xenddev.xenstore.stall}) is idle; None otherwise.
+        self.armStallWatch: Callable[[], object] | None = None
+        #: Why L{abort} closed the connection: what pending requests fail with.
+        self._abortedWith: XenStoreConnectionLost | None = None
 
     # Connection lifecycle
 
@@ -133,8 +139,12 @@ class XenStoreProtocol(Protocol):
         """Fail every pending request: xenstored may or may not have run them."""
         # BaseProtocol.makeConnection set this; nothing resets it for us.
         self.connected = 0
-        why = reason.getErrorMessage() if reason is not None else "closed"
-        self._closed = Failure(XenStoreConnectionLost(f"connection to xenstored lost: {why}"))
+        self.armStallWatch = None
+        if self._abortedWith is not None:
+            self._closed = Failure(self._abortedWith)
+        else:
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            self._closed = Failure(XenStoreConnectionLost(f"connection to xenstored lost: {why}"))
         pending, self._pending = self._pending, {}
         self._queue.clear()
         for d, op, context, _, _ in pending.values():
@@ -154,11 +164,31 @@ class XenStoreProtocol(Protocol):
         self._lostWaiters.append(d)
         return d
 
+    def abort(self, error: XenStoreConnectionLost) -> None:
+        """
+        Close the connection at once (nothing more is written or read), and
+        fail every pending request with C{error}'s class and message, each
+        naming its request: what a stall watch does to a store that stopped
+        answering.
+        """
+        if self._closed is not None or not self.connected or self.transport is None:
+            return
+        self._abortedWith = error
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:  # the xenbus device's transport closes at once anyway
+            self.transport.loseConnection()
+
+    def _lostClass(self) -> type[XenStoreConnectionLost]:
+        lost = self._closed.value if self._closed is not None else None
+        return type(lost) if isinstance(lost, XenStoreConnectionLost) else XenStoreConnectionLost
+
     def _lostError(self, op: int, context: str | None) -> XenStoreConnectionLost:
         assert self._closed is not None
         base = self._closed.getErrorMessage()
         what = opName(op) + (f" {context}" if context else "")
-        return XenStoreConnectionLost(f"{base} (pending {what})")
+        return self._lostClass()(f"{base} (pending {what})")
 
     # Requests
 
@@ -243,6 +273,11 @@ class XenStoreProtocol(Protocol):
                 transport = self.transport
                 assert transport is not None
                 transport.write(data)
+        # One attribute read per request: the stall watch's timer runs only
+        # while requests are outstanding, and this starts it again.
+        arm = self.armStallWatch
+        if arm is not None:
+            arm()
         return d
 
     #: The request path: the client calls C{send} (no check per request;
@@ -251,7 +286,7 @@ class XenStoreProtocol(Protocol):
 
     def _refuse(self) -> Deferred[Any]:
         if self._closed is not None:
-            return fail(XenStoreConnectionLost(self._closed.getErrorMessage()))
+            return fail(self._lostClass()(self._closed.getErrorMessage()))
         return fail(XenStoreConnectionLost("not connected to xenstored"))
 
     def _write(self, data: bytes) -> None:
@@ -331,6 +366,7 @@ class XenStoreProtocol(Protocol):
                 self.unexpectedPackets += 1
                 self.log.warn("Ignoring malformed WATCH_EVENT {payload!r}", payload=payload)
                 return
+            self.eventsReceived += 1
             try:
                 self.eventReceived(parts[0], parts[1])
             except Exception:
@@ -390,6 +426,16 @@ class XenStoreProtocol(Protocol):
     def pendingCount(self) -> int:
         """Requests sent or queued and not yet answered."""
         return len(self._pending)
+
+    @property
+    def packetsReceived(self) -> int:
+        """
+        Replies, watch events and stray packets received so far: a count
+        that grows whenever xenstored shows life (kept from counters the
+        request path keeps anyway, so it costs nothing per packet).
+        """
+        answered = self.requestsSent - len(self._pending)
+        return answered + self.eventsReceived + self.unexpectedPackets
 
 
 class XenStoreClientFactory(Factory):

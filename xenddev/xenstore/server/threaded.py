@@ -42,6 +42,8 @@ class ThreadedXenstored:
         self._ports: list[Any] = []
         self._factories: list[Any] = []
         self._thread: threading.Thread | None = None
+        #: Set to let the thread go on after L{pause}; None when not paused.
+        self._resumed: threading.Event | None = None
 
     def start(self) -> None:
         """Start the thread and listen."""
@@ -85,10 +87,36 @@ class ThreadedXenstored:
         """Listen again on the same path with a new, empty store."""
         self.call(self._listen)
 
+    def pause(self) -> None:
+        """
+        Stop the server's thread where it stands until L{resume}, as SIGSTOP
+        stops a process: its connections stay open and the kernel still
+        accepts connections into the listen backlog and queues what clients
+        write, but nothing is read, run or answered.
+        """
+        if self._thread is None or self._resumed is not None:
+            return
+        resumed = self._resumed = threading.Event()
+        holding = threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            resumed.wait()
+
+        self.reactor.callFromThread(hold)
+        holding.wait(10)
+
+    def resume(self) -> None:
+        """Let a paused server run again: it reads and answers what was queued."""
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+
     def stop(self) -> None:
         """Stop serving and end the thread."""
         if self._thread is None:
             return
+        self.resume()
         self.call(self._kill)
         self.reactor.callFromThread(self.reactor.stop)
         self._thread.join(10)
