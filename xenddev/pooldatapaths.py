@@ -94,6 +94,9 @@ class HostQuiesceError(XenddevError):
         resumes them at its own deadline).
     """
 
+    #: Narrowed per instance to the failing host's code.
+    faultCode = FaultCode.DATAPATH_FAILED
+
     def __init__(
         self, image: str, host: str, cause: BaseException, unresumed: Sequence[RemoteHold] = ()
     ) -> None:

@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote
 
 import attrs
 
+from xenddev.errors import FaultCode, XenddevError
 from xenddev.pool.keys import ROOT, checkHostName
 
 __all__ = [
@@ -42,8 +43,10 @@ __all__ = [
 DATAPATHS = ROOT + b"datapaths/"
 
 
-class RecordError(ValueError):
-    """A published record or key that cannot be read."""
+class RecordError(XenddevError, ValueError):
+    """A published record or key that cannot be read (skipped by readers)."""
+
+    faultCode = FaultCode.DATAPATH_FAILED
 
 
 def _segment(text: str) -> bytes:
