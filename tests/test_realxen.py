@@ -35,6 +35,7 @@ from tests.support.realxen import (
     CommandResult,
     Guest,
     RealXenHost,
+    concurrently,
     realXenHost,
 )
 from tests.support.realxen.daemon import ROOT, SOCKET, XenddevInDom0, startXenddev
@@ -61,9 +62,14 @@ async def lane() -> Lane:
     """
     if _LaneState.lane is None:
         host = await realXenHost()
-        daemon = await startXenddev(host)
-        guest = await host.createGuest("g1")
-        await guest.waitConsole(r"GUEST: ready", timeout=180)
+
+        async def readyGuest() -> Guest:
+            guest = await host.createGuest("g1")
+            await guest.waitConsole(r"GUEST: ready", timeout=180)
+            return guest
+
+        # g1 boots while the daemon starts (about 20 s each under TCG).
+        daemon, guest = await concurrently(startXenddev(host), readyGuest())
         _LaneState.lane = Lane(host, daemon, guest)
     return _LaneState.lane
 

@@ -5,9 +5,10 @@ A second PV domain, created with C{driver_domain=1}, runs the xenddev agent
 (C{python -m xenddev.driverdomain.run}) with blkback, netback and the real
 hotplug scripts inside it, and serves a guest's disk and vif through seed
 000's protocol, driven by the xenddev daemon in dom0. Then the driver domain
-is crashed, a new one is built and the restart operation moves the devices
-to it (seed 000's restart thread); the guest's Linux frontends stay stalled
-(docs/protocol.md, "Driver-domain restart", says why).
+is crashed and the restart operation moves the devices to its replacement
+(seed 000's restart thread), built beside it ahead of time to save a boot's
+wait; the guest's Linux frontends stay stalled (docs/protocol.md,
+"Driver-domain restart", says why).
 
 How Python gets into the driver domain: in its initramfs, which holds the
 files of this machine the agent and the hotplug scripts need, at the same
@@ -28,7 +29,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.support.realxen import TEST_TIMEOUT, Guest, RealXenHost, realXenHost
+from tests.support.realxen import TEST_TIMEOUT, Guest, RealXenHost, concurrently, realXenHost
 from tests.support.realxen.daemon import ROOT, VENV_BIN, startXenddev
 from tests.support.realxen.vm import sleep
 from tests.support.xenstoresuite import deferredTest
@@ -44,6 +45,11 @@ GUEST_IP = "169.254.98.2"
 #: Set to 1 to have xenstored trace every request into the run folder's
 #: share/xs-trace.log (what the agent in the driver domain sent).
 TRACE_ENV = "XENDDEV_DD_TRACE"
+
+#: How long one C{xl create} may take here: xl creates one domain at a
+#: time, so three created at once wait for each other (20-25 s each when
+#: the machine is quiet).
+CREATE_TIMEOUT = 400
 
 #: The restart operation's module (run in dom0).
 RESTART = "xenddev.toolstack.restart"
@@ -82,6 +88,7 @@ async def startDriverDomain(host: RealXenHost, name: str) -> tuple[Guest, float]
         ramdisk=str(host.images.ddInitrd),
         extra=extra,
         config=driverDomainConfig(),
+        timeout=CREATE_TIMEOUT,
     )
     # The agent waits until the toolstack makes its control area, which
     # the daemon does with its first request to the driver domain.
@@ -131,11 +138,11 @@ class DriverDomainTests(TestCase):
         device on the images share) and a vif (netback, C{vif-bridge} onto
         its own bridge) to a guest, which writes, reads back and pings the
         driver domain every 2 s. The driver domain crashes (C{xl sysrq c},
-        kept by C{on_crash=preserve}), a new one starts, and the restart
-        operation moves both objects: the new driver domain's backends wait
-        for the frontends with their hotplug scripts run, the frontends
-        point at them and are readable by it, and the guest saw its devices
-        stall, not go. (Its I/O does not resume: see the comment below.)
+        kept by C{on_crash=preserve}), and the restart operation moves both
+        objects to a second driver domain (booted beside the first): its
+        backends wait for the frontends with their hotplug scripts run, the
+        frontends point at them and are readable by it, and the guest saw
+        its devices stall, not go. (Its I/O does not resume: see the comment below.)
         """
         host = await realXenHost()
         await host.check(["mkdir", "-p", IMAGES])
@@ -147,17 +154,31 @@ class DriverDomainTests(TestCase):
                 await host.run(["xl", "destroy", name], timeout=120)
 
         self.addCleanup(destroyAll)
-        cleanups.append("xdd1")
-        dd1, dd1Seconds = await startDriverDomain(host, "xdd1")
-        daemon = await startXenddev(host)  # the lane's, if running
+        cleanups.extend(["xdd1", "xdd2", "gdd"])  # destroyed the other way round
+
+        async def readyGuest() -> Guest:
+            guest = await host.createGuest(
+                "gdd",
+                ip=GUEST_IP,
+                extra=f"xenddev.peer={DD_IP} xenddev.heartbeat=xvdb",
+                timeout=CREATE_TIMEOUT,
+            )
+            await guest.waitConsole(r"GUEST: ready", timeout=180)
+            return guest
+
+        # Both driver domains and the guest boot at once (each boot takes
+        # 30-70 s under TCG, on one of the machine's two virtual CPUs); the
+        # second driver domain waits unused, its agent idle until the
+        # restart gives it its control area, as a spare would.
+        (dd1, dd1Seconds), (dd2, dd2Seconds), guest, daemon = await concurrently(
+            startDriverDomain(host, "xdd1"),
+            startDriverDomain(host, "xdd2"),
+            readyGuest(),
+            startXenddev(host),  # the lane's, if running
+        )
         if os.environ.get(TRACE_ENV):
             await host.run(["xenstore-control", "logfile", f"{host.shareInDom0}/xs-trace.log"])
-        cleanups.append("gdd")
-        guest = await host.createGuest(
-            "gdd", ip=GUEST_IP, extra=f"xenddev.peer={DD_IP} xenddev.heartbeat=xvdb"
-        )
-        await guest.waitConsole(r"GUEST: ready", timeout=180)
-        assert dd1.domid is not None and guest.domid is not None
+        assert dd1.domid is not None and dd2.domid is not None and guest.domid is not None
         # target= comes last in an xl disk spec: it takes the rest.
         spec = f"format=raw,vdev=xvdb,access=rw,backend={dd1.domid},target={IMAGES}/g.img"
         attached = await daemon.run("block-attach", str(guest.domid), spec)
@@ -181,9 +202,6 @@ class DriverDomainTests(TestCase):
             self.assertLess(time.monotonic() - crashed, 60, listed.stdout)
             await sleep(host._reactor, 1)
 
-        cleanups.append("xdd2")
-        dd2, dd2Seconds = await startDriverDomain(host, "xdd2")
-        assert dd2.domid is not None
         moved = await host.run(
             [f"{VENV_BIN}/python", "-m", RESTART, str(dd1.domid), str(dd2.domid)],
             cwd=ROOT,

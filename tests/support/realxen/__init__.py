@@ -73,7 +73,8 @@ import shutil
 import subprocess
 import sys
 import unittest
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from tests.support.realxen.guest import GUEST_PREFIX, Guest
 from tests.support.realxen.image import BootImages, ImageError, Unavailable, prepareImages
@@ -107,6 +108,7 @@ __all__ = [
     "Guest",
     "RealXenError",
     "RealXenHost",
+    "concurrently",
     "realXenHost",
     "unavailableReason",
 ]
@@ -296,3 +298,20 @@ async def _boot(reactor: IReactorTime | None, bootTimeout: float) -> RealXenHost
         raise
     log.msg(f"real-Xen: channel ready after {host.bootSeconds:.1f}s")
     return host
+
+
+async def concurrently(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
+    """
+    Run C{steps} at once on the reactor (a guest booting while another does,
+    or while the daemon starts: under TCG each takes 20-70 s, most of it on
+    one virtual CPU of two); their results in order. When one fails, the
+    others are still waited for (nothing of the test runs on behind its
+    clean-up), then the first failure is raised as itself.
+    """
+    from twisted.internet.defer import Deferred, DeferredList
+
+    outcomes = await DeferredList([Deferred.fromCoroutine(s) for s in steps], consumeErrors=True)
+    for ok, value in outcomes:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in outcomes]
