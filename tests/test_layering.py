@@ -69,7 +69,14 @@ RULES: dict[str, tuple[str, ...]] = {
     "xenddev.localguard": (*_SHARED, "xenddev.toolstack", "xenddev.pool"),
     "xenddev.poolguard": (*_FOUNDATION, "xenddev.toolstack", "xenddev.pool", "xenddev.localguard"),
     "xenddev.poolfence": _SHARED,
-    "xenddev.poolmember": ("xenddev.errors", "xenddev.pool", "xenddev.poolfence"),
+    # The lease a daemon leaves for the next one (its run directory's record).
+    "xenddev.poolleasefile": ("xenddev.errors",),
+    "xenddev.poolmember": (
+        "xenddev.errors",
+        "xenddev.pool",
+        "xenddev.poolfence",
+        "xenddev.poolleasefile",
+    ),
     # The fence watchdog (a process of its own) and the daemon's link to it.
     "xenddev.fencewatchdog": _SHARED,
     "xenddev.poolwatchdog": (*_SHARED, "xenddev.pool", "xenddev.fencewatchdog"),

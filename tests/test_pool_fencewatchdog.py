@@ -13,10 +13,11 @@ when the daemon dies or stalls past its lease.
     paused;
   - a daemon (C{twistd -n xenddev}) serving a qcow2 image through a
     qemu-storage-daemon, on a xenstored of its own (which outlives it),
-    killed with SIGKILL: the export is gone before the daemon's lease
-    expires (its activation key still under the same lease); the daemon
-    started again waits that lease out, takes the target back and its
-    takeover exports the image again.
+    killed with SIGKILL: the export is gone at the watchdog's deadline,
+    before the daemon's lease expires (its activation key still under the
+    same lease); the daemon started again once that lease expired joins
+    anew, takes the target back and its takeover exports the image again
+    (a restart before then adopts the lease: tests.test_pool_restart).
 """
 
 from __future__ import annotations
@@ -129,19 +130,25 @@ class WatchdogLogicTests(SynchronousTestCase):
 
     def test_pipeClosed(self) -> None:
         """
-        The daemon's pipe closes (it died): every data path is paused at
-        once, the state file lists them with those already paused, and the
-        watchdog is done; nobody is killed.
+        The daemon's pipe closes (it stopped or died): the deadline still
+        stands (nothing paused before it: a successor may adopt the lease);
+        at the deadline every data path is paused, the state file lists
+        them with those already paused, and the watchdog is done; nobody is
+        killed (the daemon is gone).
         """
         self.watchdog.message({"until": self.clock.seconds() + 5})
         self.watchdog.inputClosed()
+        self.clock.advance(4.9)
+        self.assertEqual((self.qemu.paused, self.tap.paused), ([], []))
+        self.assertFalse(self.watchdog.done.called)
+        self.clock.advance(0.1)
         self.assertEqual((self.qemu.paused, self.tap.paused), (["a"], ["b"]))
         self.assertTrue(self.watchdog.done.called)
         state = readState(self.state)
         assert state is not None
         self.assertEqual([dp.vdi for dp in state["paused"]], ["old", "a", "b"])
         self.assertEqual(state["paused"][1], self.paths[0])
-        self.assertIn("pipe closed", state["reason"])
+        self.assertIn("none adopted it", state["reason"])
         self.assertEqual(self.kills, [])
         self.clock.advance(10)
         self.assertEqual(self.qemu.paused, ["a"])
@@ -215,6 +222,8 @@ class WatchdogLogicTests(SynchronousTestCase):
         self.flushLoggedErrors()
         protocol.dataReceived(b'{"until": %f}\n' % (self.clock.seconds() + 1))
         protocol.connectionLost()
+        self.assertEqual(self.qemu.paused, [])
+        self.clock.advance(1)
         self.assertEqual(self.qemu.paused, ["a"])
 
 
@@ -305,9 +314,10 @@ class KilledDaemonTests(TestCase):
     async def test_killedWhileServing(self) -> None:
         """
         SIGKILL of a daemon serving a qcow2 image through a
-        qemu-storage-daemon: the watchdog deletes the export before the
-        daemon's lease can expire (its key still there, same lease); the
-        daemon started again resumes it once it took the target back.
+        qemu-storage-daemon: the watchdog deletes the export at its
+        deadline, before the daemon's lease can expire (its key still
+        there, same lease); the daemon started again after the lease
+        expired joins anew and resumes it once it took the target back.
         """
         if shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None:
             raise SkipTest("qemu-storage-daemon/qemu-img (qemu-system-common, qemu-utils) missing")
@@ -376,6 +386,10 @@ class KilledDaemonTests(TestCase):
         report("SIGKILL of the daemon to its qemu data path paused", paused)
         self.assertLess(paused, TTL - RENEW_EVERY)
         await proto.ended
+        while await observer.get(key) is not None:
+            # The lease expires: the next daemon cannot adopt it, it joins anew.
+            self.assertLess(time.monotonic() - killed, TTL + 2, "the lease did not expire")
+            await deferLater(reactor, 0.05, lambda: None)
         state = readState(os.path.join(run, STATE_FILE))
         assert state is not None
         self.assertEqual([p.vdi for p in state["paused"]], [dp["vdi"]])

@@ -536,6 +536,8 @@ class XenddevService(MultiService):
         # Before the rollbacks, which give back what they held.
         await guard.start()
         if self.pool is not None:
+            # An adopted lease: what its devices no longer claim goes.
+            await self.pool.dropUnclaimed()
             await self._startPoolDevices(xs, self.manager, guard)
         if self.fenceWatchdog is not None:
             # What a dead predecessor's watchdog paused, for the targets taken back.
@@ -599,6 +601,7 @@ class XenddevService(MultiService):
             DataPathFence(self.dataPaths),
             info={"rpc": pool.advertise} if pool.advertise else None,
             security=security,
+            rundir=self.config.rundir,
         )
 
         async def join() -> None:

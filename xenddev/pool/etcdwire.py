@@ -499,12 +499,16 @@ def keepAliveTTL(lease: int, answer: Mapping[str, Any]) -> int:
 
 @attrs.frozen
 class MemberStatus:
-    """A member's C{maintenance/status}: its id, the leader it follows, its version."""
+    """
+    A member's C{maintenance/status}: its id, the leader it follows, its
+    version, and the cluster's id (what tells one cluster from another).
+    """
 
     memberId: int
     leader: int
     version: str
     raftTerm: int
+    clusterId: int = 0
 
     @classmethod
     def fromJSON(cls, answer: Mapping[str, Any]) -> MemberStatus:
@@ -515,6 +519,7 @@ class MemberStatus:
             leader=_int(answer.get("leader"), "leader"),
             version=str(answer.get("version", "")),
             raftTerm=_int(answer.get("raftTerm"), "raftTerm"),
+            clusterId=_int(header.get("cluster_id"), "header.cluster_id"),
         )
 
 

@@ -27,6 +27,20 @@ resume I/O on them, then joins the pool again under a new lease.
 The timer is the injected reactor's; a stalled reactor runs the overdue
 deadline before it reads any late renewal, so a host that wakes up after
 its deadline fences before it does anything else.
+
+B{Adopting} a lease (a daemon restarted: C{adopt}, the lease its
+predecessor left, L{xenddev.poolmember}): if this host's membership key is
+under that lease and a keepalive of it succeeds (etcd renews any lease by
+its id), the session continues under it instead of joining: the keys held
+under it stay held, their fencing tokens unchanged. The predecessor's last
+renewal is unknown here, so the first keepalive's send time counts as the
+first renewal (the deadline runs from it). Otherwise (the lease expired,
+the key is another lease's, its TTL would not outlast the self-fence) the
+session joins as above. The activations and intents found under an
+adopted lease count as held (a stop does not revoke it) until the daemon
+has taken its targets back; those it did not claim again are then
+deleted (L{dropUnclaimed}): with a new lease they would have gone with
+the old one.
 """
 
 from __future__ import annotations
@@ -46,13 +60,14 @@ from zope.interface import implementer
 
 from xenddev.pool import etcdwire as wire
 from xenddev.pool.errors import (
+    EtcdTimeout,
     HostNameInUse,
     LeaseNotFound,
     PoolConfigError,
     SessionNotLive,
 )
 from xenddev.pool.interfaces import IEtcd, IHostSession
-from xenddev.pool.keys import HOSTS, checkHostName, hostKey, hostOf
+from xenddev.pool.keys import ACTIVE, HOSTS, MIGRATIONS, READERS, checkHostName, hostKey, hostOf
 
 __all__ = [
     "FENCED",
@@ -76,6 +91,11 @@ STOPPED = "stopped"
 #: Keepalives in flight at once: more would only queue behind a member
 #: that does not answer (each is bounded by the client's timeout).
 MAX_IN_FLIGHT = 4
+#: Keepalives an adoption sends before giving up when each is answered
+#: after its own deadline (it then fails as etcd being too slow).
+ADOPT_ATTEMPTS = 3
+#: The keys under a lease that are this host's holdings (not its records).
+_HOLDINGS = (ACTIVE, READERS, MIGRATIONS)
 
 FenceCallback = Callable[[], object]
 LostCallback = Callable[[frozenset[bytes]], object]
@@ -149,6 +169,8 @@ class HostSession:
     @ivar token: the revision at which the host joined under this lease.
     @ivar fencedAt: when the session last fenced itself (reactor time).
     @ivar lastRenewal: when the last successful renewal was sent.
+    @ivar adopted: whether the session continues a predecessor's lease
+        (C{adopt}, see the module's doc) rather than one it was granted.
     """
 
     log = Logger()
@@ -162,6 +184,7 @@ class HostSession:
         fenceAfter: float,
         renewEvery: float | None = None,
         info: Mapping[str, Any] | None = None,
+        adopt: int = 0,
     ) -> None:
         self.host = checkHostName(host)
         self.renewEvery = checkTiming(ttl, fenceAfter, renewEvery)
@@ -176,7 +199,11 @@ class HostSession:
         self.token = 0
         self.fencedAt: float | None = None
         self.lastRenewal: float | None = None
+        self.adopted = False
+        self._adopt = adopt
         self._held: set[bytes] = set()
+        # An adopted lease's holdings nobody here has claimed (held) again yet.
+        self._inherited: set[bytes] = set()
         self._deadline: IDelayedCall | None = None
         self._loop: LoopingCall | None = None
         self._inFlight = 0
@@ -200,23 +227,33 @@ class HostSession:
     # --- life -------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
-        """Grant the lease, register the host, start renewing; fires when live."""
+        """
+        Adopt the lease given (if it can be) or grant one, register the
+        host, start renewing; fires when live.
+        """
         if self.state != NEW:
             raise RuntimeError(f"session of {self.host} already {self.state}")
         self.state = STARTING
 
         async def start() -> None:
             try:
-                await self._join()
+                if not (self._adopt and await self._adoptLease(self._adopt)):
+                    await self._join()
             except BaseException:
                 self.state = STOPPED
                 raise
             if self.state != STARTING:
-                # Stopped while joining: nothing will renew this lease.
+                # Stopped while joining: nothing will renew this lease. An
+                # adopted one is left to expire: its keys are running devices'.
                 self._cancelDeadline()
-                await self._revokeQuietly(self.lease)
+                if not self.adopted:
+                    await self._revokeQuietly(self.lease)
                 return
             self.state = LIVE
+            if self._deadline is None:
+                # The first renewal's answer came after its deadline: fence
+                # at once (once the caller has registered its callbacks).
+                self._deadline = self._reactor.callLater(0, self._deadlinePassed)
             self._loop = LoopingCall(self._tick)
             self._loop.clock = self._reactor
             self._loop.start(self.renewEvery, now=False)
@@ -233,7 +270,7 @@ class HostSession:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._cancelDeadline()
-        lease, self._held = self.lease, set()
+        lease, self._held, self._inherited = self.lease, set(), set()
         if not revoke or not lease or previous in (NEW, STOPPED):
             return Deferred.fromCoroutine(_nothing())
 
@@ -257,10 +294,12 @@ class HostSession:
     def hold(self, key: bytes) -> None:
         """Note C{key} as held under the lease (reported if the lease is lost)."""
         self._held.add(key)
+        self._inherited.discard(key)
 
     def release(self, key: bytes) -> None:
         """Forget C{key}: it was deleted on purpose."""
         self._held.discard(key)
+        self._inherited.discard(key)
 
     def onFence(self, callback: FenceCallback) -> None:
         """Call C{callback()} at the self-fence (it may return a Deferred)."""
@@ -303,27 +342,143 @@ class HostSession:
 
         return Deferred.fromCoroutine(hosts())
 
+    @property
+    def inherited(self) -> frozenset[bytes]:
+        """An adopted lease's holdings not claimed here again (L{hold}) yet."""
+        return frozenset(self._inherited)
+
+    def dropUnclaimed(self) -> Deferred[list[bytes]]:
+        """
+        Delete what an adopted lease held that nobody here claimed again
+        (L{inherited}; each only while still under the lease); fires with
+        the keys deleted. Called once the daemon has taken its devices'
+        targets back: the rest (a detach whose give-back failed, a
+        migration's intent) went with the old lease before adoption
+        existed, and would otherwise stay as long as this one.
+        """
+
+        async def drop() -> list[bytes]:
+            lease, dropped = self.lease, []
+            for key in sorted(self._inherited):
+                result = await self._etcd.txn(
+                    wire.Txn([wire.Compare.leaseIs(key, lease)], [wire.Delete(key)])
+                )
+                self.release(key)
+                if result.succeeded:
+                    dropped.append(key)
+            if dropped:
+                self.log.warn(
+                    "host {host}: {n} key(s) under the adopted lease {lease:x} claimed by "
+                    "nothing here deleted: {keys}",
+                    host=self.host,
+                    n=len(dropped),
+                    lease=lease,
+                    keys=", ".join(k.decode("utf-8", "replace") for k in dropped),
+                )
+            return dropped
+
+        return Deferred.fromCoroutine(drop())
+
     # --- joining ------------------------------------------------------------
+
+    def _record(self, ttl: int) -> bytes:
+        """The membership key's value."""
+        record = {
+            "host": self.host,
+            "pid": os.getpid(),
+            "ttl": ttl,
+            "fence_after": self.fenceAfter,
+            "info": self._info,
+        }
+        return json.dumps(record).encode()
+
+    async def _adoptLease(self, lease: int) -> bool:
+        """
+        Continue under C{lease} (see the module's doc); False when it
+        cannot be, nothing written then.
+        """
+        key = hostKey(self.host)
+        kv = await self._etcd.get(key)
+        if kv is None or kv.lease != lease:
+            self.log.info(
+                "host {host}: lease {lease:x} not adopted: the host's key is {where}",
+                host=self.host,
+                lease=lease,
+                where="absent" if kv is None else f"under lease {kv.lease:x}",
+            )
+            return False
+        info = _hostInfo(kv, 0)
+        if info is None or not info.leaseTtl > self.fenceAfter:
+            # Its lease would expire before this session's self-fence.
+            self.log.info(
+                "host {host}: lease {lease:x} not adopted: its TTL ({ttl}) is not above "
+                "the self-fence deadline ({fence:g} s)",
+                host=self.host,
+                lease=lease,
+                ttl=info.leaseTtl if info is not None else "unknown",
+                fence=self.fenceAfter,
+            )
+            return False
+        for _ in range(ADOPT_ATTEMPTS):
+            sent = self._reactor.seconds()
+            try:
+                ttl = await self._etcd.keepAlive(lease)
+            except LeaseNotFound:
+                self.log.info(
+                    "host {host}: lease {lease:x} not adopted: it has expired",
+                    host=self.host,
+                    lease=lease,
+                )
+                return False
+            # An answer later than its own deadline does not count (as a renewal's).
+            if self._reactor.seconds() < sent + self.fenceAfter:
+                break
+        else:
+            raise EtcdTimeout("/lease/keepalive", self.fenceAfter, {})
+        result = await self._etcd.txn(
+            wire.Txn(
+                [wire.Compare.leaseIs(key, lease)],
+                [wire.Put(key, self._record(ttl), lease)],
+            )
+        )
+        if not result.succeeded:
+            return False  # the key went with the lease a moment ago
+        # Held until the daemon claims them again or drops them
+        # (L{dropUnclaimed}): a stop before then must not revoke the lease.
+        found = await self._etcd.leaseTimeToLive(lease, keys=True)
+        self._inherited = {k for k in found.keys if k.startswith(_HOLDINGS)}
+        self._held = set(self._inherited)
+        self.lease = lease
+        self.ttl = ttl
+        self.token = kv.createRevision
+        self.adopted = True
+        # Nothing is known of the predecessor's renewals: the lease lives
+        # until this keepalive's send time plus the TTL at least.
+        self.lastRenewal = sent
+        self._armDeadline()
+        self.log.info(
+            "host {host} adopted its pool lease {lease:x} (TTL {ttl} s, joined at revision "
+            "{token}): the {n} activation(s) and intent(s) under it stay held",
+            host=self.host,
+            lease=lease,
+            ttl=ttl,
+            token=self.token,
+            n=len(self._held),
+        )
+        return True
 
     async def _join(self) -> None:
         """A new lease, and the host's membership key under it (if the name is free)."""
         sent = self._reactor.seconds()
         lease = await self._etcd.grantLease(self.requestedTtl)
         key = hostKey(self.host)
-        record = {
-            "host": self.host,
-            "pid": os.getpid(),
-            "ttl": lease.ttl,
-            "fence_after": self.fenceAfter,
-            "info": self._info,
-        }
         try:
             # Created only if absent; a repeat of our own request (the
             # client retried after a lost answer) finds it under our lease.
             result = await self._etcd.txn(
                 wire.Txn(
                     [wire.Compare.absent(key)],
-                    [wire.Put(key, json.dumps(record).encode(), lease.id), wire.Range(key)],
+                    [wire.Put(key, self._record(lease.ttl), lease.id), wire.Range(key)],
                     [wire.Range(key)],
                 )
             )
@@ -483,7 +638,7 @@ class HostSession:
         """The lease expired: fence if not yet, report the keys lost, join again."""
         if self.state == LIVE:
             self._fence("the lease expired")
-        lost, self._held = frozenset(self._held), set()
+        lost, self._held, self._inherited = frozenset(self._held), set(), set()
         self.state = REJOINING
         self._cancelDeadline()
         self.log.error(
