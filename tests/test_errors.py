@@ -46,6 +46,9 @@ _XENSTORE = (
 INTERNAL = {
     "xenddev.errors.XenddevError": "the root: an error that declares no code is internal",
     "xenddev.config.ConfigError": "the daemon refuses to start; no RPC method reads a config",
+    "xenddev.poolleasefile.UntrustedLeaseRecord": (
+        "read at start only: an untrusted lease record is ignored and logged"
+    ),
     "xenddev.driverdomain.completion._RequestReplaced": (
         "the completion transaction's control flow, caught inside it"
     ),

@@ -60,6 +60,9 @@ class PeerFault(XenddevError):
     @ivar faultString: the peer's message.
     """
 
+    #: Narrowed per instance to the peer's code.
+    faultCode = FaultCode.GENERIC
+
     def __init__(self, host: str, method: str, faultCode: int, faultString: str) -> None:
         super().__init__(f"host {host} ({method}): {faultString}")
         self.host = host
