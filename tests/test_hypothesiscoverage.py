@@ -21,6 +21,21 @@ def _noTrace(frame: FrameType, event: str, arg: Any) -> None:
     """A trace function that traces nothing (stands for coverage's)."""
 
 
+class _Plain:
+    """Something examples are run for, without clean-ups."""
+
+
+class _WithCleanups:
+    """A test case's clean-ups, recorded."""
+
+    def __init__(self) -> None:
+        self.cleanups: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def addCleanup(self, function: Callable[..., object], *args: object) -> None:
+        """Record a clean-up."""
+        self.cleanups.append((function, args))
+
+
 class TracerMixin:
     """Runs code with a trace function of the test's choosing."""
 
@@ -39,7 +54,7 @@ class ExecuteExampleTests(TracerMixin, SynchronousTestCase):
 
     def test_untracedRunAsIs(self) -> None:
         """Without a trace function every example runs, none is counted."""
-        case = object.__new__(SynchronousTestCase)
+        case = _WithCleanups()
         seen: list[object] = []
 
         def run() -> None:
@@ -48,14 +63,15 @@ class ExecuteExampleTests(TracerMixin, SynchronousTestCase):
 
         self.withTracer(None, run)
         self.assertEqual(seen, list(range(TRACED_EXAMPLES + 2)))
-        self.assertFalse(hasattr(case, "_tracedExamples"))
+        self.assertEqual(case.cleanups, [])
 
     def test_firstExamplesTraced(self) -> None:
         """
-        The first L{TRACED_EXAMPLES} run with the trace function, the later
-        ones without; it is set again after each, also after one that raises.
+        Without C{addCleanup}: the first L{TRACED_EXAMPLES} run with the
+        trace function, the later ones without; it is set again after each,
+        also after one that raises.
         """
-        case = object.__new__(SynchronousTestCase)
+        case = _Plain()
         seen: list[object] = []
         after: list[object] = []
 
@@ -69,6 +85,28 @@ class ExecuteExampleTests(TracerMixin, SynchronousTestCase):
         self.withTracer(_noTrace, run)
         self.assertEqual(seen, [_noTrace] * TRACED_EXAMPLES + [None] * 3)
         self.assertEqual(after, [_noTrace] * (TRACED_EXAMPLES + 4))
+
+    def test_restOfTestUntraced(self) -> None:
+        """
+        With C{addCleanup}: after the first L{TRACED_EXAMPLES} the trace
+        function stays off, and one clean-up sets it again.
+        """
+        case = _WithCleanups()
+        seen: list[object] = []
+        after: list[object] = []
+
+        def run() -> None:
+            for _ in range(TRACED_EXAMPLES + 3):
+                executeExample(case, lambda: seen.append(sys.gettrace()))
+                after.append(sys.gettrace())
+            self.assertEqual(len(case.cleanups), 1)
+            function, args = case.cleanups[0]
+            function(*args)
+            after.append(sys.gettrace())
+
+        self.withTracer(_noTrace, run)
+        self.assertEqual(seen, [_noTrace] * TRACED_EXAMPLES + [None] * 3)
+        self.assertEqual(after, [_noTrace] * TRACED_EXAMPLES + [None] * 3 + [_noTrace])
 
     def raiseValueError(self) -> None:
         """An example that fails."""
@@ -98,7 +136,8 @@ class InstallTests(TracerMixin, SynchronousTestCase):
     def test_propertyExamples(self) -> None:
         """
         A property of a trial test case runs every example, the first
-        L{TRACED_EXAMPLES} traced; a failing later example still fails it.
+        L{TRACED_EXAMPLES} traced, and has the trace function back once it
+        ran; a failing later example still fails it.
         """
         seen: list[object] = []
 
@@ -129,5 +168,12 @@ class InstallTests(TracerMixin, SynchronousTestCase):
         from twisted.trial.reporter import TestResult
 
         result = TestResult()
-        self.withTracer(_noTrace, lambda: case.run(result))
+        after: list[object] = []
+
+        def run() -> None:
+            case.run(result)
+            after.append(sys.gettrace())
+
+        self.withTracer(_noTrace, run)
+        self.assertEqual(after, [_noTrace])
         return result
